@@ -1,0 +1,1 @@
+"""Hyperparameters live in config/config.py; utils.config loads them with overrides."""

@@ -1,0 +1,65 @@
+"""Hyperparameters of a finetuning / evaluation run, one per line.
+
+Names and defaults follow the authors' config. Relative paths are relative to the folder you run the
+commands from (the repository root in the README). Any option can be overridden on the command line with
+``--set KEY=VALUE`` or by passing another module of the same form with ``--config PATH``; options left at
+``None`` below are derived from the others (see utils/config.py) unless you set them.
+"""
+from typing import Optional
+
+# ---- experiment (these names also form the output folders) -------------------------------------------------
+pretrained: str = "ArcFace"            # backbone family, a folder name: ArcFace, ElasticFace, SphereFace
+experiment: str = "OneDataset"         # experiment setting, a folder name
+data: str = "ColorFeret"               # training dataset name, a folder name
+
+# ---- model ---------------------------------------------------------------------------------------------------
+network: str = "iresnet50"             # backbone: iresnet18/34/50/100/200, sfnet20, sfnet20_deprecated
+SE: bool = False                       # squeeze-and-excitation blocks in the iresnet (ElasticFace's option)
+embedding_size: int = 512              # template size of the backbone and of the privacy layer
+n_hidden: int = 2                      # privacy layer: 2 = Linear -> LeakyReLU(0.2) -> Linear (the paper's)
+
+# ---- loss ----------------------------------------------------------------------------------------------------
+loss: str = "ArcFace"                  # identity header: ArcFace, CosFace, ElasticArcFace, ElasticCosFace
+s: float = 64.0                        # logit scale of the header
+m: float = 0.0                         # margin of the header (0: plain normalised softmax, as in the paper)
+sigma: float = 0.0125                  # std of the per-sample margin of the ElasticFace headers
+alpha: float = 20                      # weight of P1 (angle between the batch's two gender centroids)
+beta: float = 1                        # weight of P2 (angle to the other gender's mean identity weight)
+
+# ---- optimisation --------------------------------------------------------------------------------------------
+lr: float = 0.01                       # Adam learning rate of the privacy layer
+headid_lr: float = 0.01                # Adam learning rate of the identity header
+batch_size: int = 128                  # gender-balanced batches, drop_last
+num_epoch: int = 100                   # epochs; one epoch = N weighted draws with replacement
+warmup_epoch: int = -1                 # kept from the authors' config; no warm-up is used (as theirs)
+global_step: int = 0                   # step counter at the start of training
+grad_clip: float = 5.0                 # gradient-norm clipping over the privacy layer's parameters
+seed: int = 0                          # seeds weights, sampling and flips: same seed, same run on CPU
+checkpoint_every: int = 10             # epochs between saved checkpoints (the last epoch is always saved)
+log_every: int = 50                    # steps between log lines
+resume: bool = False                   # continue the latest checkpoint of the run folder instead of a new run
+
+# ---- paths ---------------------------------------------------------------------------------------------------
+checkpoint_root: str = "work_dirs/checkpoints"   # checkpoints go to checkpoint_root/pretrained/experiment/data/run
+log_dir: str = "work_dirs/logs"                  # logs go to log_dir/pretrained/experiment/data/run
+data_dir: str = "data/train/ColorFeret"          # training set: one subjectid_gender folder per identity
+rec: str = "data/eval"                           # folder of the evaluation files <name>.bin
+cache_dir: str = "work_dirs/cache"               # template cache (backbone outputs, computed once)
+output: Optional[str] = None           # checkpoint folder; None: checkpoint_root/pretrained/experiment/data/{alpha}L1_{beta}L2
+log_output: Optional[str] = None       # log folder; None: log_dir/pretrained/experiment/data/{alpha}L1_{beta}L2
+output_ori: Optional[str] = None       # backbone weights; None: checkpoint_root/pretrained/reference/backbone.pth
+
+# ---- evaluation ----------------------------------------------------------------------------------------------
+val_targets: list = ["lfw", "agedb_30"]                          # validated during training, rec/<name>.bin
+test_targets: list = ["vggface2", "lfw", "agedb_30", "colorferet"]  # evaluated by eval/evaluation.py
+eval_step: int = 1000                  # steps between validations (0: no validation during training)
+gender_folds: int = 3                  # StratifiedGroupKFold splits of the gender-leakage test (authors: 3)
+
+# ---- runtime -------------------------------------------------------------------------------------------------
+device: str = "auto"                   # auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps
+cache: bool = True                     # train on cached templates; False runs the backbone in the loop
+cache_dtype: str = "float32"           # float32 or float16 storage of cached templates
+extract_batch_size: int = 64           # images per backbone forward during extraction
+num_workers: int = 2                   # image-decoding worker processes
+amp: str = "none"                      # CUDA only, extraction: none, bf16 or fp16 autocast
+channels_last: bool = False            # CUDA only, extraction: channels_last memory format

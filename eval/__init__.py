@@ -1,0 +1,1 @@
+"""Evaluation sweep (evaluation.py) and its report (report.py)."""

@@ -1,0 +1,1 @@
+"""Shared helpers: config loading, data, template cache, metrics, callbacks, safe I/O."""

@@ -1,0 +1,218 @@
+"""Template cache: the frozen backbone's templates of every image, computed once and memory-mapped.
+
+For each image the cache holds normalize(backbone(x)) and normalize(backbone(flip(x))) as an (N, 2, D) array
+(float32, or float16 on request) plus the (N, 2) norms, so the raw backbone outputs are recoverable for the
+bare-backbone reference. The folder name carries a hash of everything the templates depend on: format version,
+architecture, weights-file content, and the inputs (a training folder's relative paths, sizes and mtimes; a
+.bin's content). Extraction writes into a hidden folder and renames it into place when complete, so a killed
+extraction never leaves a cache that is later read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils.dataset import ImageDataset, problem_report
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+_HASHES: dict[tuple, str] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Content hash of a file, remembered per (path, size, mtime) within the process."""
+    st = os.stat(path)
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _HASHES[memo] = h.hexdigest()
+    return _HASHES[memo]
+
+
+def folder_fingerprint(root: Path, paths: Sequence[Path]) -> str:
+    """Hash of the relative paths, sizes and mtimes of a training set's images."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Templates:
+    """A memory-mapped cache entry."""
+    templates: np.ndarray   # (N, 2, D): [:, 0] unflipped, [:, 1] flipped, L2-normalised
+    norms: np.ndarray       # (N, 2): L2 norms of the raw backbone outputs
+    path: Path
+
+    def __len__(self) -> int:
+        return self.templates.shape[0]
+
+    def gather(self, indices: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """float32 templates of the given images, flipped where ``flips`` is true (reads only those rows)."""
+        idx = indices.numpy()
+        order = np.argsort(idx, kind="stable")  # sorted reads are friendlier to the page cache
+        rows = np.empty((len(idx), self.templates.shape[2]), dtype=np.float32)
+        rows[order] = self.templates[idx[order], flips.numpy()[order].astype(np.int64)]
+        return torch.from_numpy(rows)
+
+    def normalized(self, sl: slice = slice(None), flip: int = 0) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.templates[sl, flip], dtype=np.float32))
+
+    def raw(self, sl: slice = slice(None), flip: int = 0) -> torch.Tensor:
+        return self.normalized(sl, flip) * torch.from_numpy(np.asarray(self.norms[sl, flip], np.float32))[:, None]
+
+
+def cache_key(arch: str, use_se: bool, num_features: int, weights: str | os.PathLike, inputs: str,
+              dtype: str) -> str:
+    parts = {"version": CACHE_VERSION, "arch": arch, "use_se": bool(use_se), "num_features": int(num_features),
+             "weights_sha256": sha256_file(weights), "inputs": inputs, "dtype": dtype}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def open_entry(folder: Path) -> Templates | None:
+    """Open a complete cache folder (meta.json written last), or None if it is not one."""
+    meta_path = folder / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        t = np.load(folder / "templates.npy", mmap_mode="r")
+        n = np.load(folder / "norms.npy", mmap_mode="r")
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None
+    if t.shape != (meta["count"], 2, meta["dim"]) or n.shape != (meta["count"], 2):
+        return None
+    return Templates(t, n, folder)
+
+
+def get_templates(cache_dir: str | os.PathLike, name: str, key: str, items: Sequence[Path] | Sequence[bytes],
+                  load_backbone: Callable[[], nn.Module], device: torch.device, *, dtype: str = "float32",
+                  batch_size: int = 64, num_workers: int = 2, amp: str = "none", channels_last: bool = False,
+                  describe: Callable[[int], str] = str, what: str = "images") -> Templates:
+    """The cached templates of ``items`` under ``key``; extracted (once) with the backbone on a miss."""
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"{name}-{key}"
+    entry = open_entry(final)
+    if entry is not None and len(entry) == len(items):
+        log.info("template cache hit: %s (%d %s)", final, len(entry), what)
+        return entry
+    if final.exists():
+        aside = final.with_name(f"{final.name}.unreadable-{int(time.time())}")
+        log.warning("template cache %s is incomplete or unreadable; moved aside to %s and rebuilding", final, aside)
+        final.rename(aside)
+    log.info("template cache miss: extracting %d %s into %s", len(items), what, final)
+    work = cache_dir / f".building-{name}-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    work.mkdir(parents=True)
+    try:
+        extract(load_backbone(), items, work, device, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
+                amp=amp, channels_last=channels_last, describe=describe, what=what)
+        try:
+            os.rename(work, final)
+        except OSError:
+            if open_entry(final) is None:  # another process won the race with a complete entry, else it is real
+                raise
+    finally:
+        if work.exists():
+            for f in work.iterdir():
+                f.unlink()
+            work.rmdir()
+    entry = open_entry(final)
+    assert entry is not None
+    return entry
+
+
+def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: Path, device: torch.device, *,
+            dtype: str = "float32", batch_size: int = 64, num_workers: int = 2, amp: str = "none",
+            channels_last: bool = False, describe: Callable[[int], str] = str, what: str = "images") -> None:
+    """Run the backbone over ``items`` (and their flips) and write templates.npy, norms.npy, meta.json to ``out``.
+
+    Images are decoded in DataLoader workers while the backbone runs; nothing holds the whole set in memory.
+    Every image that fails to decode is reported at the end, all at once, and no cache is written.
+    """
+    n = len(items)
+    backbone = backbone.to(device).eval()
+    use_cl = channels_last and device.type == "cuda"
+    if use_cl:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
+    loader = DataLoader(ImageDataset(items), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    templates = dim = None
+    norms = np.lib.format.open_memmap(out / "norms.npy", mode="w+", dtype=np.float32, shape=(n, 2))
+    problems: list[str] = []
+    resized = 0
+    bar = tqdm(total=n, desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
+    with torch.inference_mode():
+        for idx, x, was_resized, errors in loader:
+            resized += int(was_resized.sum())
+            problems += [f"{describe(int(i))}: {e}" for i, e in zip(idx, errors) if e]
+            x = x.to(device, non_blocking=True)
+            if use_cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                feats = backbone(torch.cat([x, x.flip(3)]))
+            feats = feats.float().reshape(2, len(idx), -1).transpose(0, 1)  # (B, 2, D)
+            if templates is None:
+                dim = feats.shape[2]
+                templates = np.lib.format.open_memmap(out / "templates.npy", mode="w+", dtype=np.dtype(dtype),
+                                                      shape=(n, 2, dim))
+            i0, i1 = int(idx[0]), int(idx[-1]) + 1
+            norms[i0:i1] = feats.norm(dim=2).cpu().numpy()
+            templates[i0:i1] = F.normalize(feats, dim=2).cpu().numpy().astype(dtype)
+            bar.update(len(idx))
+            bar.set_postfix_str(f"{bar.format_dict['rate'] or 0:.0f} img/s")
+    bar.close()
+    if problems:
+        raise UserError(problem_report(f"the {what}", problems, "Replace or remove the files that do not decode, "
+                                       "then run again (no templates were cached)."))
+    if resized:
+        log.warning("%d of %d %s were not 112x112: short side resized to 112 (bicubic) and centre-cropped",
+                    resized, n, what)
+    templates.flush()
+    norms.flush()
+    del templates, norms
+    meta = {"version": CACHE_VERSION, "count": n, "dim": int(dim), "dtype": dtype, "resized": resized,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def backbone_key_parts(cfg) -> tuple[str, bool, int, str]:
+    """Architecture, SE option, template size and weights path of the configured backbone (checked to exist)."""
+    weights = Path(cfg.output_ori)
+    if not weights.is_file():
+        raise UserError(f"backbone weights not found: '{weights}' (config option output_ori, by default "
+                        f"checkpoint_root/pretrained/reference/backbone.pth). Download the pretrained backbone "
+                        f"there (README: 'Pretrained backbones') or set output_ori.")
+    return cfg.network, bool(cfg.SE), int(cfg.embedding_size), str(weights)
+
+
+def bin_key(cfg, path: Path) -> str:
+    """Cache key of a .bin's templates: backbone + the file's content hash."""
+    arch, se, nf, weights = backbone_key_parts(cfg)
+    return cache_key(arch, se, nf, weights, "bin:" + sha256_file(path), cfg.cache_dtype)
+
+
+def folder_key(cfg, root: Path, paths: Sequence[Path]) -> str:
+    """Cache key of a training folder's templates: backbone + relative paths, sizes and mtimes."""
+    arch, se, nf, weights = backbone_key_parts(cfg)
+    return cache_key(arch, se, nf, weights, "folder:" + folder_fingerprint(root, paths), cfg.cache_dtype)

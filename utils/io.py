@@ -1,0 +1,90 @@
+"""Atomic file writes, safe checkpoint loading, and pre-flight checks on output folders."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from utils.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half of it."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
+    """Load a checkpoint with ``weights_only=True``; turn every failure into a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: '{path}' does not exist. Check the path (or the config option that "
+                        f"points to it) and download or copy the file there.")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} '{path}' is empty (0 bytes): the download or copy was interrupted. "
+                        f"Fetch the file again.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(
+            f"{what} '{path}' is not a plain state dict: it asks to run or build Python objects that a safe load "
+            f"refuses ({str(exc).splitlines()[0][:200]}). If it holds a whole pickled model from a source you "
+            f"trust, re-save it with torch.save(model.state_dict(), path) and use that file.") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UserError(f"{what} '{path}' could not be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                        f"The file is truncated or not a PyTorch checkpoint: download or copy it again.") from None
+
+
+def extract_state_dict(obj: Any, path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """Return the tensor mapping held by a loaded checkpoint, unwrapping {'state_dict': ...} and 'module.'."""
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{what} '{path}' does not hold a state dict (a mapping of names to tensors) but "
+                        f"{type(obj).__name__}. Save the weights with torch.save(model.state_dict(), path).")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def check_writable(folder: str | os.PathLike, option: str) -> None:
+    """Fail before any compute when ``folder`` cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"cannot write to '{folder}' ({option}): {exc.strerror or exc}. Choose a folder you can "
+                        f"write to, or fix its permissions, before starting.") from None
