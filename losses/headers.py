@@ -20,8 +20,9 @@ class _Header(nn.Module):
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         return (F.normalize(embeddings, dim=1) @ F.normalize(self.kernel, dim=0)).clamp(-1.0, 1.0)
 
-    def margins(self, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.full(labels.shape, self.m, device=labels.device)
+    def margins(self, labels: torch.Tensor, generator: torch.Generator | None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.full(labels.shape, self.m, device=labels.device, dtype=dtype)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -34,7 +35,7 @@ class ArcFace(_Header):
 
     def forward(self, embeddings, labels, generator=None):
         cos = self.cosine(embeddings)
-        margin = self.margins(labels, generator)
+        margin = self.margins(labels, generator, cos.dtype)
         if self.m == 0.0 and not isinstance(self, ElasticArcFace):
             return self.s * cos
         theta = torch.acos(cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7))
@@ -48,7 +49,7 @@ class CosFace(_Header):
     def forward(self, embeddings, labels, generator=None):
         cos = self.cosine(embeddings)
         onehot = F.one_hot(labels, cos.shape[1]).to(cos.dtype)
-        return self.s * (cos - onehot * self.margins(labels, generator)[:, None])
+        return self.s * (cos - onehot * self.margins(labels, generator, cos.dtype)[:, None])
 
 
 class _Elastic:
@@ -56,9 +57,9 @@ class _Elastic:
         super().__init__(in_features, out_features, s, m)  # type: ignore[call-arg]
         self.sigma = float(sigma)
 
-    def margins(self, labels, generator):
+    def margins(self, labels, generator, dtype=torch.float32):
         """Per-sample margin drawn from N(m, sigma) (ElasticFace)."""
-        noise = torch.randn(labels.shape, generator=generator, device="cpu").to(labels.device)
+        noise = torch.randn(labels.shape, generator=generator, device="cpu").to(labels.device, dtype)
         return self.m + self.sigma * noise
 
 

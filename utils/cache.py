@@ -76,10 +76,10 @@ class Templates:
         return torch.from_numpy(rows)
 
     def normalized(self, sl: slice = slice(None), flip: int = 0) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.templates[sl, flip], dtype=np.float32))
+        return torch.from_numpy(np.array(self.templates[sl, flip], dtype=np.float32))
 
     def raw(self, sl: slice = slice(None), flip: int = 0) -> torch.Tensor:
-        return self.normalized(sl, flip) * torch.from_numpy(np.asarray(self.norms[sl, flip], np.float32))[:, None]
+        return self.normalized(sl, flip) * torch.from_numpy(np.array(self.norms[sl, flip], np.float32))[:, None]
 
 
 def cache_key(arch: str, use_se: bool, num_features: int, weights: str | os.PathLike, inputs: str,
@@ -108,8 +108,11 @@ def open_entry(folder: Path) -> Templates | None:
 def get_templates(cache_dir: str | os.PathLike, name: str, key: str, items: Sequence[Path] | Sequence[bytes],
                   load_backbone: Callable[[], nn.Module], device: torch.device, *, dtype: str = "float32",
                   batch_size: int = 64, num_workers: int = 2, amp: str = "none", channels_last: bool = False,
-                  describe: Callable[[int], str] = str, what: str = "images") -> Templates:
+                  describe: Callable[[int], str] | None = None, what: str = "images") -> Templates:
     """The cached templates of ``items`` under ``key``; extracted (once) with the backbone on a miss."""
+    if describe is None:
+        def describe(i: int) -> str:
+            return str(items[i]) if isinstance(items[i], Path) else f"image {i}"
     cache_dir = Path(cache_dir)
     final = cache_dir / f"{name}-{key}"
     entry = open_entry(final)

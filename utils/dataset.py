@@ -137,7 +137,7 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir") -> TrainInde
 def problem_report(where: str, problems: list[str], fix: str) -> str:
     listed = "; ".join(problems[:MAX_LISTED])
     more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return f"{where} has {len(problems)} problem(s): {listed}{more}. {fix}"
+    return f"{where}: {len(problems)} problem(s): {listed}{more}. {fix}"
 
 
 class ImageDataset(Dataset):

@@ -1,0 +1,75 @@
+"""Small synthetic data sets, backbones and configs for the tests (nothing is downloaded)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from tools.make_bin import build_bin
+from utils.config import load_config
+from utils.synthetic import identity_basis, population, save_demo_backbone, write_identity_folders
+
+DIM = 512
+
+
+class TinyNet(nn.Module):
+    """A small backbone that is not flip-invariant and has BatchNorm statistics (for freezing tests)."""
+
+    def __init__(self, num_features: int = 512, **_):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 5, stride=4)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 27 * 27, num_features)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+def tiny_backbone_file(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    net = TinyNet()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.1, 0.1)
+        net.bn.running_var.uniform_(0.5, 1.5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def synthetic_world(root: Path, n_train_ids: int = 40, imgs: int = 4, n_test_ids: int = 24, test_imgs: int = 4,
+                    pairs: int = 200, gender: int = 96, seed: int = 0, test_sets: tuple[str, ...] = ("synth_a",),
+                    gender_strength: float = 0.2, spread: float = 2.2) -> dict[str, Path]:
+    """A demo-style training folder, .bin files and a demo-decoder backbone under ``root``."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=DIM)
+    direction /= np.linalg.norm(direction)
+    basis = identity_basis(DIM, 48, rng)
+    c, g = population(n_train_ids, DIM, rng, gender_strength, direction, basis)
+    write_identity_folders(root / "train", c, g, imgs, spread, rng)
+    for k, name in enumerate(test_sets):
+        c, g = population(n_test_ids, DIM, rng, gender_strength, direction, basis)
+        write_identity_folders(root / "test" / name, c, g, test_imgs, spread, rng)
+        build_bin(root / "test" / name, root / "rec" / f"{name}.bin", n_pairs=pairs, n_gender=gender, seed=seed + k)
+    save_demo_backbone(root / "ckpt" / "Demo" / "reference" / "backbone.pth", DIM)
+    return {"data_dir": root / "train", "rec": root / "rec", "backbone": root / "ckpt" / "Demo" / "reference" /
+            "backbone.pth"}
+
+
+def demo_cfg(root: Path, *extra: str, **kw):
+    """A config for the synthetic world under ``root``."""
+    sets = kw.get("val", ["synth_a"])
+    overrides = ["network=demo_decoder", "pretrained=Demo", "experiment=Exp", "data=Synth",
+                 f"checkpoint_root={root / 'ckpt'}", f"log_dir={root / 'logs'}", f"data_dir={root / 'train'}",
+                 f"rec={root / 'rec'}", f"cache_dir={root / 'cache'}", "batch_size=32", "num_epoch=4",
+                 "checkpoint_every=2", "eval_step=0", "log_every=10", f"val_targets={sets!r}",
+                 f"test_targets={sets!r}", "num_workers=0", "device=cpu", *extra]
+    return load_config(None, overrides)
+
+
+def write_png(path: Path, img: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), img)
+    return path
