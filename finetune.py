@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 
 from backbones import FrozenBackbone, ProjectionLayer, load_backbone  # noqa: E402
 from losses import get_header, privacy_terms  # noqa: E402
-from utils.cache import folder_key, get_templates  # noqa: E402
+from utils.cache import backbone_key_parts, folder_key, get_templates  # noqa: E402
 from utils.callbacks import CallBackLogging, CallBackVerification  # noqa: E402
 from utils.config import OVERRIDE_HELP, Config, load_config  # noqa: E402
 from utils.dataset import ImageDataset, TrainIndex, balanced_epoch, scan_dataset  # noqa: E402
@@ -55,6 +55,7 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     single_gender_batches: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    epoch_losses: list[dict[str, float]] = field(default_factory=list)   # mean CE, P1, P2, loss per epoch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,6 +148,7 @@ def in_loop_source(cfg: Config, index: TrainIndex, device: torch.device,
         x = torch.stack([b[1] for b in batch])
         x[flips] = x[flips].flip(3)
         return F.normalize(backbone(x.to(device)))
+    source.backbone = backbone  # type: ignore[attr-defined]
     return source
 
 
@@ -215,6 +217,7 @@ def train(cfg: Config) -> TrainResult:
     # 1. everything that can be checked is checked before any compute
     device = select_device(cfg.device)
     index = scan_dataset(cfg.data_dir)
+    backbone_key_parts(cfg)  # the backbone weights exist
     val_paths = [Path(cfg.rec) / f"{name}.bin" for name in cfg.val_targets] if cfg.eval_step else []
     missing = [str(p) for p in val_paths if not p.is_file()]
     if missing:
@@ -271,6 +274,7 @@ def train(cfg: Config) -> TrainResult:
         tic = time.time()
         for epoch in range(start_epoch, cfg.num_epoch):
             indices, flips = balanced_epoch(index.genders, cfg.seed, epoch)
+            sums = dict.fromkeys(("ce", "p1", "p2", "loss"), 0.0)
             for b in range(steps_per_epoch):
                 sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
                 idx = indices[sl]
@@ -286,12 +290,14 @@ def train(cfg: Config) -> TrainResult:
                                     f"the training data, then resume or start again.") from None
                 step += 1
                 single_gender += int(single)
+                sums = {k: v + terms[k] for k, v in sums.items()}
                 log_cb(step, epoch, terms, single_gender)
                 val_cb(step, layer)
                 bar.update(1)
                 bar.set_postfix_str(f"CE {terms['ce']:.3f} P1 {math.degrees(terms['p1']):.1f}deg "
                                     f"P2 {terms['p2']:.3f} {bar.n * cfg.batch_size / max(time.time() - tic, 1e-9):.0f}"
                                     f" samples/s")
+            result.epoch_losses.append({k: v / steps_per_epoch for k, v in sums.items()})
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.num_epoch:
                 result.checkpoints.append(save_checkpoint(ckpt_dir, step, epoch + 1, layer, header, opts, margin_rng,
                                                           single_gender))

@@ -16,7 +16,10 @@ DIM = 512
 
 
 class TinyNet(nn.Module):
-    """A small backbone that is not flip-invariant and has BatchNorm statistics (for freezing tests)."""
+    """A small backbone that is not flip-invariant and has BatchNorm statistics (for freezing tests).
+
+    It computes in float64 and returns float32, so its templates do not depend on how images are batched (a
+    float32 convolution's last bits do); the cached/in-the-loop comparison then isolates the training code."""
 
     def __init__(self, num_features: int = 512, **_):
         super().__init__()
@@ -25,7 +28,18 @@ class TinyNet(nn.Module):
         self.fc = nn.Linear(4 * 27 * 27, num_features)
 
     def forward(self, x):
-        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+        if self.bn.training:  # never when frozen; if it happened, the real running statistics would move
+            return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+        x = x.double()
+        with torch.autocast("cpu", enabled=False):
+            out = torch.nn.functional.conv2d(x, self.conv.weight.double(), self.conv.bias.double(), stride=4)
+            bn = self.bn
+            out = torch.nn.functional.batch_norm(out, bn.running_mean.double(), bn.running_var.double(),
+                                                 bn.weight.double(), bn.bias.double(), bn.training, bn.momentum,
+                                                 bn.eps)
+            out = torch.nn.functional.linear(torch.flatten(torch.relu(out), 1), self.fc.weight.double(),
+                                             self.fc.bias.double())
+        return out.float()
 
 
 def tiny_backbone_file(path: Path, seed: int = 0) -> Path:
@@ -65,7 +79,8 @@ def demo_cfg(root: Path, *extra: str, **kw):
                  f"checkpoint_root={root / 'ckpt'}", f"log_dir={root / 'logs'}", f"data_dir={root / 'train'}",
                  f"rec={root / 'rec'}", f"cache_dir={root / 'cache'}", "batch_size=32", "num_epoch=4",
                  "checkpoint_every=2", "eval_step=0", "log_every=10", f"val_targets={sets!r}",
-                 f"test_targets={sets!r}", "num_workers=0", "device=cpu", *extra]
+                 f"test_targets={sets!r}", "num_workers=0", "device=cpu",
+                 f"output_ori={root / 'ckpt' / 'Demo' / 'reference' / 'backbone.pth'}", *extra]
     return load_config(None, overrides)
 
 

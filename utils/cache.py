@@ -174,14 +174,16 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 feats = backbone(torch.cat([x, x.flip(3)]))
-            feats = feats.float().reshape(2, len(idx), -1).transpose(0, 1)  # (B, 2, D)
+            feats = feats.float()
+            # row-wise on the contiguous (2B, D) output: the same arithmetic as F.normalize(backbone(x)) in training
+            normed, row_norms = F.normalize(feats, dim=1).cpu().numpy(), feats.norm(dim=1).cpu().numpy()
             if templates is None:
-                dim = feats.shape[2]
+                dim = feats.shape[1]
                 templates = np.lib.format.open_memmap(out / "templates.npy", mode="w+", dtype=np.dtype(dtype),
                                                       shape=(n, 2, dim))
-            i0, i1 = int(idx[0]), int(idx[-1]) + 1
-            norms[i0:i1] = feats.norm(dim=2).cpu().numpy()
-            templates[i0:i1] = F.normalize(feats, dim=2).cpu().numpy().astype(dtype)
+            i0, i1, b = int(idx[0]), int(idx[-1]) + 1, len(idx)
+            norms[i0:i1, 0], norms[i0:i1, 1] = row_norms[:b], row_norms[b:]
+            templates[i0:i1, 0], templates[i0:i1, 1] = normed[:b].astype(dtype), normed[b:].astype(dtype)
             bar.update(len(idx))
             bar.set_postfix_str(f"{bar.format_dict['rate'] or 0:.0f} img/s")
     bar.close()

@@ -51,6 +51,7 @@ def gender_leakage(templates: np.ndarray, genders: np.ndarray, identities: np.nd
             clf = make_classifier(kind, probability)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # lbfgs at max_iter=100 is the protocol
+                warnings.simplefilter("ignore", FutureWarning)       # sklearn >= 1.9 deprecates probability=True
                 clf.fit(x[train], y[train])
             scores[kind].append(balanced_accuracy_score(y[test], clf.predict(x[test])))
     out = {k: float(np.mean(v)) for k, v in scores.items()}

@@ -1,0 +1,180 @@
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import backbones
+import finetune
+from backbones import load_projection
+from helpers import TinyNet, demo_cfg, synthetic_world, tiny_backbone_file
+from losses import ArcFace
+from utils.dataset import scan_dataset
+from utils.errors import UserError
+
+
+def tensors(path):
+    return torch.load(path, weights_only=True)
+
+
+def same_weights(a, b, atol=0.0):
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        if atol:
+            torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0)
+        else:
+            assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    synthetic_world(root, n_train_ids=60, imgs=4)
+    return root
+
+
+@pytest.fixture
+def tiny_world(tmp_path, monkeypatch):
+    monkeypatch.setitem(backbones.ARCHITECTURES, "tiny", TinyNet)
+    synthetic_world(tmp_path, n_train_ids=8, imgs=4, test_sets=())
+    tiny_backbone_file(tmp_path / "tiny.pth")
+    return tmp_path
+
+
+def centroid_angle(z, genders):
+    z = F.normalize(z.double(), dim=1)
+    c = F.normalize(torch.stack([z[genders == g].mean(0) for g in (0, 1)]), dim=1)
+    return math.degrees(torch.acos((c[0] @ c[1]).clamp(-1, 1)).item())
+
+
+def test_training_lowers_loss_aligns_genders_and_keeps_identities(world, tmp_path):
+    cfg = demo_cfg(world, f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}", "num_epoch=40",
+                   "checkpoint_every=40")
+    res = finetune.train(cfg)
+    first, last = res.epoch_losses[0], res.epoch_losses[-1]
+    assert last["loss"] < 0.5 * first["loss"] and last["ce"] < first["ce"]
+    # the layer's outputs on the training templates
+    from utils.cache import folder_key, open_entry
+    index = scan_dataset(cfg.data_dir)
+    entry = open_entry(Path(cfg.cache_dir) / f"train-{Path(cfg.data_dir).name}-{folder_key(cfg, index.root, index.paths)}")
+    x = torch.from_numpy(np.array(entry.templates[:, 0], dtype=np.float32))
+    layer = load_projection(res.checkpoints[-1])
+    with torch.no_grad():
+        z = layer(x)
+    g = torch.as_tensor(index.genders)
+    before, after = centroid_angle(x, g), centroid_angle(z, g)
+    assert before > 15 and after < before / 3, (before, after)
+    header = ArcFace(512, index.num_identities)
+    header.load_state_dict(tensors(Path(res.checkpoint_dir) / f"{res.step}header.pth"))
+    with torch.no_grad():
+        acc = (header(z, torch.as_tensor(index.labels)).argmax(1) == torch.as_tensor(index.labels)).float().mean()
+    assert acc > 0.9
+    assert (Path(res.log_dir) / "training.log").read_text().count("single-gender batches so far") >= 1
+
+
+def test_cached_and_in_the_loop_training_give_the_same_checkpoints(tiny_world):
+    common = ["network=tiny", f"output_ori={tiny_world / 'tiny.pth'}", "batch_size=8", "num_epoch=50",
+              "checkpoint_every=50", "eval_step=0"]
+    a = finetune.train(demo_cfg(tiny_world, *common, "cache=True", f"checkpoint_root={tiny_world / 'a'}"))
+    b = finetune.train(demo_cfg(tiny_world, *common, "cache=False", f"checkpoint_root={tiny_world / 'b'}"))
+    assert a.step == b.step == 200
+    same_weights(a.checkpoints[-1], b.checkpoints[-1], atol=1e-4)
+    same_weights(Path(a.checkpoint_dir) / "200header.pth", Path(b.checkpoint_dir) / "200header.pth", atol=1e-4)
+    # the in-the-loop run's weights really moved (the comparison is not trivially true)
+    assert not torch.allclose(tensors(a.checkpoints[-1])["proj.0.weight"], tensors(a.checkpoints[0])["proj.0.weight"]
+                              * 0)
+
+
+def test_backbone_and_its_statistics_never_change(tiny_world):
+    cfg = demo_cfg(tiny_world, "network=tiny", f"output_ori={tiny_world / 'tiny.pth'}", "batch_size=8")
+    index = scan_dataset(cfg.data_dir)
+    source = finetune.in_loop_source(cfg, index, torch.device("cpu"),
+                                     lambda: backbones.load_backbone("tiny", cfg.output_ori))
+    before = {k: v.clone() for k, v in source.backbone.state_dict().items()}
+    model = backbones.FinetunedModel(source.backbone, backbones.ProjectionLayer())
+    model.train()  # what the authors' loop did after validation
+    header = ArcFace(512, index.num_identities)
+    opts = (torch.optim.Adam(model.layer.parameters()), torch.optim.Adam(header.parameters()))
+    for step in range(3):
+        idx = torch.arange(8) + 8 * step
+        x = source(idx, torch.tensor([True, False] * 4))
+        finetune.train_step(x, torch.as_tensor(index.labels)[idx], torch.as_tensor(index.genders)[idx], model.layer,
+                            header, torch.as_tensor(index.identity_gender), opts, cfg, torch.Generator(), step)
+    after = source.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not source.backbone.backbone.bn.training
+
+
+def test_same_seed_bit_identical_and_resume_equals_uninterrupted(world, tmp_path):
+    base = ["num_epoch=6", "checkpoint_every=2"]
+    a = finetune.train(demo_cfg(world, *base, f"checkpoint_root={tmp_path / 'a'}", f"log_dir={tmp_path / 'la'}"))
+    b = finetune.train(demo_cfg(world, *base, f"checkpoint_root={tmp_path / 'b'}", f"log_dir={tmp_path / 'lb'}"))
+    same_weights(a.checkpoints[-1], b.checkpoints[-1])
+    # interrupted after epoch 4, then resumed to epoch 6
+    part = ["checkpoint_every=2", f"checkpoint_root={tmp_path / 'r'}", f"log_dir={tmp_path / 'lr'}"]
+    first = finetune.train(demo_cfg(world, "num_epoch=4", *part))
+    resumed = finetune.train(demo_cfg(world, "num_epoch=6", "resume=True", *part))
+    assert resumed.checkpoint_dir == first.checkpoint_dir and resumed.step == a.step
+    same_weights(resumed.checkpoints[-1], a.checkpoints[-1])
+    same_weights(Path(resumed.checkpoint_dir) / f"{a.step}header.pth", Path(a.checkpoint_dir) / f"{a.step}header.pth")
+    assert "resumed from" in (Path(resumed.log_dir) / "training.log").read_text()
+    c = finetune.train(demo_cfg(world, *base, "seed=1", f"checkpoint_root={tmp_path / 'c'}"))
+    assert not torch.equal(tensors(c.checkpoints[-1])["proj.0.weight"], tensors(a.checkpoints[-1])["proj.0.weight"])
+
+
+def digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_run_leaves_the_first_untouched(world, tmp_path):
+    args = (f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}", "num_epoch=2")
+    first = finetune.train(demo_cfg(world, *args))
+    snap_ckpt, snap_log = digest(first.checkpoint_dir), digest(first.log_dir)
+    second = finetune.train(demo_cfg(world, *args))
+    assert second.checkpoint_dir == first.checkpoint_dir.with_name(first.checkpoint_dir.name + "_2")
+    assert second.log_dir.name.endswith("_2")
+    assert digest(first.checkpoint_dir) == snap_ckpt and digest(first.log_dir) == snap_log
+    assert "already used" in (second.log_dir / "training.log").read_text()
+    rows = (first.log_dir / "config.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[0].startswith("pretrained,")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    real = finetune.privacy_terms
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        t = real(*a, **k)
+        return t._replace(p2=t.p2 * float("nan")) if calls["n"] == 13 else t
+    monkeypatch.setattr(finetune, "privacy_terms", flaky)
+    cfg = demo_cfg(world, f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}", "num_epoch=6",
+                   "checkpoint_every=1")
+    with pytest.raises(UserError, match=r"step 13: the loss term\(s\) p2, loss became non-finite.*last good checkpoint"):
+        finetune.train(cfg)
+    ckpts = sorted(Path(cfg.output).glob("*ftn_layers.pth"))
+    assert [p.name for p in ckpts] == ["7ftn_layers.pth"]  # 7 steps per epoch; step 13 broke
+    for p in ckpts:
+        assert all(torch.isfinite(v).all() for v in tensors(p).values())
+
+
+def test_unwritable_output_is_detected_before_any_compute(world, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cfg = demo_cfg(world, f"checkpoint_root={blocker}", f"cache_dir={tmp_path / 'fresh_cache'}")
+    with pytest.raises(UserError, match="cannot write"):
+        finetune.train(cfg)
+    assert not (tmp_path / "fresh_cache").exists()
+    with pytest.raises(UserError, match="validation file"):
+        finetune.train(demo_cfg(world, "eval_step=5", "val_targets=['nope']"))
+
+
+def test_main_prints_a_one_paragraph_error(tmp_path, capsys):
+    code = finetune.main(["--set", f"data_dir={tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: training data folder") and "Traceback" not in err
