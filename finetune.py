@@ -56,6 +56,8 @@ class TrainResult:
     single_gender_batches: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     epoch_losses: list[dict[str, float]] = field(default_factory=list)   # mean CE, P1, P2, loss per epoch
+    source_seconds: float = 0.0          # preparing the templates (the one-off extraction on a cache miss)
+    epoch_seconds: list[float] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,6 +140,8 @@ def in_loop_source(cfg: Config, index: TrainIndex, device: torch.device,
                    backbone_loader: Callable[[], nn.Module]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Templates computed by the frozen backbone on every step (the authors' design)."""
     backbone = FrozenBackbone(backbone_loader()).to(device)
+    if cfg.channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
     dataset = ImageDataset(index.paths)
 
     def source(idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -147,7 +151,10 @@ def in_loop_source(cfg: Config, index: TrainIndex, device: torch.device,
             raise UserError(f"training images that do not decode: {'; '.join(bad[:10])}. Replace or remove them.")
         x = torch.stack([b[1] for b in batch])
         x[flips] = x[flips].flip(3)
-        return F.normalize(backbone(x.to(device)))
+        x = x.to(device)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return F.normalize(backbone(x).float())
     source.backbone = backbone  # type: ignore[attr-defined]
     return source
 
@@ -242,7 +249,9 @@ def train(cfg: Config) -> TrainResult:
         def backbone_loader() -> nn.Module:
             return load_backbone(cfg.network, cfg.output_ori, cfg.embedding_size, cfg.SE)
         make_source = cached_source if cfg.cache else in_loop_source
+        t_source = time.perf_counter()
         source = make_source(cfg, index, device, backbone_loader)
+        t_source = time.perf_counter() - t_source
         val_sets = [open_eval_set(cfg, name, device, backbone_loader) for name in cfg.val_targets] \
             if cfg.eval_step else []
 
@@ -266,7 +275,7 @@ def train(cfg: Config) -> TrainResult:
                             f"{cfg.batch_size}); lower batch_size or add images.")
         log_cb = CallBackLogging(cfg.log_every, cfg.batch_size, log)
         val_cb = CallBackVerification(cfg.eval_step, val_sets, cfg.gender_folds, log)
-        result = TrainResult(ckpt_dir, log_dir, step)
+        result = TrainResult(ckpt_dir, log_dir, step, source_seconds=t_source)
         layer.train()
         header.train()
         bar = tqdm(total=(cfg.num_epoch - start_epoch) * steps_per_epoch, desc="finetune", unit="step",
@@ -275,6 +284,7 @@ def train(cfg: Config) -> TrainResult:
         for epoch in range(start_epoch, cfg.num_epoch):
             indices, flips = balanced_epoch(index.genders, cfg.seed, epoch)
             sums = dict.fromkeys(("ce", "p1", "p2", "loss"), 0.0)
+            t_epoch = time.perf_counter()
             for b in range(steps_per_epoch):
                 sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
                 idx = indices[sl]
@@ -298,6 +308,7 @@ def train(cfg: Config) -> TrainResult:
                                     f"P2 {terms['p2']:.3f} {bar.n * cfg.batch_size / max(time.time() - tic, 1e-9):.0f}"
                                     f" samples/s")
             result.epoch_losses.append({k: v / steps_per_epoch for k, v in sums.items()})
+            result.epoch_seconds.append(time.perf_counter() - t_epoch)
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.num_epoch:
                 result.checkpoints.append(save_checkpoint(ckpt_dir, step, epoch + 1, layer, header, opts, margin_rng,
                                                           single_gender))

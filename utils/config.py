@@ -128,6 +128,8 @@ def resolve_derived(cfg: Config) -> Config:
         cfg.log_output = str(Path(cfg.log_dir) / sub)
     if cfg.output_ori is None:
         cfg.output_ori = str(Path(cfg.checkpoint_root) / cfg.pretrained / "reference" / "backbone.pth")
+    elif Path(cfg.output_ori).is_dir():  # the authors' config names the folder that holds backbone.pth
+        cfg.output_ori = str(Path(cfg.output_ori) / "backbone.pth")
     choices = {"loss": ("ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace"),
                "cache_dtype": ("float32", "float16"), "amp": ("none", "bf16", "fp16")}
     for key, allowed in choices.items():

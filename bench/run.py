@@ -1,0 +1,299 @@
+"""Measure this project's speed against the authors' design, side by side on this machine, in one run.
+
+    python bench/run.py [--quick] [--out bench_results] [--device auto]
+
+1. finetune end to end: template-cache training vs backbone-in-the-loop training (same synthetic 112x112 images,
+   iresnet50, settings); a few epochs measured, projected to the paper's 100 epochs. Target >= 40x.
+2. evaluation sweep, 10 checkpoints x 2 sets: cached templates vs running the backbone for every checkpoint.
+   Target >= 5x. (The authors' design is timed on some of the checkpoints and scaled to 10: each costs the same.)
+3. extraction throughput (decoding included) vs the raw forward throughput on tensors in memory. Target >= 90%.
+4. gender-leakage evaluation with our settings vs probability=True, BACC compared. Target >= 3x, identical BACC.
+5. peak RSS of a few hundred training steps on a memory-mapped cache of 1,000,000 templates. Target < 3 GB.
+Writes results.csv and results.md to --out and prints the table. Targets missed are reported, not hidden.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import finetune  # noqa: E402
+from backbones import FinetunedModel, ProjectionLayer, iresnet50, load_backbone  # noqa: E402
+from tools.make_bin import build_bin  # noqa: E402
+from utils.binfile import load_bin  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.dataset import decode_image, to_tensor  # noqa: E402
+from utils.device import select_device  # noqa: E402
+from utils.evaluate import evaluate_set, open_eval_set  # noqa: E402
+from utils.leakage import gender_leakage  # noqa: E402
+from utils.verification import evaluate_verification  # noqa: E402
+
+SIZES = {
+    "full": {"train_ids": 64, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
+             "authors_ckpts": 2, "leak_n": 3000, "rss_n": 1_000_000, "rss_steps": 300},
+    "quick": {"train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20, "gender": 24,
+              "authors_ckpts": 1, "leak_n": 1200, "rss_n": 1_000_000, "rss_steps": 100},
+}
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_images(root: Path, n_ids: int, per_id: int, rng: np.random.Generator) -> None:
+    """Random-texture 112x112 PNG faces in subjectid_gender folders."""
+    for k in range(n_ids):
+        folder = root / f"{k:04d}_{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+        for j in range(per_id):
+            noise = rng.integers(-20, 21, base.shape)
+            cv2.imwrite(str(folder / f"{j}.png"), np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8))
+
+
+def bench_finetune(work: Path, size: dict, device: str) -> dict:
+    overrides = ["network=iresnet50", f"output_ori={work / 'r50.pth'}", f"data_dir={work / 'train'}",
+                 f"checkpoint_root={work / 'ckpt'}", f"log_dir={work / 'logs'}", f"cache_dir={work / 'cache'}",
+                 "batch_size=32", f"num_epoch={size['epochs']}", "eval_step=0", "log_every=1000", "num_workers=2",
+                 f"device={device}", "extract_batch_size=32"]
+    cached = finetune.train(load_config(None, overrides + ["cache=True", "pretrained=cached"]))
+    loop = finetune.train(load_config(None, overrides + ["cache=False", "pretrained=loop"]))
+    e_cache, e_loop = float(np.mean(cached.epoch_seconds)), float(np.mean(loop.epoch_seconds))
+    measured_cache = cached.source_seconds + sum(cached.epoch_seconds)
+    measured_loop = loop.source_seconds + sum(loop.epoch_seconds)
+    proj_cache = cached.source_seconds + 100 * e_cache
+    proj_loop = loop.source_seconds + 100 * e_loop
+    return {"extract_s": cached.source_seconds, "epoch_cache_s": e_cache, "epoch_loop_s": e_loop,
+            "measured_cache_s": measured_cache, "measured_loop_s": measured_loop,
+            "proj_cache_s": proj_cache, "proj_loop_s": proj_loop, "epochs": size["epochs"]}
+
+
+def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device) -> dict:
+    """The extraction loop's forwards/s (decoding included; from the cache's meta.json) vs raw forwards/s at the
+    same batch size (32) on tensors already in memory."""
+    meta = json.loads(next((work / "cache").glob("train-*/meta.json")).read_text())
+    net = load_backbone("iresnet50", work / "r50.pth").to(device).eval()
+    x = torch.randn(32, 3, 112, 112, device=device)
+    with torch.inference_mode():
+        net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        reps = max(4, min(16, n_images * 2 // 32))
+        for _ in range(reps):
+            net(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        raw = reps * 32 / (time.perf_counter() - t0)
+    return {"extraction_ips": meta["forwards_per_second"], "raw_ips": raw}
+
+
+def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
+    """10 checkpoints x 2 .bin files: cached templates vs the backbone run for every checkpoint."""
+    rng = np.random.default_rng(1)
+    for name in ("set_a", "set_b"):
+        write_images(work / "test" / name, size["test_ids"], size["test_imgs"], rng)
+        build_bin(work / "test" / name, work / "rec" / f"{name}.bin", n_pairs=size["pairs"], n_gender=size["gender"])
+    torch.manual_seed(0)
+    layers = [ProjectionLayer() for _ in range(10)]
+    cfg = load_config(None, ["network=iresnet50", f"output_ori={work / 'r50.pth'}", f"rec={work / 'rec'}",
+                             f"cache_dir={work / 'sweep_cache'}", "num_workers=2", "extract_batch_size=32"])
+    t0 = time.perf_counter()
+    sets = [open_eval_set(cfg, n, device, lambda: load_backbone("iresnet50", cfg.output_ori)) for n in ("set_a", "set_b")]
+    ours_res = [[evaluate_set(ev, layer) for ev in sets] for layer in layers]
+    ours = time.perf_counter() - t0
+    # the authors' design: images decoded once per set, the finetuned model (backbone included) run per checkpoint
+    backbone = load_backbone("iresnet50", cfg.output_ori).to(device)
+    decoded = {}
+    for name in ("set_a", "set_b"):
+        es = load_bin(work / "rec" / f"{name}.bin")
+        decoded[name] = (es, torch.stack([to_tensor(decode_image(d)[0]) for d in es.pair_images]),
+                         torch.stack([to_tensor(decode_image(d)[0]) for d in es.gender_images]))
+    n = size["authors_ckpts"]
+    t0 = time.perf_counter()
+    for layer in layers[:n]:
+        model = FinetunedModel(backbone, layer.to(device)).eval()
+        for name, (es, pairs, gender) in decoded.items():
+            with torch.inference_mode():
+                ver = torch.cat([model(b.to(device)) + model(b.flip(3).to(device)) for b in pairs.split(32)])
+                gen = torch.cat([model(b.to(device)) for b in gender.split(32)])
+            evaluate_verification(ver.double().cpu().numpy(), es.issame)
+            gender_leakage(gen.double().cpu().numpy(), es.gender_labels, es.id_labels)
+    authors = (time.perf_counter() - t0) * 10 / n
+    return {"ours_s": ours, "authors_s": authors, "authors_measured": n}
+
+
+def bench_leakage(size: dict) -> dict:
+    rng = np.random.default_rng(0)
+    n = size["leak_n"]
+    ids = np.repeat(np.arange(n // 4), 4)
+    genders = ids % 2
+    x = rng.normal(size=(n, 512)) + 0.08 * genders[:, None] * rng.normal(size=512)[None]
+    t0 = time.perf_counter()
+    ours = gender_leakage(x, genders, ids)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    theirs = gender_leakage(x, genders, ids, probability=True)
+    t_theirs = time.perf_counter() - t0
+    return {"ours_s": t_ours, "authors_s": t_theirs, "identical": ours == theirs, "bacc": ours["AVG"], "n": n}
+
+
+RSS_SCRIPT = """
+import sys, time, numpy as np, torch
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from utils.cache import open_entry
+from utils.dataset import balanced_epoch
+from backbones import ProjectionLayer
+from losses import get_header
+from finetune import train_step
+from utils.config import load_config
+cfg = load_config()
+entry = open_entry(Path({folder!r}))
+n = len(entry)
+n_ids = 10000
+labels = torch.as_tensor(np.arange(n) % n_ids)
+genders = torch.as_tensor((np.arange(n) % n_ids) % 2)
+identity_gender = torch.as_tensor(np.arange(n_ids) % 2)
+torch.manual_seed(0)
+layer = ProjectionLayer()
+header = get_header('ArcFace', 512, n_ids, 64.0, 0.0, 0.0)
+opts = (torch.optim.Adam(layer.parameters(), lr=0.01), torch.optim.Adam(header.parameters(), lr=0.01))
+idx, flips = balanced_epoch(genders.numpy(), 0, 0)
+t0 = time.perf_counter()
+for s in range({steps}):
+    sl = slice(s * 128, (s + 1) * 128)
+    x = entry.gather(idx[sl], flips[sl])
+    train_step(x, labels[idx[sl]], genders[idx[sl]], layer, header, identity_gender, opts, cfg, torch.Generator(), s)
+hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
+print(int(hwm) * 1024, time.perf_counter() - t0)
+"""
+
+
+def bench_rss(work: Path, size: dict) -> dict:
+    """Write a (n, 2, 512) float32 cache in chunks, then train on it in a fresh process and read its peak RSS."""
+    n = size["rss_n"]
+    folder = work / "rss_cache"
+    folder.mkdir()
+    t = np.lib.format.open_memmap(folder / "templates.npy", mode="w+", dtype=np.float32, shape=(n, 2, 512))
+    norms = np.lib.format.open_memmap(folder / "norms.npy", mode="w+", dtype=np.float32, shape=(n, 2))
+    rng = np.random.default_rng(0)
+    for i in range(0, n, 50_000):
+        chunk = rng.standard_normal((min(50_000, n - i), 2, 512), dtype=np.float32)
+        t[i:i + len(chunk)] = chunk / np.linalg.norm(chunk, axis=2, keepdims=True)
+        norms[i:i + len(chunk)] = 1.0
+    t.flush()
+    norms.flush()
+    del t, norms
+    (folder / "meta.json").write_text(json.dumps({"count": n, "dim": 512, "dtype": "float32", "version": 1}))
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(repo=str(REPO), folder=str(folder),
+                                                                    steps=size["rss_steps"])],
+                         capture_output=True, text=True, check=True)
+    peak, secs = out.stdout.split()
+    for f in folder.iterdir():  # this run's own scratch file (4 GB)
+        f.unlink()
+    folder.rmdir()
+    return {"peak_rss_gb": int(peak) / 1e9, "n": n, "steps": size["rss_steps"], "cache_gb": n * 2 * 512 * 4 / 1e9,
+            "seconds": float(secs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller workloads (about 2 minutes on 2 cores)")
+    parser.add_argument("--out", default="bench_results", help="folder for results.csv and results.md")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    args = parser.parse_args(argv)
+    size = SIZES["quick" if args.quick else "full"]
+    device = select_device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    rows = []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gp-bench-") as tmp:
+        work = Path(tmp)
+        write_images(work / "train", size["train_ids"], size["imgs"], np.random.default_rng(0))
+        torch.manual_seed(0)
+        torch.save(iresnet50().state_dict(), work / "r50.pth")
+        n_train = size["train_ids"] * size["imgs"]
+        import logging
+        logging.disable(logging.INFO)
+
+        fin = bench_finetune(work, size, str(device))
+        rows.append(("finetune, 100 epochs (projected)", fin["proj_cache_s"], fin["proj_loop_s"], 40,
+                     f"{n_train} images, iresnet50, batch 32; measured {fin['epochs']} epoch(s): cache "
+                     f"{fin['measured_cache_s']:.1f}s (extraction {fin['extract_s']:.1f}s, epoch {fin['epoch_cache_s']:.3f}s)"
+                     f", in the loop {fin['measured_loop_s']:.1f}s (epoch {fin['epoch_loop_s']:.1f}s)"))
+        ext = bench_extraction_vs_raw(work, n_train, device)
+        rows.append(("extraction throughput (img/s)", ext["extraction_ips"], ext["raw_ips"], 0.9,
+                     "forwards/s: extraction loop with decoding (images and flips) vs raw forward on in-memory tensors, batch 32"))
+        sw = bench_sweep(work, size, device)
+        rows.append(("eval sweep, 10 ckpts x 2 sets", sw["ours_s"], sw["authors_s"], 5,
+                     f"{size['pairs']} pairs + {size['gender']} gender images per set; authors' design timed on "
+                     f"{sw['authors_measured']} checkpoint(s) x 2 sets and scaled to 10"))
+        lk = bench_leakage(size)
+        rows.append(("gender leakage (3 classifiers)", lk["ours_s"], lk["authors_s"], 3,
+                     f"{lk['n']} templates; BACC identical: {lk['identical']}"))
+        rss = bench_rss(work, size)
+        rows.append(("peak RSS, mmap cache (GB)", rss["peak_rss_gb"], rss["cache_gb"], 3.0,
+                     f"{rss['n']:,} templates ({rss['cache_gb']:.1f} GB file), {rss['steps']} steps of batch 128 in "
+                     f"{rss['seconds']:.1f}s"))
+    table = []
+    for what, ours, theirs, target, note in rows:
+        if what.startswith("extraction"):
+            ratio, met = ours / theirs, ours / theirs >= target
+            cells = (f"{ours:.1f}", f"{theirs:.1f} (raw)", f"{ratio:.0%}", f">= {target:.0%}")
+        elif what.startswith("peak RSS"):
+            ratio, met = theirs / ours, ours < target
+            cells = (f"{ours:.2f}", f"{theirs:.1f} (whole cache)", f"{ratio:.1f}x smaller", f"< {target} GB")
+        else:
+            ratio, met = theirs / ours, theirs / ours >= target
+            if what.startswith("gender"):
+                met = met and lk["identical"]
+            cells = (f"{ours:.2f}s", f"{theirs:.2f}s", f"{ratio:.1f}x", f">= {target}x")
+        table.append((what, *cells, "yes" if met else "NO", note))
+    header = ("what", "ours", "authors' design", "ratio", "target", "met?", "notes")
+    md = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads)"
+          + (f", GPU {info['gpu']}" if "gpu" in info else "") + f", device {device}; mode "
+          f"{'quick' if args.quick else 'full'}; total {time.perf_counter() - t_all:.0f}s.", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(r) + " |" for r in table]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*header, "device", "cpu", "cores", "torch"])
+        for r in table:
+            w.writerow([*r, str(device), info["cpu"], info["cores"], info["torch"]])
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
