@@ -190,9 +190,9 @@ def train_step(x: torch.Tensor, ids: torch.Tensor, genders: torch.Tensor, layer:
 # ---------------------------------------------------------------------------------------------------------------
 def save_checkpoint(folder: Path, step: int, epoch: int, layer: nn.Module, header: nn.Module,
                     opts: tuple[torch.optim.Optimizer, ...], margin_rng: torch.Generator, single_gender: int) -> Path:
-    """``{step}ftn_layers.pth``, ``{step}header.pth`` and the resume state, each written atomically."""
-    atomic_torch_save(layer.state_dict(), folder / f"{step}ftn_layers.pth")
-    atomic_torch_save(header.state_dict(), folder / f"{step}header.pth")
+    """``{step}ftn_layers.pth``, ``{step}header.pth`` (CPU tensors) and the resume state, each written atomically."""
+    atomic_torch_save({k: v.detach().cpu() for k, v in layer.state_dict().items()}, folder / f"{step}ftn_layers.pth")
+    atomic_torch_save({k: v.detach().cpu() for k, v in header.state_dict().items()}, folder / f"{step}header.pth")
     state = {"step": step, "epoch": epoch, "batch": 0, "layer": layer.state_dict(), "header": header.state_dict(),
              "opt_layer": opts[0].state_dict(), "opt_header": opts[1].state_dict(),
              "margin_rng": margin_rng.get_state(), "torch_rng": torch.get_rng_state(),
