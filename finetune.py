@@ -36,7 +36,7 @@ from losses import get_header, privacy_terms  # noqa: E402
 from utils.cache import backbone_key_parts, folder_key, get_templates  # noqa: E402
 from utils.callbacks import CallBackLogging, CallBackVerification  # noqa: E402
 from utils.config import OVERRIDE_HELP, Config, load_config  # noqa: E402
-from utils.dataset import ImageDataset, TrainIndex, balanced_epoch, scan_dataset  # noqa: E402
+from utils.dataset import ImageDataset, TrainIndex, balanced_epoch, normalize_images, scan_dataset  # noqa: E402
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.evaluate import open_eval_set  # noqa: E402
@@ -125,38 +125,60 @@ def append_config_row(path: Path, cfg: Config, extra: dict[str, object]) -> None
 # ---------------------------------------------------------------------------------------------------------------
 # template sources: the cache, or the backbone in the loop
 # ---------------------------------------------------------------------------------------------------------------
+EpochSource = Callable[[torch.Tensor, torch.Tensor, int, int], Iterator[torch.Tensor]]
+
+
 def cached_source(cfg: Config, index: TrainIndex, device: torch.device,
-                  backbone_loader: Callable[[], nn.Module]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Templates from the cache: the flipped or unflipped row of each sampled image."""
+                  backbone_loader: Callable[[], nn.Module]) -> EpochSource:
+    """Templates from the cache: the flipped or unflipped row of each sampled image, batch by batch."""
     key = folder_key(cfg, index.root, index.paths)
     cache = get_templates(cfg.cache_dir, f"train-{Path(cfg.data_dir).name}", key, index.paths, backbone_loader,
                           device, dtype=cfg.cache_dtype, batch_size=cfg.extract_batch_size,
                           num_workers=cfg.num_workers, amp=cfg.amp, channels_last=cfg.channels_last,
                           describe=lambda i: str(index.paths[i]), what=f"training images of {cfg.data_dir}")
-    return lambda idx, flips: cache.gather(idx, flips).to(device)
+
+    gather = cache.gather
+    if device.type == "cuda" and 4 * cache.templates.size * 4 < torch.cuda.mem_get_info(device)[0]:
+        resident = cache.to_device(device)  # the same float32 values, gathered on the GPU without host reads
+        logging.getLogger(LOGGER_NAME).info("template cache held on %s (%.2f GB)", device,
+                                            resident.numel() * 4 / 1e9)
+
+        def gather(idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+            return resident[idx.to(device), flips.to(device).long()]
+
+    def epoch(indices: torch.Tensor, flips: torch.Tensor, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
+        for b in range(steps):
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            yield gather(indices[sl], flips[sl]).to(device, non_blocking=True)
+    return epoch
 
 
 def in_loop_source(cfg: Config, index: TrainIndex, device: torch.device,
-                   backbone_loader: Callable[[], nn.Module]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Templates computed by the frozen backbone on every step (the authors' design)."""
+                   backbone_loader: Callable[[], nn.Module]) -> EpochSource:
+    """Templates computed by the frozen backbone on every step (the authors' design), images decoded by
+    DataLoader workers."""
     backbone = FrozenBackbone(backbone_loader()).to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     dataset = ImageDataset(index.paths)
 
-    def source(idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        batch = [dataset[int(i)] for i in idx]
-        bad = [f"{index.paths[int(i)]}: {err}" for i, _, _, err in batch if err]
-        if bad:
-            raise UserError(f"training images that do not decode: {'; '.join(bad[:10])}. Replace or remove them.")
-        x = torch.stack([b[1] for b in batch])
-        x[flips] = x[flips].flip(3)
-        x = x.to(device)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return F.normalize(backbone(x).float())
-    source.backbone = backbone  # type: ignore[attr-defined]
-    return source
+    def epoch(indices: torch.Tensor, flips: torch.Tensor, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
+        batches = [indices[b * batch_size:(b + 1) * batch_size].tolist() for b in range(steps)]
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                            pin_memory=device.type == "cuda")
+        for b, (_, x, _, errors) in enumerate(loader):
+            bad = [f"{index.paths[i]}: {e}" for i, e in zip(batches[b], errors) if e]
+            if bad:
+                raise UserError(f"training images that do not decode: {'; '.join(bad[:10])}. Replace or remove "
+                                f"them.")
+            fl = flips[b * batch_size:(b + 1) * batch_size]
+            x[fl] = x[fl].flip(3)
+            x = normalize_images(x.to(device, non_blocking=True))
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield F.normalize(backbone(x).float())
+    epoch.backbone = backbone  # type: ignore[attr-defined]
+    return epoch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,7 +193,7 @@ def train_step(x: torch.Tensor, ids: torch.Tensor, genders: torch.Tensor, layer:
     ce = F.cross_entropy(header(z, ids, margin_rng), ids)
     terms = privacy_terms(z, genders, header.kernel, identity_gender)
     loss = ce + cfg.alpha * terms.p1 + cfg.beta * terms.p2
-    values = {"ce": ce.item(), "p1": terms.p1.item(), "p2": terms.p2.item(), "loss": loss.item()}
+    values = dict(zip(("ce", "p1", "p2", "loss"), torch.stack([ce, terms.p1, terms.p2, loss]).tolist()))  # one sync
     bad = [name for name, v in values.items() if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"step {step}: the loss term(s) {', '.join(bad)} became non-finite "
@@ -285,10 +307,8 @@ def train(cfg: Config) -> TrainResult:
             indices, flips = balanced_epoch(index.genders, cfg.seed, epoch)
             sums = dict.fromkeys(("ce", "p1", "p2", "loss"), 0.0)
             t_epoch = time.perf_counter()
-            for b in range(steps_per_epoch):
-                sl = slice(b * cfg.batch_size, (b + 1) * cfg.batch_size)
-                idx = indices[sl]
-                x = source(idx, flips[sl])
+            for b, x in enumerate(source(indices, flips, steps_per_epoch, cfg.batch_size)):
+                idx = indices[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                 try:
                     terms, single = train_step(x, labels[idx].to(device), genders[idx].to(device), layer, header,
                                                identity_gender, opts, cfg, margin_rng, step + 1)

@@ -44,12 +44,15 @@ from utils.evaluate import evaluate_set, open_eval_set  # noqa: E402
 from utils.leakage import gender_leakage  # noqa: E402
 from utils.verification import evaluate_verification  # noqa: E402
 
-SIZES = {
+SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
     "full": {"train_ids": 64, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
-             "authors_ckpts": 2, "leak_n": 3000, "rss_n": 1_000_000, "rss_steps": 300},
+             "authors_ckpts": 2, "leak_n": 3000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 32},
     "quick": {"train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20, "gender": 24,
-              "authors_ckpts": 1, "leak_n": 1200, "rss_n": 1_000_000, "rss_steps": 100},
+              "authors_ckpts": 1, "leak_n": 1200, "rss_n": 1_000_000, "rss_steps": 100, "batch": 32},
+    "gpu": {"train_ids": 1024, "imgs": 8, "epochs": 2, "test_ids": 400, "test_imgs": 6, "pairs": 3000,
+            "gender": 1000, "authors_ckpts": 3, "leak_n": 3000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 128},
 }
+WORKERS = min(8, os.cpu_count() or 2)
 
 
 def machine() -> dict[str, str]:
@@ -81,8 +84,8 @@ def write_images(root: Path, n_ids: int, per_id: int, rng: np.random.Generator) 
 def bench_finetune(work: Path, size: dict, device: str) -> dict:
     overrides = ["network=iresnet50", f"output_ori={work / 'r50.pth'}", f"data_dir={work / 'train'}",
                  f"checkpoint_root={work / 'ckpt'}", f"log_dir={work / 'logs'}", f"cache_dir={work / 'cache'}",
-                 "batch_size=32", f"num_epoch={size['epochs']}", "eval_step=0", "log_every=1000", "num_workers=2",
-                 f"device={device}", "extract_batch_size=32"]
+                 f"batch_size={size['batch']}", f"num_epoch={size['epochs']}", "eval_step=0", "log_every=1000",
+                 f"num_workers={WORKERS}", f"device={device}", f"extract_batch_size={size['batch']}"]
     cached = finetune.train(load_config(None, overrides + ["cache=True", "pretrained=cached"]))
     loop = finetune.train(load_config(None, overrides + ["cache=False", "pretrained=loop"]))
     e_cache, e_loop = float(np.mean(cached.epoch_seconds)), float(np.mean(loop.epoch_seconds))
@@ -95,23 +98,23 @@ def bench_finetune(work: Path, size: dict, device: str) -> dict:
             "proj_cache_s": proj_cache, "proj_loop_s": proj_loop, "epochs": size["epochs"]}
 
 
-def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device) -> dict:
+def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device, batch: int) -> dict:
     """The extraction loop's forwards/s (decoding included; from the cache's meta.json) vs raw forwards/s at the
-    same batch size (32) on tensors already in memory."""
+    same batch size on tensors already in memory."""
     meta = json.loads(next((work / "cache").glob("train-*/meta.json")).read_text())
     net = load_backbone("iresnet50", work / "r50.pth").to(device).eval()
-    x = torch.randn(32, 3, 112, 112, device=device)
+    x = torch.randn(batch, 3, 112, 112, device=device)
     with torch.inference_mode():
         net(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        reps = max(4, min(16, n_images * 2 // 32))
+        reps = max(4, min(16, n_images * 2 // batch))
         for _ in range(reps):
             net(x)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        raw = reps * 32 / (time.perf_counter() - t0)
+        raw = reps * batch / (time.perf_counter() - t0)
     return {"extraction_ips": meta["forwards_per_second"], "raw_ips": raw}
 
 
@@ -124,7 +127,8 @@ def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
     torch.manual_seed(0)
     layers = [ProjectionLayer() for _ in range(10)]
     cfg = load_config(None, ["network=iresnet50", f"output_ori={work / 'r50.pth'}", f"rec={work / 'rec'}",
-                             f"cache_dir={work / 'sweep_cache'}", "num_workers=2", "extract_batch_size=32"])
+                             f"cache_dir={work / 'sweep_cache'}", f"num_workers={WORKERS}",
+                             f"extract_batch_size={size['batch']}"])
     t0 = time.perf_counter()
     sets = [open_eval_set(cfg, n, device, lambda: load_backbone("iresnet50", cfg.output_ori)) for n in ("set_a", "set_b")]
     ours_res = [[evaluate_set(ev, layer) for ev in sets] for layer in layers]
@@ -142,8 +146,9 @@ def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
         model = FinetunedModel(backbone, layer.to(device)).eval()
         for name, (es, pairs, gender) in decoded.items():
             with torch.inference_mode():
-                ver = torch.cat([model(b.to(device)) + model(b.flip(3).to(device)) for b in pairs.split(32)])
-                gen = torch.cat([model(b.to(device)) for b in gender.split(32)])
+                bs = size["batch"]
+                ver = torch.cat([model(b.to(device)) + model(b.flip(3).to(device)) for b in pairs.split(bs)])
+                gen = torch.cat([model(b.to(device)) for b in gender.split(bs)])
             evaluate_verification(ver.double().cpu().numpy(), es.issame)
             gender_leakage(gen.double().cpu().numpy(), es.gender_labels, es.id_labels)
     authors = (time.perf_counter() - t0) * 10 / n
@@ -230,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench_results", help="folder for results.csv and results.md")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     args = parser.parse_args(argv)
-    size = SIZES["quick" if args.quick else "full"]
     device = select_device(args.device)
+    mode = "quick" if args.quick else ("gpu" if device.type == "cuda" else "full")
+    size = SIZES[mode]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = machine()
@@ -248,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
 
         fin = bench_finetune(work, size, str(device))
         rows.append(("finetune, 100 epochs (projected)", fin["proj_cache_s"], fin["proj_loop_s"], 40,
-                     f"{n_train} images, iresnet50, batch 32; measured {fin['epochs']} epoch(s): cache "
+                     f"{n_train} images, iresnet50, batch {size['batch']}; measured {fin['epochs']} epoch(s): cache "
                      f"{fin['measured_cache_s']:.1f}s (extraction {fin['extract_s']:.1f}s, epoch {fin['epoch_cache_s']:.3f}s)"
                      f", in the loop {fin['measured_loop_s']:.1f}s (epoch {fin['epoch_loop_s']:.1f}s)"))
-        ext = bench_extraction_vs_raw(work, n_train, device)
+        ext = bench_extraction_vs_raw(work, n_train, device, size["batch"])
         rows.append(("extraction throughput (img/s)", ext["extraction_ips"], ext["raw_ips"], 0.9,
-                     "forwards/s: extraction loop with decoding (images and flips) vs raw forward on in-memory tensors, batch 32"))
+                     f"forwards/s: extraction loop with decoding (images and flips) vs raw forward on in-memory tensors, batch "
+                     f"{size['batch']}"))
         sw = bench_sweep(work, size, device)
         rows.append(("eval sweep, 10 ckpts x 2 sets", sw["ours_s"], sw["authors_s"], 5,
                      f"{size['pairs']} pairs + {size['gender']} gender images per set; authors' design timed on "
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     header = ("what", "ours", "authors' design", "ratio", "target", "met?", "notes")
     md = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads)"
           + (f", GPU {info['gpu']}" if "gpu" in info else "") + f", device {device}; mode "
-          f"{'quick' if args.quick else 'full'}; total {time.perf_counter() - t_all:.0f}s.", "",
+          f"{mode}; total {time.perf_counter() - t_all:.0f}s.", "",
           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(r) + " |" for r in table]
     (out / "results.md").write_text("\n".join(md) + "\n")

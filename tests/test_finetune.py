@@ -99,9 +99,9 @@ def test_backbone_and_its_statistics_never_change(tiny_world):
     model.train()  # what the authors' loop did after validation
     header = ArcFace(512, index.num_identities)
     opts = (torch.optim.Adam(model.layer.parameters()), torch.optim.Adam(header.parameters()))
-    for step in range(3):
-        idx = torch.arange(8) + 8 * step
-        x = source(idx, torch.tensor([True, False] * 4))
+    indices = torch.arange(24)
+    for step, x in enumerate(source(indices, torch.tensor([True, False] * 12), 3, 8)):
+        idx = indices[8 * step:8 * (step + 1)]
         finetune.train_step(x, torch.as_tensor(index.labels)[idx], torch.as_tensor(index.genders)[idx], model.layer,
                             header, torch.as_tensor(index.identity_gender), opts, cfg, torch.Generator(), step)
     after = source.backbone.state_dict()

@@ -137,7 +137,7 @@ def test_killed_extraction_is_never_read_and_is_rebuilt(world, tmp_path):
                       batch_size=16, num_workers=0)
     assert len(t) == len(full)
     with torch.no_grad():
-        from utils.dataset import ImageDataset
-        x = torch.stack([ImageDataset(items)[i][1] for i in range(len(items))])
+        from utils.dataset import ImageDataset, normalize_images
+        x = normalize_images(torch.stack([ImageDataset(items)[i][1] for i in range(len(items))]))
         direct = torch.nn.functional.normalize(load_backbone("iresnet18", weights)(x))
     np.testing.assert_allclose(t.templates[:12, 0], direct.numpy(), atol=1e-5)

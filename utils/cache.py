@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.dataset import ImageDataset, problem_report
+from utils.dataset import ImageDataset, normalize_images, problem_report
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,14 @@ class Templates:
         for k, r in enumerate(rows):
             out[k] = np.frombuffer(os.pread(self._fd, row, self._offset + int(r) * row), dtype=dtype)
         return torch.from_numpy(out.astype(np.float32, copy=False))
+
+    def to_device(self, device: torch.device) -> torch.Tensor:
+        """The whole (N, 2, D) array as one tensor on ``device``, copied in chunks (for GPU-resident training)."""
+        out = torch.empty(self.templates.shape, dtype=torch.float32, device=device)
+        step = 1 << 16
+        for i in range(0, len(self), step):
+            out[i:i + step] = torch.from_numpy(np.array(self.templates[i:i + step], dtype=np.float32)).to(device)
+        return out
 
     def __del__(self) -> None:
         if hasattr(self, "_fd"):
@@ -185,7 +193,7 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
         for idx, x, was_resized, errors in loader:
             resized += int(was_resized.sum())
             problems += [f"{describe(int(i))}: {e}" for i, e in zip(idx, errors) if e]
-            x = x.to(device, non_blocking=True)
+            x = normalize_images(x.to(device, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):

@@ -54,10 +54,16 @@ def decode_image(data: bytes | np.ndarray) -> tuple[np.ndarray, bool]:
     return np.ascontiguousarray(img[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE]), True
 
 
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 in [-1, 1], i.e. (x/255 - 0.5)/0.5, on whatever device x is.
+
+    Workers ship uint8 (4x less data than float32) and this runs where the backbone runs."""
+    return x.float().div_(255.0).sub_(0.5).div_(0.5)
+
+
 def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 RGB -> 3xHxW float32 in [-1, 1], i.e. (x/255 - 0.5)/0.5."""
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
-    return x.sub_(0.5).div_(0.5)
+    """HxWx3 uint8 RGB -> 3xHxW float32 in [-1, 1]."""
+    return normalize_images(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1))
 
 
 @dataclass
@@ -141,7 +147,8 @@ def problem_report(where: str, problems: list[str], fix: str) -> str:
 
 
 class ImageDataset(Dataset):
-    """Decodes images from file paths or from encoded bytes; returns (index, tensor, resized, error)."""
+    """Decodes images from file paths or from encoded bytes; returns (index, 3x112x112 uint8 tensor, resized,
+    error). Normalise batches with ``normalize_images`` on the compute device."""
 
     def __init__(self, items: Sequence[Path] | Sequence[bytes]):
         self.items = items
@@ -154,9 +161,9 @@ class ImageDataset(Dataset):
         try:
             data = np.fromfile(item, dtype=np.uint8) if isinstance(item, Path) else item
             img, resized = decode_image(data)
-            return i, to_tensor(img), resized, ""
+            return i, torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), resized, ""
         except (DecodeError, OSError, cv2.error) as exc:
-            return i, torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE), False, f"{type(exc).__name__}: {exc}"
+            return i, torch.zeros(3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8), False, f"{type(exc).__name__}: {exc}"
 
 
 def balanced_epoch(genders: np.ndarray, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
