@@ -193,7 +193,8 @@ def train_step(x: torch.Tensor, ids: torch.Tensor, genders: torch.Tensor, layer:
     ce = F.cross_entropy(header(z, ids, margin_rng), ids)
     terms = privacy_terms(z, genders, header.kernel, identity_gender)
     loss = ce + cfg.alpha * terms.p1 + cfg.beta * terms.p2
-    values = dict(zip(("ce", "p1", "p2", "loss"), torch.stack([ce, terms.p1, terms.p2, loss]).tolist()))  # one sync
+    stacked = torch.stack([ce, terms.p1, terms.p2, loss, terms.single_gender.to(loss.dtype)]).tolist()  # one sync
+    values = dict(zip(("ce", "p1", "p2", "loss"), stacked[:4]))
     bad = [name for name, v in values.items() if not math.isfinite(v)]
     if bad:
         raise FloatingPointError(f"step {step}: the loss term(s) {', '.join(bad)} became non-finite "
@@ -204,7 +205,7 @@ def train_step(x: torch.Tensor, ids: torch.Tensor, genders: torch.Tensor, layer:
     torch.nn.utils.clip_grad_norm_(layer.parameters(), max_norm=cfg.grad_clip)
     for opt in opts:
         opt.step()
-    return values, terms.single_gender
+    return values, bool(stacked[4])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def plot_curves(run: str, rows: list[dict], ref: dict[str, dict[str, float]], pa
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{run}: metrics against step (dashed: bare backbone)")
+    fig.suptitle(f"{run}: metrics against step (dashed: bare backbone)", y=1.04)
     _save(fig, path)
 
 

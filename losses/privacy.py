@@ -20,7 +20,7 @@ COS_EPS = 1e-6  # cosines are clamped to [-1+eps, 1-eps]: arccos has an infinite
 class PrivacyTerms(NamedTuple):
     p1: torch.Tensor
     p2: torch.Tensor
-    single_gender: bool
+    single_gender: torch.Tensor   # 0-dim bool tensor: the batch holds one gender only
 
 
 def _angle(cos: torch.Tensor) -> torch.Tensor:
@@ -28,27 +28,27 @@ def _angle(cos: torch.Tensor) -> torch.Tensor:
 
 
 def gender_weight_centroids(kernel: torch.Tensor, identity_gender: torch.Tensor) -> torch.Tensor:
-    """(2, D): w_0 and w_1 from the header kernel (D, n_identities) and each identity's gender (0/1)."""
+    """(2, D): w_0 and w_1 from the header kernel (D, n_identities) and each identity's gender (0/1).
+
+    The normalised mean of unit columns is the normalised sum; a one-hot product avoids boolean indexing (which
+    would wait for the GPU on every step)."""
     cols = F.normalize(kernel, dim=0)
-    w = torch.stack([cols[:, identity_gender == g].mean(dim=1) for g in (0, 1)])
-    return F.normalize(w, dim=1)
+    onehot = F.one_hot(identity_gender.long(), 2).to(cols.dtype)     # (n_identities, 2)
+    return F.normalize((cols @ onehot).T, dim=1)
 
 
 def privacy_terms(z: torch.Tensor, gender: torch.Tensor, kernel: torch.Tensor,
                   identity_gender: torch.Tensor) -> PrivacyTerms:
-    """P1 and P2 of a batch of templates ``z`` (B, D; normalised inside) with genders ``gender`` (B,)."""
+    """P1 and P2 of a batch of templates ``z`` (B, D; normalised inside) with genders ``gender`` (B,).
+
+    Computed with masks as weights, without data-dependent control flow, so the GPU is never waited for."""
     z = F.normalize(z, dim=1)
-    masks = [gender == 0, gender == 1]
-    present = [bool(mk.any()) for mk in masks]
-    zero = z.sum() * 0.0
-    if all(present):
-        c = F.normalize(torch.stack([z[mk].mean(dim=0) for mk in masks]), dim=1)
-        p1 = _angle((c[0] * c[1]).sum())
-    else:
-        p1 = zero
+    masks = F.one_hot(gender.long(), 2).to(z.dtype).T                # (2, B)
+    counts = masks.sum(dim=1)                                         # (2,)
+    both = (counts > 0).all()
+    c = F.normalize(masks @ z, dim=1)                                 # gender centroids (a missing one is 0)
+    p1 = torch.where(both, _angle((c[0] * c[1]).sum()), torch.zeros((), dtype=z.dtype, device=z.device))
     w = gender_weight_centroids(kernel, identity_gender)
-    p2 = zero
-    for g in (0, 1):
-        if present[g]:
-            p2 = p2 + _angle(z[masks[g]] @ w[1 - g]).mean()
-    return PrivacyTerms(p1, p2, not all(present))
+    to_other = _angle(z @ w.flip(0).T)                                # (B, 2): column g = angle to w_{1-g}
+    per_gender = (masks * to_other.T).sum(dim=1) / counts.clamp(min=1)
+    return PrivacyTerms(p1, per_gender.sum(), ~both)
