@@ -96,29 +96,45 @@ def test_wrong_shapes_and_broken_files_are_clear_errors(tmp_path):
 
 
 class Payload:
+    def __init__(self, kind, target):
+        self.kind, self.target = kind, str(target)
+
     def __reduce__(self):
         import os
-        return os.system, (f"touch {Payload.target}",)
+        import subprocess
+        if self.kind == "os.system":
+            return os.system, (f"touch {self.target}",)
+        if self.kind == "subprocess":
+            return subprocess.call, (["touch", self.target],)
+        return eval, (f"open({self.target!r}, 'w').close()",)
 
 
-def test_pickled_model_or_code_is_refused_and_never_runs(tmp_path):
+def test_pickled_model_is_refused_with_advice(tmp_path):
     whole = tmp_path / "whole.pth"
     torch.save(iresnet18(), whole)
-    with pytest.raises(UserError, match="not a plain state dict"):
+    with pytest.raises(UserError, match="not a plain state dict.*state_dict"):
         load_backbone("iresnet18", whole)
-    Payload.target = tmp_path / "pwned"
+
+
+@pytest.mark.parametrize("kind", ["os.system", "subprocess", "eval"])
+def test_code_in_checkpoints_is_refused_and_never_runs(tmp_path, kind):
+    import finetune
+    target = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"x": Payload()}, evil)
-    with pytest.raises(UserError):
-        load_projection(evil)
-    with pytest.raises(UserError):
-        load_backbone("iresnet18", evil)
+    torch.save({"x": Payload(kind, target)}, evil)
     legacy = tmp_path / "legacy.pth"
     with open(legacy, "wb") as fh:
-        pickle.dump(Payload(), fh)
+        pickle.dump(Payload(kind, target), fh)
+    for path in (evil, legacy):
+        with pytest.raises(UserError, match="not a plain state dict|could not be read"):
+            load_projection(path)
+        with pytest.raises(UserError):
+            load_backbone("iresnet18", path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "resume.pth").write_bytes(evil.read_bytes())
     with pytest.raises(UserError):
-        load_backbone("iresnet18", legacy)
-    assert not Payload.target.exists()
+        finetune.load_resume(tmp_path / "run", None, None, None, None)
+    assert not target.exists()
 
 
 def test_frozen_backbone_stays_in_eval_mode_without_gradients():

@@ -246,12 +246,17 @@ def test_undecodable_image_is_named_and_nothing_is_cached(tmp_path, tiny_arch):
     rng = np.random.default_rng(0)
     root = make_folder(tmp_path / "d", {"a_0": 2, "b_1": 2}, rng)
     (root / "b_1" / "broken.png").write_bytes(b"\x89PNG not really")
+    good = (root / "a_0" / "000.png").read_bytes()
+    (root / "a_0" / "truncated.png").write_bytes(good[: len(good) // 3])
+    (root / "a_0" / "text.jpg").write_text("this is not a JPEG")
     weights = tiny_backbone_file(tmp_path / "w.pth")
     cfg = load_config(None, ["network=tiny", f"output_ori={weights}", f"cache_dir={tmp_path / 'cache'}"])
     idx = scan_dataset(root)
-    with pytest.raises(UserError, match="broken.png"):
+    with pytest.raises(UserError, match="3 problem") as err:
         get_templates(cfg.cache_dir, "train", folder_key(cfg, root, idx.paths), idx.paths,
                       lambda: backbones.load_backbone("tiny", weights), torch.device("cpu"), num_workers=0)
+    for name in ("broken.png", "truncated.png", "text.jpg"):
+        assert name in str(err.value)
     assert list((tmp_path / "cache").iterdir()) == []
 
 

@@ -155,3 +155,13 @@ def test_cli_accepts_both_spellings(trained, tmp_path, capsys):
                             "--experiment-name", "Exp/Missing", "--reference-pth", str(tmp_path / "ref.csv"), *common])
     err = capsys.readouterr().err
     assert code == 2 and "error: no folder" in err and "Traceback" not in err
+
+
+def test_unwritable_log_root_and_missing_backbone_fail_before_compute(trained, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot write"):
+        sweep(trained, blocker)
+    with pytest.raises(UserError, match="backbone weights not found"):
+        sweep(trained, tmp_path / "out", f"output_ori={tmp_path / 'missing.pth'}")
+    assert not list((tmp_path / "out").rglob("*.csv"))
