@@ -29,7 +29,7 @@ from eval.evaluation import evaluate  # noqa: E402
 from finetune import train  # noqa: E402
 from tools.make_bin import build_bin  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
 from utils.evaluate import METRIC_COLUMNS  # noqa: E402
 from utils.synthetic import identity_basis, population, save_demo_backbone, write_identity_folders  # noqa: E402
 
@@ -68,7 +68,7 @@ def make_data(out: Path, size: dict, seed: int) -> dict[str, Path]:
 
 
 def demo_overrides(out: Path, size: dict, seed: int) -> list[str]:
-    return [f"network=demo_decoder", "pretrained=Demo", "experiment=Synthetic", "data=SynthFaces",
+    return ["network=demo_decoder", "pretrained=Demo", "experiment=Synthetic", "data=SynthFaces",
             f"checkpoint_root={out / 'checkpoints'}", f"log_dir={out / 'logs'}",
             f"data_dir={out / 'data' / 'train' / 'SynthFaces'}", f"rec={out / 'data' / 'eval'}",
             f"cache_dir={out / 'cache'}", f"num_epoch={size['epochs']}", f"batch_size={size['batch']}",
@@ -126,13 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (used by the tests)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        res = run_demo(Path(args.out), args.quick, args.seed)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print_tables(res)
-    return 0
+    return run_cli(lambda: print_tables(run_demo(Path(args.out), args.quick, args.seed)))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from utils.callbacks import CallBackLogging, CallBackVerification  # noqa: E402
 from utils.config import OVERRIDE_HELP, Config, load_config  # noqa: E402
 from utils.dataset import ImageDataset, TrainIndex, balanced_epoch, normalize_images, scan_dataset  # noqa: E402
 from utils.device import select_device  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 from utils.evaluate import open_eval_set  # noqa: E402
 from utils.io import atomic_torch_save, atomic_write_text, check_writable, safe_torch_load  # noqa: E402
 
@@ -142,9 +142,7 @@ def cached_source(cfg: Config, index: TrainIndex, device: torch.device,
         resident = cache.to_device(device)  # the same float32 values, gathered on the GPU without host reads
         logging.getLogger(LOGGER_NAME).info("template cache held on %s (%.2f GB)", device,
                                             resident.numel() * 4 / 1e9)
-
-        def gather(idx: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-            return resident[idx.to(device), flips.to(device).long()]
+        gather = lambda idx, flips: resident[idx.to(device), flips.to(device).long()]  # noqa: E731
 
     def epoch(indices: torch.Tensor, flips: torch.Tensor, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
         for b in range(steps):
@@ -351,13 +349,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         result = train(load_config(args.config, args.set))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"checkpoints: {result.checkpoint_dir}\nlogs: {result.log_dir}")
-    return 0
+        print(f"checkpoints: {result.checkpoint_dir}\nlogs: {result.log_dir}")
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     python bench/run.py [--quick] [--out bench_results] [--device auto]
 
 1. finetune end to end: template-cache training vs backbone-in-the-loop training (same synthetic 112x112 images,
-   iresnet50, settings); a few epochs measured, projected to the paper's 100 epochs. Target >= 40x.
+   iresnet50, settings); a few epochs measured, projected to the paper's 100 epochs as set-up + first epoch +
+   99 x the later epochs' mean (the first epoch carries one-off costs). Target >= 40x.
 2. evaluation sweep, 10 checkpoints x 2 sets: cached templates vs running the backbone for every checkpoint.
    Target >= 5x. (The authors' design is timed on some of the checkpoints and scaled to 10: each costs the same.)
 3. extraction throughput (decoding included) vs the raw forward throughput on tensors in memory. Target >= 90%.
@@ -31,7 +32,6 @@ if str(REPO) not in sys.path:
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import finetune  # noqa: E402
 from backbones import FinetunedModel, ProjectionLayer, iresnet50, load_backbone  # noqa: E402
@@ -45,7 +45,7 @@ from utils.leakage import gender_leakage  # noqa: E402
 from utils.verification import evaluate_verification  # noqa: E402
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
-    "full": {"train_ids": 64, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
+    "full": {"train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
              "authors_ckpts": 2, "leak_n": 3000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 32},
     "quick": {"train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20, "gender": 24,
               "authors_ckpts": 1, "leak_n": 1200, "rss_n": 1_000_000, "rss_steps": 100, "batch": 32},
@@ -88,11 +88,15 @@ def bench_finetune(work: Path, size: dict, device: str) -> dict:
                  f"num_workers={WORKERS}", f"device={device}", f"extract_batch_size={size['batch']}"]
     cached = finetune.train(load_config(None, overrides + ["cache=True", "pretrained=cached"]))
     loop = finetune.train(load_config(None, overrides + ["cache=False", "pretrained=loop"]))
-    e_cache, e_loop = float(np.mean(cached.epoch_seconds)), float(np.mean(loop.epoch_seconds))
+    def steady(res) -> float:  # epochs after the first, which carries one-off costs (kernel set-up, page-in)
+        return float(np.mean(res.epoch_seconds[1:] or res.epoch_seconds))
+
+    def projected(res) -> float:
+        return res.source_seconds + res.epoch_seconds[0] + 99 * steady(res)
+    e_cache, e_loop = steady(cached), steady(loop)
     measured_cache = cached.source_seconds + sum(cached.epoch_seconds)
     measured_loop = loop.source_seconds + sum(loop.epoch_seconds)
-    proj_cache = cached.source_seconds + 100 * e_cache
-    proj_loop = loop.source_seconds + 100 * e_loop
+    proj_cache, proj_loop = projected(cached), projected(loop)
     return {"extract_s": cached.source_seconds, "epoch_cache_s": e_cache, "epoch_loop_s": e_loop,
             "measured_cache_s": measured_cache, "measured_loop_s": measured_loop,
             "proj_cache_s": proj_cache, "proj_loop_s": proj_loop, "epochs": size["epochs"]}
@@ -100,7 +104,7 @@ def bench_finetune(work: Path, size: dict, device: str) -> dict:
 
 def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device, batch: int) -> dict:
     """The extraction loop's forwards/s (decoding included; from the cache's meta.json) vs raw forwards/s at the
-    same batch size on tensors already in memory."""
+    same batch size on tensors already in memory; both after a first batch that carries the one-off set-up."""
     meta = json.loads(next((work / "cache").glob("train-*/meta.json")).read_text())
     net = load_backbone("iresnet50", work / "r50.pth").to(device).eval()
     x = torch.randn(batch, 3, 112, 112, device=device)
@@ -115,7 +119,7 @@ def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device, bat
         if device.type == "cuda":
             torch.cuda.synchronize()
         raw = reps * batch / (time.perf_counter() - t0)
-    return {"extraction_ips": meta["forwards_per_second"], "raw_ips": raw}
+    return {"extraction_ips": meta["steady_forwards_per_second"], "raw_ips": raw}
 
 
 def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
@@ -131,7 +135,9 @@ def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
                              f"extract_batch_size={size['batch']}"])
     t0 = time.perf_counter()
     sets = [open_eval_set(cfg, n, device, lambda: load_backbone("iresnet50", cfg.output_ori)) for n in ("set_a", "set_b")]
-    ours_res = [[evaluate_set(ev, layer) for ev in sets] for layer in layers]
+    for layer in layers:
+        for ev in sets:
+            evaluate_set(ev, layer)
     ours = time.perf_counter() - t0
     # the authors' design: images decoded once per set, the finetuned model (backbone included) run per checkpoint
     backbone = load_backbone("iresnet50", cfg.output_ori).to(device)
@@ -255,12 +261,12 @@ def main(argv: list[str] | None = None) -> int:
         fin = bench_finetune(work, size, str(device))
         rows.append(("finetune, 100 epochs (projected)", fin["proj_cache_s"], fin["proj_loop_s"], 40,
                      f"{n_train} images, iresnet50, batch {size['batch']}; measured {fin['epochs']} epoch(s): cache "
-                     f"{fin['measured_cache_s']:.1f}s (extraction {fin['extract_s']:.1f}s, epoch {fin['epoch_cache_s']:.3f}s)"
-                     f", in the loop {fin['measured_loop_s']:.1f}s (epoch {fin['epoch_loop_s']:.1f}s)"))
+                     f"{fin['measured_cache_s']:.1f}s (extraction {fin['extract_s']:.1f}s, later epochs {fin['epoch_cache_s']:.3f}s)"
+                     f", in the loop {fin['measured_loop_s']:.1f}s (later epochs {fin['epoch_loop_s']:.1f}s)"))
         ext = bench_extraction_vs_raw(work, n_train, device, size["batch"])
         rows.append(("extraction throughput (img/s)", ext["extraction_ips"], ext["raw_ips"], 0.9,
-                     f"forwards/s: extraction loop with decoding (images and flips) vs raw forward on in-memory tensors, batch "
-                     f"{size['batch']}"))
+                     f"forwards/s after the first batch: extraction loop with decoding (images and flips) vs raw forward on "
+                     f"in-memory tensors, batch {size['batch']}"))
         sw = bench_sweep(work, size, device)
         rows.append(("eval sweep, 10 ckpts x 2 sets", sw["ours_s"], sw["authors_s"], 5,
                      f"{size['pairs']} pairs + {size['gender']} gender images per set; authors' design timed on "

@@ -34,7 +34,7 @@ from backbones import load_backbone, load_projection  # noqa: E402
 from eval.report import write_report  # noqa: E402
 from utils.config import OVERRIDE_HELP, Config, load_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 from utils.evaluate import METRIC_COLUMNS, EvalTemplates, evaluate_set, open_eval_set, pic  # noqa: E402
 from utils.io import atomic_write_text, check_writable  # noqa: E402
 
@@ -230,14 +230,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> None:
         cfg = load_config(args.config, args.set)
         out = evaluate(cfg, args.log_root, args.model_root, args.experiment_name, args.reference_pth, args.force)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"results: {out}")
-    return 0
+        print(f"results: {out}")
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbones import (FinetunedModel, FrozenBackbone, ProjectionLayer, get_backbone, iresnet18, iresnet50,
+from backbones import (FinetunedModel, FrozenBackbone, ProjectionLayer, get_backbone, iresnet18,
                        load_backbone, load_projection)
 from utils.errors import UserError
 

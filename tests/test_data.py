@@ -123,6 +123,9 @@ def test_bins_round_trip_pixel_identical(tmp_path):
     es2 = load_bin(build_bin(tmp_path / "d", tmp_path / "c.bin", pairs_file=csv_file, n_gender=4))
     assert es2.issame.tolist() == [True, False]
     assert np.array_equal(decoded(es2.pair_images[3]), decoded((tmp_path / "d/001_1/002.png").read_bytes()))
+    es2b = load_bin(build_bin(tmp_path / "d", tmp_path / "two.bin", pairs_file=csv_file, two_item=True))
+    assert not es2b.has_gender and es2b.issame.tolist() == [True, False]
+    assert [decoded(d).tobytes() for d in es2b.pair_images] == [decoded(d).tobytes() for d in es2.pair_images]
     txt = tmp_path / "pairs.txt"
     txt.write_text("1\t1\n000 1 3\n000 1 001 3\n")
     es3 = load_bin(build_bin(tmp_path / "d", tmp_path / "t.bin", pairs_file=txt, n_gender=4))

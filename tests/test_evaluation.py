@@ -1,6 +1,5 @@
 import csv
 import hashlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -70,7 +69,6 @@ def test_full_sweep_writes_csvs_report_plots_and_is_idempotent(trained, tmp_path
 
 def test_metrics_equal_a_direct_evaluation_of_the_layer(trained, tmp_path):
     """The sweep's numbers for a checkpoint equal evaluating layer(normalize(backbone(x))) on decoded images."""
-    import numpy as np
     from backbones import load_backbone, load_projection
     from utils.binfile import load_bin
     from utils.dataset import decode_image, to_tensor

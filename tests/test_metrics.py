@@ -12,7 +12,6 @@ from utils.verification import evaluate_verification
 
 
 def synthetic_pairs(rng, n_pairs=600, dim=32, noise=0.9):
-    ids = rng.normal(size=(n_pairs * 2, dim))
     issame = np.arange(n_pairs) % 3 != 0
     emb = np.empty((2 * n_pairs, dim))
     for p in range(n_pairs):

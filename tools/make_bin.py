@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from utils.binfile import write_bin  # noqa: E402
 from utils.dataset import TrainIndex, scan_dataset  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 
 
 def draw_pairs(index: TrainIndex, n_pairs: int, rng: np.random.Generator) -> list[tuple[int, int, bool]]:
@@ -116,7 +116,7 @@ def read_pairs(path: Path, index: TrainIndex) -> list[tuple[int, int, bool]]:
 
 
 def build_bin(data_dir: str | Path, out: str | Path, pairs_file: str | Path | None = None, n_pairs: int = 3000,
-              n_gender: int = 2000, seed: int = 0) -> Path:
+              n_gender: int = 2000, seed: int = 0, two_item: bool = False) -> Path:
     """Write a 5-item .bin for the images under ``data_dir``; returns its path."""
     out = Path(out)
     if out.exists():
@@ -130,7 +130,7 @@ def build_bin(data_dir: str | Path, out: str | Path, pairs_file: str | Path | No
     data = [p.read_bytes() for p in index.paths]
     pair_images = [data[i] for a, b, _ in pairs for i in (a, b)]
     write_bin(out, pair_images, [s for _, _, s in pairs], [data[i] for i in gender_idx],
-              index.labels[gender_idx].tolist(), index.genders[gender_idx].tolist())
+              index.labels[gender_idx].tolist(), index.genders[gender_idx].tolist(), two_item=two_item)
     return out
 
 
@@ -142,14 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-pairs", type=int, default=3000, help="pairs to draw when --pairs is not given")
     parser.add_argument("--n-gender", type=int, default=2000, help="images of the gender-leakage test")
     parser.add_argument("--seed", type=int, default=0, help="seed of the drawn pairs and gender subset")
+    parser.add_argument("--two-item", action="store_true",
+                        help="write insightface's 2-item format (verification pairs only, no gender test)")
     args = parser.parse_args(argv)
-    try:
-        out = build_bin(args.data_dir, args.out, args.pairs, args.n_pairs, args.n_gender, args.seed)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+
+    def body() -> None:
+        out = build_bin(args.data_dir, args.out, args.pairs, args.n_pairs, args.n_gender, args.seed, args.two_item)
+        print(f"wrote {out}")
+    return run_cli(body)
 
 
 if __name__ == "__main__":

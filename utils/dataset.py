@@ -91,14 +91,15 @@ def _visible(entries: Sequence[os.DirEntry]) -> list[os.DirEntry]:
 def scan_dataset(root: str | os.PathLike, option: str = "data_dir") -> TrainIndex:
     """List the images of a ``subjectid_gender`` root; report every layout problem at once."""
     root = Path(root)
+    what = "training data folder" if option == "data_dir" else "image folder"
     if not root.is_dir():
-        raise UserError(f"training data folder '{root}' ({option}) does not exist. Point {option} to a folder holding "
+        raise UserError(f"{what} '{root}' ({option}) does not exist. Point {option} to a folder holding "
                         f"one 'subjectid_gender' folder per identity (gender 0 or 1), e.g. 0001_1/, 0002_0/.")
     with os.scandir(root) as it:
         entries = _visible(list(it))
     subdirs = [e for e in entries if e.is_dir()]
     if not subdirs:
-        raise UserError(f"training data folder '{root}' ({option}) holds no identity folders. Expected one "
+        raise UserError(f"{what} '{root}' ({option}) holds no identity folders. Expected one "
                         f"'subjectid_gender' folder per identity (e.g. 0001_1/, 0002_0/) with the face images inside.")
     problems: list[str] = []
     paths: list[Path] = []
@@ -134,7 +135,7 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir") -> TrainInde
         problems.append(f"only gender {identity_gender[0]} is present: the privacy constraints need identities of "
                         f"both genders (folders ending in _0 and in _1)")
     if problems:
-        raise UserError(problem_report(f"training data folder '{root}' ({option})", problems,
+        raise UserError(problem_report(f"{what} '{root}' ({option})", problems,
                                        "Fix or remove these folders/files, then run again."))
     return TrainIndex(root, paths, np.asarray(labels, np.int64), np.asarray(genders, np.int64),
                       np.asarray(identity_gender, np.int64), [e.name for e in subdirs])

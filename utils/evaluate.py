@@ -19,7 +19,6 @@ from torch import nn
 
 from utils.binfile import load_bin
 from utils.cache import Templates, bin_key, get_templates
-from utils.errors import UserError
 from utils.leakage import gender_leakage
 from utils.verification import evaluate_verification
 
