@@ -36,7 +36,8 @@ from losses import get_header, privacy_terms  # noqa: E402
 from utils.cache import backbone_key_parts, folder_key, get_templates  # noqa: E402
 from utils.callbacks import CallBackLogging, CallBackVerification  # noqa: E402
 from utils.config import OVERRIDE_HELP, Config, load_config  # noqa: E402
-from utils.dataset import ImageDataset, TrainIndex, balanced_epoch, normalize_images, scan_dataset  # noqa: E402
+from utils.dataset import (ImageDataset, TrainIndex, balanced_epoch, normalize_images, problem_report,  # noqa: E402
+                           scan_dataset)  # noqa: E402
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.evaluate import open_eval_set  # noqa: E402
@@ -155,10 +156,17 @@ def in_loop_source(cfg: Config, index: TrainIndex, device: torch.device,
                    backbone_loader: Callable[[], nn.Module]) -> EpochSource:
     """Templates computed by the frozen backbone on every step (the authors' design), images decoded by
     DataLoader workers."""
+    dataset = ImageDataset(index.paths)
+    # the cached mode finds undecodable files during its extraction pass; here one decoding pass finds them all
+    problems = []
+    for idx, _, _, errors in DataLoader(dataset, batch_size=256, num_workers=cfg.num_workers):
+        problems += [f"{index.paths[int(i)]}: {e}" for i, e in zip(idx, errors) if e]
+    if problems:
+        raise UserError(problem_report(f"the training images of {cfg.data_dir}", problems,
+                                       "Replace or remove the files that do not decode, then run again."))
     backbone = FrozenBackbone(backbone_loader()).to(device)
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    dataset = ImageDataset(index.paths)
 
     def epoch(indices: torch.Tensor, flips: torch.Tensor, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
         batches = [indices[b * batch_size:(b + 1) * batch_size].tolist() for b in range(steps)]

@@ -178,3 +178,14 @@ def test_main_prints_a_one_paragraph_error(tmp_path, capsys):
     code = finetune.main(["--set", f"data_dir={tmp_path / 'missing'}"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: training data folder") and "Traceback" not in err
+
+
+def test_in_the_loop_mode_reports_every_undecodable_image_before_training(tiny_world, tmp_path):
+    first, second = sorted((tiny_world / "train").iterdir())[:2]
+    (first / "bad.png").write_bytes(b"not an image")
+    (second / "worse.png").write_bytes(b"\x89PNG\r\n")
+    cfg = demo_cfg(tiny_world, "network=tiny", f"output_ori={tiny_world / 'tiny.pth'}", "cache=False",
+                   f"checkpoint_root={tmp_path / 'c'}")
+    with pytest.raises(UserError, match="2 problem.*bad.png.*worse.png|2 problem.*worse.png.*bad.png"):
+        finetune.train(cfg)
+    assert not list((tmp_path / "c").rglob("*.pth"))
