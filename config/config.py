@@ -19,7 +19,7 @@ embedding_size: int = 512              # template size of the backbone and of th
 n_hidden: int = 2                      # privacy layer: 2 = Linear -> LeakyReLU(0.2) -> Linear (the paper's)
 
 # ---- loss ----------------------------------------------------------------------------------------------------
-loss: str = "ArcFace"                  # identity header: ArcFace, CosFace, ElasticArcFace, ElasticCosFace
+loss: str = "ArcFace"                  # identity header: ArcFace, CosFace, ElasticFace-Arc, ElasticFace-Cos
 s: float = 64.0                        # logit scale of the header
 m: float = 0.0                         # margin of the header (0: plain normalised softmax, as in the paper)
 sigma: float = 0.0125                  # std of the per-sample margin of the ElasticFace headers

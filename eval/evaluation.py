@@ -181,11 +181,13 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
         def backbone_loader():
             return load_backbone(cfg.network, cfg.output_ori, cfg.embedding_size, cfg.SE)
         sets = [open_eval_set(cfg, name, device, backbone_loader) for name in targets]
+        changed = False
         if reference.is_file():
             ref = read_reference(reference, targets)
             lg.info("reference results read from %s", reference)
         else:
             ref = compute_reference(reference, sets, cfg.gender_folds)
+            changed = True
             lg.info("reference file %s did not exist: computed the bare backbone's results with the same protocol "
                     "and wrote them there", reference)
         for run, ckpts in runs.items():
@@ -203,11 +205,15 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
                     row = {"Step": str(step), "Dataset": ev.name, **{c: _fmt(m[c]) for c in METRIC_COLUMNS},
                            "PIC": _fmt(p)}
                     append_row(csv_path, CSV_COLUMNS, row, replace=(str(step), ev.name))
+                    changed = True
                     lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", run, step, ev.name, m["EER"],
                             m["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
-        report = write_report(out_dir, {run: out_dir / f"{run}_metrics.csv" for run in runs}, ref, runs, sets,
-                              cfg.gender_folds, lambda p: load_projection(p, cfg.embedding_size, cfg.n_hidden))
-        lg.info("report: %s", report)
+        if changed or not (out_dir / "report.md").is_file():
+            report = write_report(out_dir, {run: out_dir / f"{run}_metrics.csv" for run in runs}, ref, runs, sets,
+                                  cfg.gender_folds, lambda p: load_projection(p, cfg.embedding_size, cfg.n_hidden))
+            lg.info("report: %s", report)
+        else:
+            lg.info("nothing new: %s and the plots are up to date", out_dir / "report.md")
     return out_dir
 
 

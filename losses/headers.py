@@ -77,6 +77,7 @@ def get_header(name: str, embedding_size: int, n_identities: int, s: float, m: f
         return ArcFace(embedding_size, n_identities, s, m)
     if name == "CosFace":
         return CosFace(embedding_size, n_identities, s, m)
+    name = {"ElasticFace-Arc": "ElasticArcFace", "ElasticFace-Cos": "ElasticCosFace"}.get(name, name)
     if name == "ElasticArcFace":
         return ElasticArcFace(embedding_size, n_identities, s, m, sigma)
     if name == "ElasticCosFace":

@@ -130,7 +130,7 @@ def resolve_derived(cfg: Config) -> Config:
         cfg.output_ori = str(Path(cfg.checkpoint_root) / cfg.pretrained / "reference" / "backbone.pth")
     elif Path(cfg.output_ori).is_dir():  # the authors' config names the folder that holds backbone.pth
         cfg.output_ori = str(Path(cfg.output_ori) / "backbone.pth")
-    choices = {"loss": ("ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace"),
+    choices = {"loss": ("ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace", "ElasticFace-Arc", "ElasticFace-Cos"),
                "cache_dtype": ("float32", "float16"), "amp": ("none", "bf16", "fp16")}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
