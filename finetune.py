@@ -36,7 +36,7 @@ from losses import get_header, privacy_terms  # noqa: E402
 from utils.cache import backbone_key_parts, folder_key, get_templates  # noqa: E402
 from utils.callbacks import CallBackLogging, CallBackVerification  # noqa: E402
 from utils.config import OVERRIDE_HELP, Config, load_config  # noqa: E402
-from utils.dataset import (ImageDataset, TrainIndex, balanced_epoch, normalize_images, problem_report,  # noqa: E402
+from utils.dataset import (ImageDataset, TrainIndex, balanced_epoch, normalize_images, problem_report,  # noqa: E402,E501
                            scan_dataset)  # noqa: E402
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -254,6 +254,9 @@ def train(cfg: Config) -> TrainResult:
     device = select_device(cfg.device)
     index = scan_dataset(cfg.data_dir)
     backbone_key_parts(cfg)  # the backbone weights exist
+    if len(index) < cfg.batch_size:
+        raise UserError(f"the training set {cfg.data_dir} has {len(index)} images, fewer than one batch (batch_size "
+                        f"{cfg.batch_size}; incomplete batches are dropped); lower batch_size or add images.")
     val_paths = [Path(cfg.rec) / f"{name}.bin" for name in cfg.val_targets] if cfg.eval_step else []
     missing = [str(p) for p in val_paths if not p.is_file()]
     if missing:
@@ -299,9 +302,6 @@ def train(cfg: Config) -> TrainResult:
         genders = torch.as_tensor(index.genders)
         identity_gender = torch.as_tensor(index.identity_gender, device=device)
         steps_per_epoch = len(index) // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise UserError(f"the training set has {len(index)} images, fewer than one batch (batch_size "
-                            f"{cfg.batch_size}); lower batch_size or add images.")
         log_cb = CallBackLogging(cfg.log_every, cfg.batch_size, log)
         val_cb = CallBackVerification(cfg.eval_step, val_sets, cfg.gender_folds, log)
         result = TrainResult(ckpt_dir, log_dir, step, source_seconds=t_source)
