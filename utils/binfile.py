@@ -7,6 +7,7 @@ builds only builtin containers, bytes, numbers, booleans and numpy arrays; anyth
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -64,6 +65,7 @@ class EvalSet:
     gender_images: list[bytes]
     id_labels: np.ndarray       # (G,) int
     gender_labels: np.ndarray   # (G,) int
+    sha256: str = ""            # content hash of the file (the template cache's key)
 
     @property
     def num_pairs(self) -> int:
@@ -92,6 +94,7 @@ def load_bin(path: str | os.PathLike, option: str = "rec") -> EvalSet:
         raise UserError(f"evaluation file '{path}' does not exist. Put <name>.bin in the folder given by '{option}' "
                         f"(or change val_targets/test_targets), or build one with tools/make_bin.py.")
     data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
     obj = None
     for encoding in ("bytes", "latin1"):
         try:
@@ -121,7 +124,7 @@ def load_bin(path: str | os.PathLike, option: str = "rec") -> EvalSet:
     issame_arr = np.asarray([bool(v) for v in issame])
     if len(obj) == 2:
         log.warning("'%s' is a 2-item .bin (verification only): no gender-leakage metrics for it", path)
-        return EvalSet(path.stem, pair_images, issame_arr, [], np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return EvalSet(path.stem, pair_images, issame_arr, [], np.zeros(0, np.int64), np.zeros(0, np.int64), digest)
     gbins, ids, genders = obj[2], obj[3], obj[4]
     if not (len(gbins) == len(ids) == len(genders)):
         raise UserError(f"evaluation file '{path}': {len(gbins)} gender images, {len(ids)} identity labels and "
@@ -134,7 +137,7 @@ def load_bin(path: str | os.PathLike, option: str = "rec") -> EvalSet:
     if len(gen_arr) and not set(np.unique(gen_arr)) <= {0, 1}:
         raise UserError(f"evaluation file '{path}': gender labels must be 0 or 1, found {sorted(set(gen_arr))[:5]}.")
     return EvalSet(path.stem, pair_images, issame_arr, [_as_bytes(b, path, "bins_gender") for b in gbins],
-                   ids_arr, gen_arr)
+                   ids_arr, gen_arr, digest)
 
 
 def write_bin(path: str | os.PathLike, pair_images: list[bytes], issame: list[bool], gender_images: list[bytes],

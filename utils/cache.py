@@ -248,10 +248,10 @@ def backbone_key_parts(cfg) -> tuple[str, bool, int, str]:
     return cfg.network, bool(cfg.SE), int(cfg.embedding_size), str(weights)
 
 
-def bin_key(cfg, path: Path) -> str:
+def bin_key(cfg, content_sha256: str) -> str:
     """Cache key of a .bin's templates: backbone + the file's content hash."""
     arch, se, nf, weights = backbone_key_parts(cfg)
-    return cache_key(arch, se, nf, weights, "bin:" + sha256_file(path), cfg.cache_dtype)
+    return cache_key(arch, se, nf, weights, "bin:" + content_sha256, cfg.cache_dtype)
 
 
 def folder_key(cfg, root: Path, paths: Sequence[Path]) -> str:

@@ -52,7 +52,7 @@ def open_eval_set(cfg, name: str, device: torch.device, load_backbone: Callable[
 
     def describe(i: int) -> str:
         return f"{path} bins[{i}]" if i < n_pairs else f"{path} bins_gender[{i - n_pairs}]"
-    key = bin_key(cfg, path)
+    key = bin_key(cfg, es.sha256)  # hashed from the bytes load_bin already read
     t = get_templates(cfg.cache_dir, f"bin-{name}", key, items, load_backbone, device, dtype=cfg.cache_dtype,
                       batch_size=cfg.extract_batch_size, num_workers=cfg.num_workers, amp=cfg.amp,
                       channels_last=cfg.channels_last, describe=describe, what=f"images of {path.name}")
