@@ -10,7 +10,6 @@ Both modes share the same step code and give the same checkpoints.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import logging
@@ -41,6 +40,7 @@ from utils.dataset import (ImageDataset, TrainIndex, balanced_epoch, normalize_i
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.evaluate import open_eval_set  # noqa: E402
+from utils.logs import log_to  # noqa: E402
 from utils.io import atomic_torch_save, atomic_write_text, check_writable, safe_torch_load  # noqa: E402
 
 LOGGER_NAME = "genderprivacy"
@@ -68,7 +68,7 @@ def _occupied(folder: Path) -> bool:
     return folder.exists() and any(folder.iterdir())
 
 
-def choose_run_folders(cfg: Config, log: logging.Logger | None = None) -> tuple[Path, Path, bool]:
+def choose_run_folders(cfg: Config) -> tuple[Path, Path, bool]:
     """(checkpoint folder, log folder, resuming). A new run never reuses an occupied folder: it takes the next
     free ``_2``, ``_3``... name. ``resume`` takes the latest folder of the series that holds a resume state."""
     base_ckpt, base_log = Path(cfg.output), Path(cfg.log_output)
@@ -88,32 +88,9 @@ def choose_run_folders(cfg: Config, log: logging.Logger | None = None) -> tuple[
     return named(k)[0], named(k)[1], False
 
 
-@contextlib.contextmanager
-def run_logger(log_file: Path) -> Iterator[logging.Logger]:
-    """Log to the console and to ``log_file`` for the duration of a run (handlers removed afterwards)."""
-    logger = logging.getLogger(LOGGER_NAME)
-    logger.setLevel(logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers = [logging.FileHandler(log_file), logging.StreamHandler(sys.stderr)]
-    for h in handlers:
-        h.setFormatter(fmt)
-        logger.addHandler(h)
-        for name in ("utils", "backbones"):
-            logging.getLogger(name).addHandler(h)
-            logging.getLogger(name).setLevel(logging.INFO)
-    try:
-        yield logger
-    finally:
-        for h in handlers:
-            logger.removeHandler(h)
-            for name in ("utils", "backbones"):
-                logging.getLogger(name).removeHandler(h)
-            h.close()
-
-
 def append_config_row(path: Path, cfg: Config, extra: dict[str, object]) -> None:
     """config.csv: one row of hyperparameters per run; the header is written once."""
-    row = {**{k: v for k, v in cfg.as_dict().items()}, **extra}
+    row = {**cfg.as_dict(), **extra}
     old = path.read_text() if path.is_file() else ""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(row))
@@ -267,7 +244,7 @@ def train(cfg: Config) -> TrainResult:
     check_writable(log_dir, "log_output / log_dir")
     check_writable(cfg.cache_dir, "cache_dir")
 
-    with run_logger(log_dir / "training.log") as log:
+    with log_to(log_dir / "training.log", LOGGER_NAME) as log:
         if not resuming and ckpt_dir != Path(cfg.output):
             log.info("run folder %s is already used: this run writes to %s (earlier runs are never overwritten)",
                      cfg.output, ckpt_dir)

@@ -14,7 +14,6 @@ evaluation set (template cache), never once per checkpoint. The underscore spell
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import logging
@@ -22,7 +21,6 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -37,6 +35,7 @@ from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.evaluate import METRIC_COLUMNS, EvalTemplates, evaluate_set, open_eval_set, pic  # noqa: E402
 from utils.io import atomic_write_text, check_writable  # noqa: E402
+from utils.logs import log_to  # noqa: E402
 
 CSV_COLUMNS = ["Step", "Dataset", *METRIC_COLUMNS, "PIC"]
 REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
@@ -137,25 +136,6 @@ def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int) 
     return out
 
 
-@contextlib.contextmanager
-def eval_logger(log_file: Path) -> Iterator[logging.Logger]:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers = [logging.FileHandler(log_file), logging.StreamHandler(sys.stderr)]
-    loggers = [log, logging.getLogger("utils"), logging.getLogger("backbones")]
-    for h in handlers:
-        h.setFormatter(fmt)
-        for lg in loggers:
-            lg.addHandler(h)
-            lg.setLevel(logging.INFO)
-    try:
-        yield log
-    finally:
-        for h in handlers:
-            for lg in loggers:
-                lg.removeHandler(h)
-            h.close()
-
-
 def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
              force: bool = False) -> Path:
     """Run the sweep; returns the output folder L/E."""
@@ -175,7 +155,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
     for run in runs:  # refuse foreign CSVs before any compute
         read_csv_rows(out_dir / f"{run}_metrics.csv", CSV_COLUMNS, "metrics file")
     device = select_device(cfg.device)
-    with eval_logger(out_dir / "evaluate.log") as lg:
+    with log_to(out_dir / "evaluate.log", log.name) as lg:
         lg.info("evaluating %d run(s) of %s on %s", len(runs), experiment, ", ".join(targets))
 
         def backbone_loader():

@@ -68,10 +68,6 @@ class EvalSet:
     sha256: str = ""            # content hash of the file (the template cache's key)
 
     @property
-    def num_pairs(self) -> int:
-        return len(self.issame)
-
-    @property
     def has_gender(self) -> bool:
         return len(self.gender_images) > 0
 
