@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -85,13 +86,14 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
     overrides = demo_overrides(out, size, seed)
     cfg = load_config(None, overrides)
     print(f"[demo] synthetic data in {out / 'data'} ({time.time() - t0:.0f}s); training with\n"
-          f"       python finetune.py --set {' '.join(overrides)}", flush=True)
+          f"       {shlex.join(['python', 'finetune.py', '--set', *overrides])}", flush=True)
     result = train(cfg)
     results = out / "results"
     reference = results / "reference_Demo.csv"
-    print(f"[demo] evaluating with\n       python eval/evaluation.py --log-root {results} --model-root "
-          f"{out / 'checkpoints' / 'Demo'} --experiment-name Synthetic/SynthFaces --reference-pth {reference} "
-          f"--set {' '.join(overrides)}", flush=True)
+    command = ["python", "eval/evaluation.py", "--log-root", str(results), "--model-root",
+               str(out / "checkpoints" / "Demo"), "--experiment-name", "Synthetic/SynthFaces", "--reference-pth",
+               str(reference), "--set", *overrides]
+    print(f"[demo] evaluating with (shell-quoted, ready to paste)\n       {shlex.join(command)}", flush=True)
     out_dir = evaluate(cfg, results, out / "checkpoints" / "Demo", "Synthetic/SynthFaces", reference)
     run = result.checkpoint_dir.name
     with open(out_dir / f"{run}_metrics.csv", newline="") as fh:
