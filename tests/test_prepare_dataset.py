@@ -351,19 +351,20 @@ def test_record_file_errors_name_the_file(tmp_path):
 def test_rec_format_writes_the_record_images(tmp_path):
     src = tmp_path / "faces_small"
     src.mkdir()
-    identities = [[jpeg(10 * i + j) for j in range(2)] for i in range(4)]
+    identities = [[jpeg(10 * i + j) for j in range(2)] for i in range(12)]
     write_identity_records(src / "train.rec", identities)
     genders = tmp_path / "gender.csv"
-    genders.write_text("label,gender\n0,female\n1,m\n2,1\n")   # identity 3 has no gender
+    genders.write_text("label,gender\n" + "".join(f"{k},{['female', 'm', '1', 'M'][k % 4]}\n" for k in range(11)))
     out = tmp_path / "prepared"
     prepare("rec", src, [genders], out)
     index = scan_dataset(out)
-    assert index.folders == ["0_1", "1_0", "2_1"]
-    for folder, label in zip(index.folders, range(3)):
+    # labels padded: the folders' sorted order is the records' label order (10 after 9, not after 1)
+    assert index.folders == [f"{k:02d}_{[1, 0, 1, 0][k % 4]}" for k in range(11)]
+    for folder, label in zip(index.folders, range(11)):
         files = sorted((out / folder).iterdir())
         assert not any(p.is_symlink() for p in files)
         assert [p.read_bytes() for p in files] == identities[label]
-    assert report_rows(out)["3"][0] == "no label"
+    assert report_rows(out)["11"][0] == "no label"
     assert "image files written from the records" in (out / LOG_NAME).read_text()
     before = snapshot(out)
     assert prepare("rec", src / "train.rec", [genders], out).created == 0

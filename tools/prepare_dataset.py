@@ -15,7 +15,8 @@ Formats (--images, --labels):
               skipped and counted).
   rec         an insightface train.rec (or the folder holding train.rec and train.idx); a CSV with the columns
               label (the identity number the records carry) and gender (female/male, f/m, or 1/0 in this
-              project's convention).
+              project's convention). Folders are <label>_<gender>, labels zero-padded to one width so that
+              their sorted order (the training labels) is the records' label order.
 
 Output: OUT/<identity>_<gender>/ folders, gender 1 feminine and 0 masculine whatever the source's convention,
 holding links to the source images (--link symbolic, the default, with absolute targets; or hard). Nothing is
@@ -416,7 +417,10 @@ def collect_rec(images: Path, labels: list[Path]) -> Collected:
     """insightface train.rec + train.idx; identity label -> gender from a CSV with columns label,gender."""
     rec = RecordFile(*_rec_paths(images))
     values = {"female": FEMININE, "f": FEMININE, "1": FEMININE, "male": MASCULINE, "m": MASCULINE, "0": MASCULINE}
-    identities = {str(label): Identity(images=list(keys)) for label, keys in rec.identity_ranges()}
+    ranges = rec.identity_ranges()
+    # zero-padded to one width, so that the folders' sorted order (the training labels) is the records' label order
+    width = len(str(max(label for label, _ in ranges)))
+    identities = {f"{label:0{width}d}": Identity(images=list(keys)) for label, keys in ranges}
     mapping, notes, extensions, unknown_type = [], [], {}, 0
     for path in labels:
         expected = "a gender CSV with the columns label,gender (gender female/male, f/m or 1/0)"
@@ -429,7 +433,7 @@ def collect_rec(images: Path, labels: list[Path]) -> Collected:
             if value not in values or not re.fullmatch(r"\d+", row[l_col]):
                 bad.add(f"line {n}: {','.join(row)[:60]!r}")
                 continue
-            ident = identities.get(str(int(row[l_col])))
+            ident = identities.get(f"{int(row[l_col]):0{width}d}")
             if ident is None:
                 absent += 1
             else:
@@ -441,7 +445,7 @@ def collect_rec(images: Path, labels: list[Path]) -> Collected:
         kept, wrong = [], Counter()
         for key in ident.images:
             record_labels, head = rec.read_head(key, 12)
-            if record_labels[0] != float(label):
+            if record_labels[0] != float(int(label)):
                 wrong[record_labels[0]] += 1
                 continue
             ext = _image_extension(head)
@@ -453,7 +457,7 @@ def collect_rec(images: Path, labels: list[Path]) -> Collected:
         ident.images = kept
         if wrong:
             ident.conflict = (f"{sum(wrong.values())} of its image records carry another label "
-                              f"({', '.join(f'{v:g}' for v in sorted(wrong))}) than identity record {label}")
+                              f"({', '.join(f'{v:g}' for v in sorted(wrong))}) than identity record {int(label)}")
     if unknown_type:
         notes.append(f"skipped {unknown_type} records whose bytes are not a JPEG/PNG/BMP/WebP/TIFF image")
     return Collected(identities, mapping, notes, rec=rec, extensions=extensions)
@@ -514,8 +518,9 @@ def plan_output(collected: Collected, kept: dict[str, int]) -> dict[str, dict[st
     plan = {}
     for name, gender in kept.items():
         images = collected.identities[name].images
-        if collected.rec is not None:
-            files = {f"{key:08d}{collected.extensions[key]}": key for key in images}
+        if collected.rec is not None:   # record keys padded to one width: sorted names = record order
+            width = len(str(int(collected.rec.keys.max())))
+            files = {f"{key:0{width}d}{collected.extensions[key]}": key for key in images}
         else:
             names = _unique_names([p.name for p in images], files=True)
             files = {names[p.name]: p for p in images}
