@@ -31,8 +31,8 @@ from finetune import train  # noqa: E402
 from tools.make_bin import build_bin  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.evaluate import METRIC_COLUMNS  # noqa: E402
-from utils.synthetic import identity_basis, population, save_demo_backbone, write_identity_folders  # noqa: E402
+from eval.evalset import METRIC_COLUMNS  # noqa: E402
+from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders  # noqa: E402
 
 GENDER_STRENGTH, SPREAD, DIM, RANK = 0.2, 2.2, 512, 48
 FULL = {"train_ids": 1000, "train_imgs": 8, "test_ids": 160, "test_imgs": 6, "pairs": 1200, "gender": 900,
@@ -69,7 +69,7 @@ def make_data(out: Path, size: dict, seed: int) -> dict[str, Path]:
 
 
 def demo_overrides(out: Path, size: dict, seed: int) -> list[str]:
-    return ["network=demo_decoder", "pretrained=Demo", "experiment=Synthetic", "data=SynthFaces",
+    return ["plugins=['synthetic']", "network=demo_decoder", "pretrained=Demo", "experiment=Synthetic", "data=SynthFaces",
             f"checkpoint_root={out / 'checkpoints'}", f"log_dir={out / 'logs'}",
             f"data_dir={out / 'data' / 'train' / 'SynthFaces'}", f"rec={out / 'data' / 'eval'}",
             f"cache_dir={out / 'cache'}", f"num_epoch={size['epochs']}", f"batch_size={size['batch']}",

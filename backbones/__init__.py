@@ -1,22 +1,24 @@
-"""Backbones (iresnet, SFNet-20, the demo decoder), the privacy layer, and a strict, safe weights loader."""
+"""Backbones (iresnet, SFNet-20), the privacy layer, and a strict, safe weights loader."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from backbones.demo import demo_decoder
 from backbones.iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
 from backbones.projection import FinetunedModel, FrozenBackbone, ProjectionLayer
-from backbones.sfnet import sfnet20, sfnet20_deprecated
+from backbones.sfnet import SFNET_LAYOUTS, sfnet20, sfnet20_deprecated, sfnet20_deprecated_v0
 from utils.errors import UserError
 from utils.io import extract_state_dict, safe_torch_load
 
 __all__ = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "sfnet20", "sfnet20_deprecated",
-           "demo_decoder", "ProjectionLayer", "FrozenBackbone", "FinetunedModel", "ARCHITECTURES",
+           "sfnet20_deprecated_v0", "SFNET_LAYOUTS", "architecture_shapes", "candidate_architectures",
+           "describe_candidate", "settings_for",
+           "register_architecture", "ProjectionLayer", "FrozenBackbone", "FinetunedModel", "ARCHITECTURES",
            "get_backbone", "load_backbone", "load_projection"]
 
 log = logging.getLogger(__name__)
@@ -24,9 +26,14 @@ log = logging.getLogger(__name__)
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "iresnet18": iresnet18, "iresnet34": iresnet34, "iresnet50": iresnet50, "iresnet100": iresnet100,
     "iresnet200": iresnet200, "sfnet20": sfnet20, "sfnet20_deprecated": sfnet20_deprecated,
-    "demo_decoder": demo_decoder,
+    "sfnet20_deprecated_v0": sfnet20_deprecated_v0,
 }
-_SFNET = ("sfnet20", "sfnet20_deprecated")
+_OUTPUT_BIASES = ("fc.bias", "readout.bias")  # where a file's template size can be read
+
+
+def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Make ``builder(num_features=..., use_se=...)`` available as config.network ``name`` (plug-ins, tests)."""
+    ARCHITECTURES[name] = builder
 
 
 def get_backbone(name: str, num_features: int = 512, use_se: bool = False) -> nn.Module:
@@ -37,61 +44,113 @@ def get_backbone(name: str, num_features: int = 512, use_se: bool = False) -> nn
     return ARCHITECTURES[name](num_features=num_features, use_se=use_se)
 
 
-def _shapes(name: str, num_features: int, use_se: bool) -> dict[str, tuple[int, ...]]:
+def architecture_shapes(name: str, num_features: int = 512, use_se: bool = False
+                        ) -> dict[str, tuple[int, ...]]:
+    """Keys and shapes of architecture ``name``'s state dict (built on the meta device: nothing is allocated)."""
+    return _builder_shapes(ARCHITECTURES[name], num_features, use_se)
+
+
+@functools.lru_cache(maxsize=None)
+def _builder_shapes(builder: Callable[..., nn.Module], num_features: int, use_se: bool
+                    ) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        net = get_backbone(name, num_features, use_se)
+        net = builder(num_features=num_features, use_se=use_se)
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def _identify(state: dict[str, torch.Tensor]) -> str | None:
-    """Name the architecture (and SE option) whose keys and shapes equal the file's, if any."""
+def candidate_architectures(state: Mapping[str, torch.Tensor]) -> list[tuple[str, bool, int]]:
+    """Every (network, use_se, num_features) whose keys and shapes equal those of ``state`` (plain keys).
+
+    The one test of which layouts a file can hold, shared by the loader and tools/identify_backbone.py. An SE
+    option that changes no key is listed once, as False; several entries mean the keys cannot tell them apart.
+    """
     have = {k: tuple(v.shape) for k, v in state.items()}
-    dims = {v.shape[0] for k, v in state.items() if k in ("fc.bias", "readout.bias")} or {512}
+    dims = sorted({512} | {have[k][0] for k in _OUTPUT_BIASES if k in have and len(have[k]) == 1})
+    found = []
     for name in ARCHITECTURES:
-        for use_se in ((False, True) if name.startswith("iresnet") else (False,)):
-            for nf in dims:
-                if _shapes(name, nf, use_se) == have:
-                    return name + (" with SE blocks" if use_se else "") + ("" if nf == 512 else f" ({nf}-d)")
-    return None
+        for nf in dims:
+            for use_se in (False, True):
+                if use_se and architecture_shapes(name, nf, True) == architecture_shapes(name, nf, False):
+                    continue
+                if architecture_shapes(name, nf, use_se) == have:
+                    found.append((name, use_se, nf))
+    return found
+
+
+def describe_candidate(name: str, use_se: bool, num_features: int) -> str:
+    """Human name of a candidate, e.g. 'iresnet100 with SE blocks' or 'sfnet20 (128-d)'."""
+    return name + (" with SE blocks" if use_se else "") + ("" if num_features == 512 else f" ({num_features}-d)")
+
+
+def settings_for(name: str, use_se: bool, num_features: int) -> str:
+    """The --set options that select a candidate."""
+    return f"network={name} SE={use_se} embedding_size={num_features}"
+
+
+def _same_keys_warning(path: str | os.PathLike, chosen: str, others: list[str]) -> str:
+    """One line: the file's keys fit several layouts, which one is used and how to choose another."""
+    names = [chosen, *others]
+    what = " and ".join(f"{n} ({SFNET_LAYOUTS[n]})" if n in SFNET_LAYOUTS else n for n in names)
+    return (f"backbone weights '{path}' fit both {what}: their keys are identical, so the file cannot tell; "
+            f"using {chosen} as configured. Choose with --set network=" + " or network=".join(names) +
+            f"; python tools/identify_backbone.py {path} --bin rec/lfw.bin prints each one's EER.")
 
 
 def load_backbone(name: str, path: str | os.PathLike, num_features: int = 512, use_se: bool = False) -> nn.Module:
     """Load pretrained weights strictly into architecture ``name``; a mismatch is one clear error.
 
-    Safe (weights_only), strips a DataParallel ``module.`` prefix, and picks the SFNet-20 variant from the keys.
+    Safe (weights_only), strips a DataParallel ``module.`` prefix. ``name`` is used whenever the keys fit it
+    (one warning line if they fit another layout too); an SFNet-20 file whose keys fit exactly one other SFNet-20
+    layout is loaded into that one, with a warning line.
     """
     state = extract_state_dict(safe_torch_load(path, "backbone weights"), path, "backbone weights")
-    if name in _SFNET:
-        for variant in _SFNET:
-            if _shapes(variant, num_features, False) == {k: tuple(v.shape) for k, v in state.items()}:
-                if variant != name:
-                    log.info("'%s' holds OpenSphere's %s variant; using it instead of %s", path, variant, name)
-                name = variant
-                break
-    expected = _shapes(name, num_features, use_se) if name in ARCHITECTURES else None
-    if expected is None:
+    if name not in ARCHITECTURES:
         get_backbone(name)  # raises the unknown-name error
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    if missing or unexpected or misshaped:
-        found = _identify(state)
-        what = f"this file holds an {found}; " if found else ""
-        setting = f"config.network is {name}" + (" with SE=True" if use_se else "")
-
-        def _few(keys: list[str], shapes: bool = False) -> str:
-            items = [f"{k} {tuple(state[k].shape)} vs {expected[k]}" if shapes else k for k in keys[:5]]
-            return ", ".join(items) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-        parts = [f"{len(missing)} missing ({_few(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({_few(unexpected)})" if unexpected else "",
-                 f"{len(misshaped)} of another shape ({_few(misshaped, True)})" if misshaped else ""]
-        fix = (f"set network to match the file (--set network={found.split()[0]})" if found
-               else "check that the file is a backbone of this architecture and was downloaded completely")
-        raise UserError(f"backbone weights '{path}' do not fit {name}: {what}{setting}. Keys: "
-                        f"{'; '.join(p for p in parts if p)}. Fix: {fix}.")
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    fits = candidate_architectures(state)
+    if architecture_shapes(name, num_features, use_se) == have:
+        others = [n for n, _, nf in fits if n != name and nf == num_features]
+        if others:
+            log.warning(_same_keys_warning(path, name, others))
+    else:
+        layouts = [n for n, _, nf in fits if n in SFNET_LAYOUTS and nf == num_features]
+        if name not in SFNET_LAYOUTS or len(layouts) != 1:
+            raise _mismatch_error(name, path, num_features, use_se, have, fits)
+        log.warning("backbone weights '%s' hold the %s layout (%s), whose keys differ from %s's; using %s (set "
+                    "network=%s to silence this).", path, layouts[0], SFNET_LAYOUTS[layouts[0]], name, layouts[0],
+                    layouts[0])
+        name = layouts[0]
     net = get_backbone(name, num_features, use_se)
     net.load_state_dict(state, strict=True)
     return net.eval()
+
+
+def _mismatch_error(name: str, path: str | os.PathLike, num_features: int, use_se: bool,
+                    have: dict[str, tuple[int, ...]], fits: list[tuple[str, bool, int]]) -> UserError:
+    """The error for a file that does not fit ``name``: what the file holds, which keys differ, what to set."""
+    expected = architecture_shapes(name, num_features, use_se)
+    missing = sorted(set(expected) - set(have))
+    unexpected = sorted(set(have) - set(expected))
+    misshaped = sorted(k for k in set(expected) & set(have) if have[k] != expected[k])
+
+    def few(keys: list[str], shapes: bool = False) -> str:
+        items = [f"{k} {have[k]} vs {expected[k]}" if shapes else k for k in keys[:5]]
+        return ", ".join(items) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    parts = [f"{len(missing)} missing ({few(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({few(unexpected)})" if unexpected else "",
+             f"{len(misshaped)} of another shape ({few(misshaped, True)})" if misshaped else ""]
+    what = f"this file holds an {' or '.join(describe_candidate(*c) for c in fits)}; " if fits else ""
+    setting = f"config.network is {name}" + (" with SE=True" if use_se else "")
+    if len(fits) > 1:
+        fix = ("set network to the layout the file was trained with (--set " +
+               " or --set ".join(settings_for(*c) for c in fits) + "; their keys are identical: "
+               f"python tools/identify_backbone.py {path} --bin rec/lfw.bin prints each one's EER)")
+    elif fits:
+        fix = f"set network to match the file (--set {settings_for(*fits[0])})"
+    else:
+        fix = "check that the file is a backbone of this architecture and was downloaded completely"
+    return UserError(f"backbone weights '{path}' do not fit {name}: {what}{setting}. Keys: "
+                     f"{'; '.join(p for p in parts if p)}. Fix: {fix}.")
 
 
 def load_projection(path: str | os.PathLike, embedding_size: int = 512, n_hidden: int = 2) -> ProjectionLayer:

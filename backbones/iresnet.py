@@ -20,14 +20,14 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 class SEModule(nn.Module):
-    """Squeeze-and-excitation gate (ElasticFace's ``se_block``)."""
+    """Squeeze-and-excitation gate as ElasticFace's ``se_block``: two bias-free 1x1 convs, so its files load."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, channels // reduction, kernel_size=1, padding=0)
+        self.fc1 = nn.Conv2d(channels, channels // reduction, kernel_size=1, bias=False)
         self.relu = nn.ReLU(inplace=True)
-        self.fc2 = nn.Conv2d(channels // reduction, channels, kernel_size=1, padding=0)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, kernel_size=1, bias=False)
         self.sigmoid = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

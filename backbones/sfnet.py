@@ -1,9 +1,18 @@
-"""OpenSphere's SFNet-20 (the SphereFace backbone of the paper), in both of OpenSphere's variants.
+"""OpenSphere's SFNet-20 without normalisation layers (the SphereFace backbone of the paper), in OpenSphere's
+three layouts.
 
-No normalisation layers, conv biases, ReLU. Each stage opens with a stride-2 3x3 conv + ReLU and continues
-with residual blocks of two 3x3 convs; the 512x7x7 map is flattened into a linear layer.
-- ``sfnet20_deprecated``: stage opener named ``conv``; block output = x + relu(conv2(relu(conv1(x)))).
-- ``sfnet20``: stage opener named ``conv1``; block output = relu(x + conv2(relu(conv1(x)))).
+All three: conv biases, ReLU, no BatchNorm. Each of the four stages opens with a stride-2 3x3 conv + ReLU and
+continues with residual blocks of two 3x3 convs (1, 2, 4, 1 blocks); the 512x7x7 map is flattened into a
+linear layer. They differ in the stage opener's name and in where a block's last ReLU sits:
+
+- ``sfnet20`` (OpenSphere's current ``sfnet20``, module/backbone/sfnet.py): opener ``conv1``;
+  block output relu(x + conv2(relu(conv1(x)))).
+- ``sfnet20_deprecated`` (``sfnet20_deprecated`` of OpenSphere's SphereFace2_ICLR21 branch): opener ``conv``;
+  block output x + relu(conv2(relu(conv1(x)))).
+- ``sfnet20_deprecated_v0`` (``sfnet20_deprecated`` of the OpenSphere_v0 tag, used by its SFNet-20 configs):
+  opener ``conv1``; block output x + relu(conv2(relu(conv1(x)))).
+
+``sfnet20`` and ``sfnet20_deprecated_v0`` have identical state-dict keys and shapes: only the forward differs.
 """
 from __future__ import annotations
 
@@ -11,20 +20,24 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["SFNet", "sfnet20", "sfnet20_deprecated"]
+__all__ = ["SFNet", "SFNET_LAYOUTS", "sfnet20", "sfnet20_deprecated", "sfnet20_deprecated_v0"]
 
 
 class _Opener(nn.Module):
+    """A stage's stride-2 3x3 conv + ReLU, its conv attribute named as in the layout's checkpoints."""
+
     def __init__(self, cin: int, cout: int, name: str):
         super().__init__()
-        self.name = name
-        setattr(self, name, nn.Conv2d(cin, cout, 3, 2, 1, bias=True))
+        self.conv_name = name
+        self.add_module(name, nn.Conv2d(cin, cout, 3, 2, 1, bias=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(getattr(self, self.name)(x))
+        return F.relu(getattr(self, self.conv_name)(x))
 
 
 class _Block(nn.Module):
+    """Residual block of two 3x3 convs; ``relu_after_add`` places the last ReLU after (True) or before the add."""
+
     def __init__(self, planes: int, relu_after_add: bool):
         super().__init__()
         self.conv1 = nn.Conv2d(planes, planes, 3, 1, 1, bias=True)
@@ -32,21 +45,20 @@ class _Block(nn.Module):
         self.relu_after_add = relu_after_add
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.relu_after_add:
-            return F.relu(x + self.conv2(F.relu(self.conv1(x))))
-        return x + F.relu(self.conv2(F.relu(self.conv1(x))))
+        branch = self.conv2(F.relu(self.conv1(x)))
+        return F.relu(x + branch) if self.relu_after_add else x + F.relu(branch)
 
 
 class SFNet(nn.Module):
-    def __init__(self, blocks: tuple[int, ...] = (1, 2, 4, 1), num_features: int = 512, deprecated: bool = False):
+    """SFNet without normalisation layers; ``opener`` and ``relu_after_add`` select the OpenSphere layout."""
+
+    def __init__(self, blocks: tuple[int, ...] = (1, 2, 4, 1), num_features: int = 512, opener: str = "conv1",
+                 relu_after_add: bool = True):
         super().__init__()
-        opener = "conv" if deprecated else "conv1"
-        widths = (64, 128, 256, 512)
         cin = 3
-        for i, (width, n) in enumerate(zip(widths, blocks), start=1):
-            stage = nn.Sequential(_Opener(cin, width, opener),
-                                  *[_Block(width, relu_after_add=not deprecated) for _ in range(n)])
-            setattr(self, f"layer{i}", stage)
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+            stage = nn.Sequential(_Opener(cin, width, opener), *[_Block(width, relu_after_add) for _ in range(n)])
+            self.add_module(f"layer{i}", stage)
             cin = width
         self.fc = nn.Linear(512 * 7 * 7, num_features)
 
@@ -56,8 +68,22 @@ class SFNet(nn.Module):
 
 
 def sfnet20(num_features: int = 512, **_: object) -> SFNet:
-    return SFNet(num_features=num_features, deprecated=False)
+    """Current OpenSphere ``sfnet20`` (no BN): opener ``conv1``, ReLU after the residual add."""
+    return SFNet(num_features=num_features, opener="conv1", relu_after_add=True)
 
 
 def sfnet20_deprecated(num_features: int = 512, **_: object) -> SFNet:
-    return SFNet(num_features=num_features, deprecated=True)
+    """OpenSphere SphereFace2_ICLR21 branch's ``sfnet20_deprecated``: opener ``conv``, ReLU before the add."""
+    return SFNet(num_features=num_features, opener="conv", relu_after_add=False)
+
+
+def sfnet20_deprecated_v0(num_features: int = 512, **_: object) -> SFNet:
+    """OpenSphere v0's ``sfnet20_deprecated``: opener ``conv1`` (sfnet20's very keys), ReLU before the add."""
+    return SFNet(num_features=num_features, opener="conv1", relu_after_add=False)
+
+
+SFNET_LAYOUTS: dict[str, str] = {
+    "sfnet20": "current OpenSphere; ReLU after the residual add",
+    "sfnet20_deprecated": "OpenSphere's SphereFace2_ICLR21 branch; stage opener named 'conv'",
+    "sfnet20_deprecated_v0": "OpenSphere v0's sfnet20_deprecated; ReLU before the residual add",
+}

@@ -40,9 +40,9 @@ from utils.binfile import load_bin  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.dataset import decode_image, to_tensor  # noqa: E402
 from utils.device import select_device  # noqa: E402
-from utils.evaluate import evaluate_set, open_eval_set  # noqa: E402
-from utils.leakage import gender_leakage  # noqa: E402
-from utils.verification import evaluate_verification  # noqa: E402
+from eval.evalset import evaluate_set, open_eval_set  # noqa: E402
+from eval.leakage import gender_leakage  # noqa: E402
+from eval.verification import evaluate_verification  # noqa: E402
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
     "full": {"train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
@@ -176,6 +176,29 @@ def bench_leakage(size: dict) -> dict:
     return {"ours_s": t_ours, "authors_s": t_theirs, "identical": ours == theirs, "bacc": ours["AVG"], "n": n}
 
 
+def bench_attackers(size: dict) -> tuple:
+    """Cost of every registered attacker next to the paper's three, one sequential run each on the leakage
+    benchmark's templates: what turning on attackers=['all'] adds to a sweep (no target; the row reports it)."""
+    from eval.attackers import ALL, expand_attackers
+    from eval.leakage import gender_leakage as paper_leakage, leakage_report
+    rng = np.random.default_rng(0)
+    n = size["leak_n"]
+    ids = np.repeat(np.arange(n // 4), 4)
+    genders = ids % 2
+    x = rng.normal(size=(n, 512)) + 0.08 * genders[:, None] * rng.normal(size=512)[None]
+    every = expand_attackers([ALL])
+    t0 = time.perf_counter()
+    paper = paper_leakage(x, genders, ids)
+    t_paper = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = leakage_report(x, genders, ids, attackers=every, n_bootstrap=0)
+    t_all = time.perf_counter() - t0
+    return (f"gender leakage, paper's 3 vs all {len(every)} attackers", t_paper, t_all, 0,
+            f"{n} templates, 1 worker; the second time column is all attackers ({', '.join(every)}), ratio = its "
+            f"cost over the paper's three; BACC AVG {paper['AVG']:.3f}, worst case {res.worst_attacker} "
+            f"{res.worst_bacc:.3f}")
+
+
 RSS_SCRIPT = """
 import sys, time, numpy as np, torch
 sys.path.insert(0, {repo!r})
@@ -274,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         lk = bench_leakage(size)
         rows.append(("gender leakage (3 classifiers)", lk["ours_s"], lk["authors_s"], 3,
                      f"{lk['n']} templates; BACC identical: {lk['identical']}"))
+        rows.append(bench_attackers(size))
         rss = bench_rss(work, size)
         rows.append(("peak RSS, mmap cache (GB)", rss["peak_rss_gb"], rss["cache_gb"], 3.0,
                      f"{rss['n']:,} templates ({rss['cache_gb']:.1f} GB file), {rss['steps']} steps of batch 128 in "

@@ -1,12 +1,14 @@
-"""Evaluate every privacy-layer checkpoint of an experiment with the paper's protocol.
+"""Evaluate every checkpoint of every run of an experiment with the paper's protocol.
 
     python eval/evaluation.py --log-root L --model-root M --experiment-name E --reference-pth R
                               [--config PATH] [--set KEY=VALUE ...] [--force]
 
-For every run folder under M/E and every ``{step}ftn_layers.pth`` in it (step order), on each of config
-``test_targets`` (``rec/<name>.bin``): EER, TAR@FAR=0.1%, gender balanced accuracy of three classifiers and their
-mean, and PIC against the bare backbone's results in R (computed and written there first if R does not exist).
-Writes ``L/E/<run>_metrics.csv``, ``L/E/evaluate.log``, ``L/E/report.md`` and PNG plots. Checkpoints already in a
+For every run folder under M/E (its method and settings read from its run.json; a folder without one, such as
+the authors' released layers, is the paper's method) and every checkpoint in it (step order), on each of config
+``test_targets`` (``rec/<name>.bin``): EER, TAR@FAR=0.1%, gender balanced accuracy of the paper's three attackers
+and their mean, and PIC against the bare backbone's results in R (computed and written there first if R does not
+exist). Writes ``L/E/<run>_metrics.csv`` (the authors' columns), ``L/E/<run>_attackers.csv`` (attackers beyond the
+paper's, config option attackers), ``L/E/evaluate.log``, ``L/E/report.md`` and PNG plots. Checkpoints already in a
 CSV are skipped unless --force, so an interrupted sweep resumes where it stopped. The backbone runs once per
 evaluation set (template cache), never once per checkpoint. The underscore spellings --log_root, --model_root,
 --experiment_name, --reference_pth of the authors' README are accepted too.
@@ -18,7 +20,6 @@ import csv
 import io
 import logging
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -28,42 +29,24 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from backbones import load_backbone, load_projection  # noqa: E402
+from backbones.spec import BackboneSpec  # noqa: E402
+from config.config import Config  # noqa: E402
+from eval.attackers import PAPER_ATTACKERS  # noqa: E402
+from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, evaluate_set, open_eval_set, pic,  # noqa: E402
+                          warn_if_near_chance)
 from eval.report import write_report  # noqa: E402
-from utils.config import OVERRIDE_HELP, Config, load_config  # noqa: E402
+from privacy.runs import check_names, find_runs  # noqa: E402
+from utils.cache import ExtractionSettings, TemplateCache  # noqa: E402
+from utils.config import OVERRIDE_HELP, load_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
-from utils.evaluate import METRIC_COLUMNS, EvalTemplates, evaluate_set, open_eval_set, pic  # noqa: E402
 from utils.io import atomic_write_text, check_writable  # noqa: E402
 from utils.logs import log_to  # noqa: E402
 
 CSV_COLUMNS = ["Step", "Dataset", *METRIC_COLUMNS, "PIC"]
+ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC"]   # <run>_attackers.csv: attackers beyond the paper's
 REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
-_STEP = re.compile(r"^(\d+)ftn_layers\.pth$")
 log = logging.getLogger("genderprivacy.eval")
-
-
-def find_runs(model_root: Path, experiment: str) -> dict[str, list[tuple[int, Path]]]:
-    """Run folders under model_root/experiment with their (step, checkpoint) lists in step order."""
-    base = model_root / experiment
-    if not base.is_dir():
-        raise UserError(f"no folder '{base}' (--model-root / --experiment-name). It should hold one folder per run "
-                        f"(e.g. 20L1_1L2/) with the {{step}}ftn_layers.pth checkpoints that finetune.py writes.")
-    runs: dict[str, list[tuple[int, Path]]] = {}
-    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        ckpts = []
-        for f in folder.glob("*ftn_layers.pth"):
-            m = _STEP.match(f.name)
-            if m is None:
-                log.warning("skipping '%s': the name is not {step}ftn_layers.pth", f)
-                continue
-            ckpts.append((int(m.group(1)), f))
-        if ckpts:
-            runs[folder.name] = sorted(ckpts)
-    if not runs:
-        raise UserError(f"no checkpoints found under '{base}': expected run folders holding {{step}}ftn_layers.pth "
-                        f"files (the authors' released layers work too, placed in such a folder).")
-    return runs
 
 
 def _fmt(v: float | None) -> str:
@@ -82,15 +65,14 @@ def read_csv_rows(path: Path, columns: list[str], what: str) -> list[dict[str, s
         return list(reader)
 
 
-def append_row(path: Path, columns: list[str], row: dict[str, str], replace: tuple[str, str] | None = None) -> None:
-    """Add one row (replacing the row with the same (Step, Dataset) when given), rewriting the file atomically."""
-    rows = read_csv_rows(path, columns, "metrics file")
-    if replace is not None:
-        rows = [r for r in rows if (r["Step"], r["Dataset"]) != replace]
+def write_rows(path: Path, columns: list[str], rows: list[dict[str, str]], key: tuple[str, ...]) -> None:
+    """Add rows, replacing those with the same ``key`` columns, rewriting the file atomically."""
+    new = {tuple(r[k] for k in key) for r in rows}
+    kept = [r for r in read_csv_rows(path, columns, "metrics file") if tuple(r[k] for k in key) not in new]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows + [row])
+    writer.writerows(kept + rows)
     atomic_write_text(path, buf.getvalue())
 
 
@@ -123,25 +105,37 @@ def read_reference(path: Path, targets: list[str]) -> dict[str, dict[str, float]
 
 
 def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int) -> dict[str, dict[str, float]]:
-    """Evaluate the bare backbone on each set and write the reference CSV (atomically)."""
+    """Evaluate the bare backbone on each set with the paper's attackers and write the reference CSV (atomically);
+    a near-chance EER is warned about."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=REFERENCE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     out = {}
     for ev in sets:
-        m = evaluate_set(ev, None, gender_folds)
+        m = evaluate_set(ev, None, gender_folds, PAPER_ATTACKERS).metrics
+        warn_if_near_chance(ev.name, m["EER"], log)
         out[ev.name] = m
         writer.writerow({"Dataset": ev.name, **{c: _fmt(m[c]) for c in METRIC_COLUMNS}})
     atomic_write_text(path, buf.getvalue())
     return out
 
 
+def _rows(step: int, ev: EvalTemplates, res: SetResult, ref: dict[str, float]) -> tuple[dict, list[dict]]:
+    """The metrics-CSV row (the authors' columns) and the attackers-CSV rows (attackers beyond the paper's)."""
+    row = {"Step": str(step), "Dataset": ev.name, **{c: _fmt(res[c]) for c in METRIC_COLUMNS},
+           "PIC": _fmt(pic(res, ref))}
+    extra = [{"Step": str(step), "Dataset": ev.name, "Attacker": name, "BACC": _fmt(v)}
+             for name, v in res.attacks.items() if name not in PAPER_ATTACKERS]
+    return row, extra
+
+
 def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
              force: bool = False) -> Path:
     """Run the sweep; returns the output folder L/E."""
+    check_names(cfg)
     out_dir = Path(log_root) / experiment
     reference = Path(reference)
-    runs = find_runs(Path(model_root), experiment)
+    runs = find_runs(Path(model_root) / experiment, cfg)
     targets = list(cfg.test_targets)
     if not targets:
         raise UserError("config option test_targets is empty: name at least one rec/<name>.bin to evaluate on.")
@@ -149,48 +143,58 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
     if missing:
         raise UserError(f"evaluation file(s) {', '.join(missing)} not found (config options rec, test_targets). Put "
                         f"the .bin files there, or choose targets with --set test_targets=\"['lfw']\".")
+    backbone = BackboneSpec.from_config(cfg)
+    backbone.check()
     check_writable(out_dir, "--log-root")
     if not reference.is_file():
         check_writable(reference.parent if str(reference.parent) else Path("."), "--reference-pth")
+    extra_attackers = [a for a in cfg.attackers if a not in PAPER_ATTACKERS]
     for run in runs:  # refuse foreign CSVs before any compute
-        read_csv_rows(out_dir / f"{run}_metrics.csv", CSV_COLUMNS, "metrics file")
+        read_csv_rows(out_dir / f"{run.name}_metrics.csv", CSV_COLUMNS, "metrics file")
+        read_csv_rows(out_dir / f"{run.name}_attackers.csv", ATTACKER_COLUMNS, "attackers file")
     device = select_device(cfg.device)
     with log_to(out_dir / "evaluate.log", log.name) as lg:
-        lg.info("evaluating %d run(s) of %s on %s", len(runs), experiment, ", ".join(targets))
-
-        def backbone_loader():
-            return load_backbone(cfg.network, cfg.output_ori, cfg.embedding_size, cfg.SE)
-        sets = [open_eval_set(cfg, name, device, backbone_loader) for name in targets]
+        lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(runs), experiment, ", ".join(targets),
+                ", ".join(cfg.attackers))
+        cache = TemplateCache(cfg.cache_dir, backbone, ExtractionSettings.from_config(cfg, device))
+        sets = [open_eval_set(cache, cfg.rec, name) for name in targets]
         changed = False
         if reference.is_file():
             ref = read_reference(reference, targets)
             lg.info("reference results read from %s", reference)
+            for name, m in ref.items():
+                warn_if_near_chance(name, m["EER"], lg)
         else:
             ref = compute_reference(reference, sets, cfg.gender_folds)
             changed = True
             lg.info("reference file %s did not exist: computed the bare backbone's results with the same protocol "
                     "and wrote them there", reference)
-        for run, ckpts in runs.items():
-            csv_path = out_dir / f"{run}_metrics.csv"
+        for run in runs:
+            csv_path, att_path = out_dir / f"{run.name}_metrics.csv", out_dir / f"{run.name}_attackers.csv"
             done = {(r["Step"], r["Dataset"]) for r in read_csv_rows(csv_path, CSV_COLUMNS, "metrics file")}
-            for step, ckpt in ckpts:
-                todo = [ev for ev in sets if force or (str(step), ev.name) not in done]
+            attacked = {(r["Step"], r["Dataset"], r["Attacker"])
+                        for r in read_csv_rows(att_path, ATTACKER_COLUMNS, "attackers file")}
+            lg.info("run %s: %s%s", run.name, run.settings, "" if run.described else " (no run.json: the paper's "
+                    "method with this sweep's settings)")
+            for step, ckpt in run.checkpoints:
+                todo = [ev for ev in sets if force or (str(step), ev.name) not in done
+                        or any((str(step), ev.name, a) not in attacked for a in extra_attackers)]
                 if not todo:
-                    lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run, step, csv_path.name)
+                    lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
+                            csv_path.name)
                     continue
-                layer = load_projection(ckpt, cfg.embedding_size, cfg.n_hidden).to(device)
+                transform = run.method.load_transform(ckpt).to(device)
                 for ev in todo:
-                    m = evaluate_set(ev, layer, cfg.gender_folds)
-                    p = pic(m, ref[ev.name])
-                    row = {"Step": str(step), "Dataset": ev.name, **{c: _fmt(m[c]) for c in METRIC_COLUMNS},
-                           "PIC": _fmt(p)}
-                    append_row(csv_path, CSV_COLUMNS, row, replace=(str(step), ev.name))
+                    res = evaluate_set(ev, transform, cfg.gender_folds, cfg.attackers, cfg.seed)
+                    row, extra = _rows(step, ev, res, ref[ev.name])
+                    write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
+                    if extra:
+                        write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
                     changed = True
-                    lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", run, step, ev.name, m["EER"],
-                            m["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
+                    lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", run.name, step, ev.name, res["EER"],
+                            res["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
         if changed or not (out_dir / "report.md").is_file():
-            report = write_report(out_dir, {run: out_dir / f"{run}_metrics.csv" for run in runs}, ref, runs, sets,
-                                  cfg.gender_folds, lambda p: load_projection(p, cfg.embedding_size, cfg.n_hidden))
+            report = write_report(out_dir, runs, ref, sets, cfg.gender_folds)
             lg.info("report: %s", report)
         else:
             lg.info("nothing new: %s and the plots are up to date", out_dir / "report.md")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -14,9 +14,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from backbones import load_projection  # noqa: E402
-from utils.evaluate import METRIC_COLUMNS, EvalTemplates  # noqa: E402
+from eval.evalset import METRIC_COLUMNS, EvalTemplates  # noqa: E402
 from utils.io import atomic_path, atomic_write_text  # noqa: E402
+
+if TYPE_CHECKING:
+    from privacy.runs import SweptRun
 
 PLOTTED = [("EER", "EER"), ("TAR@FAR=0.1%", "TAR@FAR=0.1%"), ("BACC-Gender-AVG", "gender BACC (avg)"), ("PIC", "PIC")]
 
@@ -117,13 +119,15 @@ def _cell(v: float) -> str:
     return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "n/a"
 
 
-def write_report(out_dir: Path, csvs: dict[str, Path], ref: dict[str, dict[str, float]],
-                 runs: dict[str, list[tuple[int, Path]]], sets: list[EvalTemplates], gender_folds: int,
-                 load_layer: Callable[[Path], torch.nn.Module] = load_projection) -> Path:
+def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str, float]], sets: list[EvalTemplates],
+                 gender_folds: int) -> Path:
     """report.md with, per run and dataset, the bare backbone and the best checkpoint by PIC; and the plots."""
-    all_rows = {run: _rows(p) for run, p in csvs.items()}
+    all_rows = {run.name: _rows(out_dir / f"{run.name}_metrics.csv") for run in runs}
     lines = ["# Evaluation report", "",
              "Per run and dataset: the bare backbone (reference) and the checkpoint with the highest PIC.", ""]
+    lines += ["| Run | Method and settings (run.json) |", "|---|---|"]
+    lines += [f"| {run.name} | {run.settings}{'' if run.described else ' (no run.json)'} |" for run in runs]
+    lines.append("")
     cols = ["Run", "Dataset", "Model", *METRIC_COLUMNS, "PIC"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for run, rows in all_rows.items():
@@ -139,20 +143,21 @@ def write_report(out_dir: Path, csvs: dict[str, Path], ref: dict[str, dict[str, 
     plot_tradeoff(all_rows, ref, out_dir / "tradeoff.png")
     lines.append("- `tradeoff.png`: gender BACC against EER for every checkpoint; the star is the bare backbone.")
     gender_sets = [ev for ev in sets if len(ev.gender_labels)]
-    for run, rows in all_rows.items():
+    for run in runs:
+        rows = all_rows[run.name]
         if not rows:
             continue
-        plot_curves(run, rows, ref, out_dir / f"{run}_curves.png")
-        lines.append(f"- `{run}_curves.png`: EER, TAR, gender BACC and PIC against step.")
+        plot_curves(run.name, rows, ref, out_dir / f"{run.name}_curves.png")
+        lines.append(f"- `{run.name}_curves.png`: EER, TAR, gender BACC and PIC against step.")
         if gender_sets:
             ev = gender_sets[0]
             best = _best(rows, ev.name)
-            step = int(best["Step"]) if best else runs[run][-1][0]
-            ckpt = dict(runs[run])[step]
-            plot_angles(ev, load_layer(ckpt), f"{run}, step {step}, {ev.name}: angles to the gender centroids",
-                        out_dir / f"{run}_angles.png")
-            lines.append(f"- `{run}_angles.png`: angles between {ev.name}'s gender-test templates and the two gender "
-                         f"centroids, bare backbone against step {step}.")
+            step = int(best["Step"]) if best else run.checkpoints[-1][0]
+            ckpt = dict(run.checkpoints)[step]
+            plot_angles(ev, run.method.load_transform(ckpt), f"{run.name}, step {step}, {ev.name}: angles to the "
+                        f"gender centroids", out_dir / f"{run.name}_angles.png")
+            lines.append(f"- `{run.name}_angles.png`: angles between {ev.name}'s gender-test templates and the two "
+                         f"gender centroids, bare backbone against step {step}.")
     lines += ["", f"Gender leakage: {gender_folds}-fold StratifiedGroupKFold grouped by identity; BACC-Gender-AVG is "
               "the mean of LogReg, SVM (linear) and RBF. PIC = relative privacy gain - relative EER loss.", ""]
     path = out_dir / "report.md"

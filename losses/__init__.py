@@ -1,6 +1,6 @@
 """Identity headers and the privacy constraints P1, P2."""
-from losses.headers import ArcFace, CosFace, ElasticArcFace, ElasticCosFace, get_header
+from losses.headers import HEADERS, ArcFace, CosFace, ElasticArcFace, ElasticCosFace, get_header
 from losses.privacy import PrivacyTerms, gender_weight_centroids, privacy_terms
 
-__all__ = ["ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace", "get_header", "PrivacyTerms",
+__all__ = ["HEADERS", "ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace", "get_header", "PrivacyTerms",
            "gender_weight_centroids", "privacy_terms"]

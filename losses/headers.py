@@ -5,7 +5,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace", "get_header"]
+__all__ = ["ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace", "HEADERS", "get_header"]
+
+# config.loss names; the ElasticFace-Arc/-Cos spellings are ElasticFace's own
+HEADERS = ("ArcFace", "CosFace", "ElasticArcFace", "ElasticCosFace", "ElasticFace-Arc", "ElasticFace-Cos")
 
 
 class _Header(nn.Module):
@@ -53,7 +56,7 @@ class CosFace(_Header):
 
 
 class _Elastic:
-    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.5, sigma: float = 0.0125):
+    def __init__(self, in_features: int, out_features: int, s: float = 64.0, m: float = 0.5, sigma: float = 0.05):
         super().__init__(in_features, out_features, s, m)  # type: ignore[call-arg]
         self.sigma = float(sigma)
 

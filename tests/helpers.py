@@ -8,9 +8,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from backbones.spec import BackboneSpec
 from tools.make_bin import build_bin
+from utils.cache import ExtractionSettings, TemplateCache
 from utils.config import load_config
-from utils.synthetic import identity_basis, population, save_demo_backbone, write_identity_folders
+from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
 
 DIM = 512
 
@@ -75,7 +77,7 @@ def synthetic_world(root: Path, n_train_ids: int = 40, imgs: int = 4, n_test_ids
 def demo_cfg(root: Path, *extra: str, **kw):
     """A config for the synthetic world under ``root``."""
     sets = kw.get("val", ["synth_a"])
-    overrides = ["network=demo_decoder", "pretrained=Demo", "experiment=Exp", "data=Synth",
+    overrides = ["plugins=['synthetic']", "network=demo_decoder", "pretrained=Demo", "experiment=Exp", "data=Synth",
                  f"checkpoint_root={root / 'ckpt'}", f"log_dir={root / 'logs'}", f"data_dir={root / 'train'}",
                  f"rec={root / 'rec'}", f"cache_dir={root / 'cache'}", "batch_size=32", "num_epoch=4",
                  "checkpoint_every=2", "eval_step=0", "log_every=10", f"val_targets={sets!r}",
@@ -88,3 +90,8 @@ def write_png(path: Path, img: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), img)
     return path
+
+
+def template_cache(cfg, device: str = "cpu") -> TemplateCache:
+    """The template cache of a config's backbone and extraction settings."""
+    return TemplateCache(cfg.cache_dir, BackboneSpec.from_config(cfg), ExtractionSettings.from_config(cfg, torch.device(device)))

@@ -1,7 +1,15 @@
+import json
+
 import pytest
 
+from privacy import get_method
+from privacy.runs import check_names, plan_run_folders
 from utils.config import load_config
 from utils.errors import UserError
+
+
+def folders(cfg):
+    return plan_run_folders(cfg, get_method(cfg.method)(cfg))
 
 
 def test_defaults_match_the_authors_and_derive_paths():
@@ -10,8 +18,9 @@ def test_defaults_match_the_authors_and_derive_paths():
             cfg.num_epoch, cfg.eval_step, cfg.loss) == (512, 0.01, 0.01, 64.0, 0.0, 20, 1, 128, 100, 1000, "ArcFace")
     assert cfg.val_targets == ["lfw", "agedb_30"]
     assert cfg.test_targets == ["vggface2", "lfw", "agedb_30", "colorferet"]
-    assert cfg.output == "work_dirs/checkpoints/ArcFace/OneDataset/ColorFeret/20L1_1L2"
-    assert cfg.log_output == "work_dirs/logs/ArcFace/OneDataset/ColorFeret/20L1_1L2"
+    run = folders(cfg)
+    assert str(run.checkpoints) == "work_dirs/checkpoints/ArcFace/OneDataset/ColorFeret/20L1_1L2"
+    assert str(run.logs) == "work_dirs/logs/ArcFace/OneDataset/ColorFeret/20L1_1L2"
     assert cfg.output_ori == "work_dirs/checkpoints/ArcFace/reference/backbone.pth"
 
 
@@ -20,7 +29,7 @@ def test_overrides_are_parsed_as_literals_and_paths_follow():
                              "checkpoint_root=/x", "output_ori=/w/b.pth"])
     assert cfg.alpha == 10 and cfg.beta == 0.5 and cfg.val_targets == ["lfw"] and cfg.SE is True
     assert cfg.data == "2024"
-    assert cfg.output == "/x/ArcFace/OneDataset/2024/10L1_0.5L2"
+    assert str(folders(cfg).checkpoints) == "/x/ArcFace/OneDataset/2024/10L1_0.5L2"
     assert cfg.output_ori == "/w/b.pth"
 
 
@@ -39,8 +48,8 @@ def test_wrong_types_are_named(item, key):
 def test_bad_values_and_syntax():
     with pytest.raises(UserError, match="KEY=VALUE"):
         load_config(None, ["alpha"])
-    with pytest.raises(UserError, match="'loss'"):
-        load_config(None, ["loss=SphereFace"])
+    with pytest.raises(UserError, match="'loss'.*ArcFace"):
+        check_names(load_config(None, ["loss=SphereFace"]))
     with pytest.raises(UserError, match="batch_size"):
         load_config(None, ["batch_size=0"])
 
@@ -60,3 +69,57 @@ def test_config_module_of_the_same_form(tmp_path):
         load_config(bad)
     with pytest.raises(UserError, match="does not exist"):
         load_config(tmp_path / "missing.py")
+
+
+@pytest.mark.parametrize("item, allowed", [
+    ("n_hidden=0", ">= 1"), ("lr=-1", "> 0"), ("lr=0", "> 0"), ("alpha=-5", ">= 0"), ("beta=-0.1", ">= 0"),
+    ("batch_size=0", ">= 1"), ("num_epoch=0", ">= 1"), ("headid_lr=0.0", "> 0"), ("gender_folds=1", ">= 2"),
+    ("grad_clip=0", "> 0"), ("s=-64", "> 0"), ("num_workers=-1", ">= 0"), ("eval_step=-5", ">= 0"),
+    ("embedding_size=0", ">= 1"), ("lr=1e999", "> 0"), ("cache_dtype=float64", "float32, float16"),
+    ("amp=fp8", "none, bf16, fp16")])
+def test_bad_values_name_the_option_and_the_allowed_range(item, allowed):
+    key = item.split("=")[0]
+    with pytest.raises(UserError) as err:
+        load_config(None, [item])
+    assert f"'{key}'" in str(err.value) and allowed in str(err.value)
+
+
+@pytest.mark.parametrize("item, key", [("network=resnet50", "network"), ("method=lecae", "method"),
+                                        ("attackers=['LogReg','Oracle']", "attackers"), ("loss=Softmax", "loss")])
+def test_unknown_names_are_refused_with_the_known_ones(item, key):
+    with pytest.raises(UserError, match=f"config option '{key}'.*choose one of"):
+        check_names(load_config(None, [item]))
+
+
+def test_bad_values_are_refused_before_any_compute(tmp_path):
+    """finetune.train refuses n_hidden=0 at load time, before a data folder is even looked at."""
+    import finetune
+    with pytest.raises(UserError, match="n_hidden"):
+        finetune.train(load_config(None, ["n_hidden=0", f"data_dir={tmp_path / 'nowhere'}"]))
+    with pytest.raises(UserError, match="'method'"):  # a name is checked before the (missing) data folder
+        finetune.train(load_config(None, ["method=nope", f"data_dir={tmp_path / 'nowhere'}"]))
+
+
+def test_copy_of_config_module_and_authors_only_option(tmp_path):
+    from pathlib import Path
+    copy = tmp_path / "copy.py"
+    copy.write_text((Path(__file__).parent.parent / "config" / "config.py").read_text().replace(
+        "alpha: float = 20", "alpha: float = 7"))
+    assert load_config(copy).alpha == 7
+    authors = tmp_path / "authors.py"
+    authors.write_text("config = dict()\nconfig['warmup_epoch'] = -1\nconfig['alpha'] = 3\n")
+    assert load_config(authors).alpha == 3
+
+
+def test_plugins_register_entries(tmp_path):
+    plugin = tmp_path / "my_attack.py"
+    plugin.write_text("from eval.attackers import register_attacker\n"
+                      "from sklearn.dummy import DummyClassifier\n"
+                      "@register_attacker('Dummy_plugin_test')\n"
+                      "def dummy(ctx):\n    return DummyClassifier()\n")
+    cfg = load_config(None, [f"plugins=[{str(plugin)!r}]", "attackers=['Dummy_plugin_test']"])
+    check_names(cfg)
+    with pytest.raises(UserError, match="plug-in.*does not exist"):
+        load_config(None, [f"plugins=[{str(tmp_path / 'none.py')!r}]"])
+    with pytest.raises(UserError, match="plug-in 'no_such_module_xyz'"):
+        load_config(None, ["plugins=['no_such_module_xyz']"])

@@ -6,7 +6,7 @@ import torch
 import backbones
 import finetune
 from helpers import TinyNet, demo_cfg, synthetic_world
-from utils.cache import extract
+from utils.cache import ExtractionSettings, extract
 from utils.dataset import scan_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -25,7 +25,7 @@ def extracted(world, tmp_path, name, device, **kw):
     out = tmp_path / name
     out.mkdir()
     items = scan_dataset(world / "train").paths[:64]
-    extract(net, items, out, torch.device(device), batch_size=16, num_workers=2, **kw)
+    extract(net, items, out, ExtractionSettings(torch.device(device), batch_size=16, num_workers=2, **kw))
     return np.load(out / "templates.npy")
 
 
@@ -53,7 +53,7 @@ def test_cached_and_in_loop_agree_on_cuda(world, tmp_path, monkeypatch):
     monkeypatch.setitem(backbones.ARCHITECTURES, "tiny", TinyNet)
     from helpers import tiny_backbone_file
     tiny_backbone_file(tmp_path / "tiny.pth")
-    common = ["device=cuda", "network=tiny", f"output_ori={tmp_path / 'tiny.pth'}", "batch_size=16", "num_epoch=3"]
+    common = ["device=cuda", "network=tiny", f"output_ori={tmp_path / 'tiny.pth'}", "batch_size=16", "num_epoch=3", "checkpoint_every=3"]
     a = finetune.train(demo_cfg(world, *common, "cache=True", f"checkpoint_root={tmp_path / 'a'}"))
     b = finetune.train(demo_cfg(world, *common, "cache=False", f"checkpoint_root={tmp_path / 'b'}"))
     sa, sb = (torch.load(r.checkpoints[-1], weights_only=True) for r in (a, b))

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import backbones
-from helpers import TinyNet, tiny_backbone_file, write_png
+from helpers import TinyNet, template_cache, tiny_backbone_file, write_png
 from tools.make_bin import build_bin
 from utils.binfile import load_bin
-from utils.cache import folder_key, get_templates
+from utils.cache import folder_inputs
 from utils.config import load_config
 from utils.dataset import balanced_epoch, decode_image, scan_dataset, to_tensor
 from utils.errors import UserError
@@ -219,9 +219,7 @@ def test_cache_equals_direct_backbone_and_invalidates(tmp_path, tiny_arch, caplo
     net = backbones.load_backbone("tiny", weights)
 
     def get():
-        return get_templates(cfg.cache_dir, "train", folder_key(cfg, root, idx.paths), idx.paths,
-                             lambda: backbones.load_backbone("tiny", weights), torch.device("cpu"), batch_size=5,
-                             num_workers=0)
+        return template_cache(cfg).get("train", folder_inputs(root, idx.paths), idx.paths)
     t = get()
     x = torch.stack([to_tensor(decoded(p.read_bytes())) for p in idx.paths])
     with torch.no_grad():
@@ -253,11 +251,11 @@ def test_undecodable_image_is_named_and_nothing_is_cached(tmp_path, tiny_arch):
     (root / "a_0" / "truncated.png").write_bytes(good[: len(good) // 3])
     (root / "a_0" / "text.jpg").write_text("this is not a JPEG")
     weights = tiny_backbone_file(tmp_path / "w.pth")
-    cfg = load_config(None, ["network=tiny", f"output_ori={weights}", f"cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(None, ["network=tiny", f"output_ori={weights}", f"cache_dir={tmp_path / 'cache'}",
+                             "num_workers=0"])
     idx = scan_dataset(root)
     with pytest.raises(UserError, match="3 problem") as err:
-        get_templates(cfg.cache_dir, "train", folder_key(cfg, root, idx.paths), idx.paths,
-                      lambda: backbones.load_backbone("tiny", weights), torch.device("cpu"), num_workers=0)
+        template_cache(cfg).get("train", folder_inputs(root, idx.paths), idx.paths)
     for name in ("broken.png", "truncated.png", "text.jpg"):
         assert name in str(err.value)
     assert list((tmp_path / "cache").iterdir()) == []
@@ -271,10 +269,8 @@ def test_float16_cache_is_close_to_float32(tmp_path, tiny_arch):
     out = {}
     for dtype in ("float32", "float16"):
         cfg = load_config(None, ["network=tiny", f"output_ori={weights}", f"cache_dir={tmp_path / 'c'}",
-                                 f"cache_dtype={dtype}"])
-        t = get_templates(cfg.cache_dir, "train", folder_key(cfg, root, idx.paths), idx.paths,
-                          lambda: backbones.load_backbone("tiny", weights), torch.device("cpu"), dtype=dtype,
-                          num_workers=0)
+                                 f"cache_dtype={dtype}", "num_workers=0"])
+        t = template_cache(cfg).get("train", folder_inputs(root, idx.paths), idx.paths)
         out[dtype] = t
     assert out["float16"].templates.dtype == np.float16 and out["float16"].path != out["float32"].path
     np.testing.assert_allclose(out["float16"].templates.astype(np.float32), out["float32"].templates, atol=1e-3)

@@ -71,8 +71,8 @@ def test_metrics_equal_a_direct_evaluation_of_the_layer(trained, tmp_path):
     from backbones import load_backbone, load_projection
     from utils.binfile import load_bin
     from utils.dataset import decode_image, to_tensor
-    from utils.verification import evaluate_verification
-    from utils.leakage import gender_leakage
+    from eval.verification import evaluate_verification
+    from eval.leakage import gender_leakage
     out_dir = sweep(trained, tmp_path)
     es = load_bin(trained / "rec" / "synth_b.bin")
     net = load_backbone("demo_decoder", trained / "ckpt" / "Demo" / "reference" / "backbone.pth")
@@ -142,7 +142,7 @@ def test_foreign_csv_is_refused_not_overwritten(trained, tmp_path):
 
 
 def test_cli_accepts_both_spellings(trained, tmp_path, capsys):
-    common = ["--set", "network=demo_decoder", f"rec={trained / 'rec'}", f"cache_dir={trained / 'cache'}",
+    common = ["--set", "plugins=['synthetic']", "network=demo_decoder", f"rec={trained / 'rec'}", f"cache_dir={trained / 'cache'}",
               f"output_ori={trained / 'ckpt/Demo/reference/backbone.pth'}", "test_targets=['synth_a']",
               "num_workers=0"]
     code = evaluation.main(["--log_root", str(tmp_path / "a"), "--model_root", str(trained / "ckpt/Demo"),

@@ -12,7 +12,7 @@ import finetune
 from backbones import load_projection
 from helpers import TinyNet, demo_cfg, synthetic_world, tiny_backbone_file
 from losses import ArcFace
-from utils.dataset import scan_dataset
+from utils.dataset import decode_image, scan_dataset, to_tensor
 from utils.errors import UserError
 
 
@@ -58,10 +58,9 @@ def test_training_lowers_loss_aligns_genders_and_keeps_identities(world, tmp_pat
     first, last = res.epoch_losses[0], res.epoch_losses[-1]
     assert last["loss"] < 0.5 * first["loss"] and last["ce"] < first["ce"]
     # the layer's outputs on the training templates
-    from utils.cache import folder_key, open_entry
     index = scan_dataset(cfg.data_dir)
-    entry = open_entry(Path(cfg.cache_dir) / f"train-{Path(cfg.data_dir).name}-{folder_key(cfg, index.root, index.paths)}")
-    x = torch.from_numpy(np.array(entry.templates[:, 0], dtype=np.float32))
+    x = F.normalize(backbones.load_backbone("demo_decoder", cfg.output_ori)(torch.stack(
+        [to_tensor(decode_image(np.fromfile(p, dtype=np.uint8))[0]) for p in index.paths])).detach())
     layer = load_projection(res.checkpoints[-1])
     with torch.no_grad():
         z = layer(x)
@@ -73,7 +72,7 @@ def test_training_lowers_loss_aligns_genders_and_keeps_identities(world, tmp_pat
     with torch.no_grad():
         acc = (header(z, torch.as_tensor(index.labels)).argmax(1) == torch.as_tensor(index.labels)).float().mean()
     assert acc > 0.9
-    assert (Path(res.log_dir) / "training.log").read_text().count("single-gender batches so far") >= 1
+    assert (Path(res.log_dir) / "training.log").read_text().count("single-gender batches") >= 1
 
 
 def test_cached_and_in_the_loop_training_give_the_same_checkpoints(tiny_world):
@@ -84,29 +83,35 @@ def test_cached_and_in_the_loop_training_give_the_same_checkpoints(tiny_world):
     assert a.step == b.step == 200
     same_weights(a.checkpoints[-1], b.checkpoints[-1], atol=1e-4)
     same_weights(Path(a.checkpoint_dir) / "200header.pth", Path(b.checkpoint_dir) / "200header.pth", atol=1e-4)
-    # the in-the-loop run's weights really moved (the comparison is not trivially true)
-    assert not torch.allclose(tensors(a.checkpoints[-1])["proj.0.weight"], tensors(a.checkpoints[0])["proj.0.weight"]
-                              * 0)
+    # the in-the-loop run's weights really moved from their seeded initialisation (so the comparison above is
+    # between two trained layers, not two copies of the initial one)
+    torch.manual_seed(0)
+    init = backbones.ProjectionLayer(512, 512, 2).state_dict()
+    trained = tensors(b.checkpoints[-1])
+    assert all((trained[k] - init[k]).abs().max() > 1e-2 for k in init)
 
 
-def test_backbone_and_its_statistics_never_change(tiny_world):
-    cfg = demo_cfg(tiny_world, "network=tiny", f"output_ori={tiny_world / 'tiny.pth'}", "batch_size=8")
-    index = scan_dataset(cfg.data_dir)
-    source = finetune.in_loop_source(cfg, index, torch.device("cpu"),
-                                     lambda: backbones.load_backbone("tiny", cfg.output_ori))
-    before = {k: v.clone() for k, v in source.backbone.state_dict().items()}
-    model = backbones.FinetunedModel(source.backbone, backbones.ProjectionLayer())
-    model.train()  # what the authors' loop did after validation
-    header = ArcFace(512, index.num_identities)
-    opts = (torch.optim.Adam(model.layer.parameters()), torch.optim.Adam(header.parameters()))
-    indices = torch.arange(24)
-    for step, x in enumerate(source(indices, torch.tensor([True, False] * 12), 3, 8)):
-        idx = indices[8 * step:8 * (step + 1)]
-        finetune.train_step(x, torch.as_tensor(index.labels)[idx], torch.as_tensor(index.genders)[idx], model.layer,
-                            header, torch.as_tensor(index.identity_gender), opts, cfg, torch.Generator(), step)
-    after = source.backbone.state_dict()
+def test_backbone_and_its_statistics_never_change(tiny_world, monkeypatch):
+    """In-the-loop training (the model put in train mode by every step, as the authors' loop did) leaves the
+    backbone's weights and BatchNorm statistics exactly as loaded."""
+    seen = []
+    real = backbones.FrozenBackbone.__init__
+
+    def spy(self, net):
+        real(self, net)
+        seen.append((self, {k: v.clone() for k, v in net.state_dict().items()}))
+    monkeypatch.setattr(backbones.FrozenBackbone, "__init__", spy)
+    cfg = demo_cfg(tiny_world, "network=tiny", f"output_ori={tiny_world / 'tiny.pth'}", "batch_size=8", "cache=False",
+                   "num_epoch=2", "checkpoint_every=1")
+    res = finetune.train(cfg)
+    assert res.step == 8 and len(seen) == 1
+    frozen, before = seen[0]
+    after = frozen.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not source.backbone.backbone.bn.training
+    assert not frozen.backbone.bn.training
+    model = backbones.FinetunedModel(frozen, backbones.ProjectionLayer())
+    model.train()
+    assert not frozen.backbone.bn.training
 
 
 def test_same_seed_bit_identical_and_resume_equals_uninterrupted(world, tmp_path):
@@ -145,19 +150,20 @@ def test_second_run_leaves_the_first_untouched(world, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_path, monkeypatch):
-    real = finetune.privacy_terms
+    import privacy.angular
+    real = privacy.angular.privacy_terms
     calls = {"n": 0}
 
     def flaky(*a, **k):
         calls["n"] += 1
         t = real(*a, **k)
         return t._replace(p2=t.p2 * float("nan")) if calls["n"] == 13 else t
-    monkeypatch.setattr(finetune, "privacy_terms", flaky)
+    monkeypatch.setattr(privacy.angular, "privacy_terms", flaky)
     cfg = demo_cfg(world, f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}", "num_epoch=6",
                    "checkpoint_every=1")
     with pytest.raises(UserError, match=r"step 13: the loss term\(s\) p2, loss became non-finite.*last good checkpoint"):
         finetune.train(cfg)
-    ckpts = sorted(Path(cfg.output).glob("*ftn_layers.pth"))
+    ckpts = sorted((tmp_path / "c").rglob("*ftn_layers.pth"))
     assert [p.name for p in ckpts] == ["7ftn_layers.pth"]  # 7 steps per epoch; step 13 broke
     for p in ckpts:
         assert all(torch.isfinite(v).all() for v in tensors(p).values())

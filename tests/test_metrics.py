@@ -6,9 +6,9 @@ from sklearn.metrics import roc_curve
 from sklearn.model_selection import KFold
 
 from utils.errors import UserError
-from utils.evaluate import pic
-from utils.leakage import gender_leakage
-from utils.verification import evaluate_verification
+from eval.evalset import pic
+from eval.leakage import gender_leakage
+from eval.verification import evaluate_verification
 
 
 def synthetic_pairs(rng, n_pairs=600, dim=32, noise=0.9):
@@ -111,7 +111,19 @@ def test_leakage_is_identical_with_probability_true():
     genders = ids % 2
     x = rng.normal(size=(120, 8))
     x[:, 0] += genders * 1.2
-    assert gender_leakage(x, genders, ids) == gender_leakage(x, genders, ids, probability=True)
+    import warnings
+    from sklearn.svm import SVC
+    from eval.attackers import ATTACKERS, register_attacker
+    register_attacker("SVM-prob")(lambda ctx: SVC(kernel="linear", probability=True))  # the authors' setting
+    register_attacker("RBF-prob")(lambda ctx: SVC(kernel="rbf", probability=True))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # sklearn >= 1.9 deprecates probability=True
+            theirs = gender_leakage(x, genders, ids, attackers=("SVM-prob", "RBF-prob"))
+    finally:
+        ATTACKERS.pop("SVM-prob"), ATTACKERS.pop("RBF-prob")
+    ours = gender_leakage(x, genders, ids)
+    assert (ours["SVM"], ours["RBF"]) == (theirs["SVM-prob"], theirs["RBF-prob"])
 
 
 def test_pic_by_hand():

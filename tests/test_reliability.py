@@ -30,7 +30,7 @@ def world(tmp_path_factory):
 
 
 def base_settings(world, tag):
-    return {"network": "demo_decoder", "pretrained": "Demo", "experiment": "Exp", "data": "Synth",
+    return {"plugins": ["synthetic"], "network": "demo_decoder", "pretrained": "Demo", "experiment": "Exp", "data": "Synth",
             "checkpoint_root": world / f"ckpt_{tag}", "log_dir": world / f"logs_{tag}",
             "data_dir": world / "train", "rec": world / "rec", "cache_dir": world / "cache",
             "output_ori": world / "ckpt" / "Demo" / "reference" / "backbone.pth", "batch_size": 32,
@@ -62,7 +62,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(world):
     assert ref.returncode == 0, ref.stderr[-2000:]
     final = 150 * (240 // 32)
     ref_ckpt = next(Path(settings["checkpoint_root"]).rglob(f"{final}ftn_layers.pth"))
-    rng = random.Random(os.getpid())
+    rng = random.Random(2)  # the kill delays are reproducible
     for attempt in range(2):
         killed = base_settings(world, f"kill{attempt}")
         proc = subprocess.Popen([sys.executable, "finetune.py", "--set", *overrides(killed)], cwd=REPO, env=ENV,
@@ -88,7 +88,7 @@ def test_killed_sweep_reruns_to_one_row_per_checkpoint(world, tmp_path):
            str(world / "sweep" / "Demo"), "--experiment-name", "Exp/Synth", "--reference-pth",
            str(tmp_path / "ref.csv"), "--set", *overrides(settings)]
     csv_path = tmp_path / "Exp" / "Synth" / "20L1_1L2_metrics.csv"
-    rng = random.Random(os.getpid())
+    rng = random.Random(3)  # the kill delays are reproducible
     for attempt in range(3):
         proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         kill_when(proc, lambda: csv_path.exists() and csv_path.stat().st_size > 200 * (attempt + 1),
@@ -108,18 +108,19 @@ EXTRACT = """
 import sys, torch
 sys.path.insert(0, {repo!r})
 from pathlib import Path
-from backbones import load_backbone
-from utils.cache import get_templates
+from backbones.spec import BackboneSpec
+from utils.cache import ExtractionSettings, TemplateCache
 items = sorted(Path({data!r}).rglob('*.png'))
-get_templates({cache!r}, 'train', 'k', items, lambda: load_backbone('iresnet18', {weights!r}), torch.device('cpu'),
-              batch_size=4, num_workers=0)
+TemplateCache({cache!r}, BackboneSpec('iresnet18', Path({weights!r})),
+              ExtractionSettings(torch.device('cpu'), batch_size=4, num_workers=0)).get('train', 'k', items)
 """
 
 
 def test_killed_extraction_is_never_read_and_is_rebuilt(world, tmp_path):
     from backbones import iresnet18
-    from utils.cache import get_templates, open_entry
     from backbones import load_backbone
+    from backbones.spec import BackboneSpec
+    from utils.cache import ExtractionSettings, TemplateCache, open_entry
     torch.manual_seed(0)
     weights = tmp_path / "r18.pth"
     torch.save(iresnet18().state_dict(), weights)
@@ -130,11 +131,12 @@ def test_killed_extraction_is_never_read_and_is_rebuilt(world, tmp_path):
     building = lambda: any(p.name.startswith(".building") and (p / "templates.npy").exists()  # noqa: E731
                            for p in cache.glob(".*")) if cache.exists() else False
     assert kill_when(proc, building, 1.0) == -signal.SIGKILL
-    assert open_entry(cache / "train-k") is None and not (cache / "train-k").exists()
+    tc = TemplateCache(cache, BackboneSpec("iresnet18", weights), ExtractionSettings(torch.device("cpu"), batch_size=16,
+                                                                                       num_workers=0))
+    assert not any(open_entry(p) for p in cache.glob("train-*"))
     items = sorted((world / "train").rglob("*.png"))[:12]
     full = sorted((world / "train").rglob("*.png"))
-    t = get_templates(cache, "train", "k", full, lambda: load_backbone("iresnet18", weights), torch.device("cpu"),
-                      batch_size=16, num_workers=0)
+    t = tc.get("train", "k", full)
     assert len(t) == len(full)
     with torch.no_grad():
         from utils.dataset import ImageDataset, normalize_images

@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -32,20 +32,6 @@ from utils.errors import UserError
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-_HASHES: dict[tuple, str] = {}
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Content hash of a file, remembered per (path, size, mtime) within the process."""
-    st = os.stat(path)
-    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if memo not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        _HASHES[memo] = h.hexdigest()
-    return _HASHES[memo]
 
 
 def folder_fingerprint(root: Path, paths: Sequence[Path]) -> str:
@@ -104,13 +90,6 @@ class Templates:
         return self.normalized(sl, flip) * torch.from_numpy(np.array(self.norms[sl, flip], np.float32))[:, None]
 
 
-def cache_key(arch: str, use_se: bool, num_features: int, weights: str | os.PathLike, inputs: str,
-              dtype: str) -> str:
-    parts = {"version": CACHE_VERSION, "arch": arch, "use_se": bool(use_se), "num_features": int(num_features),
-             "weights_sha256": sha256_file(weights), "inputs": inputs, "dtype": dtype}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
-
-
 def open_entry(folder: Path) -> Templates | None:
     """Open a complete cache folder (meta.json written last), or None if it is not one."""
     meta_path = folder / "meta.json"
@@ -127,60 +106,104 @@ def open_entry(folder: Path) -> Templates | None:
     return Templates(t, n, folder)
 
 
-def get_templates(cache_dir: str | os.PathLike, name: str, key: str, items: Sequence[Path] | Sequence[bytes],
-                  load_backbone: Callable[[], nn.Module], device: torch.device, *, dtype: str = "float32",
-                  batch_size: int = 32, num_workers: int = 2, amp: str = "none", channels_last: bool = False,
-                  describe: Callable[[int], str] | None = None, what: str = "images") -> Templates:
-    """The cached templates of ``items`` under ``key``; extracted (once) with the backbone on a miss."""
-    if describe is None:
-        def describe(i: int) -> str:
-            return str(items[i]) if isinstance(items[i], Path) else f"image {i}"
-    cache_dir = Path(cache_dir)
-    final = cache_dir / f"{name}-{key}"
-    entry = open_entry(final)
-    if entry is not None and len(entry) == len(items):
-        log.info("template cache hit: %s (%d %s)", final, len(entry), what)
-        return entry
-    if final.exists():
-        aside = final.with_name(f"{final.name}.unreadable-{int(time.time())}")
-        log.warning("template cache %s is incomplete or unreadable; moved aside to %s and rebuilding", final, aside)
-        final.rename(aside)
-    log.info("template cache miss: extracting %d %s into %s", len(items), what, final)
-    work = cache_dir / f".building-{name}-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    work.mkdir(parents=True)
-    try:
-        extract(load_backbone(), items, work, device, dtype=dtype, batch_size=batch_size, num_workers=num_workers,
-                amp=amp, channels_last=channels_last, describe=describe, what=what)
+class BackboneSource(Protocol):
+    """What the cache needs of a backbone (backbones.spec.BackboneSpec is one): what it depends on, and itself."""
+
+    def fingerprint(self) -> dict[str, object]: ...
+
+    def load(self) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How the one-off backbone pass runs: where, in which precision, with how many decoding workers."""
+    device: torch.device
+    dtype: str = "float32"          # storage of the cached templates: float32 or float16
+    batch_size: int = 32
+    num_workers: int = 2
+    amp: str = "none"               # CUDA autocast during extraction: none, bf16, fp16
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device) -> "ExtractionSettings":
+        return cls(device, cfg.cache_dtype, cfg.extract_batch_size, cfg.num_workers, cfg.amp, cfg.channels_last)
+
+
+class TemplateCache:
+    """The templates of one backbone under ``folder``, keyed by the backbone's fingerprint, the inputs' and dtype."""
+
+    def __init__(self, folder: str | os.PathLike, backbone: BackboneSource, settings: ExtractionSettings):
+        self.folder, self.backbone, self.settings = Path(folder), backbone, settings
+
+    def key(self, inputs: str) -> str:
+        """Hash of everything the templates depend on; ``inputs`` names the images (see folder_inputs, bin_inputs)."""
+        parts = {"version": CACHE_VERSION, **self.backbone.fingerprint(), "inputs": inputs,
+                 "dtype": self.settings.dtype}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+    def get(self, name: str, inputs: str, items: Sequence[Path] | Sequence[bytes],
+            describe: Callable[[int], str] | None = None, what: str = "images") -> Templates:
+        """The cached templates of ``items``; extracted (once) with the backbone on a miss."""
+        if describe is None:
+            def describe(i: int) -> str:
+                return str(items[i]) if isinstance(items[i], Path) else f"image {i}"
+        key = self.key(inputs)
+        final = self.folder / f"{name}-{key}"
+        entry = open_entry(final)
+        if entry is not None and len(entry) == len(items):
+            log.info("template cache hit: %s (%d %s)", final, len(entry), what)
+            return entry
+        if final.exists():
+            aside = final.with_name(f"{final.name}.unreadable-{int(time.time())}")
+            log.warning("template cache %s is incomplete or unreadable; moved aside to %s and rebuilding", final, aside)
+            final.rename(aside)
+        log.info("template cache miss: extracting %d %s into %s", len(items), what, final)
+        work = self.folder / f".building-{name}-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        work.mkdir(parents=True)
         try:
-            os.rename(work, final)
-        except OSError:
-            if open_entry(final) is None:  # another process won the race with a complete entry, else it is real
-                raise
-    finally:
-        if work.exists():
-            for f in work.iterdir():
-                f.unlink()
-            work.rmdir()
-    entry = open_entry(final)
-    assert entry is not None
-    return entry
+            extract(self.backbone.load(), items, work, self.settings, describe=describe, what=what)
+            try:
+                os.rename(work, final)
+            except OSError:
+                if open_entry(final) is None:  # another process won the race with a complete entry, else it is real
+                    raise
+        finally:
+            if work.exists():
+                for f in work.iterdir():
+                    f.unlink()
+                work.rmdir()
+        entry = open_entry(final)
+        assert entry is not None
+        return entry
 
 
-def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: Path, device: torch.device, *,
-            dtype: str = "float32", batch_size: int = 32, num_workers: int = 2, amp: str = "none",
-            channels_last: bool = False, describe: Callable[[int], str] = str, what: str = "images") -> dict:
+def folder_inputs(root: Path, paths: Sequence[Path]) -> str:
+    """The cache's name for a training folder's images: their relative paths, sizes and mtimes."""
+    return "folder:" + folder_fingerprint(root, paths)
+
+
+def bin_inputs(content_sha256: str) -> str:
+    """The cache's name for a .bin's images: the file's content hash."""
+    return "bin:" + content_sha256
+
+
+def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: Path, settings: ExtractionSettings,
+            describe: Callable[[int], str] = str, what: str = "images") -> dict:
     """Run the backbone over ``items`` (and their flips) and write templates.npy, norms.npy, meta.json to ``out``.
 
     Images are decoded in DataLoader workers while the backbone runs, and the templates are appended to the files
     batch by batch: neither the image set nor the templates are held in memory. Every image that fails to decode
-    is reported at the end, all at once, and no cache is written. Returns the metadata (with the throughput).
+    is reported at the end, all at once, and no cache is written. Returns the metadata.
     """
+    device, dtype, channels_last = settings.device, settings.dtype, settings.channels_last
     n = len(items)
     backbone = backbone.to(device).eval()
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp) if device.type == "cuda" else None
-    loader = DataLoader(ImageDataset(items), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp) if device.type == "cuda" \
+        else None
+    loader = DataLoader(ImageDataset(items), batch_size=settings.batch_size, shuffle=False,
+                        num_workers=settings.num_workers,
                         pin_memory=device.type == "cuda")
     problems: list[str] = []
     resized = 0
@@ -189,7 +212,6 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
     t_file, n_file = open(out / "templates.npy", "wb"), open(out / "norms.npy", "wb")
     _npy_header(n_file, np.dtype(np.float32), (n, 2))
     t0 = time.perf_counter()
-    t_first, n_first = None, 0
     with t_file, n_file, torch.inference_mode():
         for idx, x, was_resized, errors in loader:
             resized += int(was_resized.sum())
@@ -208,8 +230,6 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
             t_file.write(np.ascontiguousarray(normed, dtype=dtype).tobytes())
             n_file.write(np.ascontiguousarray(row_norms, dtype=np.float32).tobytes())
             bar.update(len(idx))
-            if t_first is None:  # the first batch carries one-off costs (worker start, kernel set-up)
-                t_first, n_first = time.perf_counter(), len(idx)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
@@ -224,9 +244,7 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
         log.warning("%d of %d %s were not 112x112: short side resized to 112 (bicubic) and centre-cropped",
                     resized, n, what)
     meta = {"version": CACHE_VERSION, "count": n, "dim": int(dim), "dtype": dtype, "resized": resized,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"), "extract_seconds": seconds,
-            "images_per_second": n / seconds, "forwards_per_second": 2 * n / seconds,
-            "steady_forwards_per_second": 2 * (n - n_first) / (t0 + seconds - t_first) if n > n_first else None}
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     log.info("extracted %d %s in %.1fs (%.1f images/s, each with its flip)", n, what, seconds, n / seconds)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
@@ -236,25 +254,3 @@ def _npy_header(fh, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     """The .npy header of a C-order array whose data is then appended batch by batch."""
     np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
                                               "shape": shape})
-
-
-def backbone_key_parts(cfg) -> tuple[str, bool, int, str]:
-    """Architecture, SE option, template size and weights path of the configured backbone (checked to exist)."""
-    weights = Path(cfg.output_ori)
-    if not weights.is_file():
-        raise UserError(f"backbone weights not found: '{weights}' (config option output_ori, by default "
-                        f"checkpoint_root/pretrained/reference/backbone.pth). Download the pretrained backbone "
-                        f"there (README: 'Pretrained backbones') or set output_ori.")
-    return cfg.network, bool(cfg.SE), int(cfg.embedding_size), str(weights)
-
-
-def bin_key(cfg, content_sha256: str) -> str:
-    """Cache key of a .bin's templates: backbone + the file's content hash."""
-    arch, se, nf, weights = backbone_key_parts(cfg)
-    return cache_key(arch, se, nf, weights, "bin:" + content_sha256, cfg.cache_dtype)
-
-
-def folder_key(cfg, root: Path, paths: Sequence[Path]) -> str:
-    """Cache key of a training folder's templates: backbone + relative paths, sizes and mtimes."""
-    arch, se, nf, weights = backbone_key_parts(cfg)
-    return cache_key(arch, se, nf, weights, "folder:" + folder_fingerprint(root, paths), cfg.cache_dtype)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import tempfile
@@ -15,6 +16,20 @@ from utils.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_HASHES: dict[tuple, str] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Content hash of a file, remembered per (path, size, mtime) within the process."""
+    st = os.stat(path)
+    memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _HASHES[memo] = h.hexdigest()
+    return _HASHES[memo]
 
 
 @contextlib.contextmanager

@@ -65,8 +65,15 @@ def check_folds(issame: np.ndarray, name: str = "evaluation set", n_folds: int =
 def evaluate_verification(templates: np.ndarray, issame: np.ndarray, name: str = "evaluation set"
                           ) -> VerificationResult:
     """EER, TAR@FAR=0.1% and accuracy of (2P, D) pair templates, the authors' protocol exactly."""
+    return verification_from_distances(pair_distances(templates), issame, name)
+
+
+def verification_from_distances(dist: np.ndarray, issame: np.ndarray, name: str = "evaluation set"
+                                ) -> VerificationResult:
+    """The protocol on (P,) pair distances in [0, 4] (squared Euclidean between unit templates, or a method's own
+    comparison on that scale)."""
     issame = np.asarray(issame, dtype=bool)
-    dist = pair_distances(templates)
+    dist = np.asarray(dist, dtype=np.float64)
     if not np.all(np.isfinite(dist)):
         raise UserError(f"{name}: templates contain NaN or infinite values; the model's output is broken.")
     check_folds(issame, name)

@@ -2,7 +2,7 @@
 
 Each identity has a centre on the unit sphere with a gender component along one fixed direction; an image's
 template is its identity's centre plus isotropic noise, painted into a 112x112 PNG that the demo backbone
-(backbones.demo.TemplateDecoder) reads back. The numbers these give are synthetic, not the paper's.
+(synthetic.backbone.TemplateDecoder) reads back. The numbers these give are synthetic, not the paper's.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from backbones.demo import TemplateDecoder, encode_template
+from synthetic.backbone import TemplateDecoder, encode_template
 
 
 def population(n_ids: int, dim: int, rng: np.random.Generator, gender_strength: float,

@@ -1,0 +1,138 @@
+"""One evaluation set from its cached templates: the metrics of a model on it, shared by validation during
+training, the evaluation sweep, the demo and the tests.
+
+The backbone's templates of a .bin come from the template cache (computed once); a method's transform is applied
+to them directly, which equals running transform(normalize(backbone(x))) on the images. Verification uses
+t(x) + t(flip(x)); the gender test uses t(x) alone; the bare backbone sums its raw outputs. A transform may bring
+its own comparison (``pair_distances``, ``similarity``): verification and comparison-based attacks then use it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from eval.attackers import PAPER_ATTACKERS, AttackContext
+from eval.leakage import gender_leakage
+from eval.verification import pair_distances, verification_from_distances
+from utils.binfile import load_bin
+from utils.cache import TemplateCache, Templates, bin_inputs
+
+log = logging.getLogger(__name__)
+
+BACC_COLUMNS = [f"BACC-Gender-{a}" for a in PAPER_ATTACKERS]
+METRIC_COLUMNS = ["EER", "TAR@FAR=0.1%", *BACC_COLUMNS, "BACC-Gender-AVG"]
+NEAR_CHANCE_EER = 0.2   # a bare backbone worse than this on a face set is almost certainly misconfigured
+
+
+@dataclass
+class EvalTemplates:
+    """One evaluation set: cached backbone templates of its pair images followed by its gender images."""
+    name: str
+    templates: Templates
+    issame: np.ndarray
+    id_labels: np.ndarray
+    gender_labels: np.ndarray
+
+    @property
+    def num_pair_images(self) -> int:
+        return 2 * len(self.issame)
+
+
+@dataclass
+class SetResult:
+    """The paper's metrics (METRIC_COLUMNS, NaN where not defined) and every attacker's balanced accuracy."""
+    metrics: dict[str, float]
+    attacks: dict[str, float] = field(default_factory=dict)
+
+    def __getitem__(self, column: str) -> float:
+        return self.metrics[column]
+
+
+def open_eval_set(cache: TemplateCache, rec: str | Path, name: str) -> EvalTemplates:
+    """Read rec/<name>.bin and get its templates from the cache (extracting them on the first use)."""
+    path = Path(rec) / f"{name}.bin"
+    es = load_bin(path)
+    items = es.pair_images + es.gender_images
+    n_pairs = len(es.pair_images)
+
+    def describe(i: int) -> str:
+        return f"{path} bins[{i}]" if i < n_pairs else f"{path} bins_gender[{i - n_pairs}]"
+    t = cache.get(f"bin-{name}", bin_inputs(es.sha256), items, describe, what=f"images of {path.name}")
+    return EvalTemplates(name, t, es.issame, es.id_labels, es.gender_labels)
+
+
+@torch.no_grad()
+def model_templates(ev: EvalTemplates, transform: nn.Module | None) -> tuple[np.ndarray, np.ndarray]:
+    """(2P, D) verification templates (flip-summed) and (G, D) gender templates (unflipped) of the model."""
+    n = ev.num_pair_images
+    t = ev.templates
+    if transform is None:
+        ver = t.raw(slice(0, n), 0) + t.raw(slice(0, n), 1)
+        gen = t.raw(slice(n, None), 0)
+    else:
+        transform.eval()
+        dev = next(iter(transform.parameters()), next(iter(transform.buffers()), torch.empty(0))).device
+        ver = transform(t.normalized(slice(0, n), 0).to(dev)) + transform(t.normalized(slice(0, n), 1).to(dev))
+        gen = transform(t.normalized(slice(n, None), 0).to(dev))
+    return ver.double().cpu().numpy(), gen.double().cpu().numpy()
+
+
+def evaluate_set(ev: EvalTemplates, transform: nn.Module | None, gender_folds: int = 3,
+                 attackers: Sequence[str] = PAPER_ATTACKERS, seed: int = 0) -> SetResult:
+    """EER, TAR@FAR=0.1% and the attackers' gender balanced accuracies of ``transform`` (None: bare backbone)."""
+    ver, gen = model_templates(ev, transform)
+    own_distances = getattr(transform, "pair_distances", None)
+    dist = own_distances(ver) if own_distances is not None else pair_distances(ver)
+    res = verification_from_distances(dist, ev.issame, name=f"'{ev.name}'")
+    metrics = {c: float("nan") for c in METRIC_COLUMNS}
+    metrics.update({"EER": res.eer, "TAR@FAR=0.1%": res.tar})
+    attacks: dict[str, float] = {}
+    if len(gen):
+        ctx = AttackContext(seed=seed, similarity=getattr(transform, "similarity", None))
+        bacc = gender_leakage(gen, ev.gender_labels, ev.id_labels, gender_folds, name=f"'{ev.name}'",
+                              attackers=attackers, context=ctx)
+        attacks = {k: v for k, v in bacc.items() if k != "AVG"}
+        metrics.update({f"BACC-Gender-{k}": v for k, v in bacc.items() if f"BACC-Gender-{k}" in METRIC_COLUMNS})
+    return SetResult(metrics, attacks)
+
+
+def check_bare_backbone(ev: EvalTemplates, logger: logging.Logger) -> float:
+    """The bare backbone's EER on ``ev`` (verification only, cheap), with the near-chance warning."""
+    ver, _ = model_templates(ev, None)
+    eer = verification_from_distances(pair_distances(ver), ev.issame, name=f"'{ev.name}'").eer
+    warn_if_near_chance(ev.name, eer, logger)
+    return eer
+
+
+def warn_if_near_chance(name: str, eer: float, logger: logging.Logger) -> bool:
+    """Log a warning when the bare backbone's EER on a face set is near chance: the numbers are not to be trusted."""
+    if not (math.isfinite(eer) and eer > NEAR_CHANCE_EER):
+        return False
+    logger.warning("the bare backbone's EER on '%s' is %.3f, near chance (> %.1f): check the backbone before trusting "
+                   "any number. Likely causes: the wrong architecture or layout for the weights (config option "
+                   "network; tools/identify_backbone.py lists the layouts that fit a file and their EERs, e.g. "
+                   "sfnet20 against sfnet20_deprecated_v0), the SE option (SE), a template size (embedding_size), "
+                   "images not aligned or normalised as the backbone expects (112x112, (x/255-0.5)/0.5, RGB), or a "
+                   "misaligned .bin (pairs and issame out of step).", name, eer, NEAR_CHANCE_EER)
+    return True
+
+
+def pic(post: dict[str, float] | SetResult, pre: dict[str, float] | SetResult) -> float | None:
+    """PIC = relative privacy gain minus relative identity loss; None where undefined (no gender test, EER_pre=0).
+
+    PIC = ((1 - BACC_post) - (1 - BACC_pre)) / (1 - BACC_pre) - (EER_post - EER_pre) / EER_pre, with BACC the
+    mean of the paper's three attackers' balanced accuracies.
+    """
+    b_post = float(np.mean([post[c] for c in BACC_COLUMNS]))
+    b_pre = float(np.mean([pre[c] for c in BACC_COLUMNS]))
+    e_post, e_pre = post["EER"], pre["EER"]
+    if not all(math.isfinite(v) for v in (b_post, b_pre, e_post, e_pre)) or e_pre == 0 or b_pre == 1:
+        return None
+    return ((1 - b_post) - (1 - b_pre)) / (1 - b_pre) - (e_post - e_pre) / e_pre

@@ -1,0 +1,37 @@
+"""Privacy methods: each one file, registered here by name (config option ``method``).
+
+A new method subclasses ``PrivacyMethod`` (privacy/base.py) and registers itself:
+
+    @register_method
+    class MyMethod(PrivacyMethod):
+        name = "mine"
+        def fit(self, ctx): ...                      # write checkpoints with self.save_checkpoint(...)
+        def build_transform(self, state, path): ...  # a checkpoint's state dict -> nn.Module on templates
+
+It is then trained with ``python finetune.py --set method=mine`` and swept by eval/evaluation.py like the others;
+a module outside the repository is loaded with ``--set plugins="['path/to/mine.py']"``.
+"""
+from __future__ import annotations
+
+from privacy.base import FitContext, FitResult, PrivacyMethod
+
+__all__ = ["METHODS", "register_method", "get_method", "PrivacyMethod", "FitContext", "FitResult"]
+
+METHODS: dict[str, type[PrivacyMethod]] = {}
+
+
+def register_method(cls: type[PrivacyMethod]) -> type[PrivacyMethod]:
+    """Class decorator: make ``cls`` available as config.method ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a class attribute 'name'")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[PrivacyMethod]:
+    return METHODS[name]
+
+
+from privacy.angular import Angular  # noqa: E402  (the built-in methods register themselves)
+
+register_method(Angular)

@@ -1,0 +1,96 @@
+"""What a privacy method is: fit on the training set's templates, it writes checkpoints along its privacy/utility
+path, each of which loads as a transform of templates (normalised backbone outputs -> protected templates).
+
+A transform is an ``nn.Module``. It may also define ``pair_distances(ver) -> (P,)`` (its own comparison of the
+consecutive pairs of flip-summed templates, on the squared-Euclidean scale [0, 4]) and ``similarity(a, b)``
+(higher = more alike): verification and comparison-based attackers then use them (eval/evalset.py).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from config.config import Config
+from eval.evalset import EvalTemplates
+from utils.cache import Templates
+from utils.dataset import TrainIndex
+from utils.io import atomic_torch_save, extract_state_dict, safe_torch_load
+
+__all__ = ["PrivacyMethod", "FitContext", "FitResult"]
+
+
+@dataclass
+class FitContext:
+    """Everything a method is fit with: the data, its templates, where to write, how to validate and log."""
+    cfg: Config
+    index: TrainIndex                   # training images: identity labels, genders, identity genders
+    templates: Templates | None         # the training set's cached templates (None only when cache=False)
+    device: torch.device
+    checkpoint_dir: Path
+    resuming: bool
+    log: logging.Logger
+    val_sets: list[EvalTemplates] = field(default_factory=list)
+    backbone: Callable[[], nn.Module] | None = None   # the frozen backbone, for the in-the-loop mode
+    callbacks: list[object] = field(default_factory=list)  # extra step/epoch callbacks (benchmarks, research)
+
+
+@dataclass
+class FitResult:
+    """How a fit ended: the final step, the checkpoints written, per-epoch means of the method's loss terms, and
+    the validation history."""
+    step: int
+    checkpoints: list[Path] = field(default_factory=list)
+    epoch_losses: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class PrivacyMethod:
+    """Base of the privacy methods (see privacy/__init__.py for the registry)."""
+    name: ClassVar[str] = ""
+    checkpoint_suffix: ClassVar[str] = "transform.pth"   # checkpoints are {step}{checkpoint_suffix}
+    trains_in_loop: ClassVar[bool] = False               # True: cache=False runs the backbone in the loop
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def run_name(self) -> str:
+        """The run folder's default name (config option run_name overrides it)."""
+        return self.name
+
+    def check(self) -> None:
+        """Refuse unusable settings before any compute (UserError naming the option)."""
+
+    def fit(self, ctx: FitContext) -> FitResult:
+        raise NotImplementedError
+
+    def build_transform(self, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+        """The transform held by a checkpoint's state dict (``path`` only names the file in errors)."""
+        raise NotImplementedError
+
+    # ---- checkpoints: the same for every method ------------------------------------------------------------------
+    def checkpoint_path(self, folder: Path, step: int) -> Path:
+        return folder / f"{step}{self.checkpoint_suffix}"
+
+    def save_checkpoint(self, folder: Path, step: int, transform: nn.Module) -> Path:
+        """Write the transform's state dict (CPU tensors) atomically as ``{step}{suffix}``."""
+        path = self.checkpoint_path(folder, step)
+        atomic_torch_save({k: v.detach().cpu() for k, v in transform.state_dict().items()}, path)
+        return path
+
+    def list_checkpoints(self, folder: Path) -> list[tuple[int, Path]]:
+        """(step, path) of the method's checkpoints in ``folder``, in step order; other names are ignored."""
+        pattern = re.compile(r"^(\d+)" + re.escape(self.checkpoint_suffix) + "$")
+        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name))]
+        return sorted(found)
+
+    def load_transform(self, path: Path) -> nn.Module:
+        """Load a checkpoint safely (weights only) into the method's transform, in eval mode."""
+        what = f"{self.name} checkpoint"
+        state = extract_state_dict(safe_torch_load(path, what), path, what)
+        return self.build_transform(state, path).eval()

@@ -1,0 +1,58 @@
+"""Training callbacks: periodic log lines of the method's own loss terms, and validation on .bin files with the
+evaluation's own functions."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+from torch import nn
+
+from eval.attackers import PAPER_ATTACKERS
+from eval.evalset import EvalTemplates, evaluate_set
+
+
+class CallBackLogging:
+    """Every ``frequent`` steps: the mean of each loss term since the last line, and samples/s."""
+
+    def __init__(self, frequent: int, batch_size: int, logger: logging.Logger,
+                 describe: Callable[[dict[str, float]], str]):
+        self.frequent, self.batch_size, self.log, self.describe = frequent, batch_size, logger, describe
+        self.tic = time.time()
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def __call__(self, step: int, epoch: int, terms: dict[str, float]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        if step % self.frequent:
+            return
+        elapsed = max(time.time() - self.tic, 1e-9)
+        avg = {k: v / self.steps for k, v in self.sums.items()}
+        self.log.info("step %d epoch %d: %s | %.0f samples/s", step, epoch, self.describe(avg),
+                      self.steps * self.batch_size / elapsed)
+        self.tic, self.steps, self.sums = time.time(), 0, {}
+
+
+class CallBackVerification:
+    """Every ``frequent`` steps: EER, TAR@FAR=0.1% and gender BACC on each validation set."""
+
+    def __init__(self, frequent: int, sets: list[EvalTemplates], gender_folds: int, logger: logging.Logger,
+                 attackers: Sequence[str] = PAPER_ATTACKERS):
+        self.frequent, self.sets, self.gender_folds, self.log = frequent, sets, gender_folds, logger
+        self.attackers = tuple(attackers)
+        self.history: list[dict[str, float]] = []
+
+    def __call__(self, step: int, transform: nn.Module, force: bool = False) -> None:
+        if not self.sets or not (force or (self.frequent and step % self.frequent == 0)):
+            return
+        was_training = transform.training
+        for ev in self.sets:
+            res = evaluate_set(ev, transform, self.gender_folds, self.attackers)
+            self.history.append({"step": step, "dataset": ev.name, **res.metrics,
+                                 **{f"BACC-Gender-{k}": v for k, v in res.attacks.items()}})
+            baccs = "  ".join(f"{k} {v:.4f}" for k, v in res.attacks.items())
+            self.log.info("[%s][%d] EER %.4f  TAR@FAR=0.1%% %.4f  BACC-Gender %s", ev.name, step, res["EER"],
+                          res["TAR@FAR=0.1%"], baccs or "n/a")
+        transform.train(was_training)

@@ -1,0 +1,170 @@
+"""Runs that describe themselves: the run folders of a training, the ``run.json`` written into them (the method and
+the resolved configuration), and reading them back for the sweep and the report. Folder names stay the authors'
+(``20L1_1L2``) but nothing parses them for settings."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from backbones import ARCHITECTURES
+from config.config import Config
+from eval.attackers import ATTACKERS
+from losses import HEADERS
+from privacy import METHODS, PrivacyMethod, get_method
+from utils.config import check_choice, config_from_dict
+from utils.errors import UserError
+from utils.io import atomic_write_text
+
+__all__ = ["RUN_FILE", "RunFolders", "check_names", "plan_run_folders", "write_run_description", "SweptRun",
+           "find_runs", "append_config_row"]
+
+RUN_FILE = "run.json"
+RUN_FORMAT = 1
+RESUME_FILE = "resume.pth"
+log = logging.getLogger(__name__)
+
+
+def check_names(cfg: Config) -> None:
+    """Every name option is a registered entry (backbone, header, method, attackers): refused before any compute."""
+    check_choice("network", cfg.network, ARCHITECTURES)
+    check_choice("loss", cfg.loss, HEADERS)
+    check_choice("method", cfg.method, METHODS)
+    for name in cfg.attackers:
+        check_choice("attackers", name, ATTACKERS)
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    checkpoints: Path
+    logs: Path
+    resuming: bool
+    requested: Path          # the checkpoint folder the settings name (a new run moves to _2, _3... if it is used)
+
+
+def _occupied(folder: Path) -> bool:
+    return folder.exists() and any(folder.iterdir())
+
+
+def plan_run_folders(cfg: Config, method: PrivacyMethod) -> RunFolders:
+    """The run's checkpoint and log folders. A new run never reuses an occupied folder: it takes the next free
+    ``_2``, ``_3``... name. ``resume`` takes the latest folder of the series that holds a resume state."""
+    sub = Path(cfg.pretrained) / cfg.experiment / cfg.data / (cfg.run_name or method.run_name())
+    base_ckpt = Path(cfg.output) if cfg.output else Path(cfg.checkpoint_root) / sub
+    base_log = Path(cfg.log_output) if cfg.log_output else Path(cfg.log_dir) / sub
+
+    def named(k: int) -> tuple[Path, Path]:
+        suffix = "" if k == 1 else f"_{k}"
+        return base_ckpt.with_name(base_ckpt.name + suffix), base_log.with_name(base_log.name + suffix)
+    k = 1
+    while _occupied(named(k)[0]) or _occupied(named(k)[1]):
+        k += 1
+    if cfg.resume:
+        for j in range(k - 1, 0, -1):
+            if (named(j)[0] / RESUME_FILE).is_file():
+                return RunFolders(*named(j), True, base_ckpt)
+        raise UserError(f"resume=True but no resumable run was found at '{base_ckpt}' (or its _2, _3... siblings): "
+                        f"there is no {RESUME_FILE} in them. Start a new run with resume=False.")
+    return RunFolders(*named(k), False, base_ckpt)
+
+
+def write_run_description(folders: RunFolders, cfg: Config) -> None:
+    """``run.json`` in the checkpoint folder: the method and the configuration the run was trained with (written
+    once, atomically, when the run starts; a resumed run keeps the original)."""
+    path = folders.checkpoints / RUN_FILE
+    if folders.resuming and path.is_file():
+        return
+    resolved = dataclasses.replace(cfg, output=str(folders.checkpoints), log_output=str(folders.logs))
+    doc = {"format": RUN_FORMAT, "method": cfg.method, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "config": dataclasses.asdict(resolved)}
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
+
+
+def append_config_row(path: Path, cfg: Config, extra: dict[str, object]) -> None:
+    """config.csv (the authors' record): one row of hyperparameters per run; the header is written once."""
+    row = {**dataclasses.asdict(cfg), **extra}
+    old = path.read_text() if path.is_file() else ""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(row))
+    if not old:
+        writer.writeheader()
+    writer.writerow({k: str(v) for k, v in row.items()})
+    atomic_write_text(path, old + buf.getvalue())
+
+
+@dataclass
+class SweptRun:
+    """A run folder as the sweep sees it: its method (with the run's own settings) and its checkpoints."""
+    name: str
+    folder: Path
+    method: PrivacyMethod
+    checkpoints: list[tuple[int, Path]]
+    described: bool          # False: a folder written before run.json existed (the sweep's config is used)
+
+    @property
+    def settings(self) -> str:
+        """The run's method and the settings that distinguish it, read from its description."""
+        return describe_settings(self.method.cfg)
+
+
+def describe_settings(cfg: Config) -> str:
+    """A short text of a run's method-specific settings (the options that differ from the defaults)."""
+    default = Config()
+    skip = {"pretrained", "experiment", "data", "run_name", "plugins", "checkpoint_root", "log_dir", "data_dir",
+            "rec", "cache_dir", "output", "log_output", "output_ori", "val_targets", "test_targets", "eval_step",
+            "device", "cache", "cache_dtype", "extract_batch_size", "num_workers", "amp", "channels_last", "resume",
+            "log_every", "checkpoint_every", "attackers", "gender_folds", "method"}
+    changed = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
+               if f.name not in skip and getattr(cfg, f.name) != getattr(default, f.name)]
+    if cfg.method == "angular":
+        changed = [f"alpha={cfg.alpha}", f"beta={cfg.beta}"] + [c for c in changed if not c.startswith(("alpha=",
+                                                                                                        "beta="))]
+    return f"{cfg.method}" + (f" ({', '.join(changed)})" if changed else "")
+
+
+def read_run_config(folder: Path) -> Config | None:
+    """The configuration a run recorded in its run.json; None for a folder without one."""
+    path = folder / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        values = doc["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"run description '{path}' is not readable ({type(exc).__name__}: {exc}). It is written by "
+                        f"finetune.py; restore it, or delete it to sweep the folder with the current config.") from None
+    values = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(Config)}}
+    cfg = config_from_dict(values, f"run description '{path}'")
+    check_choice("method", cfg.method, METHODS)
+    return cfg
+
+
+def find_runs(base: Path, sweep_cfg: Config) -> list[SweptRun]:
+    """Run folders under ``base`` with their method and checkpoints, in name order. A folder without run.json
+    (older runs, the authors' released layers) is the paper's method with the sweep's own config."""
+    if not base.is_dir():
+        raise UserError(f"no folder '{base}' (--model-root / --experiment-name). It should hold one folder per run "
+                        f"(e.g. 20L1_1L2/) with the checkpoints that finetune.py writes.")
+    runs = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        run_cfg = read_run_config(folder)
+        described = run_cfg is not None
+        if run_cfg is None:
+            run_cfg = dataclasses.replace(sweep_cfg, method="angular")
+        else:  # the backbone and evaluation settings are the sweep's; the method's settings are the run's
+            run_cfg = dataclasses.replace(run_cfg, network=sweep_cfg.network, output_ori=sweep_cfg.output_ori,
+                                          SE=sweep_cfg.SE, device=sweep_cfg.device)
+        method = get_method(run_cfg.method)(run_cfg)
+        ckpts = method.list_checkpoints(folder)
+        if ckpts:
+            runs.append(SweptRun(folder.name, folder, method, ckpts, described))
+    if not runs:
+        raise UserError(f"no checkpoints found under '{base}': expected run folders holding the checkpoints of a "
+                        f"method ({{step}}ftn_layers.pth for the paper's; the authors' released layers work too, "
+                        f"placed in such a folder).")
+    return runs

@@ -1,0 +1,203 @@
+"""The plug-in architecture: layers import only downwards, a method and an attacker added from a test (one registry
+entry each) train and sweep end to end, and run folders written before the restructure sweep to the same numbers."""
+import ast
+import csv
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestCentroid
+from torch import nn
+
+import finetune
+from eval import evaluation
+from eval.attackers import ATTACKERS, register_attacker
+from helpers import demo_cfg, synthetic_world
+from privacy import METHODS, FitResult, PrivacyMethod, register_method
+from synthetic.data import save_demo_backbone
+
+REPO = Path(__file__).resolve().parent.parent
+LEGACY = Path(__file__).parent / "data" / "legacy_runs"
+AUTHORS_COLUMNS = ["Step", "Dataset", "EER", "TAR@FAR=0.1%", "BACC-Gender-LogReg", "BACC-Gender-SVM",
+                   "BACC-Gender-RBF", "BACC-Gender-AVG", "PIC"]
+
+# lower number = lower layer; a module may import its own layer and those below it
+LAYERS = {"utils": 0, "config": 0, "eval": 2, "backbones": 1, "losses": 1, "eval.verification": 2,
+          "eval.attackers": 2, "eval.leakage": 2, "eval.evalset": 2, "privacy": 3, "eval.report": 4,
+          "eval.evaluation": 5, "finetune": 5, "tools": 5}
+PRODUCTION = ["utils", "config", "backbones", "losses", "eval", "privacy", "tools", "finetune.py"]
+
+
+def layer_of(module: str) -> int | None:
+    best = None
+    for prefix, rank in LAYERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, rank)
+    return None if best is None else best[1]
+
+
+def runtime_imports(path: Path) -> list[str]:
+    """Modules a file imports when it runs (imports under `if TYPE_CHECKING:` are for type checkers only)."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    out = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+    return out
+
+
+def production_files() -> list[Path]:
+    files = []
+    for entry in PRODUCTION:
+        p = REPO / entry
+        files += [p] if p.is_file() else sorted(p.rglob("*.py"))
+    return files
+
+
+def test_layers_import_only_downwards_and_production_never_imports_scaffolding():
+    checked = 0
+    for path in production_files():
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        own = layer_of(module)
+        assert own is not None, f"{module} has no layer in LAYERS"
+        for imported in runtime_imports(path):
+            top = imported.split(".")[0]
+            assert top not in ("synthetic", "demo", "bench", "tests", "helpers"), f"{module} imports {imported}"
+            rank = layer_of(imported)
+            if rank is not None:
+                checked += 1
+                assert rank <= own, f"{module} (layer {own}) imports {imported} (layer {rank})"
+    assert checked > 50
+    metric_words = ("verification", "leakage", "evaluate", "pic", "metric")
+    assert not [p.name for p in (REPO / "utils").glob("*.py") if any(w in p.stem for w in metric_words)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a toy method and a toy attacker, registered from here only
+# ---------------------------------------------------------------------------------------------------------------
+class DropFirst(nn.Module):
+    """Zero the first ``k`` components (a transform with a buffer and no parameters)."""
+
+    def __init__(self, dim: int, k: int):
+        super().__init__()
+        self.register_buffer("mask", (torch.arange(dim) >= k).float())
+
+    def forward(self, x):
+        return x * self.mask
+
+
+class ToyDrop(PrivacyMethod):
+    name = "toy_drop"
+
+    def run_name(self) -> str:
+        return "toy"
+
+    def fit(self, ctx):
+        dim = ctx.templates.templates.shape[2]
+        paths = [self.save_checkpoint(ctx.checkpoint_dir, k, DropFirst(dim, 8 * k)) for k in (1, 2)]
+        return FitResult(step=2, checkpoints=paths)
+
+    def build_transform(self, state, path):
+        t = DropFirst(state["mask"].numel(), 0)
+        t.load_state_dict(state)
+        return t
+
+
+@pytest.fixture
+def toy_plugins():
+    register_method(ToyDrop)
+    register_attacker("ToyCentroid")(lambda ctx: NearestCentroid())
+    yield
+    METHODS.pop("toy_drop")
+    ATTACKERS.pop("ToyCentroid")
+
+
+@pytest.mark.filterwarnings("ignore:self.within_class_std_dev_")  # the toy transform zeroes components
+def test_toy_method_and_attacker_train_and_sweep(tmp_path, toy_plugins):
+    synthetic_world(tmp_path, n_train_ids=16, imgs=3, n_test_ids=24, pairs=200, gender=96)
+    res = finetune.train(demo_cfg(tmp_path, "method=toy_drop"))
+    assert [p.name for p in res.checkpoints] == ["1transform.pth", "2transform.pth"]
+    described = json.loads((res.checkpoint_dir / "run.json").read_text())
+    assert described["method"] == "toy_drop" and described["config"]["method"] == "toy_drop"
+    paper = finetune.train(demo_cfg(tmp_path, "num_epoch=2", "checkpoint_every=1"))   # the paper's method beside it
+    cfg = demo_cfg(tmp_path, "attackers=['LogReg','SVM','RBF','ToyCentroid']")
+    out = evaluation.evaluate(cfg, tmp_path / "res", tmp_path / "ckpt" / "Demo", "Exp/Synth", tmp_path / "ref.csv")
+    paper_steps = [p.name.split("ftn")[0] for p in paper.checkpoints]
+    for run, steps in (("toy", ["1", "2"]), ("20L1_1L2", paper_steps)):
+        with open(out / f"{run}_metrics.csv", newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+        assert reader.fieldnames == AUTHORS_COLUMNS and [r["Step"] for r in rows] == steps
+        with open(out / f"{run}_attackers.csv", newline="") as fh:
+            extra = list(csv.DictReader(fh))
+        assert [(r["Step"], r["Attacker"]) for r in extra] == [(s, "ToyCentroid") for s in steps]
+        assert all(0 <= float(r["BACC"]) <= 1 for r in extra)
+    report = (out / "report.md").read_text()
+    assert "toy_drop" in report and "angular (alpha=20, beta=1" in report
+
+
+def test_run_description_is_what_the_sweep_reads(tmp_path, toy_plugins):
+    """A run's settings come from its run.json, not from its folder name or the sweep's config."""
+    synthetic_world(tmp_path, n_train_ids=16, imgs=3, n_test_ids=24, pairs=200, gender=96)
+    res = finetune.train(demo_cfg(tmp_path, "alpha=3", "n_hidden=1", "num_epoch=2", "checkpoint_every=2",
+                                  "run_name=plainly_named"))
+    cfg = demo_cfg(tmp_path)   # n_hidden=2 here: only the run's description says 1
+    out = evaluation.evaluate(cfg, tmp_path / "res", tmp_path / "ckpt" / "Demo", "Exp/Synth", tmp_path / "ref.csv")
+    assert (out / "plainly_named_metrics.csv").is_file()
+    assert "alpha=3" in (out / "report.md").read_text() and "n_hidden=1" in (out / "report.md").read_text()
+    assert res.checkpoint_dir.name == "plainly_named"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run folders written before the restructure
+# ---------------------------------------------------------------------------------------------------------------
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def legacy_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("legacy")
+    synthetic_world(root, n_train_ids=24, imgs=4, n_test_ids=24, test_imgs=4, pairs=200, gender=96, seed=3)
+    save_demo_backbone(root / "b128" / "backbone.pth", 128)
+    hashes = json.loads((LEGACY / "hashes.json").read_text())
+    assert sha(root / "rec" / "synth_a.bin") == hashes["synth_a.bin"], "the synthetic generator changed"
+    assert sha(root / "b128" / "backbone.pth") == hashes["backbone128"]
+    assert sha(root / "ckpt" / "Demo" / "reference" / "backbone.pth") == hashes["backbone512"]
+    return root
+
+
+def test_run_folder_of_the_old_code_sweeps_to_the_same_numbers(legacy_world, tmp_path):
+    models = tmp_path / "models"
+    shutil.copytree(LEGACY / "checkpoints" / "20L1_1L2", models / "Exp" / "Synth" / "20L1_1L2")
+    assert not (models / "Exp" / "Synth" / "20L1_1L2" / "run.json").exists()
+    cfg = demo_cfg(legacy_world, "embedding_size=128", f"output_ori={legacy_world / 'b128' / 'backbone.pth'}")
+    out = evaluation.evaluate(cfg, tmp_path / "res", models, "Exp/Synth", tmp_path / "ref.csv")
+    assert (out / "20L1_1L2_metrics.csv").read_text() == (LEGACY / "expected" / "legacy_metrics.csv").read_text()
+    assert (tmp_path / "ref.csv").read_text() == (LEGACY / "expected" / "legacy_reference.csv").read_text()
+    assert not (out / "20L1_1L2_attackers.csv").exists()   # the paper's attackers only: no second CSV
+
+
+def test_authors_released_layer_sweeps_to_the_same_numbers(legacy_world, tmp_path):
+    run = tmp_path / "models" / "Released" / "Synth" / "20L1_1L2"
+    run.mkdir(parents=True)
+    torch.manual_seed(123)
+    from backbones import ProjectionLayer
+    torch.save(ProjectionLayer(512, 512, 2).state_dict(), run / "1000ftn_layers.pth")
+    assert sha(run / "1000ftn_layers.pth") == json.loads((LEGACY / "hashes.json").read_text())["released_layer"]
+    cfg = demo_cfg(legacy_world)
+    out = evaluation.evaluate(cfg, tmp_path / "res", tmp_path / "models", "Released/Synth", tmp_path / "ref.csv")
+    assert (out / "20L1_1L2_metrics.csv").read_text() == (LEGACY / "expected" / "released_metrics.csv").read_text()
+    assert (tmp_path / "ref.csv").read_text() == (LEGACY / "expected" / "released_reference.csv").read_text()
