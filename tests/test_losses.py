@@ -134,7 +134,20 @@ def test_cosface_and_elastic_headers():
     margins = e.margins(torch.zeros(20000, dtype=torch.long), torch.Generator().manual_seed(0))
     assert margins.mean().item() == pytest.approx(0.5, abs=0.002)
     assert margins.std().item() == pytest.approx(0.05, rel=0.05)
-    assert isinstance(get_header("ElasticCosFace", 8, 3, 64, 0.35, 0.0125), torch.nn.Module)
+
+
+
+def test_elastic_cosface_subtracts_a_per_sample_margin_drawn_from_its_generator():
+    torch.manual_seed(0)
+    head = get_header("ElasticCosFace", 8, 5, 64.0, 0.35, 0.05)
+    z = torch.randn(6, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    logits = head(z, labels, torch.Generator().manual_seed(7))
+    margins = 0.35 + 0.05 * torch.randn(6, generator=torch.Generator().manual_seed(7))   # N(m, sigma) per sample
+    cos = F.normalize(z, dim=1) @ F.normalize(head.kernel, dim=0)
+    expected = 64.0 * (cos - F.one_hot(labels, 5) * margins[:, None])
+    torch.testing.assert_close(logits, expected)
+    assert not torch.allclose(logits, 64.0 * (cos - F.one_hot(labels, 5) * 0.35))   # the margin really varies
 
 
 def test_weight_centroids_are_normalised_means_of_normalised_columns():
