@@ -1,47 +1,340 @@
-"""Gender leakage: balanced accuracy of attackers predicting gender from templates.
+"""Gender (or any attribute) leakage: balanced accuracy of attackers predicting it from templates.
 
 StratifiedGroupKFold without shuffle, grouped by identity (no identity in both training and test); balanced
 accuracy per fold, averaged. With the paper's three attackers (eval/attackers.py) this is the authors' protocol;
 'AVG' is their mean. The SVMs are fit without probability=True: predict() is the same, the fit is faster.
+
+Beyond the protocol, ``leakage_report`` gives the worst-case leakage (the largest balanced accuracy over the
+attackers run, and which attacker reached it) and identity-level bootstrap intervals, and runs the (attacker, fold)
+fits in parallel; ``gender_leakage`` is its plain-number view. As a tool, for templates of any system:
+
+    python eval/leakage.py --templates T.npy --labels L.csv [--attackers NAME ...|all] [--identity-column identity]
+                           [--attribute-column gender] [--folds 3] [--bootstrap 1000] [--seed 0] [--n-jobs N]
+                           [--out DIR]
 """
 from __future__ import annotations
 
+import argparse
+import csv
+import difflib
+import io
+import inspect
+import math
+import sys
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import balanced_accuracy_score
-from sklearn.model_selection import StratifiedGroupKFold
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from eval.attackers import PAPER_ATTACKERS, AttackContext, make_attacker
-from utils.errors import UserError
+import numpy as np  # noqa: E402
+from joblib import Parallel, delayed  # noqa: E402
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.metrics import balanced_accuracy_score  # noqa: E402
+from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
+
+from eval.attackers import (ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, Attacker, expand_attackers,  # noqa: E402
+                            make_attacker)
+from utils.errors import UserError, run_cli  # noqa: E402
+from utils.io import atomic_write_text  # noqa: E402
+
+__all__ = ["LeakageResult", "leakage_report", "gender_leakage", "main"]
+
+BOOTSTRAP_BLOCK = 100   # bootstrap replicates drawn and evaluated together (bounds memory); part of what a seed draws
+
+
+@dataclass(frozen=True)
+class LeakageResult:
+    """Leakage of one set of templates: per attacker (and 'AVG', the mean of the paper's three, when all three ran)
+    the mean balanced accuracy over folds and its bootstrap interval (NaN without bootstrap); the worst case over
+    the attackers run; the out-of-fold predictions behind them."""
+    attackers: tuple[str, ...]
+    bacc: dict[str, float]
+    ci_low: dict[str, float]
+    ci_high: dict[str, float]
+    fold_bacc: dict[str, tuple[float, ...]]
+    worst_attacker: str
+    worst_bacc: float
+    worst_ci_low: float
+    worst_ci_high: float
+    predictions: dict[str, np.ndarray]   # attacker -> (N,) prediction of each template by the fold that tested it
+    fold: np.ndarray                     # (N,) index of the fold whose test split holds each template
+    confidence: float
+    n_bootstrap: int
+
+    def as_dict(self) -> dict[str, float]:
+        """Balanced accuracy per attacker, plus 'AVG' when the paper's three ran (gender_leakage's result)."""
+        return dict(self.bacc)
+
+
+def _fit_predict(clf: Attacker, x: np.ndarray, y: np.ndarray, groups: np.ndarray, train: np.ndarray,
+                 test: np.ndarray) -> np.ndarray:
+    """Fit one attacker on a training split and predict its test split (one parallel task)."""
+    kwargs = {"groups": groups[train]} if "groups" in inspect.signature(clf.fit).parameters else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # lbfgs at max_iter=100 is the protocol
+        clf.fit(x[train], y[train], **kwargs)
+    return np.asarray(clf.predict(x[test]))
+
+
+def _check_inputs(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: int, name: str,
+                  attribute: str) -> None:
+    """Refuse inputs the grouped cross-validation cannot use, with the rows or classes at fault."""
+    if x.ndim != 2 or len(x) != len(y) or len(y) != len(groups):
+        raise UserError(f"{name}: {x.shape[0] if x.ndim else 0} templates of shape {x.shape[1:]} but {len(y)} "
+                        f"{attribute} labels and {len(groups)} identity labels: templates must be (N, D) with one "
+                        f"label of each per row.")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1) | (np.linalg.norm(x, axis=1) == 0))
+    if len(bad):
+        rows = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise UserError(f"{name}: {len(bad)} template row(s) hold NaN, infinite values or only zeros (rows {rows}, "
+                        f"counting from 0); they cannot be normalised. Remove them (and their labels) or fix how "
+                        f"they were computed.")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise UserError(f"{name}: every template has {attribute} {classes[0]!r} (or there are none); leakage needs "
+                        f"at least two classes.")
+    n_ids = {c: len(np.unique(groups[y == c])) for c in classes}
+    if min(n_ids.values()) < n_splits:
+        counts = " and ".join(f"{n} of {attribute} {c}" for c, n in n_ids.items())
+        raise UserError(f"{name}: the {attribute} test needs at least {n_splits} identities of each {attribute} "
+                        f"({n_splits}-fold grouped cross-validation); it has {counts}. Add identities of the short "
+                        f"class(es), merge rare classes, or use fewer folds.")
+
+
+def _bootstrap(y: np.ndarray, groups: np.ndarray, fold: np.ndarray, correct: dict[str, np.ndarray],
+               n_bootstrap: int, seed: int) -> dict[str, np.ndarray]:
+    """(n_bootstrap,) replicates of each fold-averaged balanced accuracy: in each fold's test split, identities are
+    drawn with replacement within their class (the class of most of their templates), the same draws for every
+    attacker (paired), so that the intervals of attackers, of 'AVG' and of the worst case are comparable."""
+    classes, yi = np.unique(y, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    n_folds = int(fold.max()) + 1
+    out = {k: np.zeros(n_bootstrap) for k in correct}
+    for start in range(0, n_bootstrap, BOOTSTRAP_BLOCK):
+        b = min(BOOTSTRAP_BLOCK, n_bootstrap - start)
+        for f in range(n_folds):
+            rows = np.flatnonzero(fold == f)
+            ids, gi = np.unique(groups[rows], return_inverse=True)
+            per_id = np.zeros((len(ids), len(classes)))          # templates of each identity and class
+            np.add.at(per_id, (gi, yi[rows]), 1)
+            stratum = per_id.argmax(axis=1)
+            weights = np.zeros((b, len(ids)))
+            for s in np.unique(stratum):
+                members = np.flatnonzero(stratum == s)
+                draws = rng.integers(0, len(members), size=(b, len(members)))
+                counts = np.bincount((np.arange(b)[:, None] * len(members) + draws).ravel(),
+                                     minlength=b * len(members)).reshape(b, len(members))
+                weights[:, members] = counts
+            totals = weights @ per_id                                # (b, classes) templates drawn per class
+            for k, ok in correct.items():
+                hits = np.zeros((len(ids), len(classes)))
+                np.add.at(hits, (gi, yi[rows]), ok[rows])
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    recall = (weights @ hits) / totals
+                out[k][start:start + b] += np.nanmean(recall, axis=1) / n_folds
+    return out
+
+
+def leakage_report(templates: np.ndarray, labels: np.ndarray, identities: np.ndarray, n_splits: int = 3,
+                   name: str = "evaluation set", attackers: Sequence[str] = PAPER_ATTACKERS,
+                   context: AttackContext | None = None, n_bootstrap: int = 1000, confidence: float = 0.95,
+                   seed: int = 0, n_jobs: int = 1, attribute: str = "gender") -> LeakageResult:
+    """Every attacker's balanced accuracy with its identity-level bootstrap interval, and the worst case.
+
+    Templates are L2-normalised; labels may have any number of classes. The (attacker, fold) fits run on
+    ``n_jobs`` workers (joblib; -1: all cores); each fit is seeded (``context.seed``, else ``seed``) and
+    independent, so the results do not depend on the number of workers. The interval holds the fitted attackers
+    fixed and resamples the tested identities (``seed``); ``n_bootstrap=0`` skips it (NaN bounds).
+    """
+    x = np.asarray(templates, dtype=np.float64)
+    y = np.asarray(labels)
+    groups = np.asarray(identities)
+    attackers = tuple(attackers)
+    _check_inputs(x, y, groups, n_splits, name, attribute)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    splits = list(StratifiedGroupKFold(n_splits=n_splits).split(x, y, groups))
+    classes = np.unique(y)
+    for train, _ in splits:
+        if len(np.unique(y[train])) < len(classes):
+            raise UserError(f"{name}: a {attribute}-test fold lacks a class in its training split; add identities "
+                            f"of the rarer classes.")
+    ctx = context or AttackContext(seed=seed)
+    tasks = [(k, f) for k in attackers for f in range(n_splits)]
+    preds = Parallel(n_jobs=n_jobs)(delayed(_fit_predict)(make_attacker(k, ctx), x, y, groups, *splits[f])
+                                    for k, f in tasks)
+    fold = np.empty(len(y), dtype=int)
+    for f, (_, test) in enumerate(splits):
+        fold[test] = f
+    predictions = {k: np.empty(len(y), dtype=y.dtype) for k in attackers}
+    fold_bacc: dict[str, list[float]] = {k: [] for k in attackers}
+    for (k, f), p in zip(tasks, preds):
+        test = splits[f][1]
+        predictions[k][test] = p
+        fold_bacc[k].append(balanced_accuracy_score(y[test], p))
+    bacc = {k: float(np.mean(v)) for k, v in fold_bacc.items()}
+    if all(k in bacc for k in PAPER_ATTACKERS):
+        bacc["AVG"] = float(np.mean([bacc[k] for k in PAPER_ATTACKERS]))
+    worst = max(attackers, key=lambda k: bacc[k])   # the first attacker run wins a tie
+    nan = float("nan")
+    ci_low, ci_high = dict.fromkeys(bacc, nan), dict.fromkeys(bacc, nan)
+    worst_ci = (nan, nan)
+    if n_bootstrap > 0:
+        reps = _bootstrap(y, groups, fold, {k: predictions[k] == y for k in attackers}, n_bootstrap, seed)
+        if "AVG" in bacc:
+            reps["AVG"] = np.mean([reps[k] for k in PAPER_ATTACKERS], axis=0)
+        q = ((1 - confidence) / 2, (1 + confidence) / 2)
+        for k, r in reps.items():
+            ci_low[k], ci_high[k] = (float(v) for v in np.quantile(r, q))
+        worst_ci = tuple(float(v) for v in np.quantile(np.max([reps[k] for k in attackers], axis=0), q))
+    return LeakageResult(attackers, bacc, ci_low, ci_high, {k: tuple(map(float, v)) for k, v in fold_bacc.items()},
+                         worst, bacc[worst], *worst_ci, predictions, fold, confidence, n_bootstrap)
 
 
 def gender_leakage(templates: np.ndarray, genders: np.ndarray, identities: np.ndarray, n_splits: int = 3,
                    name: str = "evaluation set", attackers: Sequence[str] = PAPER_ATTACKERS,
-                   context: AttackContext | None = None) -> dict[str, float]:
+                   context: AttackContext | None = None, n_jobs: int = 1) -> dict[str, float]:
     """Balanced accuracy per attacker, plus 'AVG' (the mean of the paper's three) when all three ran."""
-    x = np.asarray(templates, dtype=np.float64)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    y = np.asarray(genders)
-    groups = np.asarray(identities)
-    n_ids = [len(np.unique(groups[y == g])) for g in (0, 1)]
-    if min(n_ids) < n_splits:
-        raise UserError(f"{name}: the gender test needs at least {n_splits} identities of each gender "
-                        f"({n_splits}-fold grouped cross-validation); it has {n_ids[0]} of gender 0 and "
-                        f"{n_ids[1]} of gender 1.")
-    scores: dict[str, list[float]] = {k: [] for k in attackers}
-    for train, test in StratifiedGroupKFold(n_splits=n_splits).split(x, y, groups):
-        if len(np.unique(y[train])) < 2:
-            raise UserError(f"{name}: a gender-test fold has only one gender in its training split; add identities.")
-        for kind in attackers:
-            clf = make_attacker(kind, context)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)  # lbfgs at max_iter=100 is the protocol
-                clf.fit(x[train], y[train])
-            scores[kind].append(balanced_accuracy_score(y[test], clf.predict(x[test])))
-    out = {k: float(np.mean(v)) for k, v in scores.items()}
-    if all(k in out for k in PAPER_ATTACKERS):
-        out["AVG"] = float(np.mean([out[k] for k in PAPER_ATTACKERS]))
-    return out
+    return leakage_report(templates, genders, identities, n_splits, name, attackers, context, n_bootstrap=0,
+                          n_jobs=n_jobs).as_dict()
+
+
+# ---- the tool ------------------------------------------------------------------------------------------------------
+
+CSV_COLUMNS = ["Kind", "Attacker", "BACC", "CI_low", "CI_high"]   # Kind: paper, extra, paper-mean, worst-case
+
+
+def _load_templates(path: Path) -> np.ndarray:
+    """A (N, D) numeric array from a .npy file (no pickled objects), or a UserError naming the file."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UserError(f"templates file '{path}' does not exist; pass the .npy file of your templates "
+                        f"(np.save(path, array) with one row per template).") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise UserError(f"templates file '{path}' could not be read as a .npy array ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}). It must be a numeric "
+                        f"array saved with np.save (object arrays, which need pickle, are refused).") from None
+    if not isinstance(x, np.ndarray) or x.ndim != 2 or not (np.issubdtype(x.dtype, np.number)
+                                                           and not np.issubdtype(x.dtype, np.complexfloating)):
+        raise UserError(f"templates file '{path}' holds a {getattr(x, 'dtype', type(x).__name__)} array of shape "
+                        f"{getattr(x, 'shape', '?')}; it must be a real-valued (N, D) array, one template per row.")
+    return x
+
+
+def _load_labels(path: Path, identity_column: str, attribute_column: str) -> tuple[np.ndarray, np.ndarray]:
+    """The identity and attribute columns of the labels CSV, as text, or a UserError naming the file and column."""
+    import pandas as pd
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except FileNotFoundError:
+        raise UserError(f"labels file '{path}' does not exist; pass a CSV with one row per template and the "
+                        f"columns '{identity_column}' and '{attribute_column}'.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"labels file '{path}' could not be read as a CSV ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}). It must be a text CSV "
+                        f"with a header row, one row per template.") from None
+    for column, option in ((identity_column, "--identity-column"), (attribute_column, "--attribute-column")):
+        if column not in table.columns:
+            close = difflib.get_close_matches(column, list(table.columns), n=1)
+            hint = f" Did you mean '{close[0]}' ({option} {close[0]})?" if close else f" Choose one with {option}."
+            raise UserError(f"labels file '{path}' has no column '{column}'; its columns are "
+                            f"{', '.join(map(repr, table.columns))}.{hint}")
+        empty = np.flatnonzero(table[column].str.strip().to_numpy() == "")
+        if len(empty):
+            raise UserError(f"labels file '{path}': column '{column}' is empty in {len(empty)} row(s) (first: data "
+                            f"row {empty[0] + 1}); every template needs an identity and an attribute value.")
+    return table[identity_column].str.strip().to_numpy(), table[attribute_column].str.strip().to_numpy()
+
+
+def _free_path(folder: Path, stem: str) -> Path:
+    """``folder/stem.csv``, or ``stem_2.csv``, ``stem_3.csv``... if taken: an earlier result is never replaced."""
+    path, k = folder / f"{stem}.csv", 2
+    while path.exists():
+        path, k = folder / f"{stem}_{k}.csv", k + 1
+    return path
+
+
+def _fmt(v: float) -> str:
+    """A CSV cell: the full value, empty where undefined (as the sweep's CSVs)."""
+    return "" if math.isnan(v) else repr(v)
+
+
+def _result_rows(res: LeakageResult) -> list[list[str]]:
+    """CSV rows: one per attacker (kind 'paper' or 'extra'), 'AVG' when the paper's three ran ('paper-mean'), and
+    the worst case ('worst-case', with the attacker that reached it; its interval is that of the maximum)."""
+    rows = [["paper" if k in PAPER_ATTACKERS else "extra", k, _fmt(res.bacc[k]), _fmt(res.ci_low[k]),
+             _fmt(res.ci_high[k])] for k in res.attackers]
+    if "AVG" in res.bacc:
+        rows.append(["paper-mean", "AVG", _fmt(res.bacc["AVG"]), _fmt(res.ci_low["AVG"]), _fmt(res.ci_high["AVG"])])
+    rows.append(["worst-case", res.worst_attacker, _fmt(res.worst_bacc), _fmt(res.worst_ci_low),
+                 _fmt(res.worst_ci_high)])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: leakage of the attribute in a .npy of templates labelled by a CSV; table printed, CSV written."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--templates", required=True, help=".npy file of an (N, D) array, one template per row")
+    parser.add_argument("--labels", required=True, help="CSV with a header and one row per template, in order")
+    parser.add_argument("--attackers", nargs="+", default=list(PAPER_ATTACKERS),
+                        help=f"attackers to run, or 'all' (registered: {', '.join(ATTACKERS)}); default: the paper's")
+    parser.add_argument("--identity-column", default="identity", help="the labels' identity column (folds group it)")
+    parser.add_argument("--attribute-column", default="gender", help="the labels' attribute column (any classes)")
+    parser.add_argument("--folds", type=int, default=3, help="identity-grouped stratified folds (paper: 3)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap replicates of the 95%% intervals (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the attackers and of the bootstrap")
+    parser.add_argument("--n-jobs", type=int, default=1, help="parallel (attacker, fold) fits; -1: all cores")
+    parser.add_argument("--out", default=".", help="folder for the CSV <templates name>_leakage.csv (never replaced)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        unknown = [a for a in args.attackers if a != ALL and a not in ATTACKERS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], list(ATTACKERS), n=1)
+            raise UserError(f"unknown attacker '{unknown[0]}' in --attackers; choose from {', '.join(ATTACKERS)} or "
+                            f"'{ALL}'." + (f" Did you mean '{close[0]}'?" if close else ""))
+        if args.folds < 2 or args.bootstrap < 0:
+            raise UserError(f"--folds must be at least 2 and --bootstrap at least 0 (got {args.folds} and "
+                            f"{args.bootstrap}).")
+        templates = Path(args.templates)
+        x = _load_templates(templates)
+        ids, attr = _load_labels(Path(args.labels), args.identity_column, args.attribute_column)
+        if len(x) != len(ids):
+            raise UserError(f"'{templates}' holds {len(x)} templates but '{args.labels}' has {len(ids)} label rows; "
+                            f"they must match one to one, in the same order.")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out '{out}' is a file; name a folder for the result CSV.")
+        res = leakage_report(x, attr, ids, args.folds, name=str(templates), attackers=expand_attackers(args.attackers),
+                             n_bootstrap=args.bootstrap, seed=args.seed, n_jobs=args.n_jobs,
+                             attribute=args.attribute_column)
+        rows = _result_rows(res)
+        classes, counts = np.unique(attr, return_counts=True)
+        print(f"{templates}: {len(x)} templates of dimension {x.shape[1]}, {len(np.unique(ids))} identities; "
+              f"'{args.attribute_column}' classes " + ", ".join(f"{c} ({n})" for c, n in zip(classes, counts))
+              + f"; {args.folds} identity-grouped folds; chance = {1 / len(classes):.3f}")
+        head = ["", "attacker", "BACC", f"{res.confidence:.0%} interval" if args.bootstrap else ""]
+        table = [[kind, name, f"{float(bacc):.4f}", f"[{float(low):.4f}, {float(high):.4f}]" if low else ""]
+                 for kind, name, bacc, low, high in rows]
+        widths = [max(len(c) for c in col) for col in zip(head, *table)]
+        for line in [head, *table]:
+            print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        path = _free_path(out, f"{templates.stem}_leakage")
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([CSV_COLUMNS, *rows])
+        try:
+            atomic_write_text(path, text.getvalue())
+        except OSError as exc:
+            raise UserError(f"cannot write the result to '{path}' ({exc.strerror or exc}); choose another --out.") \
+                from None
+        print(f"written: {path}")
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
