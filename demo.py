@@ -69,12 +69,12 @@ def make_data(out: Path, size: dict, seed: int) -> dict[str, Path]:
 
 
 def demo_overrides(out: Path, size: dict, seed: int) -> list[str]:
-    return ["plugins=['synthetic']", "network=demo_decoder", "pretrained=Demo", "experiment=Synthetic", "data=SynthFaces",
+    return ["plugins=synthetic", "network=demo_decoder", "pretrained=Demo", "experiment=Synthetic", "data=SynthFaces",
             f"checkpoint_root={out / 'checkpoints'}", f"log_dir={out / 'logs'}",
             f"data_dir={out / 'data' / 'train' / 'SynthFaces'}", f"rec={out / 'data' / 'eval'}",
             f"cache_dir={out / 'cache'}", f"num_epoch={size['epochs']}", f"batch_size={size['batch']}",
-            "checkpoint_every=4", "eval_step=50", "log_every=25", "val_targets=['synth_a']",
-            "test_targets=['synth_a','synth_b']", f"seed={seed}", "num_workers=0"]
+            "checkpoint_every=4", "eval_step=50", "log_every=25", "val_targets=synth_a",
+            "test_targets=synth_a,synth_b", f"seed={seed}", "num_workers=0"]
 
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:

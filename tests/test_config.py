@@ -33,13 +33,18 @@ def test_overrides_are_parsed_as_literals_and_paths_follow():
     assert cfg.output_ori == "/w/b.pth"
 
 
+def test_list_options_take_comma_separated_names():
+    cfg = load_config(None, ["val_targets=lfw", "attackers=LogReg, SVM,RBF", "plugins=synthetic"])
+    assert cfg.val_targets == ["lfw"] and cfg.attackers == ["LogReg", "SVM", "RBF"] and cfg.plugins == ["synthetic"]
+
+
 def test_unknown_key_names_the_closest_option():
     with pytest.raises(UserError, match="unknown config option 'alhpa'.*Did you mean 'alpha'"):
         load_config(None, ["alhpa=3"])
 
 
 @pytest.mark.parametrize("item, key", [("batch_size=0.5", "batch_size"), ("lr=fast", "lr"),
-                                        ("val_targets=lfw", "val_targets"), ("SE=1", "SE")])
+                                        ("val_targets=5", "val_targets"), ("SE=1", "SE")])
 def test_wrong_types_are_named(item, key):
     with pytest.raises(UserError, match=f"config option '{key}'.*must be"):
         load_config(None, [item])

@@ -21,7 +21,8 @@ __all__ = ["Config", "load_config", "config_from_dict", "check_choice", "OVERRID
 
 OVERRIDE_HELP = ("--config PATH loads another module of the same form as config/config.py (options it leaves out keep "
                  "their defaults); --set KEY=VALUE [KEY=VALUE ...] overrides single options, values read as Python "
-                 "literals when they parse (5, 0.01, True, ['lfw','agedb_30']) and as text otherwise.")
+                 "literals when they parse (5, 0.01, True, ['lfw','agedb_30']) and as text otherwise; a list option "
+                 "also takes comma-separated names (val_targets=lfw,agedb_30).")
 
 _TYPES = get_type_hints(Config)
 _DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
@@ -37,6 +38,9 @@ RANGES: dict[str, tuple[float, bool, float | None]] = {
     "global_step": (0, True, None), "grad_clip": (0, False, None), "seed": (0, True, None),
     "checkpoint_every": (1, True, None), "log_every": (1, True, None), "eval_step": (0, True, None),
     "gender_folds": (2, True, None), "extract_batch_size": (1, True, None), "num_workers": (0, True, None),
+    "ive_dims_per_round": (1, True, None), "ive_rounds": (1, True, None), "ive_estimators": (1, True, None),
+    "pe_miu_block_size": (1, True, None), "inlp_iterations": (1, True, None), "adversarial_weight": (0, True, None),
+    "adversarial_hidden": (1, True, None),
 }
 _CHOICES = {"cache_dtype": ("float32", "float16"), "amp": ("none", "bf16", "fp16")}
 
@@ -145,8 +149,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
-    if key in _TYPES and not _conforms(value, _TYPES[key]) and _conforms(raw, _TYPES[key]):
-        value = raw  # e.g. data=2024 for a text option
+    if key in _TYPES and not _conforms(value, _TYPES[key]):
+        if _conforms(raw, _TYPES[key]):
+            value = raw  # e.g. data=2024 for a text option
+        elif get_origin(_TYPES[key]) is list and isinstance(value, str) and value.strip():
+            value = [v.strip() for v in value.split(",") if v.strip()]  # e.g. attackers=LogReg,SVM,RBF,MLP
     return key, value
 
 
