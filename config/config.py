@@ -37,6 +37,14 @@ class Config:
     beta: float = 1                        # weight of P2 (angle to the other gender's mean identity weight)
     method_options: dict = field(default_factory=dict)  # options of a plug-in method, e.g. {"rank": 4}
 
+    # ---- other privacy methods (privacy/) ----------------------------------------------------------------------
+    ive_dims_per_round: int = 8            # ive: dimensions removed per round (the most gender-predictive)
+    ive_rounds: int = 20                   # ive: elimination rounds, a checkpoint each (keeps D - rounds * dims)
+    ive_estimators: int = 100              # ive: trees of the random forest whose importances rank the dimensions
+    pe_miu_block_size: int = 16            # pe_miu: size of the permuted blocks; must divide embedding_size
+    inlp_iterations: int = 20              # inlp: linear classifiers whose directions are projected out, one each
+    adversarial_weight: float = 1.0        # adversarial: weight of the reversed gradient of the gender adversary
+    adversarial_hidden: int = 256          # adversarial: hidden units of the adversary (Linear-ReLU-Linear)
 
     # ---- optimisation ------------------------------------------------------------------------------------------
     lr: float = 0.01                       # Adam learning rate of the privacy layer
@@ -53,7 +61,8 @@ class Config:
     # ---- paths -------------------------------------------------------------------------------------------------
     checkpoint_root: str = "work_dirs/checkpoints"  # checkpoints: checkpoint_root/pretrained/experiment/data/run
     log_dir: str = "work_dirs/logs"                 # logs: log_dir/pretrained/experiment/data/run
-    data_dir: str = "data/train/ColorFeret"         # training set: one subjectid_gender folder per identity
+    data_dir: str | list[str] = "data/train/ColorFeret"  # training set(s): subjectid_gender folder, .rec, or a list
+    rec_genders: Optional[str] = None               # gender CSV (label,gender) of a .rec; None: <stem>_genders.csv
     rec: str = "data/eval"                          # folder of the evaluation files <name>.bin
     cache_dir: str = "work_dirs/cache"              # template cache (backbone outputs, computed once)
     output: Optional[str] = None           # checkpoint folder; None: checkpoint_root/pretrained/experiment/data/run
@@ -65,7 +74,9 @@ class Config:
     test_targets: list[str] = field(default_factory=lambda: ["vggface2", "lfw", "agedb_30", "colorferet"])  # swept
     eval_step: int = 1000                  # steps between validations (0: no validation during training)
     gender_folds: int = 3                  # StratifiedGroupKFold splits of the gender-leakage test (authors: 3)
-    attackers: list[str] = field(default_factory=lambda: ["LogReg", "SVM", "RBF"])  # gender attackers (eval/)
+    attackers: list[str] = field(default_factory=lambda: ["LogReg", "SVM", "RBF"])  # gender attackers; "all": every one
+    bootstrap: int = 1000                  # identity-level bootstrap draws for the attackers' intervals (0: none)
+    n_jobs: int = 1                        # parallel attacker fits (-1: all cores); the results do not depend on it
 
     # ---- runtime -----------------------------------------------------------------------------------------------
     device: str = "auto"                   # auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from eval.attackers import PAPER_ATTACKERS, AttackContext
-from eval.leakage import gender_leakage
+from eval.attackers import PAPER_ATTACKERS, AttackContext, expand_attackers
+from eval.leakage import LeakageResult, leakage_report
 from eval.verification import pair_distances, verification_from_distances
 from utils.binfile import load_bin
 from utils.cache import TemplateCache, Templates, bin_inputs
@@ -47,9 +47,11 @@ class EvalTemplates:
 
 @dataclass
 class SetResult:
-    """The paper's metrics (METRIC_COLUMNS, NaN where not defined) and every attacker's balanced accuracy."""
+    """The paper's metrics (METRIC_COLUMNS, NaN where not defined), every attacker's balanced accuracy, and the
+    whole leakage result (intervals, worst case) when the set has a gender test."""
     metrics: dict[str, float]
     attacks: dict[str, float] = field(default_factory=dict)
+    leakage: LeakageResult | None = None
 
     def __getitem__(self, column: str) -> float:
         return self.metrics[column]
@@ -85,22 +87,24 @@ def model_templates(ev: EvalTemplates, transform: nn.Module | None) -> tuple[np.
 
 
 def evaluate_set(ev: EvalTemplates, transform: nn.Module | None, gender_folds: int = 3,
-                 attackers: Sequence[str] = PAPER_ATTACKERS, seed: int = 0) -> SetResult:
-    """EER, TAR@FAR=0.1% and the attackers' gender balanced accuracies of ``transform`` (None: bare backbone)."""
+                 attackers: Sequence[str] = PAPER_ATTACKERS, seed: int = 0, bootstrap: int = 0,
+                 n_jobs: int = 1) -> SetResult:
+    """EER, TAR@FAR=0.1% and the attackers' gender balanced accuracies of ``transform`` (None: bare backbone);
+    with ``bootstrap`` > 0 also identity-level intervals (eval/leakage.py)."""
     ver, gen = model_templates(ev, transform)
     own_distances = getattr(transform, "pair_distances", None)
     dist = own_distances(ver) if own_distances is not None else pair_distances(ver)
     res = verification_from_distances(dist, ev.issame, name=f"'{ev.name}'")
     metrics = {c: float("nan") for c in METRIC_COLUMNS}
     metrics.update({"EER": res.eer, "TAR@FAR=0.1%": res.tar})
-    attacks: dict[str, float] = {}
-    if len(gen):
-        ctx = AttackContext(seed=seed, similarity=getattr(transform, "similarity", None))
-        bacc = gender_leakage(gen, ev.gender_labels, ev.id_labels, gender_folds, name=f"'{ev.name}'",
-                              attackers=attackers, context=ctx)
-        attacks = {k: v for k, v in bacc.items() if k != "AVG"}
-        metrics.update({f"BACC-Gender-{k}": v for k, v in bacc.items() if f"BACC-Gender-{k}" in METRIC_COLUMNS})
-    return SetResult(metrics, attacks)
+    if not len(gen):
+        return SetResult(metrics)
+    ctx = AttackContext(seed=seed, similarity=getattr(transform, "similarity", None))
+    leak = leakage_report(gen, ev.gender_labels, ev.id_labels, gender_folds, name=f"'{ev.name}'",
+                          attackers=expand_attackers(attackers), context=ctx, n_bootstrap=bootstrap, seed=seed,
+                          n_jobs=n_jobs)
+    metrics.update({f"BACC-Gender-{k}": v for k, v in leak.bacc.items() if f"BACC-Gender-{k}" in METRIC_COLUMNS})
+    return SetResult(metrics, {k: leak.bacc[k] for k in leak.attackers}, leak)
 
 
 def check_bare_backbone(ev: EvalTemplates, logger: logging.Logger) -> float:

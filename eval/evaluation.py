@@ -27,11 +27,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from backbones.spec import BackboneSpec  # noqa: E402
 from config.config import Config  # noqa: E402
-from eval.attackers import PAPER_ATTACKERS  # noqa: E402
+from eval.attackers import PAPER_ATTACKERS, expand_attackers  # noqa: E402
 from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, evaluate_set, open_eval_set, pic,  # noqa: E402
                           warn_if_near_chance)
 from eval.report import write_report  # noqa: E402
@@ -44,7 +45,10 @@ from utils.io import atomic_write_text, check_writable  # noqa: E402
 from utils.logs import log_to  # noqa: E402
 
 CSV_COLUMNS = ["Step", "Dataset", *METRIC_COLUMNS, "PIC"]
-ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC"]   # <run>_attackers.csv: attackers beyond the paper's
+# <run>_attackers.csv, written when attackers beyond the paper's run: every attacker's balanced accuracy with its
+# identity-level bootstrap interval, and a 'worst-case' row (the maximum over them, Reached-By naming the attacker)
+ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC", "CI-Low", "CI-High", "Reached-By"]
+WORST = "worst-case"
 REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
 log = logging.getLogger("genderprivacy.eval")
 
@@ -120,12 +124,39 @@ def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int) 
     return out
 
 
+def bare_backbone_attacks(path: Path, sets: list[EvalTemplates], attackers: tuple[str, ...], gender_folds: int,
+                          seed: int, bootstrap: int, n_jobs: int) -> pd.DataFrame:
+    """The bare backbone against every attacker (with intervals and the worst case), for the report's first row;
+    kept in ``path`` and recomputed only for sets or attackers it lacks."""
+    columns = ["Dataset", *ATTACKER_COLUMNS[2:]]
+    rows = read_csv_rows(path, columns, "bare-backbone attackers file")
+    have = {(r["Dataset"], r["Attacker"]) for r in rows}
+    todo = [ev for ev in sets if len(ev.gender_labels) and any((ev.name, a) not in have for a in (*attackers, WORST))]
+    for ev in todo:
+        res = evaluate_set(ev, None, gender_folds, attackers, seed, bootstrap, n_jobs)
+        _, extra = _rows(0, ev, res, {})
+        rows = [r for r in rows if r["Dataset"] != ev.name] + [{k: r[k] for k in columns} for r in extra]
+    if todo:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else pd.DataFrame()
+
+
 def _rows(step: int, ev: EvalTemplates, res: SetResult, ref: dict[str, float]) -> tuple[dict, list[dict]]:
-    """The metrics-CSV row (the authors' columns) and the attackers-CSV rows (attackers beyond the paper's)."""
+    """The metrics-CSV row (the authors' columns) and the attackers-CSV rows (each attacker and the worst case)."""
     row = {"Step": str(step), "Dataset": ev.name, **{c: _fmt(res[c]) for c in METRIC_COLUMNS},
-           "PIC": _fmt(pic(res, ref))}
-    extra = [{"Step": str(step), "Dataset": ev.name, "Attacker": name, "BACC": _fmt(v)}
-             for name, v in res.attacks.items() if name not in PAPER_ATTACKERS]
+           "PIC": _fmt(pic(res, ref)) if ref else ""}
+    leak = res.leakage
+    if leak is None:
+        return row, []
+    key = {"Step": str(step), "Dataset": ev.name}
+    extra = [{**key, "Attacker": k, "BACC": _fmt(leak.bacc[k]), "CI-Low": _fmt(leak.ci_low[k]),
+              "CI-High": _fmt(leak.ci_high[k]), "Reached-By": ""} for k in leak.attackers]
+    extra.append({**key, "Attacker": WORST, "BACC": _fmt(leak.worst_bacc), "CI-Low": _fmt(leak.worst_ci_low),
+                  "CI-High": _fmt(leak.worst_ci_high), "Reached-By": leak.worst_attacker})
     return row, extra
 
 
@@ -148,14 +179,20 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
     check_writable(out_dir, "--log-root")
     if not reference.is_file():
         check_writable(reference.parent if str(reference.parent) else Path("."), "--reference-pth")
-    extra_attackers = [a for a in cfg.attackers if a not in PAPER_ATTACKERS]
+    attackers = expand_attackers(cfg.attackers)
+    # the second CSV (intervals, worst case) when attackers beyond the paper's run; the default sweep costs what the
+    # paper's protocol costs and writes exactly the authors' files
+    beyond = set(attackers) != set(PAPER_ATTACKERS)
+    bootstrap = cfg.bootstrap if beyond else 0
+    read_csv_rows(out_dir / "bare_backbone_attackers.csv", ["Dataset", *ATTACKER_COLUMNS[2:]],
+                  "bare-backbone attackers file")
     for run in runs:  # refuse foreign CSVs before any compute
         read_csv_rows(out_dir / f"{run.name}_metrics.csv", CSV_COLUMNS, "metrics file")
         read_csv_rows(out_dir / f"{run.name}_attackers.csv", ATTACKER_COLUMNS, "attackers file")
     device = select_device(cfg.device)
     with log_to(out_dir / "evaluate.log", log.name) as lg:
         lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(runs), experiment, ", ".join(targets),
-                ", ".join(cfg.attackers))
+                ", ".join(attackers))
         cache = TemplateCache(cfg.cache_dir, backbone, ExtractionSettings.from_config(cfg, device))
         sets = [open_eval_set(cache, cfg.rec, name) for name in targets]
         changed = False
@@ -178,23 +215,27 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
                     "method with this sweep's settings)")
             for step, ckpt in run.checkpoints:
                 todo = [ev for ev in sets if force or (str(step), ev.name) not in done
-                        or any((str(step), ev.name, a) not in attacked for a in extra_attackers)]
+                        or (beyond and any((str(step), ev.name, a) not in attacked for a in (*attackers, WORST)))]
                 if not todo:
                     lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
                             csv_path.name)
                     continue
                 transform = run.method.load_transform(ckpt).to(device)
                 for ev in todo:
-                    res = evaluate_set(ev, transform, cfg.gender_folds, cfg.attackers, cfg.seed)
+                    res = evaluate_set(ev, transform, cfg.gender_folds, attackers, cfg.seed, bootstrap, cfg.n_jobs)
                     row, extra = _rows(step, ev, res, ref[ev.name])
                     write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
-                    if extra:
+                    if beyond and extra:
                         write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
                     changed = True
                     lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", run.name, step, ev.name, res["EER"],
                             res["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
+        bare = None
+        if beyond:
+            bare = bare_backbone_attacks(out_dir / "bare_backbone_attackers.csv", sets, attackers, cfg.gender_folds,
+                                         cfg.seed, bootstrap, cfg.n_jobs)
         if changed or not (out_dir / "report.md").is_file():
-            report = write_report(out_dir, runs, ref, sets, cfg.gender_folds)
+            report = write_report(out_dir, runs, ref, sets, cfg.gender_folds, bare)
             lg.info("report: %s", report)
         else:
             lg.info("nothing new: %s and the plots are up to date", out_dir / "report.md")

@@ -1,7 +1,11 @@
-"""report.md and PNG plots of an evaluation sweep (matplotlib, headless)."""
+"""report.md and PNG plots of an evaluation sweep (pandas for the tables, matplotlib headless for the plots).
+
+The comparison table puts, per evaluation set, the bare backbone first and then every run (its method and settings
+read from its run.json): the last checkpoint, and marked separately the checkpoint with the best PIC. With
+attackers beyond the paper's it adds worst-case leakage and its interval.
+"""
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -21,17 +26,8 @@ if TYPE_CHECKING:
     from privacy.runs import SweptRun
 
 PLOTTED = [("EER", "EER"), ("TAR@FAR=0.1%", "TAR@FAR=0.1%"), ("BACC-Gender-AVG", "gender BACC (avg)"), ("PIC", "PIC")]
-
-
-def _num(v: str) -> float:
-    return float(v) if v not in ("", None) else float("nan")
-
-
-def _rows(path: Path) -> list[dict[str, float | str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [{k: (v if k == "Dataset" else _num(v)) for k, v in r.items()} for r in csv.DictReader(fh)]
+WORST = "worst-case"
+LINEAR_ERASURE = ("leace", "inlp")
 
 
 def _save(fig, path: Path) -> None:
@@ -40,15 +36,32 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(run: str, rows: list[dict], ref: dict[str, dict[str, float]], path: Path) -> None:
+def read_results(out_dir: Path, runs: list["SweptRun"], suffix: str) -> pd.DataFrame:
+    """Every run's ``<run>_<suffix>.csv`` in one frame with a Run column (empty cells as NaN)."""
+    frames = [pd.read_csv(out_dir / f"{run.name}_{suffix}.csv", keep_default_na=False, na_values=[""]).assign(
+        Run=run.name) for run in runs if (out_dir / f"{run.name}_{suffix}.csv").is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def worst_cases(attacks: pd.DataFrame) -> pd.DataFrame:
+    """The worst-case rows of an attackers frame, indexed by (Run, Step, Dataset) when present."""
+    if attacks.empty:
+        return attacks
+    return attacks[attacks["Attacker"] == WORST].set_index([c for c in ("Run", "Step", "Dataset") if c in attacks])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plots
+# ---------------------------------------------------------------------------------------------------------------
+def plot_curves(run: str, rows: pd.DataFrame, ref: dict[str, dict[str, float]], path: Path) -> None:
     """EER, TAR, gender BACC and PIC against step, one line per dataset, the bare backbone dashed."""
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
-    datasets = sorted({r["Dataset"] for r in rows})
+    datasets = sorted(rows["Dataset"].unique())
     colors = dict(zip(datasets, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3))
     for ax, (col, title) in zip(axes, PLOTTED):
         for ds in datasets:
-            rr = sorted((r for r in rows if r["Dataset"] == ds), key=lambda r: r["Step"])
-            ax.plot([r["Step"] for r in rr], [r[col] for r in rr], "o-", ms=3, color=colors[ds], label=ds)
+            rr = rows[rows["Dataset"] == ds].sort_values("Step")
+            ax.plot(rr["Step"], rr[col], "o-", ms=3, color=colors[ds], label=ds)
             if col in ref.get(ds, {}) and math.isfinite(ref[ds][col]):
                 ax.axhline(ref[ds][col], ls="--", lw=1, color=colors[ds])
         ax.set_title(title)
@@ -59,24 +72,52 @@ def plot_curves(run: str, rows: list[dict], ref: dict[str, dict[str, float]], pa
     _save(fig, path)
 
 
-def plot_tradeoff(all_rows: dict[str, list[dict]], ref: dict[str, dict[str, float]], path: Path) -> None:
-    """Gender BACC against EER for every checkpoint; the bare backbone as a star."""
-    datasets = sorted({r["Dataset"] for rows in all_rows.values() for r in rows})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4.6 * len(datasets), 4), squeeze=False)
+def plot_tradeoff(metrics: pd.DataFrame, labels: dict[str, str], ref: dict[str, dict[str, float]],
+                  path: Path) -> None:
+    """Every run's path over its checkpoints (gender BACC against EER, the last checkpoint ringed); the bare
+    backbone as a star."""
+    datasets = sorted(metrics["Dataset"].unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.4), squeeze=False)
     for ax, ds in zip(axes[0], datasets):
-        for run, rows in all_rows.items():
-            rr = [r for r in rows if r["Dataset"] == ds]
-            ax.scatter([r["EER"] for r in rr], [r["BACC-Gender-AVG"] for r in rr], s=18, label=run)
+        for run, rr in metrics[metrics["Dataset"] == ds].groupby("Run", sort=False):
+            rr = rr.sort_values("Step")
+            line, = ax.plot(rr["EER"], rr["BACC-Gender-AVG"], "o-", ms=3, lw=1, label=labels.get(run, run))
+            ax.scatter(rr["EER"].iloc[-1:], rr["BACC-Gender-AVG"].iloc[-1:], s=60, facecolors="none",
+                       edgecolors=line.get_color())
         if ds in ref:
-            ax.scatter([ref[ds]["EER"]], [ref[ds]["BACC-Gender-AVG"]], marker="*", s=220, c="k",
+            ax.scatter([ref[ds]["EER"]], [ref[ds]["BACC-Gender-AVG"]], marker="*", s=240, c="k", zorder=5,
                        label="bare backbone")
         ax.axhline(0.5, ls=":", c="gray", lw=1)
         ax.set_xlabel("EER (lower: better verification)")
-        ax.set_ylabel("gender BACC (0.5: no leakage)")
+        ax.set_ylabel("gender BACC, paper's 3 (0.5: no leakage)")
         ax.set_title(ds)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("privacy / utility trade-off")
+    fig.suptitle("privacy / utility trade-off: each run's path over its checkpoints (ringed: last)")
+    _save(fig, path)
+
+
+def plot_worst_case(worst: pd.DataFrame, bare: pd.DataFrame, labels: dict[str, str], path: Path) -> None:
+    """Worst-case balanced accuracy over all attackers (with its interval) against step; the bare backbone dashed."""
+    frame = worst.reset_index()
+    datasets = sorted(frame["Dataset"].unique())
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for run, rr in frame[frame["Dataset"] == ds].groupby("Run", sort=False):
+            rr = rr.sort_values("Step")
+            line, = ax.plot(rr["Step"], rr["BACC"], "o-", ms=3, label=labels.get(run, run))
+            if rr["CI-Low"].notna().all():
+                ax.fill_between(rr["Step"], rr["CI-Low"], rr["CI-High"], alpha=0.2, color=line.get_color())
+        b = bare[(bare["Dataset"] == ds) & (bare["Attacker"] == WORST)] if not bare.empty else bare
+        if len(b):
+            ax.axhline(float(b["BACC"].iloc[0]), ls="--", c="k", lw=1, label="bare backbone")
+        ax.axhline(0.5, ls=":", c="gray", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("worst-case gender BACC")
+        ax.set_title(ds)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("worst-case leakage over all attackers (band: bootstrap interval)")
     _save(fig, path)
 
 
@@ -87,15 +128,15 @@ def centroid_angles(templates: torch.Tensor, genders: np.ndarray) -> np.ndarray:
     return torch.rad2deg(torch.acos((z @ c.T).clamp(-1, 1))).numpy()
 
 
-def plot_angles(ev: EvalTemplates, layer: torch.nn.Module, title: str, path: Path) -> None:
-    """Angles to the two gender centroids before (bare backbone) and after the privacy layer."""
+def plot_angles(ev: EvalTemplates, transform: torch.nn.Module, title: str, path: Path) -> None:
+    """Angles to the two gender centroids before (bare backbone) and after the method's transform."""
     n = ev.num_pair_images
     before = ev.templates.normalized(slice(n, None), 0)
     with torch.no_grad():
-        after = layer.eval().cpu()(before)
+        after = transform.eval().cpu()(before)
     g = ev.gender_labels
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharey="row")
-    for r, (name, t) in enumerate((("bare backbone", before), ("with privacy layer", after))):
+    for r, (name, t) in enumerate((("bare backbone", before), ("with the privacy method", after))):
         ang = centroid_angles(t, g)
         for c in (0, 1):
             ax = axes[r, c]
@@ -110,49 +151,101 @@ def plot_angles(ev: EvalTemplates, layer: torch.nn.Module, title: str, path: Pat
     _save(fig, path)
 
 
-def _best(rows: list[dict], ds: str) -> dict | None:
-    rr = [r for r in rows if r["Dataset"] == ds and math.isfinite(r["PIC"])]
-    return max(rr, key=lambda r: r["PIC"]) if rr else None
+# ---------------------------------------------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------------------------------------------
+def _cell(v: object) -> str:
+    return f"{v:.4f}" if isinstance(v, (float, np.floating)) and math.isfinite(v) else "n/a"
 
 
-def _cell(v: float) -> str:
-    return f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else "n/a"
+def _worst_cell(w: pd.Series | None) -> str:
+    if w is None:
+        return "n/a"
+    ci = f" [{w['CI-Low']:.3f}, {w['CI-High']:.3f}]" if pd.notna(w["CI-Low"]) else ""
+    return f"{w['BACC']:.4f}{ci} ({w['Reached-By']})"
+
+
+def _markdown(rows: list[list[str]], header: list[str]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def comparison_table(ds: str, metrics: pd.DataFrame, worst: pd.DataFrame, runs: list["SweptRun"],
+                     ref: dict[str, float] | None, bare_worst: pd.Series | None) -> list[str]:
+    """Markdown rows of one dataset: bare backbone, then per run its last checkpoint and its best-PIC one."""
+    header = ["Model", "Method and settings", "Comparison", "Checkpoint", *METRIC_COLUMNS, "PIC"]
+    with_worst = not worst.empty
+    if with_worst:
+        header.append("Worst-case BACC [95% CI] (attacker)")
+    rows = []
+    if ref is not None:
+        rows.append(["bare backbone", "-", "cosine", "-", *(_cell(ref[c]) for c in METRIC_COLUMNS),
+                     "0 (by definition)"] + ([_worst_cell(bare_worst)] if with_worst else []))
+    for run in runs:
+        rr = metrics[(metrics["Run"] == run.name) & (metrics["Dataset"] == ds)].sort_values("Step")
+        if rr.empty:
+            continue
+        picked = [("last", rr.iloc[-1])]
+        finite = rr[rr["PIC"].notna()]
+        if not finite.empty:
+            picked.append(("best PIC", finite.loc[finite["PIC"].idxmax()]))
+        for tag, r in picked:
+            w = None
+            if with_worst and (run.name, r["Step"], ds) in worst.index:
+                w = worst.loc[(run.name, r["Step"], ds)]
+            rows.append([run.name, run.settings, run.method.comparison, f"{tag} (step {int(r['Step'])})",
+                         *(_cell(r[c]) for c in METRIC_COLUMNS), _cell(r["PIC"])]
+                        + ([_worst_cell(w)] if with_worst else []))
+    return _markdown(rows, header)
 
 
 def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str, float]], sets: list[EvalTemplates],
-                 gender_folds: int) -> Path:
-    """report.md with, per run and dataset, the bare backbone and the best checkpoint by PIC; and the plots."""
-    all_rows = {run.name: _rows(out_dir / f"{run.name}_metrics.csv") for run in runs}
-    lines = ["# Evaluation report", "",
-             "Per run and dataset: the bare backbone (reference) and the checkpoint with the highest PIC.", ""]
-    lines += ["| Run | Method and settings (run.json) |", "|---|---|"]
-    lines += [f"| {run.name} | {run.settings}{'' if run.described else ' (no run.json)'} |" for run in runs]
-    lines.append("")
-    cols = ["Run", "Dataset", "Model", *METRIC_COLUMNS, "PIC"]
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for run, rows in all_rows.items():
-        for ds in sorted({r["Dataset"] for r in rows}):
-            if ds in ref:
-                lines.append("| " + " | ".join([run, ds, "bare backbone", *(_cell(ref[ds][c]) for c in METRIC_COLUMNS),
-                                                "0 (by definition)"]) + " |")
-            best = _best(rows, ds)
-            if best is not None:
-                lines.append("| " + " | ".join([run, ds, f"step {int(best['Step'])}",
-                                                *(_cell(best[c]) for c in METRIC_COLUMNS), _cell(best["PIC"])]) + " |")
-    lines += ["", "## Plots", ""]
-    plot_tradeoff(all_rows, ref, out_dir / "tradeoff.png")
-    lines.append("- `tradeoff.png`: gender BACC against EER for every checkpoint; the star is the bare backbone.")
+                 gender_folds: int, bare_attacks: pd.DataFrame | None = None) -> Path:
+    """report.md (the comparison table per evaluation set, notes) and the plots."""
+    metrics = read_results(out_dir, runs, "metrics")
+    worst = worst_cases(read_results(out_dir, runs, "attackers"))
+    bare_attacks = bare_attacks if bare_attacks is not None else pd.DataFrame()
+    labels = {run.name: f"{run.name}: {run.settings}" for run in runs}
+    lines = ["# Evaluation report", "", "Runs (method and settings from each run's run.json):", ""]
+    lines += _markdown([[run.name, run.settings + ("" if run.described else " (no run.json: the sweep's settings)")]
+                        for run in runs], ["Run", "Method and settings"])
+    lines += ["", "## Comparison", "",
+              "Per evaluation set: the bare backbone, then for every run its last checkpoint and, marked "
+              "separately, its checkpoint with the best PIC. BACC-Gender-AVG is the mean of the paper's three "
+              "attackers and enters PIC; the comparison column says how templates were compared for verification.",
+              ""]
+    for ds in sorted(metrics["Dataset"].unique()) if not metrics.empty else []:
+        bare_worst = None
+        if not bare_attacks.empty:
+            b = bare_attacks[(bare_attacks["Dataset"] == ds) & (bare_attacks["Attacker"] == WORST)]
+            bare_worst = b.iloc[0] if len(b) else None
+        lines += [f"### {ds}", ""] + comparison_table(ds, metrics, worst, runs, ref.get(ds), bare_worst) + [""]
+    methods = {run.method.name for run in runs}
+    if methods & set(LINEAR_ERASURE):
+        lines += ["**Linear erasure.** `leace` and `inlp` remove the linearly decodable gender information from "
+                  "the templates they were fit on, so the linear attackers (LogReg, SVM) sit at chance by "
+                  "construction; for these methods the RBF column" + (" and the worst case over the stronger "
+                  "attackers are" if not worst.empty else " is (and the stronger attackers, attackers=all, are)")
+                  + " the informative measure of leakage.", ""]
+    lines += ["## Plots", ""]
+    if not metrics.empty:
+        plot_tradeoff(metrics, labels, ref, out_dir / "tradeoff.png")
+        lines.append("- `tradeoff.png`: every run's path over its checkpoints, gender BACC against EER; the star is "
+                     "the bare backbone.")
+    if not worst.empty:
+        plot_worst_case(worst, bare_attacks, labels, out_dir / "worst_case.png")
+        lines.append("- `worst_case.png`: worst-case balanced accuracy over all attackers against step, with its "
+                     "bootstrap interval.")
     gender_sets = [ev for ev in sets if len(ev.gender_labels)]
     for run in runs:
-        rows = all_rows[run.name]
-        if not rows:
+        rows = metrics[metrics["Run"] == run.name] if not metrics.empty else metrics
+        if rows.empty:
             continue
         plot_curves(run.name, rows, ref, out_dir / f"{run.name}_curves.png")
         lines.append(f"- `{run.name}_curves.png`: EER, TAR, gender BACC and PIC against step.")
         if gender_sets:
             ev = gender_sets[0]
-            best = _best(rows, ev.name)
-            step = int(best["Step"]) if best else run.checkpoints[-1][0]
+            finite = rows[(rows["Dataset"] == ev.name) & rows["PIC"].notna()]
+            step = int(finite.loc[finite["PIC"].idxmax(), "Step"]) if not finite.empty else run.checkpoints[-1][0]
             ckpt = dict(run.checkpoints)[step]
             plot_angles(ev, run.method.load_transform(ckpt), f"{run.name}, step {step}, {ev.name}: angles to the "
                         f"gender centroids", out_dir / f"{run.name}_angles.png")

@@ -55,6 +55,7 @@ class PrivacyMethod:
     name: ClassVar[str] = ""
     checkpoint_suffix: ClassVar[str] = "transform.pth"   # checkpoints are {step}{checkpoint_suffix}
     trains_in_loop: ClassVar[bool] = False               # True: cache=False runs the backbone in the loop
+    comparison: ClassVar[str] = "cosine"                 # how its templates are compared (the report says it)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

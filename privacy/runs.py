@@ -14,7 +14,7 @@ from pathlib import Path
 
 from backbones import ARCHITECTURES
 from config.config import Config
-from eval.attackers import ATTACKERS
+from eval.attackers import ALL, ATTACKERS
 from losses import HEADERS
 from privacy import METHODS, PrivacyMethod, get_method
 from utils.config import check_choice, config_from_dict
@@ -36,7 +36,7 @@ def check_names(cfg: Config) -> None:
     check_choice("loss", cfg.loss, HEADERS)
     check_choice("method", cfg.method, METHODS)
     for name in cfg.attackers:
-        check_choice("attackers", name, ATTACKERS)
+        check_choice("attackers", name, [*ATTACKERS, ALL])
 
 
 @dataclass(frozen=True)

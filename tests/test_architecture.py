@@ -142,10 +142,16 @@ def test_toy_method_and_attacker_train_and_sweep(tmp_path, toy_plugins):
         assert reader.fieldnames == AUTHORS_COLUMNS and [r["Step"] for r in rows] == steps
         with open(out / f"{run}_attackers.csv", newline="") as fh:
             extra = list(csv.DictReader(fh))
-        assert [(r["Step"], r["Attacker"]) for r in extra] == [(s, "ToyCentroid") for s in steps]
-        assert all(0 <= float(r["BACC"]) <= 1 for r in extra)
+        assert [(r["Step"], r["Attacker"]) for r in extra] == [
+            (s, a) for s in steps for a in ("LogReg", "SVM", "RBF", "ToyCentroid", "worst-case")]
+        assert all(0 <= float(r["CI-Low"]) <= float(r["BACC"]) <= float(r["CI-High"]) <= 1 for r in extra)
+        for s in steps:   # the worst case is the maximum and names its attacker
+            by = {r["Attacker"]: r for r in extra if r["Step"] == s}
+            best = max(("LogReg", "SVM", "RBF", "ToyCentroid"), key=lambda a: float(by[a]["BACC"]))
+            assert by["worst-case"]["BACC"] == by[best]["BACC"] and by["worst-case"]["Reached-By"] == best
     report = (out / "report.md").read_text()
-    assert "toy_drop" in report and "angular (alpha=20, beta=1" in report
+    assert "toy_drop" in report and "angular (alpha=20, beta=1" in report and "Worst-case BACC" in report
+    assert (out / "worst_case.png").is_file() and (out / "bare_backbone_attackers.csv").is_file()
 
 
 def test_run_description_is_what_the_sweep_reads(tmp_path, toy_plugins):

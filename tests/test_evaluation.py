@@ -162,3 +162,28 @@ def test_unwritable_log_root_and_missing_backbone_fail_before_compute(trained, t
     with pytest.raises(UserError, match="backbone weights not found"):
         sweep(trained, tmp_path / "out", f"output_ori={tmp_path / 'missing.pth'}")
     assert not list((tmp_path / "out").rglob("*.csv"))
+
+
+def test_near_chance_bare_backbone_is_warned_in_training_and_the_sweep(tmp_path, caplog):
+    """A randomly initialised backbone on a .bin is what a wrong layout or normalisation looks like."""
+    import logging
+    from backbones import iresnet18
+    synthetic_world(tmp_path, n_train_ids=4, imgs=2, n_test_ids=20, test_imgs=3, pairs=100, gender=48)
+    torch.manual_seed(0)
+    torch.save(iresnet18().state_dict(), tmp_path / "random_r18.pth")
+    random_net = ["network=iresnet18", f"output_ori={tmp_path / 'random_r18.pth'}", "eval_step=100", "num_epoch=1",
+                  "batch_size=8", "checkpoint_every=1"]
+    with caplog.at_level(logging.WARNING):
+        res = finetune.train(demo_cfg(tmp_path, *random_net))
+    warned = [r.getMessage() for r in caplog.records if "near chance" in r.getMessage()]
+    assert len(warned) == 1 and "synth_a" in warned[0] and "tools/identify_backbone.py" in warned[0]
+    assert "near chance" in (res.log_dir / "training.log").read_text()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluation.evaluate(demo_cfg(tmp_path, *random_net), tmp_path / "res", tmp_path / "ckpt" / "Demo",
+                            "Exp/Synth", tmp_path / "ref.csv")
+    assert any("near chance" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):   # the right backbone on the same files: no warning
+        finetune.train(demo_cfg(tmp_path, "eval_step=100", "num_epoch=1", "batch_size=8"))
+    assert not any("near chance" in r.getMessage() for r in caplog.records)

@@ -38,6 +38,7 @@ RANGES: dict[str, tuple[float, bool, float | None]] = {
     "global_step": (0, True, None), "grad_clip": (0, False, None), "seed": (0, True, None),
     "checkpoint_every": (1, True, None), "log_every": (1, True, None), "eval_step": (0, True, None),
     "gender_folds": (2, True, None), "extract_batch_size": (1, True, None), "num_workers": (0, True, None),
+    "bootstrap": (0, True, None), "n_jobs": (-1, True, None),
     "ive_dims_per_round": (1, True, None), "ive_rounds": (1, True, None), "ive_estimators": (1, True, None),
     "pe_miu_block_size": (1, True, None), "inlp_iterations": (1, True, None), "adversarial_weight": (0, True, None),
     "adversarial_hidden": (1, True, None),
@@ -216,5 +217,7 @@ def _validate(cfg: Config) -> None:
         _check_range(key, getattr(cfg, key))
     for key, allowed in _CHOICES.items():
         check_choice(key, getattr(cfg, key), allowed)
+    if cfg.n_jobs == 0:
+        raise UserError("config option 'n_jobs' is 0; it must be >= 1, or -1 for all cores.")
     if not cfg.attackers:
         raise UserError("config option 'attackers' is empty; name at least one, e.g. \"['LogReg','SVM','RBF']\".")
