@@ -35,3 +35,15 @@ def get_method(name: str) -> type[PrivacyMethod]:
 from privacy.angular import Angular  # noqa: E402  (the built-in methods register themselves)
 
 register_method(Angular)
+
+from privacy.ive import IVE  # noqa: E402
+from privacy.pe_miu import PEMIU  # noqa: E402
+from privacy.inlp import INLP  # noqa: E402
+from privacy.leace import LEACE  # noqa: E402
+from privacy.adversarial import Adversarial  # noqa: E402
+
+register_method(IVE)
+register_method(PEMIU)
+register_method(INLP)
+register_method(LEACE)
+register_method(Adversarial)

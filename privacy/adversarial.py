@@ -1,0 +1,86 @@
+"""Adversarial gender suppression: the paper's privacy layer trained with the identity loss against a gender
+adversary through gradient reversal (the family of SensitiveNets, Morales et al., IEEE TPAMI 2021, and PASS, Dhar
+et al., ICCV 2021; gradient reversal as in Ganin & Lempitsky, ICML 2015).
+
+z = normalize(layer(normalize(backbone(x)))) feeds the same identity header as the paper's method (CE) and, through
+a gradient-reversal layer, a small gender classifier (Linear -> ReLU -> Linear, ``adversarial_hidden`` units). The
+adversary minimises its cross-entropy; the reversed gradient, scaled by ``adversarial_weight``, makes the layer
+maximise it while keeping identities apart. Checkpoints are the paper's ``{step}ftn_layers.pth`` and
+``{step}header.pth``, so the sweep treats them as it treats the paper's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from backbones import load_projection
+from config.config import Config
+from losses import get_header
+from privacy.base import FitContext, FitResult, PrivacyMethod
+from privacy.layer_training import Objective, train_layer
+
+__all__ = ["Adversarial", "AdversarialObjective", "reverse_gradient"]
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by -weight backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.weight * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """x unchanged; what flows back through it is -weight times the gradient (Ganin & Lempitsky's layer)."""
+    return _ReverseGradient.apply(x, weight)
+
+
+class AdversarialObjective(Objective):
+    """CE(header(z), id) + CE(adversary(reverse(z)), gender): the header and the adversary descend their own loss,
+    the layer descends CE and ascends the adversary's loss, weighted by ``adversarial_weight``."""
+
+    def __init__(self, cfg: Config, n_identities: int):
+        super().__init__()
+        self.header = get_header(cfg.loss, cfg.embedding_size, n_identities, cfg.s, cfg.m, cfg.sigma)
+        self.adversary = nn.Sequential(nn.Linear(cfg.embedding_size, cfg.adversarial_hidden), nn.ReLU(),
+                                       nn.Linear(cfg.adversarial_hidden, 2))
+        self.weight = float(cfg.adversarial_weight)
+
+    def forward(self, z: torch.Tensor, ids: torch.Tensor, genders: torch.Tensor,
+                generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ce = F.cross_entropy(self.header(z, ids, generator), ids)
+        logits = self.adversary(reverse_gradient(z, self.weight))
+        genders = genders.long()
+        adv = F.cross_entropy(logits, genders)
+        accuracy = (logits.argmax(dim=1) == genders).to(z.dtype).mean()
+        return {"ce": ce, "adv": adv, "adv_acc": accuracy, "loss": ce + adv}
+
+    def describe(self, terms: dict[str, float]) -> str:
+        return (f"CE {terms['ce']:.4f}  adversary CE {terms['adv']:.4f}  adversary accuracy "
+                f"{100 * terms['adv_acc']:.1f}% (chance 50%)  loss {terms['loss']:.4f}")
+
+    def checkpoint_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"header.pth": self.header.state_dict()}
+
+
+class Adversarial(PrivacyMethod):
+    name = "adversarial"
+    checkpoint_suffix = "ftn_layers.pth"
+    trains_in_loop = True
+
+    def run_name(self) -> str:
+        return f"adversarial_{self.cfg.adversarial_weight}w_{self.cfg.adversarial_hidden}h"
+
+    def fit(self, ctx: FitContext) -> FitResult:
+        return train_layer(self, ctx, lambda: AdversarialObjective(self.cfg, ctx.index.num_identities))
+
+    def load_transform(self, path: Path) -> nn.Module:
+        return load_projection(path, self.cfg.embedding_size, self.cfg.n_hidden)

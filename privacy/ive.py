@@ -1,0 +1,121 @@
+"""Incremental Variable Elimination (Terhörst, Damer, Kirchbuchner, Kuijper, "Suppressing Gender and Age in Face
+Templates Using Incremental Variable Elimination", ICB 2019).
+
+Round after round, a tree ensemble learns to predict gender from the template dimensions still kept, and the
+``ive_dims_per_round`` dimensions it finds most important are removed; after ``ive_rounds`` rounds the template
+keeps D - rounds * dims_per_round dimensions. The ensemble is scikit-learn's random forest (impurity importances),
+seeded by ``seed``. One checkpoint per round (step = round), so the sweep traces the privacy/utility path.
+
+This file also holds ``PathMethod``, the shared skeleton of the methods fit in one pass on the cached templates
+(ive, inlp, leace, pe_miu): a method yields the points of its path and this base saves and validates each one
+(its home would be privacy/base.py, beside PrivacyMethod).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from sklearn.ensemble import RandomForestClassifier
+from torch import nn
+
+from privacy.base import FitContext, FitResult, PrivacyMethod
+from privacy.callbacks import CallBackVerification
+from utils.errors import UserError
+
+__all__ = ["PathMethod", "training_templates", "checkpoint_tensor", "IVE", "KeepDimensions"]
+
+
+def training_templates(ctx: FitContext) -> tuple[np.ndarray, np.ndarray]:
+    """The training set's unflipped cached templates (N, D) as float32 and their genders (N,): what the one-pass
+    methods are fit on (the view the gender attacker sees)."""
+    return ctx.templates.normalized(slice(None), 0).numpy(), np.asarray(ctx.index.genders, dtype=np.int64)
+
+
+class PathMethod(PrivacyMethod):
+    """A method fit in one pass on the cached templates: ``path`` yields (step, transform) along its
+    privacy/utility path; each point becomes a checkpoint and is validated on ``val_targets`` (when eval_step > 0)."""
+
+    def check(self) -> None:
+        if self.cfg.resume:
+            raise UserError(f"config option resume=True: method '{self.name}' is fit in one pass on the cached "
+                            f"templates and has nothing to resume; start a new run with resume=False.")
+
+    def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
+        """(step, transform) for each point of the method's path, in step order."""
+        raise NotImplementedError
+
+    def fit(self, ctx: FitContext) -> FitResult:
+        val = CallBackVerification(self.cfg.eval_step, ctx.val_sets, self.cfg.gender_folds, ctx.log,
+                                   self.cfg.attackers)
+        result = FitResult(0)
+        for step, transform in self.path(ctx):
+            transform.eval()
+            result.checkpoints.append(self.save_checkpoint(ctx.checkpoint_dir, step, transform))
+            ctx.log.info("%s step %d: saved %s", self.name, step, result.checkpoints[-1])
+            val(step, transform, force=True)
+            result.step = step
+        result.history = val.history
+        return result
+
+
+def checkpoint_tensor(state: dict[str, torch.Tensor], key: str, path: Path, what: str) -> torch.Tensor:
+    """A named tensor of a checkpoint, or a UserError naming the file and the missing entry."""
+    if key not in state:
+        raise UserError(f"{what} checkpoint '{path}' has no entry '{key}' (it has {sorted(state)[:4]}): it was not "
+                        f"written by this method. Remove it from the run folder or sweep it with its own method.")
+    return state[key]
+
+
+class KeepDimensions(nn.Module):
+    """The template restricted to the kept dimensions (a buffer of indices into the backbone's template)."""
+
+    def __init__(self, kept: torch.Tensor):
+        super().__init__()
+        self.register_buffer("kept", torch.as_tensor(kept, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.kept)
+
+
+class IVE(PathMethod):
+    name = "ive"
+
+    def run_name(self) -> str:
+        c = self.cfg
+        return f"ive_{c.ive_dims_per_round}x{c.ive_rounds}_{c.ive_estimators}trees"
+
+    def check(self) -> None:
+        super().check()
+        c = self.cfg
+        if c.ive_dims_per_round * c.ive_rounds >= c.embedding_size:
+            raise UserError(f"config options ive_dims_per_round={c.ive_dims_per_round} and ive_rounds={c.ive_rounds} "
+                            f"would remove {c.ive_dims_per_round * c.ive_rounds} of the {c.embedding_size} "
+                            f"dimensions (embedding_size); their product must be smaller. Lower either.")
+
+    def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
+        c = self.cfg
+        x, y = training_templates(ctx)
+        kept = np.arange(x.shape[1])
+        for round_ in range(1, c.ive_rounds + 1):
+            forest = RandomForestClassifier(n_estimators=c.ive_estimators, class_weight="balanced", n_jobs=-1,
+                                            random_state=c.seed + round_)
+            forest.fit(x[:, kept], y)
+            order = np.argsort(-forest.feature_importances_, kind="stable")
+            removed = kept[order[:c.ive_dims_per_round]]
+            kept = np.setdiff1d(kept, removed)
+            ctx.log.info("ive round %d: removed dimensions %s (importance %.4f of the forest's), %d kept", round_,
+                         sorted(removed.tolist()), float(forest.feature_importances_[order[:len(removed)]].sum()),
+                         len(kept))
+            yield round_, KeepDimensions(torch.from_numpy(kept))
+
+    def build_transform(self, state: dict[str, torch.Tensor], path: Path) -> nn.Module:
+        kept = checkpoint_tensor(state, "kept", path, self.name)
+        d = self.cfg.embedding_size
+        if kept.ndim != 1 or kept.dtype != torch.long or not len(kept) or int(kept.min()) < 0 or \
+                int(kept.max()) >= d or len(torch.unique(kept)) != len(kept):
+            raise UserError(f"ive checkpoint '{path}': 'kept' must be distinct dimension indices in [0, {d}) "
+                            f"(embedding_size); the file holds {tuple(kept.shape)} {kept.dtype} values. Set "
+                            f"embedding_size to the backbone the run was trained on, or remove the file.")
+        return KeepDimensions(kept)
