@@ -1,13 +1,14 @@
 """Run the whole method on a synthetic mini-benchmark, on the CPU, in a few minutes, with nothing downloaded.
 
-    python demo.py [--out demo_output] [--quick] [--seed 0]
+    python demo.py [--out demo_output] [--quick] [--seed 0] [--methods angular|all|NAME,NAME...]
 
 It writes a training set in the ``subjectid_gender`` layout, two evaluation .bin files in the authors' 5-item
 format (built by tools/make_bin.py) and a backbone file, then runs the real finetune.py and
-eval/evaluation.py code on them and prints, per dataset, the bare backbone against the trained privacy layer.
+eval/evaluation.py code on them and prints, per dataset, the bare backbone against the trained privacy layer
+(``--methods all``: against every registered privacy method, trained and swept the same way).
 
 THE NUMBERS ARE SYNTHETIC, NOT THE PAPER'S. The "faces" are 112x112 images into which a template has been
-painted, and the demo backbone (backbones/demo.py) reads it back: identities are points on the hypersphere with
+painted, and the demo backbone (synthetic/backbone.py) reads it back: identities are points on the hypersphere with
 a gender component along one direction. Everything after the backbone (decoding, template cache, training,
 evaluation protocol, report) is the production code.
 """
@@ -30,7 +31,8 @@ from eval.evaluation import evaluate  # noqa: E402
 from finetune import train  # noqa: E402
 from tools.make_bin import build_bin  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from privacy import METHODS  # noqa: E402
+from utils.errors import UserError, run_cli  # noqa: E402
 from eval.evalset import METRIC_COLUMNS  # noqa: E402
 from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders  # noqa: E402
 
@@ -39,6 +41,14 @@ FULL = {"train_ids": 1000, "train_imgs": 8, "test_ids": 160, "test_imgs": 6, "pa
         "epochs": 40, "batch": 128}
 QUICK = {"train_ids": 600, "train_imgs": 6, "test_ids": 120, "test_imgs": 5, "pairs": 600, "gender": 600,
          "epochs": 15, "batch": 128}
+
+
+# demo-sized settings of the other methods (their defaults are sized for real training sets)
+METHOD_SETTINGS: dict[str, list[str]] = {
+    "ive": ["ive_estimators=30", "ive_rounds=10"],    # 10 rounds of 8 dimensions; smaller forests
+    "inlp": ["inlp_iterations=10"],
+    "pe_miu": ["pe_miu_block_size=128"],              # the demo's noisy templates need large blocks (README)
+}
 
 
 def free_folder(base: Path) -> Path:
@@ -77,49 +87,55 @@ def demo_overrides(out: Path, size: dict, seed: int) -> list[str]:
             "test_targets=synth_a,synth_b", f"seed={seed}", "num_workers=0"]
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0) -> dict:
-    """Generate data, train, evaluate; returns the paths and the final metrics per dataset."""
+def run_demo(out: Path, quick: bool = False, seed: int = 0, methods: tuple[str, ...] = ("angular",)) -> dict:
+    """Generate data, fit each method, sweep them all; returns the paths and each run's final metrics."""
     size = QUICK if quick else FULL
     out = free_folder(out)
     t0 = time.time()
     make_data(out, size, seed)
     overrides = demo_overrides(out, size, seed)
-    cfg = load_config(None, overrides)
-    print(f"[demo] synthetic data in {out / 'data'} ({time.time() - t0:.0f}s); training with\n"
-          f"       {shlex.join(['python', 'finetune.py', '--set', *overrides])}", flush=True)
-    result = train(cfg)
-    results = out / "results"
+    results, runs = out / "results", {}
+    for method in methods:
+        run_overrides = [*overrides, f"method={method}", *METHOD_SETTINGS.get(method, [])]
+        print(f"[demo] {'synthetic data in ' + str(out / 'data') + f' ({time.time() - t0:.0f}s); ' if not runs else ''}"
+              f"training '{method}' with\n       {shlex.join(['python', 'finetune.py', '--set', *run_overrides])}",
+              flush=True)
+        result = train(load_config(None, run_overrides))
+        runs[result.checkpoint_dir.name] = (method, result.step)
     reference = results / "reference_Demo.csv"
     command = ["python", "eval/evaluation.py", "--log-root", str(results), "--model-root",
                str(out / "checkpoints" / "Demo"), "--experiment-name", "Synthetic/SynthFaces", "--reference-pth",
                str(reference), "--set", *overrides]
     print(f"[demo] evaluating with (shell-quoted, ready to paste)\n       {shlex.join(command)}", flush=True)
-    out_dir = evaluate(cfg, results, out / "checkpoints" / "Demo", "Synthetic/SynthFaces", reference)
-    run = result.checkpoint_dir.name
-    with open(out_dir / f"{run}_metrics.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    out_dir = evaluate(load_config(None, overrides), results, out / "checkpoints" / "Demo", "Synthetic/SynthFaces",
+                       reference)
+    final = {}
+    for run, (method, step) in runs.items():
+        with open(out_dir / f"{run}_metrics.csv", newline="") as fh:
+            final[run] = (method, step, {r["Dataset"]: r for r in csv.DictReader(fh) if int(r["Step"]) == step})
     with open(reference, newline="") as fh:
         ref = {r["Dataset"]: r for r in csv.DictReader(fh)}
-    final = {r["Dataset"]: r for r in rows if int(r["Step"]) == result.step}
     return {"out": out, "results": out_dir, "reference": reference, "final": final, "ref": ref,
-            "step": result.step, "seconds": time.time() - t0, "run": run}
+            "seconds": time.time() - t0}
 
 
 def print_tables(res: dict) -> None:
+    """Per evaluation set: the bare backbone, then every run's last checkpoint."""
     cols = [*METRIC_COLUMNS, "PIC"]
     print("\nSYNTHETIC DATA: these numbers show the pipeline working; they are not the paper's results.\n")
-    for ds, row in res["final"].items():
+    for ds, ref in res["ref"].items():
         print(f"== {ds} ==")
-        print(f"{'model':<28}" + "".join(f"{c:>20}" for c in cols))
-        ref = res["ref"][ds]
-        print(f"{'bare backbone':<28}" + "".join(f"{float(ref[c]):>20.4f}" for c in METRIC_COLUMNS) + f"{'0':>20}")
-        print(f"{'privacy layer, step ' + str(res['step']):<28}" +
-              "".join(f"{float(row[c]):>20.4f}" if row[c] else f"{'n/a':>20}" for c in cols))
+        print(f"{'model':<34}" + "".join(f"{c:>20}" for c in cols))
+        print(f"{'bare backbone':<34}" + "".join(f"{float(ref[c]):>20.4f}" for c in METRIC_COLUMNS) + f"{'0':>20}")
+        for run, (method, step, rows) in res["final"].items():
+            row = rows[ds]
+            print(f"{f'{method}, step {step}':<34}" +
+                  "".join(f"{float(row[c]):>20.4f}" if row[c] else f"{'n/a':>20}" for c in cols))
         print()
     r = res["results"]
-    print(f"metrics CSV: {r / (res['run'] + '_metrics.csv')}\nreference:   {res['reference']}\n"
-          f"report:      {r / 'report.md'}\nplots:       {', '.join(str(p) for p in sorted(r.glob('*.png')))}\n"
-          f"total time:  {res['seconds']:.0f}s")
+    print(f"metrics CSVs: {', '.join(str(r / (run + '_metrics.csv')) for run in res['final'])}\n"
+          f"reference:    {res['reference']}\nreport:       {r / 'report.md'} (the comparison table per set)\n"
+          f"plots:        {', '.join(str(p) for p in sorted(r.glob('*.png')))}\ntotal time:   {res['seconds']:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,8 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_output", help="output folder (a new _2, _3... if it is in use)")
     parser.add_argument("--quick", action="store_true", help="smaller data and fewer epochs (used by the tests)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default="angular",
+                        help="privacy methods to compare, comma-separated, or 'all' (default: angular, the paper's)")
     args = parser.parse_args(argv)
-    return run_cli(lambda: print_tables(run_demo(Path(args.out), args.quick, args.seed)))
+
+    def body() -> None:
+        names = list(METHODS) if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+        unknown = [m for m in names if m not in METHODS]
+        if unknown or not names:
+            raise UserError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+                            f"{', '.join(METHODS)} or 'all'.")
+        print_tables(run_demo(Path(args.out), args.quick, args.seed, tuple(names)))
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ class Adversarial(PrivacyMethod):
     name = "adversarial"
     checkpoint_suffix = "ftn_layers.pth"
     trains_in_loop = True
+    settings_options = ("adversarial_weight", "adversarial_hidden")
+    varied_options = ("lr", "headid_lr", "batch_size", "num_epoch", "n_hidden", "loss", "s", "m", "sigma", "grad_clip",
+                      "seed")
 
     def run_name(self) -> str:
         return f"adversarial_{self.cfg.adversarial_weight}w_{self.cfg.adversarial_hidden}h"

@@ -47,6 +47,9 @@ class Angular(PrivacyMethod):
     name = "angular"
     checkpoint_suffix = "ftn_layers.pth"
     trains_in_loop = True
+    settings_options = ("alpha", "beta")
+    varied_options = ("lr", "headid_lr", "batch_size", "num_epoch", "n_hidden", "loss", "s", "m", "sigma", "grad_clip",
+                      "seed")
 
     def run_name(self) -> str:
         return f"{self.cfg.alpha}L1_{self.cfg.beta}L2"   # the authors' folder name

@@ -11,18 +11,21 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
 from config.config import Config
 from eval.evalset import EvalTemplates
+from privacy.callbacks import CallBackVerification
 from utils.cache import Templates
 from utils.dataset import TrainIndex
+from utils.errors import UserError
 from utils.io import atomic_torch_save, extract_state_dict, safe_torch_load
 
-__all__ = ["PrivacyMethod", "FitContext", "FitResult"]
+__all__ = ["PrivacyMethod", "PathMethod", "FitContext", "FitResult", "training_templates", "checkpoint_tensor"]
 
 
 @dataclass
@@ -56,6 +59,8 @@ class PrivacyMethod:
     checkpoint_suffix: ClassVar[str] = "transform.pth"   # checkpoints are {step}{checkpoint_suffix}
     trains_in_loop: ClassVar[bool] = False               # True: cache=False runs the backbone in the loop
     comparison: ClassVar[str] = "cosine"                 # how its templates are compared (the report says it)
+    settings_options: ClassVar[tuple[str, ...]] = ()     # the options that define a run (always in the report)
+    varied_options: ClassVar[tuple[str, ...]] = ("seed",)  # options the report names when they differ from default
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -66,6 +71,13 @@ class PrivacyMethod:
 
     def check(self) -> None:
         """Refuse unusable settings before any compute (UserError naming the option)."""
+
+    def describe(self) -> str:
+        """The method and the settings of this run, e.g. ``angular (alpha=20, beta=1)``."""
+        default = type(self.cfg)()
+        shown = [k for k in self.settings_options] + [k for k in self.varied_options if k not in
+                                                       self.settings_options and getattr(self.cfg, k) != getattr(default, k)]
+        return self.name + (f" ({', '.join(f'{k}={getattr(self.cfg, k)!r}' for k in shown)})" if shown else "")
 
     def fit(self, ctx: FitContext) -> FitResult:
         raise NotImplementedError
@@ -95,3 +107,44 @@ class PrivacyMethod:
         what = f"{self.name} checkpoint"
         state = extract_state_dict(safe_torch_load(path, what), path, what)
         return self.build_transform(state, path).eval()
+
+
+def training_templates(ctx: FitContext) -> tuple[np.ndarray, np.ndarray]:
+    """The training set's unflipped cached templates (N, D) as float32 and their genders (N,): what the one-pass
+    methods are fit on (the view the gender attacker sees)."""
+    return ctx.templates.normalized(slice(None), 0).numpy(), np.asarray(ctx.index.genders, dtype=np.int64)
+
+
+class PathMethod(PrivacyMethod):
+    """A method fit in one pass on the cached templates: ``path`` yields (step, transform) along its
+    privacy/utility path; each point becomes a checkpoint and is validated on ``val_targets`` (when eval_step > 0)."""
+
+    def check(self) -> None:
+        if self.cfg.resume:
+            raise UserError(f"config option resume=True: method '{self.name}' is fit in one pass on the cached "
+                            f"templates and has nothing to resume; start a new run with resume=False.")
+
+    def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
+        """(step, transform) for each point of the method's path, in step order."""
+        raise NotImplementedError
+
+    def fit(self, ctx: FitContext) -> FitResult:
+        val = CallBackVerification(self.cfg.eval_step, ctx.val_sets, self.cfg.gender_folds, ctx.log,
+                                   self.cfg.attackers)
+        result = FitResult(0)
+        for step, transform in self.path(ctx):
+            transform.eval()
+            result.checkpoints.append(self.save_checkpoint(ctx.checkpoint_dir, step, transform))
+            ctx.log.info("%s step %d: saved %s", self.name, step, result.checkpoints[-1])
+            val(step, transform, force=True)
+            result.step = step
+        result.history = val.history
+        return result
+
+
+def checkpoint_tensor(state: dict[str, torch.Tensor], key: str, path: Path, what: str) -> torch.Tensor:
+    """A named tensor of a checkpoint, or a UserError naming the file and the missing entry."""
+    if key not in state:
+        raise UserError(f"{what} checkpoint '{path}' has no entry '{key}' (it has {sorted(state)[:4]}): it was not "
+                        f"written by this method. Remove it from the run folder or sweep it with its own method.")
+    return state[key]

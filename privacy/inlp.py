@@ -20,8 +20,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.svm import LinearSVC
 from torch import nn
 
-from privacy.base import FitContext
-from privacy.ive import PathMethod, checkpoint_tensor, training_templates
+from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
 from utils.errors import UserError
 
 __all__ = ["INLP", "Projection"]
@@ -40,6 +39,7 @@ class Projection(nn.Module):
 
 class INLP(PathMethod):
     name = "inlp"
+    settings_options = ("inlp_iterations",)
 
     def run_name(self) -> str:
         return f"inlp_{self.cfg.inlp_iterations}it"

@@ -5,10 +5,6 @@ Round after round, a tree ensemble learns to predict gender from the template di
 ``ive_dims_per_round`` dimensions it finds most important are removed; after ``ive_rounds`` rounds the template
 keeps D - rounds * dims_per_round dimensions. The ensemble is scikit-learn's random forest (impurity importances),
 seeded by ``seed``. One checkpoint per round (step = round), so the sweep traces the privacy/utility path.
-
-This file also holds ``PathMethod``, the shared skeleton of the methods fit in one pass on the cached templates
-(ive, inlp, leace, pe_miu): a method yields the points of its path and this base saves and validates each one
-(its home would be privacy/base.py, beside PrivacyMethod).
 """
 from __future__ import annotations
 
@@ -20,52 +16,10 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
-from privacy.base import FitContext, FitResult, PrivacyMethod
-from privacy.callbacks import CallBackVerification
+from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
 from utils.errors import UserError
 
-__all__ = ["PathMethod", "training_templates", "checkpoint_tensor", "IVE", "KeepDimensions"]
-
-
-def training_templates(ctx: FitContext) -> tuple[np.ndarray, np.ndarray]:
-    """The training set's unflipped cached templates (N, D) as float32 and their genders (N,): what the one-pass
-    methods are fit on (the view the gender attacker sees)."""
-    return ctx.templates.normalized(slice(None), 0).numpy(), np.asarray(ctx.index.genders, dtype=np.int64)
-
-
-class PathMethod(PrivacyMethod):
-    """A method fit in one pass on the cached templates: ``path`` yields (step, transform) along its
-    privacy/utility path; each point becomes a checkpoint and is validated on ``val_targets`` (when eval_step > 0)."""
-
-    def check(self) -> None:
-        if self.cfg.resume:
-            raise UserError(f"config option resume=True: method '{self.name}' is fit in one pass on the cached "
-                            f"templates and has nothing to resume; start a new run with resume=False.")
-
-    def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
-        """(step, transform) for each point of the method's path, in step order."""
-        raise NotImplementedError
-
-    def fit(self, ctx: FitContext) -> FitResult:
-        val = CallBackVerification(self.cfg.eval_step, ctx.val_sets, self.cfg.gender_folds, ctx.log,
-                                   self.cfg.attackers)
-        result = FitResult(0)
-        for step, transform in self.path(ctx):
-            transform.eval()
-            result.checkpoints.append(self.save_checkpoint(ctx.checkpoint_dir, step, transform))
-            ctx.log.info("%s step %d: saved %s", self.name, step, result.checkpoints[-1])
-            val(step, transform, force=True)
-            result.step = step
-        result.history = val.history
-        return result
-
-
-def checkpoint_tensor(state: dict[str, torch.Tensor], key: str, path: Path, what: str) -> torch.Tensor:
-    """A named tensor of a checkpoint, or a UserError naming the file and the missing entry."""
-    if key not in state:
-        raise UserError(f"{what} checkpoint '{path}' has no entry '{key}' (it has {sorted(state)[:4]}): it was not "
-                        f"written by this method. Remove it from the run folder or sweep it with its own method.")
-    return state[key]
+__all__ = ["IVE", "KeepDimensions"]
 
 
 class KeepDimensions(nn.Module):
@@ -81,6 +35,7 @@ class KeepDimensions(nn.Module):
 
 class IVE(PathMethod):
     name = "ive"
+    settings_options = ("ive_dims_per_round", "ive_rounds", "ive_estimators")
 
     def run_name(self) -> str:
         c = self.cfg

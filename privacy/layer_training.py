@@ -8,9 +8,7 @@ validation, checkpoints, resume, and stopping on a non-finite term.
 """
 from __future__ import annotations
 
-import logging
 import math
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 

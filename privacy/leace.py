@@ -16,8 +16,7 @@ import torch
 from concept_erasure import LeaceFitter
 from torch import nn
 
-from privacy.base import FitContext
-from privacy.ive import PathMethod, checkpoint_tensor
+from privacy.base import FitContext, PathMethod, checkpoint_tensor
 from utils.errors import UserError
 
 __all__ = ["LEACE", "AffineErasure"]

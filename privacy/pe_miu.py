@@ -25,8 +25,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from privacy.base import FitContext
-from privacy.ive import PathMethod, checkpoint_tensor
+from privacy.base import FitContext, PathMethod, checkpoint_tensor
 from utils.errors import UserError
 
 __all__ = ["PEMIU", "BlockPermutation", "aligned_similarity"]
@@ -80,6 +79,8 @@ class BlockPermutation(nn.Module):
 
 class PEMIU(PathMethod):
     name = "pe_miu"
+    comparison = "PE-MIU block assignment"
+    settings_options = ("pe_miu_block_size",)
 
     def run_name(self) -> str:
         return f"pe_miu_{self.cfg.pe_miu_block_size}b"

@@ -108,23 +108,8 @@ class SweptRun:
 
     @property
     def settings(self) -> str:
-        """The run's method and the settings that distinguish it, read from its description."""
-        return describe_settings(self.method.cfg)
-
-
-def describe_settings(cfg: Config) -> str:
-    """A short text of a run's method-specific settings (the options that differ from the defaults)."""
-    default = Config()
-    skip = {"pretrained", "experiment", "data", "run_name", "plugins", "checkpoint_root", "log_dir", "data_dir",
-            "rec", "cache_dir", "output", "log_output", "output_ori", "val_targets", "test_targets", "eval_step",
-            "device", "cache", "cache_dtype", "extract_batch_size", "num_workers", "amp", "channels_last", "resume",
-            "log_every", "checkpoint_every", "attackers", "gender_folds", "method"}
-    changed = [f"{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)
-               if f.name not in skip and getattr(cfg, f.name) != getattr(default, f.name)]
-    if cfg.method == "angular":
-        changed = [f"alpha={cfg.alpha}", f"beta={cfg.beta}"] + [c for c in changed if not c.startswith(("alpha=",
-                                                                                                        "beta="))]
-    return f"{cfg.method}" + (f" ({', '.join(changed)})" if changed else "")
+        """The run's method and the settings that define it, read from its description."""
+        return self.method.describe()
 
 
 def read_run_config(folder: Path) -> Config | None:

@@ -2,13 +2,11 @@
 entry each) train and sweep end to end, and run folders written before the restructure sweep to the same numbers."""
 import ast
 import csv
-import dataclasses
 import hashlib
 import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from sklearn.neighbors import NearestCentroid
