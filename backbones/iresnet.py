@@ -64,10 +64,8 @@ class IBasicBlock(nn.Module):
 class IResNet(nn.Module):
     fc_scale = 7 * 7
 
-    def __init__(self, layers: list[int], dropout: float = 0.0, num_features: int = 512, use_se: bool = False,
-                 fp16: bool = False):
+    def __init__(self, layers: list[int], dropout: float = 0.0, num_features: int = 512, use_se: bool = False):
         super().__init__()
-        self.fp16 = fp16
         self.inplanes = 64
         self.use_se = use_se
         self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -100,18 +98,16 @@ class IResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=self.fp16):
-            x = self.prelu(self.bn1(self.conv1(x)))
-            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            x = self.bn2(x)
-            x = self.dropout(torch.flatten(x, 1))
-        x = self.fc(x.float() if self.fp16 else x)
-        return self.features(x)
+        x = self.prelu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
+        return self.features(self.fc(x))
 
 
 def _iresnet(layers: list[int], num_features: int = 512, use_se: bool = False, dropout: float = 0.0,
-             fp16: bool = False, **_: object) -> IResNet:
-    return IResNet(layers, dropout=dropout, num_features=num_features, use_se=use_se, fp16=fp16)
+             **_: object) -> IResNet:
+    """Mixed precision is the extraction's choice (config amp), not the architecture's."""
+    return IResNet(layers, dropout=dropout, num_features=num_features, use_se=use_se)
 
 
 def iresnet18(num_features: int = 512, use_se: bool = False, dropout: float = 0.0, **kw) -> IResNet:

@@ -14,7 +14,7 @@ from torch import nn
 
 import finetune
 from eval import evaluation
-from eval.attackers import ATTACKERS, register_attacker
+from eval.attackers import ATTACKERS, expand_attackers, register_attacker
 from helpers import demo_cfg, synthetic_world
 from privacy import METHODS, FitResult, PrivacyMethod, register_method
 from synthetic.data import save_demo_backbone
@@ -129,8 +129,10 @@ def test_toy_method_and_attacker_train_and_sweep(tmp_path, toy_plugins):
     assert [p.name for p in res.checkpoints] == ["1transform.pth", "2transform.pth"]
     described = json.loads((res.checkpoint_dir / "run.json").read_text())
     assert described["method"] == "toy_drop" and described["config"]["method"] == "toy_drop"
-    paper = finetune.train(demo_cfg(tmp_path, "num_epoch=2", "checkpoint_every=1"))   # the paper's method beside it
-    cfg = demo_cfg(tmp_path, "attackers=['LogReg','SVM','RBF','ToyCentroid']")
+    paper = finetune.train(demo_cfg(tmp_path, "num_epoch=1", "checkpoint_every=1"))   # the paper's method beside it
+    cfg = demo_cfg(tmp_path, "attackers=all", "bootstrap=200")   # every registered attacker, the toy one included
+    every = [*expand_attackers(["all"])]
+    assert "ToyCentroid" in every and "MLP" in every
     out = evaluation.evaluate(cfg, tmp_path / "res", tmp_path / "ckpt" / "Demo", "Exp/Synth", tmp_path / "ref.csv")
     paper_steps = [p.name.split("ftn")[0] for p in paper.checkpoints]
     for run, steps in (("toy", ["1", "2"]), ("20L1_1L2", paper_steps)):
@@ -140,12 +142,11 @@ def test_toy_method_and_attacker_train_and_sweep(tmp_path, toy_plugins):
         assert reader.fieldnames == AUTHORS_COLUMNS and [r["Step"] for r in rows] == steps
         with open(out / f"{run}_attackers.csv", newline="") as fh:
             extra = list(csv.DictReader(fh))
-        assert [(r["Step"], r["Attacker"]) for r in extra] == [
-            (s, a) for s in steps for a in ("LogReg", "SVM", "RBF", "ToyCentroid", "worst-case")]
+        assert [(r["Step"], r["Attacker"]) for r in extra] == [(s, a) for s in steps for a in (*every, "worst-case")]
         assert all(0 <= float(r["CI-Low"]) <= float(r["BACC"]) <= float(r["CI-High"]) <= 1 for r in extra)
         for s in steps:   # the worst case is the maximum and names its attacker
             by = {r["Attacker"]: r for r in extra if r["Step"] == s}
-            best = max(("LogReg", "SVM", "RBF", "ToyCentroid"), key=lambda a: float(by[a]["BACC"]))
+            best = max(every, key=lambda a: float(by[a]["BACC"]))
             assert by["worst-case"]["BACC"] == by[best]["BACC"] and by["worst-case"]["Reached-By"] == best
     report = (out / "report.md").read_text()
     assert "toy_drop" in report and "angular (alpha=20, beta=1" in report and "Worst-case BACC" in report
