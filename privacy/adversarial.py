@@ -10,17 +10,13 @@ maximise it while keeping identities apart. Checkpoints are the paper's ``{step}
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones import load_projection
 from config.config import Config
-from losses import get_header
-from privacy.base import FitContext, FitResult, PrivacyMethod
-from privacy.layer_training import Objective, train_layer
+from privacy.base import FitContext
+from privacy.layer_training import IdentityObjective, LayerMethod, Objective
 
 __all__ = ["Adversarial", "AdversarialObjective", "reverse_gradient"]
 
@@ -43,20 +39,19 @@ def reverse_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
     return _ReverseGradient.apply(x, weight)
 
 
-class AdversarialObjective(Objective):
+class AdversarialObjective(IdentityObjective):
     """CE(header(z), id) + CE(adversary(reverse(z)), gender): the header and the adversary descend their own loss,
     the layer descends CE and ascends the adversary's loss, weighted by ``adversarial_weight``."""
 
     def __init__(self, cfg: Config, n_identities: int):
-        super().__init__()
-        self.header = get_header(cfg.loss, cfg.embedding_size, n_identities, cfg.s, cfg.m, cfg.sigma)
+        super().__init__(cfg, n_identities)
         self.adversary = nn.Sequential(nn.Linear(cfg.embedding_size, cfg.adversarial_hidden), nn.ReLU(),
                                        nn.Linear(cfg.adversarial_hidden, 2))
         self.weight = float(cfg.adversarial_weight)
 
     def forward(self, z: torch.Tensor, ids: torch.Tensor, genders: torch.Tensor,
                 generator: torch.Generator) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(self.header(z, ids, generator), ids)
+        ce = self.identity_loss(z, ids, generator)
         logits = self.adversary(reverse_gradient(z, self.weight))
         genders = genders.long()
         adv = F.cross_entropy(logits, genders)
@@ -67,23 +62,13 @@ class AdversarialObjective(Objective):
         return (f"CE {terms['ce']:.4f}  adversary CE {terms['adv']:.4f}  adversary accuracy "
                 f"{100 * terms['adv_acc']:.1f}% (chance 50%)  loss {terms['loss']:.4f}")
 
-    def checkpoint_files(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"header.pth": self.header.state_dict()}
 
-
-class Adversarial(PrivacyMethod):
+class Adversarial(LayerMethod):
     name = "adversarial"
-    checkpoint_suffix = "ftn_layers.pth"
-    trains_in_loop = True
     settings_options = ("adversarial_weight", "adversarial_hidden")
-    varied_options = ("lr", "headid_lr", "batch_size", "num_epoch", "n_hidden", "loss", "s", "m", "sigma", "grad_clip",
-                      "seed")
 
     def run_name(self) -> str:
         return f"adversarial_{self.cfg.adversarial_weight}w_{self.cfg.adversarial_hidden}h"
 
-    def fit(self, ctx: FitContext) -> FitResult:
-        return train_layer(self, ctx, lambda: AdversarialObjective(self.cfg, ctx.index.num_identities))
-
-    def load_transform(self, path: Path) -> nn.Module:
-        return load_projection(path, self.cfg.embedding_size, self.cfg.n_hidden)
+    def objective(self, ctx: FitContext) -> Objective:
+        return AdversarialObjective(self.cfg, ctx.index.num_identities)

@@ -18,7 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from backbones import FrozenBackbone, ProjectionLayer
+from backbones import FrozenBackbone, ProjectionLayer, load_projection
+from config.config import Config
+from losses import get_header
 from privacy.base import FitContext, FitResult, PrivacyMethod
 from privacy.callbacks import CallBackLogging, CallBackVerification
 from utils.dataset import ImageDataset, balanced_epoch, normalize_images, problem_report
@@ -44,6 +46,40 @@ class Objective(nn.Module):
     def checkpoint_files(self) -> dict[str, dict[str, torch.Tensor]]:
         """Extra files saved beside each layer checkpoint, by file-name suffix (e.g. the authors' header.pth)."""
         return {}
+
+
+class IdentityObjective(Objective):
+    """An objective with the paper's identity header (config loss, s, m, sigma), saved beside each layer checkpoint
+    as the authors' ``{step}header.pth``."""
+
+    def __init__(self, cfg: Config, n_identities: int):
+        super().__init__()
+        self.header = get_header(cfg.loss, cfg.embedding_size, n_identities, cfg.s, cfg.m, cfg.sigma)
+
+    def identity_loss(self, z: torch.Tensor, ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(self.header(z, ids, generator), ids)
+
+    def checkpoint_files(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"header.pth": self.header.state_dict()}
+
+
+class LayerMethod(PrivacyMethod):
+    """A method whose transform is the paper's privacy layer trained with an objective: checkpoints
+    ``{step}ftn_layers.pth`` (the authors' format), the backbone in the loop possible (cache=False)."""
+    checkpoint_suffix = "ftn_layers.pth"
+    trains_in_loop = True
+    varied_options = ("lr", "headid_lr", "batch_size", "num_epoch", "n_hidden", "loss", "s", "m", "sigma", "grad_clip",
+                      "seed")
+
+    def objective(self, ctx: FitContext) -> Objective:
+        """The method's loss (built after the layer, from the same seed)."""
+        raise NotImplementedError
+
+    def fit(self, ctx: FitContext) -> FitResult:
+        return train_layer(self, ctx, lambda: self.objective(ctx))
+
+    def load_transform(self, path: Path) -> nn.Module:
+        return load_projection(path, self.cfg.embedding_size, self.cfg.n_hidden)
 
 
 # ---------------------------------------------------------------------------------------------------------------
