@@ -72,6 +72,16 @@ def plot_curves(run: str, rows: pd.DataFrame, ref: dict[str, dict[str, float]], 
     _save(fig, path)
 
 
+def _chance_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid, legend, and the chance level of balanced accuracy."""
+    ax.axhline(0.5, ls=":", c="gray", lw=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot_tradeoff(metrics: pd.DataFrame, labels: dict[str, str], ref: dict[str, dict[str, float]],
                   path: Path) -> None:
     """Every run's path over its checkpoints (gender BACC against EER, the last checkpoint ringed); the bare
@@ -87,12 +97,7 @@ def plot_tradeoff(metrics: pd.DataFrame, labels: dict[str, str], ref: dict[str, 
         if ds in ref:
             ax.scatter([ref[ds]["EER"]], [ref[ds]["BACC-Gender-AVG"]], marker="*", s=240, c="k", zorder=5,
                        label="bare backbone")
-        ax.axhline(0.5, ls=":", c="gray", lw=1)
-        ax.set_xlabel("EER (lower: better verification)")
-        ax.set_ylabel("gender BACC, paper's 3 (0.5: no leakage)")
-        ax.set_title(ds)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _chance_axes(ax, "EER (lower: better verification)", "gender BACC, paper's 3 (0.5: no leakage)", ds)
     fig.suptitle("privacy / utility trade-off: each run's path over its checkpoints (ringed: last)")
     _save(fig, path)
 
@@ -111,12 +116,7 @@ def plot_worst_case(worst: pd.DataFrame, bare: pd.DataFrame, labels: dict[str, s
         b = bare[(bare["Dataset"] == ds) & (bare["Attacker"] == WORST)] if not bare.empty else bare
         if len(b):
             ax.axhline(float(b["BACC"].iloc[0]), ls="--", c="k", lw=1, label="bare backbone")
-        ax.axhline(0.5, ls=":", c="gray", lw=1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("worst-case gender BACC")
-        ax.set_title(ds)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _chance_axes(ax, "step", "worst-case gender BACC", ds)
     fig.suptitle("worst-case leakage over all attackers (band: bootstrap interval)")
     _save(fig, path)
 
