@@ -29,9 +29,10 @@ from config.config import Config  # noqa: E402
 from eval.evalset import check_bare_backbone, open_eval_set  # noqa: E402
 from privacy import FitContext, FitResult, PrivacyMethod, get_method  # noqa: E402
 from privacy.runs import RunFolders, append_config_row, check_names, plan_run_folders, write_run_description  # noqa: E402,E501
-from utils.cache import ExtractionSettings, TemplateCache, folder_inputs  # noqa: E402
+from tools.check_overlap import warn_overlap  # noqa: E402
+from utils.cache import ExtractionSettings, TemplateCache, index_inputs  # noqa: E402
 from utils.config import OVERRIDE_HELP, load_config  # noqa: E402
-from utils.dataset import TrainIndex, scan_dataset  # noqa: E402
+from utils.dataset import TrainIndex, scan_training_data  # noqa: E402
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.io import check_writable  # noqa: E402
@@ -67,7 +68,7 @@ def preflight(cfg: Config) -> Plan:
         raise UserError(f"config option cache=False runs the backbone in the training loop, which only methods that "
                         f"train a layer do; '{cfg.method}' is fit on the cached templates. Use cache=True.")
     device = select_device(cfg.device)
-    index = scan_dataset(cfg.data_dir)
+    index = scan_training_data(cfg.data_dir, cfg.rec_genders)
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()
     if len(index) < cfg.batch_size:
@@ -96,18 +97,25 @@ def set_up(plan: Plan, callbacks: list[object]) -> Iterator[FitContext]:
                  "resumed" if folders.resuming else "new", cfg.method, folders.checkpoints, folders.logs, plan.device)
         log.info("training set %s: %d images of %d identities (%d of gender 0, %d of gender 1)", cfg.data_dir,
                  len(index), index.num_identities, int((index.genders == 0).sum()), int((index.genders == 1).sum()))
+        for source in index.sources:
+            if len(index.sources) > 1:
+                log.info("source %s", source.summary())
+            for note in source.notes:
+                log.warning("training set %s: %s", source.path, note)
         write_run_description(folders, cfg)
         append_config_row(folders.logs / "config.csv", cfg, {"run_folder": str(folders.checkpoints),
                                                              "resumed": folders.resuming,
-                                                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                                             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                             "data_sources": index.summary()})
         cache = TemplateCache(cfg.cache_dir, plan.backbone, ExtractionSettings.from_config(cfg, plan.device))
         templates = None
         if cfg.cache:
-            templates = cache.get(f"train-{Path(cfg.data_dir).name}", folder_inputs(index.root, index.paths),
-                                  index.paths, lambda i: str(index.paths[i]), what=f"training images of {cfg.data_dir}")
+            templates = cache.get(f"train-{index.name}", index_inputs(index), index.paths,
+                                  lambda i: str(index.paths[i]), what=f"training images of {index.where}")
         val_sets = [open_eval_set(cache, cfg.rec, name) for name in cfg.val_targets] if cfg.eval_step else []
         for ev in val_sets:
             log.info("bare backbone on %s: EER %.4f", ev.name, check_bare_backbone(ev, log))
+        warn_overlap(log, index, templates, val_sets)
         yield FitContext(cfg, index, templates, plan.device, folders.checkpoints, folders.resuming, log, val_sets,
                          plan.backbone.load, callbacks)
 

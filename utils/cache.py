@@ -4,8 +4,8 @@ For each image the cache holds normalize(backbone(x)) and normalize(backbone(fli
 (float32, or float16 on request) plus the (N, 2) norms, so the raw backbone outputs are recoverable for the
 bare-backbone reference. The folder name carries a hash of everything the templates depend on: format version,
 architecture, weights-file content, and the inputs (a training folder's relative paths, sizes and mtimes; a
-.bin's content). Extraction writes into a hidden folder and renames it into place when complete, so a killed
-extraction never leaves a cache that is later read.
+record file's size, mtime, index and keys; a .bin's content). Extraction writes into a hidden folder and renames it
+into place when complete, so a killed extraction never leaves a cache that is later read.
 """
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.dataset import ImageDataset, normalize_images, problem_report
+from utils.dataset import ImageDataset, RecordImages, TrainIndex, normalize_images, problem_report
 from utils.errors import UserError
+from utils.io import sha256_file
+from utils.recordio import RecordFile
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,22 @@ class TemplateCache:
 def folder_inputs(root: Path, paths: Sequence[Path]) -> str:
     """The cache's name for a training folder's images: their relative paths, sizes and mtimes."""
     return "folder:" + folder_fingerprint(root, paths)
+
+
+def record_inputs(records: RecordFile, keys: np.ndarray) -> str:
+    """The cache's name for images of a record file: its size and mtime, its .idx's content and the keys used."""
+    st = records.rec_path.stat()
+    h = hashlib.sha256(f"{st.st_size}\0{st.st_mtime_ns}\0{sha256_file(records.idx_path)}\0".encode())
+    h.update(np.ascontiguousarray(keys, dtype=np.int64).tobytes())
+    return "rec:" + h.hexdigest()
+
+
+def index_inputs(index: TrainIndex) -> str:
+    """The cache's name for a training set's images: its source's (folder_inputs, record_inputs), or with several
+    sources all of theirs in order (one folder alone keeps the name it always had)."""
+    parts = [record_inputs(s.items.records, s.items.keys) if isinstance(s.items, RecordImages)
+             else folder_inputs(s.path, s.items) for s in index.sources]
+    return parts[0] if len(parts) == 1 else "sources:" + "|".join(parts)
 
 
 def bin_inputs(content_sha256: str) -> str:
