@@ -45,10 +45,13 @@ QUICK = {"train_ids": 600, "train_imgs": 6, "test_ids": 120, "test_imgs": 5, "pa
 
 # demo-sized settings of the other methods (their defaults are sized for real training sets)
 METHOD_SETTINGS: dict[str, list[str]] = {
-    "ive": ["ive_estimators=30", "ive_rounds=10"],    # 10 rounds of 8 dimensions; smaller forests
-    "inlp": ["inlp_iterations=10"],
+    "ive": ["ive_estimators=30", "ive_rounds=5"],     # 5 rounds of 8 dimensions; smaller forests
+    "inlp": ["inlp_iterations=5"],
     "pe_miu": ["pe_miu_block_size=128"],              # the demo's noisy templates need large blocks (README)
 }
+# comparing every method: no validation during training and 5 checkpoints per layer method, so that training and
+# sweeping all of them stays within a few minutes on 2 CPU cores
+COMPARISON_SETTINGS = ["eval_step=0", "checkpoint_every=8"]
 
 
 def free_folder(base: Path) -> Path:
@@ -96,7 +99,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, methods: tuple[str, 
     overrides = demo_overrides(out, size, seed)
     results, runs = out / "results", {}
     for method in methods:
-        run_overrides = [*overrides, f"method={method}", *METHOD_SETTINGS.get(method, [])]
+        run_overrides = [*overrides, f"method={method}", *METHOD_SETTINGS.get(method, []),
+                         *(COMPARISON_SETTINGS if len(methods) > 1 else [])]
         print(f"[demo] {'synthetic data in ' + str(out / 'data') + f' ({time.time() - t0:.0f}s); ' if not runs else ''}"
               f"training '{method}' with\n       {shlex.join(['python', 'finetune.py', '--set', *run_overrides])}",
               flush=True)

@@ -73,13 +73,24 @@ def plot_curves(run: str, rows: pd.DataFrame, ref: dict[str, dict[str, float]], 
 
 
 def _chance_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
-    """Labels, grid, legend, and the chance level of balanced accuracy."""
+    """Labels, grid, and the chance level of balanced accuracy."""
     ax.axhline(0.5, ls=":", c="gray", lw=1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend for all panels, under them, so that it never hides a path."""
+    handles, labels = {}, []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            if label not in handles:
+                handles[label] = h
+                labels.append(label)
+    fig.legend([handles[k] for k in labels], labels, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=2 if len(labels) > 3 else len(labels), fontsize=8, frameon=False)
 
 
 def plot_tradeoff(metrics: pd.DataFrame, labels: dict[str, str], ref: dict[str, dict[str, float]],
@@ -98,6 +109,7 @@ def plot_tradeoff(metrics: pd.DataFrame, labels: dict[str, str], ref: dict[str, 
             ax.scatter([ref[ds]["EER"]], [ref[ds]["BACC-Gender-AVG"]], marker="*", s=240, c="k", zorder=5,
                        label="bare backbone")
         _chance_axes(ax, "EER (lower: better verification)", "gender BACC, paper's 3 (0.5: no leakage)", ds)
+    _legend_below(fig, axes[0])
     fig.suptitle("privacy / utility trade-off: each run's path over its checkpoints (ringed: last)")
     _save(fig, path)
 
@@ -117,6 +129,7 @@ def plot_worst_case(worst: pd.DataFrame, bare: pd.DataFrame, labels: dict[str, s
         if len(b):
             ax.axhline(float(b["BACC"].iloc[0]), ls="--", c="k", lw=1, label="bare backbone")
         _chance_axes(ax, "step", "worst-case gender BACC", ds)
+    _legend_below(fig, axes[0])
     fig.suptitle("worst-case leakage over all attackers (band: bootstrap interval)")
     _save(fig, path)
 
