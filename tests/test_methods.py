@@ -218,6 +218,17 @@ def test_methods_train_and_sweep_with_their_own_settings(tmp_path):
         assert all(0 <= float(r["EER"]) <= 0.5 and 0 <= float(r["BACC-Gender-AVG"]) <= 1 for r in rows)
     with open(out / "pe_miu_128b_metrics.csv", newline="") as fh:   # swept with its own comparison
         assert float(next(csv.DictReader(fh))["EER"]) < float(ref["EER"]) + 0.1
+    # the report's comparison table: the bare backbone first, then each run's last and best-PIC checkpoints, with the
+    # method's settings and the comparison it used; and the trade-off plot of every run
+    table = (out / "report.md").read_text().split("### synth_a")[1].split("###")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Model")]
+    assert rows[0].startswith("| bare backbone")
+    for method, (_, folder, steps) in runs.items():
+        mine = [r for r in rows if r.startswith(f"| {folder} |")]
+        assert len(mine) == 2 and f"last (step {steps[-1]})" in mine[0] and "best PIC" in mine[1], method
+        assert f"| {method}" in mine[0]
+    assert "PE-MIU block assignment" in [r for r in rows if "pe_miu" in r][0]
+    assert (out / "tradeoff.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("method", ["ive", "pe_miu", "inlp", "leace"])
