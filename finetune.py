@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from backbones.spec import BackboneSpec  # noqa: E402
 from config.config import Config  # noqa: E402
 from eval.evalset import check_bare_backbone, open_eval_set  # noqa: E402
+from eval.overlap import warn_overlap  # noqa: E402
 from privacy import FitContext, FitResult, PrivacyMethod, get_method  # noqa: E402
 from privacy.runs import RunFolders, append_config_row, check_names, plan_run_folders, write_run_description  # noqa: E402,E501
-from tools.check_overlap import warn_overlap  # noqa: E402
 from utils.cache import ExtractionSettings, TemplateCache, index_inputs  # noqa: E402
 from utils.config import OVERRIDE_HELP, load_config  # noqa: E402
 from utils.dataset import TrainIndex, scan_training_data  # noqa: E402

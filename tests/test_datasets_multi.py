@@ -16,6 +16,7 @@ import torch
 import finetune
 from eval import evaluation
 from helpers import demo_cfg, synthetic_world
+from eval.overlap import best_matches
 from tools import check_overlap as overlap_tool
 from tools import cross_dataset
 from tools.prepare_dataset import prepare
@@ -163,7 +164,7 @@ def test_best_matches_in_chunks_equal_the_whole_product_and_see_mirrored_copies(
     probe = rng.normal(size=(7, 6)).astype(np.float32)
     probe /= np.linalg.norm(probe, axis=1, keepdims=True)
     train[4, 1] = probe[5]                       # image 4 mirrored is probe 5
-    best, arg = overlap_tool.best_matches(train, probe, chunk=3)
+    best, arg = best_matches(train, probe, chunk=3)
     full = np.einsum("nfd,md->nfm", train, probe).max(axis=1)
     assert np.allclose(best, full.max(axis=1)) and np.array_equal(arg, full.argmax(axis=1))
     assert np.isclose(best[4], 1.0) and arg[4] == 5 and (np.delete(best, 4) < 0.95).all()
