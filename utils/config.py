@@ -100,6 +100,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _example(tp: Any) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return _example(next(a for a in get_args(tp) if a is not type(None)))
     if get_origin(tp) is list:
         return "\"['lfw','agedb_30']\""
     if get_origin(tp) is dict or tp is dict:
