@@ -7,6 +7,8 @@
    99 x the later epochs' mean (the first epoch carries one-off costs). Target >= 40x.
 2. evaluation sweep, 10 checkpoints x 2 sets: cached templates vs running the backbone for every checkpoint.
    Target >= 5x. (The authors' design is timed on some of the checkpoints and scaled to 10: each costs the same.)
+   And a sweep's evaluations (10 checkpoints x 2 sets, cached random templates of a realistic size) on all cores
+   against n_jobs=1. Target >= 1.5x on 2 cores, identical metrics.
 3. extraction throughput (decoding included) vs the raw forward throughput on tensors in memory. Target >= 90%.
 4. gender-leakage evaluation with our settings vs probability=True, BACC compared. Target >= 3x, identical BACC;
    and the cost of every registered attacker next to the paper's three (no target).
@@ -40,23 +42,24 @@ import finetune  # noqa: E402
 from backbones import FinetunedModel, ProjectionLayer, iresnet50, load_backbone  # noqa: E402
 from backbones.spec import BackboneSpec  # noqa: E402
 from eval.attackers import ALL, expand_attackers, register_attacker  # noqa: E402
-from eval.evalset import evaluate_set, open_eval_set  # noqa: E402
+from eval.evalset import EvalTemplates, evaluate_set, open_eval_set  # noqa: E402
+from eval.evaluation import evaluate_all  # noqa: E402
 from eval.leakage import gender_leakage, leakage_report  # noqa: E402
 from eval.verification import evaluate_verification  # noqa: E402
 from tools.make_bin import build_bin  # noqa: E402
 from utils.binfile import load_bin  # noqa: E402
-from utils.cache import ExtractionSettings, TemplateCache, extract  # noqa: E402
+from utils.cache import ExtractionSettings, TemplateCache, extract, open_entry  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.dataset import decode_image, scan_dataset, to_tensor  # noqa: E402
 from utils.device import select_device  # noqa: E402
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
     "full": {"train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
-             "authors_ckpts": 2, "leak_n": 3000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 32},
+             "authors_ckpts": 2, "leak_n": 3000, "sweep_gender": 1000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 32},
     "quick": {"train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20, "gender": 24,
-              "authors_ckpts": 1, "leak_n": 1200, "rss_n": 1_000_000, "rss_steps": 100, "batch": 32},
+              "authors_ckpts": 1, "leak_n": 1200, "sweep_gender": 400, "rss_n": 1_000_000, "rss_steps": 100, "batch": 32},
     "gpu": {"train_ids": 1024, "imgs": 8, "epochs": 2, "test_ids": 400, "test_imgs": 6, "pairs": 3000,
-            "gender": 1000, "authors_ckpts": 3, "leak_n": 3000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 128},
+            "gender": 1000, "authors_ckpts": 3, "leak_n": 3000, "sweep_gender": 1000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 128},
 }
 WORKERS = min(8, os.cpu_count() or 2)
 
@@ -212,6 +215,42 @@ def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
     return {"ours_s": ours, "authors_s": authors, "authors_measured": n}
 
 
+def synthetic_eval_set(folder: Path, name: str, pairs: int, gender: int, seed: int) -> EvalTemplates:
+    """An evaluation set of random templates with a gender signal, written as a cache entry (no backbone pass)."""
+    rng = np.random.default_rng(seed)
+    n_ids = gender // 4
+    ids = np.repeat(np.arange(n_ids), 4)
+    genders = ids % 2
+    n = 2 * pairs + gender
+    raw = rng.normal(size=(n, 2, 512)).astype(np.float32)
+    raw[2 * pairs:] += 0.08 * genders[:, None, None] * rng.normal(size=512).astype(np.float32)
+    norms = np.linalg.norm(raw, axis=2)
+    folder.mkdir(parents=True)
+    np.save(folder / "templates.npy", raw / norms[:, :, None])
+    np.save(folder / "norms.npy", norms)
+    (folder / "meta.json").write_text(json.dumps({"count": n, "dim": 512, "dtype": "float32", "version": 1}))
+    return EvalTemplates(name, open_entry(folder), rng.integers(0, 2, pairs).astype(bool), ids, genders)
+
+
+def bench_parallel_sweep(work: Path, device: torch.device, gender: int) -> tuple:
+    """The sweep's evaluations, 10 checkpoints x 2 sets of cached templates with ``gender`` gender images each,
+    with n_jobs=1 against all cores (n_jobs=-1, at least 2 workers), the metrics compared for equality."""
+    sets = [synthetic_eval_set(work / f"parallel_{k}", f"set_{k}", 600, gender, k) for k in range(2)]
+    torch.manual_seed(0)
+    layers = [ProjectionLayer().eval() for _ in range(10)]
+    tasks = [(lambda layer=layer: layer, ev) for layer in layers for ev in sets]
+    jobs = max(2, os.cpu_count() or 1)
+    seconds, results = {}, {}
+    for n_jobs in (1, jobs):
+        t0 = time.perf_counter()
+        results[n_jobs] = [r.metrics for r in evaluate_all(tasks, 3, ("LogReg", "SVM", "RBF"), 0, 0, n_jobs, device)]
+        seconds[n_jobs] = time.perf_counter() - t0
+    return (f"sweep evaluations, {jobs} jobs vs 1", seconds[jobs], seconds[1], 1.5,
+            f"10 checkpoints x 2 sets of 600 pairs + {gender} gender templates (random, cached), the paper's 3 "
+            f"attackers; n_jobs={jobs} (worker start included) against n_jobs=1; metrics identical: "
+            f"{results[1] == results[jobs]}")
+
+
 def bench_leakage(size: dict) -> dict:
     rng = np.random.default_rng(0)
     n = size["leak_n"]
@@ -350,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("eval sweep, 10 ckpts x 2 sets", sw["ours_s"], sw["authors_s"], 5,
                      f"{size['pairs']} pairs + {size['gender']} gender images per set; authors' design timed on "
                      f"{sw['authors_measured']} checkpoint(s) x 2 sets and scaled to 10"))
+        rows.append(bench_parallel_sweep(work, device, size["sweep_gender"]))
         lk = bench_leakage(size)
         rows.append(("gender leakage (3 classifiers)", lk["ours_s"], lk["authors_s"], 3,
                      f"{lk['n']} templates; BACC identical: {lk['identical']}"))
@@ -370,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio, met = theirs / ours, theirs / ours >= target
             if what.startswith("gender"):
                 met = met and lk["identical"]
+            if what.startswith("sweep evaluations"):
+                met = met and note.endswith("identical: True")
             cells = (f"{ours:.2f}s", f"{theirs:.2f}s", f"{ratio:.1f}x", f">= {target}x")
         table.append((what, *cells, "yes" if met else "NO", note))
     header = ("what", "ours", "authors' design", "ratio", "target", "met?", "notes")

@@ -76,7 +76,7 @@ class Config:
     gender_folds: int = 3                  # StratifiedGroupKFold splits of the gender-leakage test (authors: 3)
     attackers: list[str] = field(default_factory=lambda: ["LogReg", "SVM", "RBF"])  # gender attackers; "all": every one
     bootstrap: int = 1000                  # identity-level bootstrap draws for the attackers' intervals (0: none)
-    n_jobs: int = 1                        # parallel attacker fits (-1: all cores); the results do not depend on it
+    n_jobs: int = -1                       # sweep workers, (checkpoint, set) each (-1: all cores); results do not depend on it
 
     # ---- runtime -----------------------------------------------------------------------------------------------
     device: str = "auto"                   # auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:1, mps

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import logging
 import math
 import sys
 from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -29,6 +31,8 @@ if str(REPO) not in sys.path:
 
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from joblib import Parallel, delayed  # noqa: E402
+from torch import nn  # noqa: E402
 
 from backbones.spec import BackboneSpec  # noqa: E402
 from config.config import Config  # noqa: E402
@@ -37,8 +41,8 @@ from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, evaluate_set
                           warn_if_near_chance)
 from eval.report import write_report  # noqa: E402
 from privacy.runs import check_names, find_runs  # noqa: E402
-from utils.cache import ExtractionSettings, TemplateCache  # noqa: E402
-from utils.config import OVERRIDE_HELP, load_config  # noqa: E402
+from utils.cache import ExtractionSettings, TemplateCache, open_entry  # noqa: E402
+from utils.config import OVERRIDE_HELP, import_plugins, load_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.io import atomic_write_text, check_writable  # noqa: E402
@@ -108,15 +112,63 @@ def read_reference(path: Path, targets: list[str]) -> dict[str, dict[str, float]
     return out
 
 
-def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int) -> dict[str, dict[str, float]]:
+Task = tuple[Callable[[], "nn.Module | None"], EvalTemplates]   # (loads the transform (None: bare backbone), set)
+
+
+def _plugin_modules(plugins: Sequence[str]) -> list:
+    """The imported modules of the plug-ins: their classes (a method's transform) are sent to workers by value,
+    since a plug-in file's module name is private to the process that imported it."""
+    files = {Path(p).resolve() for p in plugins if p.endswith(".py")}
+    return [m for m in list(sys.modules.values()) if m is not None and (
+        getattr(m, "__name__", None) in plugins
+        or (getattr(m, "__file__", None) and Path(m.__file__).resolve() in files))]
+
+
+def _evaluate_in_worker(plugins: Sequence[str], name: str, folder: Path, labels: tuple, transform: nn.Module | None,
+                        gender_folds: int, attackers: tuple[str, ...], seed: int, bootstrap: int) -> SetResult:
+    """One (checkpoint, set) in a joblib worker: the plug-ins imported (their attackers), the set's cache entry
+    reopened as a memory map (never copied through the pipe), its attackers and folds fitted one after another."""
+    import_plugins(plugins)
+    ev = EvalTemplates(name, open_entry(folder), *labels)
+    return evaluate_set(ev, transform, gender_folds, attackers, seed, bootstrap, 1)
+
+
+def evaluate_all(tasks: Sequence[Task], gender_folds: int, attackers: Sequence[str], seed: int, bootstrap: int,
+                 n_jobs: int, device: torch.device = torch.device("cpu"), plugins: Sequence[str] = ()
+                 ) -> Iterator[SetResult]:
+    """evaluate_set of every (transform, set), in order, each as soon as it and those before it are done.
+
+    With ``n_jobs`` 1 each runs here as it always has. Otherwise the tasks run on ``n_jobs`` joblib workers (-1:
+    all cores), each fitting its attackers and folds itself: every fit is seeded and independent, so the results
+    do not depend on ``n_jobs``; joblib's workers limit their own BLAS/OpenMP threads to their share of the cores,
+    so nothing is oversubscribed. Transforms on a GPU stay in this process (one CUDA context); their attackers and
+    folds then run on the workers instead.
+    """
+    attackers = tuple(attackers)
+    if n_jobs == 1 or device.type != "cpu":
+        for load, ev in tasks:
+            yield evaluate_set(ev, load(), gender_folds, attackers, seed, bootstrap, n_jobs)
+        return
+    import cloudpickle   # what joblib's process pool pickles with
+    for module in _plugin_modules(plugins):
+        cloudpickle.register_pickle_by_value(module)
+    calls = (delayed(_evaluate_in_worker)(list(plugins), ev.name, ev.templates.path,
+                                          (ev.issame, ev.id_labels, ev.gender_labels), load(), gender_folds, attackers,
+                                          seed, bootstrap) for load, ev in tasks)
+    yield from Parallel(n_jobs=n_jobs, return_as="generator")(calls)
+
+
+def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int,
+                      n_jobs: int = 1) -> dict[str, dict[str, float]]:
     """Evaluate the bare backbone on each set with the paper's attackers and write the reference CSV (atomically);
     a near-chance EER is warned about."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=REFERENCE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     out = {}
-    for ev in sets:
-        m = evaluate_set(ev, None, gender_folds, PAPER_ATTACKERS).metrics
+    results = evaluate_all([(lambda: None, ev) for ev in sets], gender_folds, PAPER_ATTACKERS, 0, 0, n_jobs)
+    for ev, res in zip(sets, results):
+        m = res.metrics
         warn_if_near_chance(ev.name, m["EER"], log)
         out[ev.name] = m
         writer.writerow({"Dataset": ev.name, **{c: _fmt(m[c]) for c in METRIC_COLUMNS}})
@@ -132,8 +184,8 @@ def bare_backbone_attacks(path: Path, sets: list[EvalTemplates], attackers: tupl
     rows = read_csv_rows(path, columns, "bare-backbone attackers file")
     have = {(r["Dataset"], r["Attacker"]) for r in rows}
     todo = [ev for ev in sets if len(ev.gender_labels) and any((ev.name, a) not in have for a in (*attackers, WORST))]
-    for ev in todo:
-        res = evaluate_set(ev, None, gender_folds, attackers, seed, bootstrap, n_jobs)
+    for ev, res in zip(todo, evaluate_all([(lambda: None, ev) for ev in todo], gender_folds, attackers, seed,
+                                          bootstrap, n_jobs)):
         _, extra = _rows(0, ev, res, {})
         rows = [r for r in rows if r["Dataset"] != ev.name] + [{k: r[k] for k in columns} for r in extra]
     if todo:
@@ -202,11 +254,12 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
             for name, m in ref.items():
                 warn_if_near_chance(name, m["EER"], lg)
         else:
-            ref = compute_reference(reference, sets, cfg.gender_folds)
+            ref = compute_reference(reference, sets, cfg.gender_folds, cfg.n_jobs)
             changed = True
             lg.info("reference file %s did not exist: computed the bare backbone's results with the same protocol "
                     "and wrote them there", reference)
-        for run in runs:
+        todo: list[tuple[int, Path, Path, int, Path, EvalTemplates]] = []
+        for k, run in enumerate(runs):
             csv_path, att_path = out_dir / f"{run.name}_metrics.csv", out_dir / f"{run.name}_attackers.csv"
             done = {(r["Step"], r["Dataset"]) for r in read_csv_rows(csv_path, CSV_COLUMNS, "metrics file")}
             attacked = {(r["Step"], r["Dataset"], r["Attacker"])
@@ -214,22 +267,26 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
             lg.info("run %s: %s%s", run.name, run.settings, "" if run.described else " (no run.json: the paper's "
                     "method with this sweep's settings)")
             for step, ckpt in run.checkpoints:
-                todo = [ev for ev in sets if force or (str(step), ev.name) not in done
-                        or (beyond and any((str(step), ev.name, a) not in attacked for a in (*attackers, WORST)))]
-                if not todo:
+                sets_todo = [ev for ev in sets if force or (str(step), ev.name) not in done
+                             or (beyond and any((str(step), ev.name, a) not in attacked for a in (*attackers, WORST)))]
+                if not sets_todo:
                     lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
                             csv_path.name)
-                    continue
-                transform = run.method.load_transform(ckpt).to(device)
-                for ev in todo:
-                    res = evaluate_set(ev, transform, cfg.gender_folds, attackers, cfg.seed, bootstrap, cfg.n_jobs)
-                    row, extra = _rows(step, ev, res, ref[ev.name])
-                    write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
-                    if beyond and extra:
-                        write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
-                    changed = True
-                    lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", run.name, step, ev.name, res["EER"],
-                            res["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
+                todo += [(k, csv_path, att_path, step, ckpt, ev) for ev in sets_todo]
+
+        @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
+        def load(k: int, ckpt: Path) -> nn.Module:
+            return runs[k].method.load_transform(ckpt).to(device)
+        results = evaluate_all([(functools.partial(load, k, ckpt), ev) for k, _, _, _, ckpt, ev in todo],
+                               cfg.gender_folds, attackers, cfg.seed, bootstrap, cfg.n_jobs, device, cfg.plugins)
+        for (k, csv_path, att_path, step, _, ev), res in zip(todo, results):
+            row, extra = _rows(step, ev, res, ref[ev.name])
+            write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
+            if beyond and extra:
+                write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
+            changed = True
+            lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", runs[k].name, step, ev.name, res["EER"],
+                    res["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
         bare = None
         if beyond:
             bare = bare_backbone_attacks(out_dir / "bare_backbone_attackers.csv", sets, attackers, cfg.gender_folds,
