@@ -1,9 +1,16 @@
 """Scale: the parallel sweep, extraction that keeps every finished row, extraction sharded over processes."""
+from collections import Counter
+
+import numpy as np
 import pytest
 
 import finetune
+from backbones import register_architecture
 from eval import evaluation
 from helpers import demo_cfg, synthetic_world
+from synthetic.backbone import demo_decoder
+from utils.cache import open_entry
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -28,3 +35,42 @@ def test_parallel_sweep_writes_the_same_bytes_as_one_job(world, tmp_path):
     assert set(files[1]) == {"reference.csv", "Exp/Synth/bare_backbone_attackers.csv",
                              *(f"Exp/Synth/20L1_1L2_{k}.csv" for k in ("metrics", "attackers"))}
     assert files[1] == files[2]
+
+
+def counting_decoder(**kw):
+    """The demo decoder, recording every image row it is run on (bytes of the normalised input)."""
+    net = demo_decoder(**kw)
+    plain = net.forward
+
+    def forward(x):
+        SEEN.extend(row.numpy().tobytes() for row in x)
+        return plain(x)
+    net.forward = forward
+    return net
+
+
+SEEN: list[bytes] = []
+register_architecture("counting_decoder", counting_decoder)
+
+
+def test_an_undecodable_file_is_reported_and_no_image_is_extracted_twice(tmp_path):
+    synthetic_world(tmp_path, n_train_ids=20, imgs=3, n_test_ids=12, test_imgs=3, pairs=40, gender=24)
+    folder = sorted((tmp_path / "train").iterdir())[3]
+    bad = folder / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    overrides = ("network=counting_decoder", "num_epoch=1", "extract_batch_size=8", "n_jobs=1")
+    SEEN.clear()
+    with pytest.raises(UserError) as err:
+        finetune.train(demo_cfg(tmp_path, *overrides))
+    assert "broken.png" in str(err.value) and "not extracted again" in str(err.value)
+    first = len(SEEN)
+    bad.unlink()
+    finetune.train(demo_cfg(tmp_path, *overrides))
+    undecodable = np.full((3, 112, 112), -1, np.float32).tobytes()   # its placeholder (and its flip) were run
+    assert len(SEEN) == first == 2 * 61 and [r for r, c in Counter(SEEN).items() if c > 1] == [undecodable]
+    entry = open_entry(next((tmp_path / "cache").glob("train-*")))
+    SEEN.clear()
+    finetune.train(demo_cfg(tmp_path, *overrides, f"cache_dir={tmp_path / 'fresh'}", "extract_batch_size=5"))
+    fresh = open_entry(next((tmp_path / "fresh").glob("train-*")))
+    assert len(entry) == 60 and np.array_equal(entry.templates, fresh.templates)
+    assert np.array_equal(entry.norms, fresh.norms)

@@ -6,6 +6,11 @@ bare-backbone reference. The folder name carries a hash of everything the templa
 architecture, weights-file content, and the inputs (a training folder's relative paths, sizes and mtimes; a
 record file's size, mtime, index and keys; a .bin's content). Extraction writes into a hidden folder and renames it
 into place when complete, so a killed extraction never leaves a cache that is later read.
+
+No extracted row is thrown away: rows are also kept, a few thousand per file written atomically, in a store beside
+the cache folder (``<cache folder>-rows/<backbone key>``) keyed by each image (a file's path, size and mtime; a
+record's file and key; an encoded image's content), so a pass that stops (an undecodable file, a killed process)
+or a training set that changes (files removed, replaced or added) reruns only the images not yet in the store.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.dataset import ImageDataset, RecordImages, TrainIndex, normalize_images, problem_report
+from utils.dataset import ImageDataset, RecordImage, RecordImages, TrainIndex, normalize_images, problem_report
 from utils.errors import UserError
 from utils.io import sha256_file
 from utils.recordio import RecordFile
@@ -34,6 +39,7 @@ from utils.recordio import RecordFile
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+CHUNK_ROWS = 4096   # rows per file of the row store: a killed pass loses at most this many
 
 
 def folder_fingerprint(root: Path, paths: Sequence[Path]) -> str:
@@ -143,6 +149,12 @@ class TemplateCache:
                  "dtype": self.settings.dtype}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
+    def rows(self) -> Path:
+        """The row store of this backbone and dtype: every image's extracted row, whatever set it was part of; in
+        ``<cache folder>-rows`` beside the cache folder, which holds only complete entries."""
+        folder = self.folder.resolve()
+        return folder.with_name(f"{folder.name}-rows") / self.key("")
+
     def get(self, name: str, inputs: str, items: Sequence[Path] | Sequence[bytes],
             describe: Callable[[int], str] | None = None, what: str = "images") -> Templates:
         """The cached templates of ``items``; extracted (once) with the backbone on a miss."""
@@ -163,7 +175,8 @@ class TemplateCache:
         work = self.folder / f".building-{name}-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         work.mkdir(parents=True)
         try:
-            extract(self.backbone.load(), items, work, self.settings, describe=describe, what=what)
+            extract(self.backbone.load(), items, work, self.settings, describe=describe, what=what,
+                    rows=self.rows())
             try:
                 os.rename(work, final)
             except OSError:
@@ -205,16 +218,92 @@ def bin_inputs(content_sha256: str) -> str:
     return "bin:" + content_sha256
 
 
-def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: Path, settings: ExtractionSettings,
-            describe: Callable[[int], str] = str, what: str = "images") -> dict:
-    """Run the backbone over ``items`` (and their flips) and write templates.npy, norms.npy, meta.json to ``out``.
+def item_key(item: Path | RecordImage | bytes) -> bytes:
+    """The row store's key of an image: a file's path, size and mtime; a record's file (size, mtime) and key; an
+    encoded image's content. A file that cannot be read gets a key of its path alone (it is then reported)."""
+    if isinstance(item, Path):
+        try:
+            st = item.stat()
+            name = f"file:{item.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:
+            name = f"unreadable:{item}"
+    elif isinstance(item, RecordImage):
+        st = item.records.rec_path.stat()
+        name = f"rec:{item.records.rec_path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{item.key}"
+    else:
+        name = "bytes:" + hashlib.sha256(item).hexdigest()
+    return hashlib.sha256(name.encode()).hexdigest()[:32].encode()
 
-    Images are decoded in DataLoader workers while the backbone runs, and the templates are appended to the files
-    batch by batch: neither the image set nor the templates are held in memory. Every image that fails to decode
-    is reported at the end, all at once, and no cache is written. Returns the metadata.
+
+def stored_rows(rows: Path) -> dict[bytes, tuple[Path, int]]:
+    """Where each image of the row store is: its key -> (chunk file, row)."""
+    found: dict[bytes, tuple[Path, int]] = {}
+    for chunk in sorted(rows.glob("chunk-*.npz")) if rows.is_dir() else []:
+        with np.load(chunk) as z:
+            found.update((k, (chunk, r)) for r, k in enumerate(z["keys"].tolist()))
+    return found
+
+
+def _write_chunk(rows: Path, keys: list[bytes], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """One file of the row store, written under a temporary name and renamed: never read half-written."""
+    rows.mkdir(parents=True, exist_ok=True)
+    final = rows / f"chunk-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.npz"
+    tmp = final.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, keys=np.array(keys, dtype="S32"), templates=np.concatenate([p[0] for p in parts]),
+                 norms=np.concatenate([p[1] for p in parts]), resized=np.concatenate([p[2] for p in parts]))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: Path, settings: ExtractionSettings,
+            describe: Callable[[int], str] = str, what: str = "images", rows: Path | None = None) -> dict:
+    """Run the backbone over the ``items`` not yet in the row store ``rows`` (and their flips), keep their rows
+    there, and write templates.npy, norms.npy, meta.json of all ``items`` to ``out``.
+
+    Images are decoded in DataLoader workers while the backbone runs; rows go to the store every CHUNK_ROWS images,
+    so neither the image set nor the templates are held in memory. Every image that fails to decode is reported
+    at the end, all at once, and no cache is written (the rows of the others stay in the store). ``rows`` None:
+    a store inside ``out``, removed once the entry is written. Returns the metadata.
     """
+    own_store = rows is None
+    rows = out / ".rows" if rows is None else rows
+    keys = [item_key(item) for item in items]
+    found = stored_rows(rows)
+    todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in found}.values())   # first of each
+    todo.sort()
+    if len(todo) < len(items):
+        log.info("%d of %d %s already extracted (row store %s)", len(items) - len(todo), len(items), what, rows)
+    problems: list[str] = []
+    seconds = 0.0
+    if todo:
+        problems, seconds = _extract_rows(backbone, [items[i] for i in todo], [keys[i] for i in todo], rows,
+                                          settings, lambda j: describe(todo[j]), what)
+    if problems:
+        raise UserError(problem_report(f"the {what}", problems, "Replace or remove the files that do not decode, "
+                                       "then run again (no templates were cached; the rows of the others are kept "
+                                       "and not extracted again)."))
+    meta = _assemble(keys, stored_rows(rows), out, settings.dtype)
+    if own_store:
+        for f in rows.iterdir():
+            f.unlink()
+        rows.rmdir()
+    if meta["resized"]:
+        log.warning("%d of %d %s were not 112x112: short side resized to 112 (bicubic) and centre-cropped",
+                    meta["resized"], len(items), what)
+    if todo:
+        log.info("extracted %d %s in %.1fs (%.1f images/s, each with its flip)", len(todo), what, seconds,
+                 len(todo) / seconds)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows: Path, settings: ExtractionSettings,
+                  describe: Callable[[int], str], what: str) -> tuple[list[str], float]:
+    """The backbone pass over ``items``: their rows written to the store as they come; returns the decoding
+    problems and the seconds taken."""
     device, dtype, channels_last = settings.device, settings.dtype, settings.channels_last
-    n = len(items)
     backbone = backbone.to(device).eval()
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -224,15 +313,12 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
                         num_workers=settings.num_workers,
                         pin_memory=device.type == "cuda")
     problems: list[str] = []
-    resized = 0
-    dim = None
-    bar = tqdm(total=n, desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
-    t_file, n_file = open(out / "templates.npy", "wb"), open(out / "norms.npy", "wb")
-    _npy_header(n_file, np.dtype(np.float32), (n, 2))
+    pending_keys: list[bytes] = []
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    bar = tqdm(total=len(items), desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
     t0 = time.perf_counter()
-    with t_file, n_file, torch.inference_mode():
+    with torch.inference_mode():
         for idx, x, was_resized, errors in loader:
-            resized += int(was_resized.sum())
             problems += [f"{describe(int(i))}: {e}" for i, e in zip(idx, errors) if e]
             x = normalize_images(x.to(device, non_blocking=True))
             if channels_last:
@@ -242,30 +328,50 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
             # row-wise on contiguous (B, D) outputs: the same arithmetic as F.normalize(backbone(x)) in training
             normed = torch.stack([F.normalize(f, dim=1) for f in feats], dim=1).cpu().numpy()   # (B, 2, D)
             row_norms = torch.stack([f.norm(dim=1) for f in feats], dim=1).cpu().numpy()        # (B, 2)
-            if dim is None:
-                dim = normed.shape[2]
-                _npy_header(t_file, np.dtype(dtype), (n, 2, dim))
-            t_file.write(np.ascontiguousarray(normed, dtype=dtype).tobytes())
-            n_file.write(np.ascontiguousarray(row_norms, dtype=np.float32).tobytes())
+            good = np.array([not e for e in errors])
+            pending_keys += [keys[int(i)] for i, ok in zip(idx, good) if ok]
+            pending.append((np.ascontiguousarray(normed[good], dtype=dtype),
+                            np.ascontiguousarray(row_norms[good], dtype=np.float32), was_resized.numpy()[good]))
+            if len(pending_keys) >= CHUNK_ROWS:
+                _write_chunk(rows, pending_keys, pending)
+                pending_keys, pending = [], []
             bar.update(len(idx))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        for fh in (t_file, n_file):
-            fh.flush()
-            os.fsync(fh.fileno())
+    if pending_keys:
+        _write_chunk(rows, pending_keys, pending)
     bar.close()
-    if problems:
-        raise UserError(problem_report(f"the {what}", problems, "Replace or remove the files that do not decode, "
-                                       "then run again (no templates were cached)."))
-    if resized:
-        log.warning("%d of %d %s were not 112x112: short side resized to 112 (bicubic) and centre-cropped",
-                    resized, n, what)
-    meta = {"version": CACHE_VERSION, "count": n, "dim": int(dim), "dtype": dtype, "resized": resized,
+    return problems, time.perf_counter() - t0
+
+
+def _assemble(keys: list[bytes], found: dict[bytes, tuple[Path, int]], out: Path, dtype: str) -> dict:
+    """templates.npy and norms.npy of the images ``keys``, in order, copied from the row store chunk by chunk;
+    returns the entry's metadata (without meta.json, which the caller writes last)."""
+    by_chunk: dict[Path, list[tuple[int, int]]] = {}
+    for pos, k in enumerate(keys):
+        chunk, row = found[k]
+        by_chunk.setdefault(chunk, []).append((pos, row))
+    t = n = None
+    resized = 0
+    for chunk, pairs in by_chunk.items():
+        with np.load(chunk) as z:
+            templates, norms, flags = z["templates"], z["norms"], z["resized"]
+        if t is None:
+            t = np.lib.format.open_memmap(out / "templates.npy", mode="w+", dtype=np.dtype(dtype),
+                                          shape=(len(keys), 2, templates.shape[2]))
+            n = np.lib.format.open_memmap(out / "norms.npy", mode="w+", dtype=np.float32, shape=(len(keys), 2))
+        pos, row = (np.array(v) for v in zip(*pairs))
+        t[pos], n[pos] = templates[row], norms[row]
+        resized += int(flags[row].sum())
+    for arr in (t, n):
+        arr.flush()
+    for name in ("templates.npy", "norms.npy"):
+        with open(out / name, "rb+") as fh:
+            os.fsync(fh.fileno())
+    dim = t.shape[2]
+    del t, n
+    return {"version": CACHE_VERSION, "count": len(keys), "dim": int(dim), "dtype": dtype, "resized": resized,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-    log.info("extracted %d %s in %.1fs (%.1f images/s, each with its flip)", n, what, seconds, n / seconds)
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    return meta
 
 
 def _npy_header(fh, dtype: np.dtype, shape: tuple[int, ...]) -> None:
