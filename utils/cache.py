@@ -279,7 +279,8 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
     seconds = 0.0
     if todo:
         problems, seconds = _extract_rows(backbone, [items[i] for i in todo], [keys[i] for i in todo], rows,
-                                          settings, lambda j: describe(todo[j]), what)
+                                          settings, lambda j: describe(todo[j]), what,
+                                          lambda dim: _allocate(out, len(keys), dim, settings.dtype))
     if problems:
         raise UserError(problem_report(f"the {what}", problems, "Replace or remove the files that do not decode, "
                                        "then run again (no templates were cached; the rows of the others are kept "
@@ -299,10 +300,20 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
     return meta
 
 
+def _allocate(out: Path, count: int, dim: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The entry's templates.npy and norms.npy in ``out``, allocated (or reopened) as writable memory maps."""
+    if (out / "templates.npy").is_file():
+        return np.load(out / "templates.npy", mmap_mode="r+"), np.load(out / "norms.npy", mmap_mode="r+")
+    return (np.lib.format.open_memmap(out / "templates.npy", mode="w+", dtype=np.dtype(dtype), shape=(count, 2, dim)),
+            np.lib.format.open_memmap(out / "norms.npy", mode="w+", dtype=np.float32, shape=(count, 2)))
+
+
 def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows: Path, settings: ExtractionSettings,
-                  describe: Callable[[int], str], what: str) -> tuple[list[str], float]:
-    """The backbone pass over ``items``: their rows written to the store as they come; returns the decoding
-    problems and the seconds taken."""
+                  describe: Callable[[int], str], what: str, on_dim: Callable[[int], object]
+                  ) -> tuple[list[str], float]:
+    """The backbone pass over ``items``: their rows written to the store as they come (``on_dim`` called with the
+    template size at the first batch, to allocate the entry's files); returns the decoding problems and the
+    seconds taken."""
     device, dtype, channels_last = settings.device, settings.dtype, settings.channels_last
     backbone = backbone.to(device).eval()
     if channels_last:
@@ -315,6 +326,7 @@ def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows:
     problems: list[str] = []
     pending_keys: list[bytes] = []
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    first = True
     bar = tqdm(total=len(items), desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -328,6 +340,9 @@ def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows:
             # row-wise on contiguous (B, D) outputs: the same arithmetic as F.normalize(backbone(x)) in training
             normed = torch.stack([F.normalize(f, dim=1) for f in feats], dim=1).cpu().numpy()   # (B, 2, D)
             row_norms = torch.stack([f.norm(dim=1) for f in feats], dim=1).cpu().numpy()        # (B, 2)
+            if first:
+                on_dim(normed.shape[2])
+                first = False
             good = np.array([not e for e in errors])
             pending_keys += [keys[int(i)] for i, ok in zip(idx, good) if ok]
             pending.append((np.ascontiguousarray(normed[good], dtype=dtype),
@@ -357,9 +372,7 @@ def _assemble(keys: list[bytes], found: dict[bytes, tuple[Path, int]], out: Path
         with np.load(chunk) as z:
             templates, norms, flags = z["templates"], z["norms"], z["resized"]
         if t is None:
-            t = np.lib.format.open_memmap(out / "templates.npy", mode="w+", dtype=np.dtype(dtype),
-                                          shape=(len(keys), 2, templates.shape[2]))
-            n = np.lib.format.open_memmap(out / "norms.npy", mode="w+", dtype=np.float32, shape=(len(keys), 2))
+            t, n = _allocate(out, len(keys), templates.shape[2], dtype)
         pos, row = (np.array(v) for v in zip(*pairs))
         t[pos], n[pos] = templates[row], norms[row]
         resized += int(flags[row].sum())
