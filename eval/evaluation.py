@@ -36,13 +36,13 @@ from torch import nn  # noqa: E402
 
 from backbones.spec import BackboneSpec  # noqa: E402
 from config.config import Config  # noqa: E402
-from eval.attackers import PAPER_ATTACKERS, expand_attackers  # noqa: E402
+from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers  # noqa: E402
 from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, evaluate_set, open_eval_set, pic,  # noqa: E402
                           warn_if_near_chance)
 from eval.report import write_report  # noqa: E402
 from privacy.runs import check_names, find_runs  # noqa: E402
 from utils.cache import ExtractionSettings, TemplateCache, open_entry  # noqa: E402
-from utils.config import OVERRIDE_HELP, import_plugins, load_config  # noqa: E402
+from utils.config import OVERRIDE_HELP, load_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.io import atomic_write_text, check_writable  # noqa: E402
@@ -124,11 +124,12 @@ def _plugin_modules(plugins: Sequence[str]) -> list:
         or (getattr(m, "__file__", None) and Path(m.__file__).resolve() in files))]
 
 
-def _evaluate_in_worker(plugins: Sequence[str], name: str, folder: Path, labels: tuple, transform: nn.Module | None,
+def _evaluate_in_worker(factories: dict, name: str, folder: Path, labels: tuple, transform: nn.Module | None,
                         gender_folds: int, attackers: tuple[str, ...], seed: int, bootstrap: int) -> SetResult:
-    """One (checkpoint, set) in a joblib worker: the plug-ins imported (their attackers), the set's cache entry
-    reopened as a memory map (never copied through the pipe), its attackers and folds fitted one after another."""
-    import_plugins(plugins)
+    """One (checkpoint, set) in a joblib worker: the parent's attacker factories registered (whatever registered
+    them there: a plug-in, a notebook, a test), the set's cache entry reopened as a memory map (never copied through
+    the pipe), its attackers and folds fitted one after another."""
+    ATTACKERS.update(factories)
     ev = EvalTemplates(name, open_entry(folder), *labels)
     return evaluate_set(ev, transform, gender_folds, attackers, seed, bootstrap, 1)
 
@@ -152,7 +153,8 @@ def evaluate_all(tasks: Sequence[Task], gender_folds: int, attackers: Sequence[s
     import cloudpickle   # what joblib's process pool pickles with
     for module in _plugin_modules(plugins):
         cloudpickle.register_pickle_by_value(module)
-    calls = (delayed(_evaluate_in_worker)(list(plugins), ev.name, ev.templates.path,
+    factories = {k: ATTACKERS[k] for k in expand_attackers(attackers)}
+    calls = (delayed(_evaluate_in_worker)(factories, ev.name, ev.templates.path,
                                           (ev.issame, ev.id_labels, ev.gender_labels), load(), gender_folds, attackers,
                                           seed, bootstrap) for load, ev in tasks)
     yield from Parallel(n_jobs=n_jobs, return_as="generator")(calls)

@@ -130,7 +130,8 @@ def test_toy_method_and_attacker_train_and_sweep(tmp_path, toy_plugins):
     described = json.loads((res.checkpoint_dir / "run.json").read_text())
     assert described["method"] == "toy_drop" and described["config"]["method"] == "toy_drop"
     paper = finetune.train(demo_cfg(tmp_path, "num_epoch=1", "checkpoint_every=1"))   # the paper's method beside it
-    cfg = demo_cfg(tmp_path, "attackers=all", "bootstrap=200")   # every registered attacker, the toy one included
+    # every registered attacker, the toy one included, on two workers: registrations reach the sweep's processes
+    cfg = demo_cfg(tmp_path, "attackers=all", "bootstrap=200", "n_jobs=2")
     every = [*expand_attackers(["all"])]
     assert "ToyCentroid" in every and "MLP" in every
     out = evaluation.evaluate(cfg, tmp_path / "res", tmp_path / "ckpt" / "Demo", "Exp/Synth", tmp_path / "ref.csv")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import finetune
-from backbones import register_architecture
+import backbones
 from eval import evaluation
 from helpers import demo_cfg, synthetic_world
 from synthetic.backbone import demo_decoder
@@ -50,10 +50,15 @@ def counting_decoder(**kw):
 
 
 SEEN: list[bytes] = []
-register_architecture("counting_decoder", counting_decoder)
 
 
-def test_an_undecodable_file_is_reported_and_no_image_is_extracted_twice(tmp_path):
+@pytest.fixture
+def counting(monkeypatch):
+    """The counting decoder registered for this test only."""
+    monkeypatch.setitem(backbones.ARCHITECTURES, "counting_decoder", counting_decoder)
+
+
+def test_an_undecodable_file_is_reported_and_no_image_is_extracted_twice(tmp_path, counting):
     synthetic_world(tmp_path, n_train_ids=20, imgs=3, n_test_ids=12, test_imgs=3, pairs=40, gender=24)
     folder = sorted((tmp_path / "train").iterdir())[3]
     bad = folder / "broken.png"
