@@ -55,7 +55,7 @@ from utils.device import select_device  # noqa: E402
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
     "full": {"train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
-             "authors_ckpts": 2, "leak_n": 3000, "sweep_gender": 1000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 32},
+             "authors_ckpts": 2, "leak_n": 3000, "sweep_gender": 3000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 32},
     "quick": {"train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20, "gender": 24,
               "authors_ckpts": 1, "leak_n": 1200, "sweep_gender": 400, "rss_n": 1_000_000, "rss_steps": 100, "batch": 32},
     "gpu": {"train_ids": 1024, "imgs": 8, "epochs": 2, "test_ids": 400, "test_imgs": 6, "pairs": 3000,
