@@ -7,8 +7,8 @@ architecture, weights-file content, and the inputs (a training folder's relative
 record file's size, mtime, index and keys; a .bin's content). Extraction writes into a hidden folder and renames it
 into place when complete, so a killed extraction never leaves a cache that is later read.
 
-No extracted row is thrown away: rows are also kept, a few thousand per file written atomically, in a store beside
-the cache folder (``<cache folder>-rows/<backbone key>``) keyed by each image (a file's path, size and mtime; a
+No extracted row is thrown away: rows are also kept, a few thousand per file written atomically, in a store inside
+the cache folder (``<cache folder>/.rows/<backbone key>``) keyed by each image (a file's path, size and mtime; a
 record's file and key; an encoded image's content), so a pass that stops (an undecodable file, a killed process)
 or a training set that changes (files removed, replaced or added) reruns only the images not yet in the store.
 """
@@ -151,9 +151,8 @@ class TemplateCache:
 
     def rows(self) -> Path:
         """The row store of this backbone and dtype: every image's extracted row, whatever set it was part of; in
-        ``<cache folder>-rows`` beside the cache folder, which holds only complete entries."""
-        folder = self.folder.resolve()
-        return folder.with_name(f"{folder.name}-rows") / self.key("")
+        the cache folder's hidden ``.rows`` (its visible folders are complete entries only)."""
+        return self.folder / ".rows" / self.key("")
 
     def get(self, name: str, inputs: str, items: Sequence[Path] | Sequence[bytes],
             describe: Callable[[int], str] | None = None, what: str = "images") -> Templates:
