@@ -35,7 +35,6 @@ class Config:
     sigma: float = 0.05                    # std of the per-sample margin of the ElasticFace headers (ElasticFace's)
     alpha: float = 20                      # weight of P1 (angle between the batch's two gender centroids)
     beta: float = 1                        # weight of P2 (angle to the other gender's mean identity weight)
-    method_options: dict = field(default_factory=dict)  # options of a plug-in method, e.g. {"rank": 4}
 
     # ---- other privacy methods (privacy/) ----------------------------------------------------------------------
     ive_dims_per_round: int = 8            # ive: dimensions removed per round (the most gender-predictive)

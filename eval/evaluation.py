@@ -39,6 +39,7 @@ from config.config import Config  # noqa: E402
 from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers  # noqa: E402
 from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, evaluate_set, open_eval_set, pic,  # noqa: E402
                           warn_if_near_chance)
+from eval.leakage import WORST  # noqa: E402
 from eval.report import write_report  # noqa: E402
 from privacy.runs import check_names, find_runs  # noqa: E402
 from utils.cache import ExtractionSettings, TemplateCache, open_entry  # noqa: E402
@@ -52,7 +53,6 @@ CSV_COLUMNS = ["Step", "Dataset", *METRIC_COLUMNS, "PIC"]
 # <run>_attackers.csv, written when attackers beyond the paper's run: every attacker's balanced accuracy with its
 # identity-level bootstrap interval, and a 'worst-case' row (the maximum over them, Reached-By naming the attacker)
 ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC", "CI-Low", "CI-High", "Reached-By"]
-WORST = "worst-case"
 REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
 log = logging.getLogger("genderprivacy.eval")
 

@@ -43,6 +43,7 @@ from utils.io import atomic_write_text  # noqa: E402
 
 __all__ = ["LeakageResult", "leakage_report", "gender_leakage", "main"]
 
+WORST = "worst-case"    # the name of the worst case (the maximum over the attackers run) in result tables
 BOOTSTRAP_BLOCK = 100   # bootstrap replicates drawn and evaluated together (bounds memory); part of what a seed draws
 
 

@@ -20,13 +20,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from eval.evalset import METRIC_COLUMNS, EvalTemplates  # noqa: E402
+from eval.leakage import WORST  # noqa: E402
 from utils.io import atomic_path, atomic_write_text  # noqa: E402
 
 if TYPE_CHECKING:
     from privacy.runs import SweptRun
 
 PLOTTED = [("EER", "EER"), ("TAR@FAR=0.1%", "TAR@FAR=0.1%"), ("BACC-Gender-AVG", "gender BACC (avg)"), ("PIC", "PIC")]
-WORST = "worst-case"
 LINEAR_ERASURE = ("leace", "inlp")
 
 
@@ -257,9 +257,10 @@ def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str,
         lines.append(f"- `{run.name}_curves.png`: EER, TAR, gender BACC and PIC against step.")
         if gender_sets:
             ev = gender_sets[0]
-            finite = rows[(rows["Dataset"] == ev.name) & rows["PIC"].notna()]
+            steps = dict(run.checkpoints)   # rows of checkpoints deleted since are not plotted
+            finite = rows[(rows["Dataset"] == ev.name) & rows["PIC"].notna() & rows["Step"].isin(list(steps))]
             step = int(finite.loc[finite["PIC"].idxmax(), "Step"]) if not finite.empty else run.checkpoints[-1][0]
-            ckpt = dict(run.checkpoints)[step]
+            ckpt = steps[step]
             plot_angles(ev, run.method.load_transform(ckpt), f"{run.name}, step {step}, {ev.name}: angles to the "
                         f"gender centroids", out_dir / f"{run.name}_angles.png")
             lines.append(f"- `{run.name}_angles.png`: angles between {ev.name}'s gender-test templates and the two "

@@ -130,7 +130,7 @@ class PathMethod(PrivacyMethod):
 
     def fit(self, ctx: FitContext) -> FitResult:
         val = CallBackVerification(self.cfg.eval_step, ctx.val_sets, self.cfg.gender_folds, ctx.log,
-                                   self.cfg.attackers)
+                                   self.cfg.attackers, self.cfg.seed)
         result = FitResult(0)
         for step, transform in self.path(ctx):
             transform.eval()

@@ -39,9 +39,9 @@ class CallBackVerification:
     """Every ``frequent`` steps: EER, TAR@FAR=0.1% and gender BACC on each validation set."""
 
     def __init__(self, frequent: int, sets: list[EvalTemplates], gender_folds: int, logger: logging.Logger,
-                 attackers: Sequence[str] = PAPER_ATTACKERS):
+                 attackers: Sequence[str] = PAPER_ATTACKERS, seed: int = 0):
         self.frequent, self.sets, self.gender_folds, self.log = frequent, sets, gender_folds, logger
-        self.attackers = tuple(attackers)
+        self.attackers, self.seed = tuple(attackers), seed
         self.history: list[dict[str, float]] = []
 
     def __call__(self, step: int, transform: nn.Module, force: bool = False) -> None:
@@ -49,7 +49,7 @@ class CallBackVerification:
             return
         was_training = transform.training
         for ev in self.sets:
-            res = evaluate_set(ev, transform, self.gender_folds, self.attackers)
+            res = evaluate_set(ev, transform, self.gender_folds, self.attackers, self.seed)   # as the sweep does
             self.history.append({"step": step, "dataset": ev.name, **res.metrics,
                                  **{f"BACC-Gender-{k}": v for k, v in res.attacks.items()}})
             baccs = "  ".join(f"{k} {v:.4f}" for k, v in res.attacks.items())

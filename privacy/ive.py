@@ -54,7 +54,7 @@ class IVE(PathMethod):
         x, y = training_templates(ctx)
         kept = np.arange(x.shape[1])
         for round_ in range(1, c.ive_rounds + 1):
-            forest = RandomForestClassifier(n_estimators=c.ive_estimators, class_weight="balanced", n_jobs=-1,
+            forest = RandomForestClassifier(n_estimators=c.ive_estimators, class_weight="balanced", n_jobs=c.n_jobs,
                                             random_state=c.seed + round_)
             forest.fit(x[:, kept], y)
             order = np.argsort(-forest.feature_importances_, kind="stable")

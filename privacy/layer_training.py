@@ -28,6 +28,7 @@ from utils.errors import UserError
 from utils.io import atomic_torch_save, safe_torch_load
 
 RESUME_FILE = "resume.pth"
+RESUME_KEYS = ("step", "epoch", "layer", "objective", "optimizers", "generator", "torch_rng")
 EpochSource = Callable[[torch.Tensor, torch.Tensor, int, int], Iterator[torch.Tensor]]
 
 
@@ -216,7 +217,7 @@ def train_layer(method: PrivacyMethod, ctx: FitContext, make_objective: Callable
     labels, genders = torch.as_tensor(ctx.index.labels), torch.as_tensor(ctx.index.genders)
     steps_per_epoch = len(ctx.index) // cfg.batch_size
     log_cb = CallBackLogging(cfg.log_every, cfg.batch_size, log, objective.describe)
-    val_cb = CallBackVerification(cfg.eval_step, ctx.val_sets, cfg.gender_folds, log, cfg.attackers)
+    val_cb = CallBackVerification(cfg.eval_step, ctx.val_sets, cfg.gender_folds, log, cfg.attackers, cfg.seed)
     result = FitResult(step)
     layer.train()
     objective.train()

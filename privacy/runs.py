@@ -17,16 +17,16 @@ from config.config import Config
 from eval.attackers import ALL, ATTACKERS
 from losses import HEADERS
 from privacy import METHODS, PrivacyMethod, get_method
+from privacy.layer_training import RESUME_FILE, RESUME_KEYS
 from utils.config import check_choice, config_from_dict
 from utils.errors import UserError
-from utils.io import atomic_write_text
+from utils.io import atomic_write_text, safe_torch_load
 
 __all__ = ["RUN_FILE", "RunFolders", "check_names", "plan_run_folders", "write_run_description", "SweptRun",
            "find_runs", "append_config_row"]
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
-RESUME_FILE = "resume.pth"
 log = logging.getLogger(__name__)
 
 
@@ -67,10 +67,21 @@ def plan_run_folders(cfg: Config, method: PrivacyMethod) -> RunFolders:
     if cfg.resume:
         for j in range(k - 1, 0, -1):
             if (named(j)[0] / RESUME_FILE).is_file():
+                check_resume_state(named(j)[0] / RESUME_FILE)
                 return RunFolders(*named(j), True, base_ckpt)
         raise UserError(f"resume=True but no resumable run was found at '{base_ckpt}' (or its _2, _3... siblings): "
                         f"there is no {RESUME_FILE} in them. Start a new run with resume=False.")
     return RunFolders(*named(k), False, base_ckpt)
+
+
+def check_resume_state(path: Path) -> None:
+    """A resume state this version can continue (before anything is written into its folder)."""
+    state = safe_torch_load(path, "resume state")
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"resume state '{path}' lacks {', '.join(missing)}: it was written by an older version of this "
+                        f"code (before run.json existed), which this one cannot continue. Its checkpoints still sweep "
+                        f"as they are; to train further, start a new run with resume=False.")
 
 
 def write_run_description(folders: RunFolders, cfg: Config) -> None:
@@ -86,15 +97,20 @@ def write_run_description(folders: RunFolders, cfg: Config) -> None:
 
 
 def append_config_row(path: Path, cfg: Config, extra: dict[str, object]) -> None:
-    """config.csv (the authors' record): one row of hyperparameters per run; the header is written once."""
-    row = {**dataclasses.asdict(cfg), **extra}
-    old = path.read_text() if path.is_file() else ""
+    """config.csv (the authors' record): one row of hyperparameters per run. A file written with other options (an
+    older version) is rewritten with the union of the columns, so that every value stays under its name."""
+    row = {k: str(v) for k, v in {**dataclasses.asdict(cfg), **extra}.items()}
+    rows, columns = [], list(row)
+    if path.is_file():
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+        columns = list(reader.fieldnames or []) + [k for k in row if k not in (reader.fieldnames or [])]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(row))
-    if not old:
-        writer.writeheader()
-    writer.writerow({k: str(v) for k, v in row.items()})
-    atomic_write_text(path, old + buf.getvalue())
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows + [row])
+    atomic_write_text(path, buf.getvalue())
 
 
 @dataclass

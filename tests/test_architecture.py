@@ -207,3 +207,29 @@ def test_authors_released_layer_sweeps_to_the_same_numbers(legacy_world, tmp_pat
     out = evaluation.evaluate(cfg, tmp_path / "res", tmp_path / "models", "Released/Synth", tmp_path / "ref.csv")
     assert (out / "20L1_1L2_metrics.csv").read_text() == (LEGACY / "expected" / "released_metrics.csv").read_text()
     assert (tmp_path / "ref.csv").read_text() == (LEGACY / "expected" / "released_reference.csv").read_text()
+
+
+def test_an_old_run_is_not_resumed_and_its_folder_is_left_alone(legacy_world, tmp_path):
+    """resume=True on a run of the old code: a clear error before anything is written into its folders."""
+    from utils.errors import UserError
+    ckpt = tmp_path / "ckpt" / "Demo" / "Exp" / "Synth" / "20L1_1L2"
+    logs = tmp_path / "logs" / "Demo" / "Exp" / "Synth" / "20L1_1L2"
+    shutil.copytree(LEGACY / "checkpoints" / "20L1_1L2", ckpt)
+    shutil.copytree(LEGACY / "logs" / "20L1_1L2", logs)
+    before = {p.name: p.read_bytes() for p in [*ckpt.iterdir(), *logs.iterdir()]}
+    args = ("embedding_size=128", f"output_ori={legacy_world / 'b128' / 'backbone.pth'}", f"data_dir={legacy_world / 'train'}",
+            f"rec={legacy_world / 'rec'}", f"cache_dir={legacy_world / 'cache'}", f"checkpoint_root={tmp_path / 'ckpt'}",
+            f"log_dir={tmp_path / 'logs'}", "batch_size=16", "num_epoch=1", "checkpoint_every=1")
+    with pytest.raises(UserError, match="older version.*resume=False"):
+        finetune.train(demo_cfg(legacy_world, *args, "resume=True"))
+    assert {p.name: p.read_bytes() for p in [*ckpt.iterdir(), *logs.iterdir()]} == before
+    # the record of a run resumed across versions keeps every value under its name (the union of the columns)
+    from privacy.runs import append_config_row
+    with open(logs / "config.csv", newline="") as fh:
+        old = next(csv.DictReader(fh))
+    append_config_row(logs / "config.csv", demo_cfg(legacy_world, *args), {"resumed": True})
+    with open(logs / "config.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert len(rows) == 2 and "method" in reader.fieldnames and rows[0]["method"] == ""
+    assert {k: rows[0][k] for k in old} == old and rows[1]["alpha"] == "20" and rows[1]["s"] == "64.0"

@@ -187,3 +187,20 @@ def test_near_chance_bare_backbone_is_warned_in_training_and_the_sweep(tmp_path,
     with caplog.at_level(logging.WARNING):   # the right backbone on the same files: no warning
         finetune.train(demo_cfg(tmp_path, "eval_step=100", "num_epoch=1", "batch_size=8"))
     assert not any("near chance" in r.getMessage() for r in caplog.records)
+
+
+def test_report_survives_checkpoints_deleted_after_they_were_swept(trained, tmp_path):
+    """A user who keeps only the last checkpoint: its rows stay in the CSV and the report is still written."""
+    import shutil
+    models = tmp_path / "models"
+    shutil.copytree(trained / "ckpt" / "Demo" / "Exp" / "Synth" / "5L1_1L2", models / "Exp" / "Synth" / "5L1_1L2")
+    cfg = demo_cfg(trained, "test_targets=['synth_a','synth_b']")
+    out = evaluation.evaluate(cfg, tmp_path / "res", models, "Exp/Synth", tmp_path / "ref.csv")
+    with open(out / "5L1_1L2_metrics.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["Dataset"] == "synth_a"]
+    best = max(rows, key=lambda r: float(r["PIC"]))["Step"]
+    (models / "Exp" / "Synth" / "5L1_1L2" / f"{best}ftn_layers.pth").unlink()   # the one the report would plot
+    (out / "report.md").unlink()
+    evaluation.evaluate(cfg, tmp_path / "res", models, "Exp/Synth", tmp_path / "ref.csv")
+    assert f"step {best}" in (out / "report.md").read_text()   # still in the table: its row was swept
+    assert (out / "5L1_1L2_angles.png").is_file()

@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:
 from backbones.spec import BackboneSpec  # noqa: E402
 from config.config import Config  # noqa: E402
 from eval.evalset import EvalTemplates, open_eval_set  # noqa: E402
-from eval.overlap import DEFAULT_THRESHOLD, Overlap, describe, eval_image_name, find_overlap  # noqa: E402
+from eval.overlap import CSV_COLUMNS, DEFAULT_THRESHOLD, Overlap, describe, eval_image_name, find_overlap  # noqa: E402
 from utils.cache import ExtractionSettings, TemplateCache, index_inputs  # noqa: E402
 from utils.config import OVERRIDE_HELP, load_config  # noqa: E402
 from utils.dataset import TrainIndex, scan_training_data  # noqa: E402
@@ -40,7 +40,6 @@ from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.io import atomic_write_text  # noqa: E402
 
-CSV_COLUMNS = ["Dataset", "Training image", "Identity", "Evaluation image", "Cosine"]
 
 def check_overlap(cfg: Config, threshold: float = DEFAULT_THRESHOLD, csv_path: str | Path | None = None
                   ) -> tuple[TrainIndex, list[tuple[EvalTemplates, Overlap]]]:

@@ -384,9 +384,3 @@ def _assemble(keys: list[bytes], found: dict[bytes, tuple[Path, int]], out: Path
     del t, n
     return {"version": CACHE_VERSION, "count": len(keys), "dim": int(dim), "dtype": dtype, "resized": resized,
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def _npy_header(fh, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-    """The .npy header of a C-order array whose data is then appended batch by batch."""
-    np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                                              "shape": shape})
