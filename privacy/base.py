@@ -103,7 +103,8 @@ class PrivacyMethod:
         return sorted(found)
 
     def load_transform(self, path: Path) -> nn.Module:
-        """Load a checkpoint safely (weights only) into the method's transform, in eval mode."""
+        """Load a checkpoint safely (weights only) into the method's transform, in eval mode. A method implements
+        build_transform, or overrides this when its checkpoints have a loader of their own (the layer methods)."""
         what = f"{self.name} checkpoint"
         state = extract_state_dict(safe_torch_load(path, what), path, what)
         return self.build_transform(state, path).eval()
