@@ -115,15 +115,21 @@ def _bootstrap(y: np.ndarray, groups: np.ndarray, fold: np.ndarray, correct: dic
     rng = np.random.default_rng(seed)
     n_folds = int(fold.max()) + 1
     out = {k: np.zeros(n_bootstrap) for k in correct}
+    folds = []   # per fold: its identities' template counts per class, their stratum, each attacker's hits
+    for f in range(n_folds):
+        rows = np.flatnonzero(fold == f)
+        ids, gi = np.unique(groups[rows], return_inverse=True)
+        per_id = np.zeros((len(ids), len(classes)))          # templates of each identity and class
+        np.add.at(per_id, (gi, yi[rows]), 1)
+        hits = {}
+        for k, ok in correct.items():
+            hits[k] = np.zeros((len(ids), len(classes)))
+            np.add.at(hits[k], (gi, yi[rows]), ok[rows])
+        folds.append((len(ids), per_id, per_id.argmax(axis=1), hits))
     for start in range(0, n_bootstrap, BOOTSTRAP_BLOCK):
         b = min(BOOTSTRAP_BLOCK, n_bootstrap - start)
-        for f in range(n_folds):
-            rows = np.flatnonzero(fold == f)
-            ids, gi = np.unique(groups[rows], return_inverse=True)
-            per_id = np.zeros((len(ids), len(classes)))          # templates of each identity and class
-            np.add.at(per_id, (gi, yi[rows]), 1)
-            stratum = per_id.argmax(axis=1)
-            weights = np.zeros((b, len(ids)))
+        for n_ids, per_id, stratum, hits in folds:
+            weights = np.zeros((b, n_ids))
             for s in np.unique(stratum):
                 members = np.flatnonzero(stratum == s)
                 draws = rng.integers(0, len(members), size=(b, len(members)))
@@ -131,11 +137,9 @@ def _bootstrap(y: np.ndarray, groups: np.ndarray, fold: np.ndarray, correct: dic
                                      minlength=b * len(members)).reshape(b, len(members))
                 weights[:, members] = counts
             totals = weights @ per_id                                # (b, classes) templates drawn per class
-            for k, ok in correct.items():
-                hits = np.zeros((len(ids), len(classes)))
-                np.add.at(hits, (gi, yi[rows]), ok[rows])
+            for k in correct:
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    recall = (weights @ hits) / totals
+                    recall = (weights @ hits[k]) / totals
                 out[k][start:start + b] += np.nanmean(recall, axis=1) / n_folds
     return out
 
