@@ -7,6 +7,11 @@ The stages read top to bottom: pre-flight (every option, name, file and folder c
 set-up (run folders, log, run.json, the backbone's templates of the training set and of the validation sets, from
 the template cache), fit (the method writes its checkpoints). ``--set cache=False`` runs the backbone in the loop
 as the authors did (methods that train a layer); both modes share the same step code.
+
+    torchrun --nproc_per_node=N finetune.py [--set ...]
+
+shares the backbone's template extraction among N processes (GPUs, or machines with torchrun's multi-node options
+and a shared file system); the fit then runs in process 0 alone (the privacy layer is small).
 """
 from __future__ import annotations
 
@@ -26,14 +31,16 @@ import torch  # noqa: E402
 
 from backbones.spec import BackboneSpec  # noqa: E402
 from config.config import Config  # noqa: E402
-from eval.evalset import check_bare_backbone, open_eval_set  # noqa: E402
+from eval.evalset import EvalTemplates, check_bare_backbone, open_eval_set  # noqa: E402,E501
 from eval.overlap import warn_overlap  # noqa: E402
 from privacy import FitContext, FitResult, PrivacyMethod, get_method  # noqa: E402
 from privacy.runs import RunFolders, append_config_row, check_names, plan_run_folders, write_run_description  # noqa: E402,E501
 from utils.cache import ExtractionSettings, TemplateCache, index_inputs  # noqa: E402
 from utils.config import OVERRIDE_HELP, load_config  # noqa: E402
+from utils.cache import Templates  # noqa: E402
 from utils.dataset import TrainIndex, scan_training_data  # noqa: E402
 from utils.device import select_device  # noqa: E402
+from utils.distributed import Processes, processes  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.io import check_writable  # noqa: E402
 from utils.logs import log_to  # noqa: E402
@@ -43,13 +50,15 @@ LOGGER_NAME = "genderprivacy"
 
 @dataclass
 class Plan:
-    """What pre-flight established: the method, the data, the backbone, the device and the run folders."""
+    """What pre-flight established: the method, the data, the backbone, the device, the run folders (process 0's
+    alone) and the command's processes."""
     cfg: Config
     method: PrivacyMethod
     index: TrainIndex
     backbone: BackboneSpec
     device: torch.device
-    folders: RunFolders
+    folders: RunFolders | None
+    procs: Processes = Processes()
 
 
 @dataclass
@@ -59,7 +68,7 @@ class TrainResult(FitResult):
     log_dir: Path = Path()
 
 
-def preflight(cfg: Config) -> Plan:
+def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
     """Check everything that can be checked before any compute: names, data, weights, validation files, folders."""
     check_names(cfg)
     method = get_method(cfg.method)(cfg)
@@ -67,7 +76,11 @@ def preflight(cfg: Config) -> Plan:
     if not cfg.cache and not method.trains_in_loop:
         raise UserError(f"config option cache=False runs the backbone in the training loop, which only methods that "
                         f"train a layer do; '{cfg.method}' is fit on the cached templates. Use cache=True.")
-    device = select_device(cfg.device)
+    if not cfg.cache and procs.world > 1:
+        raise UserError("torchrun shares the backbone's template extraction among processes, and cache=False has "
+                        "none (the backbone runs in the training loop of one process): run 'python finetune.py' "
+                        "with cache=False, or torchrun with cache=True.")
+    device = procs.device(select_device(cfg.device))
     index = scan_training_data(cfg.data_dir, cfg.rec_genders)
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()
@@ -78,11 +91,26 @@ def preflight(cfg: Config) -> Plan:
     if cfg.eval_step and missing:
         raise UserError(f"validation file(s) {', '.join(missing)} not found (config options rec, val_targets). Put "
                         f"them there, or validate nothing with --set eval_step=0.")
-    folders = plan_run_folders(cfg, method)
-    check_writable(folders.checkpoints, "output / checkpoint_root")
-    check_writable(folders.logs, "log_output / log_dir")
+    folders = None
+    if procs.main:   # the other processes only extract: they neither choose nor touch the run folders
+        folders = plan_run_folders(cfg, method)
+        check_writable(folders.checkpoints, "output / checkpoint_root")
+        check_writable(folders.logs, "log_output / log_dir")
     check_writable(cfg.cache_dir, "cache_dir")
-    return Plan(cfg, method, index, backbone, device, folders)
+    return Plan(cfg, method, index, backbone, device, folders, procs)
+
+
+def get_templates(plan: Plan) -> tuple[Templates | None, list[EvalTemplates]]:
+    """The backbone's templates of the training set (cache=True) and of the validation sets, from the template
+    cache. Under torchrun every process calls this, in this order: each extracts its share of a miss."""
+    cfg = plan.cfg
+    cache = TemplateCache(cfg.cache_dir, plan.backbone, ExtractionSettings.from_config(cfg, plan.device), plan.procs)
+    templates = None
+    if cfg.cache:
+        templates = cache.get(f"train-{plan.index.name}", index_inputs(plan.index), plan.index.paths,
+                              lambda i: str(plan.index.paths[i]), what=f"training images of {plan.index.where}")
+    val_sets = [open_eval_set(cache, cfg.rec, name) for name in cfg.val_targets] if cfg.eval_step else []
+    return templates, val_sets
 
 
 @contextlib.contextmanager
@@ -95,6 +123,9 @@ def set_up(plan: Plan, callbacks: list[object]) -> Iterator[FitContext]:
                      folders.requested, folders.checkpoints)
         log.info("%s run of method '%s': checkpoints -> %s, logs -> %s, device %s",
                  "resumed" if folders.resuming else "new", cfg.method, folders.checkpoints, folders.logs, plan.device)
+        if plan.procs.world > 1:
+            log.info("torchrun: %d processes share the template extraction; process 0 then fits the method alone",
+                     plan.procs.world)
         log.info("training set %s: %d images of %d identities (%d of gender 0, %d of gender 1)", cfg.data_dir,
                  len(index), index.num_identities, int((index.genders == 0).sum()), int((index.genders == 1).sum()))
         for source in index.sources:
@@ -107,12 +138,7 @@ def set_up(plan: Plan, callbacks: list[object]) -> Iterator[FitContext]:
                                                              "resumed": folders.resuming,
                                                              "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                              "data_sources": index.summary()})
-        cache = TemplateCache(cfg.cache_dir, plan.backbone, ExtractionSettings.from_config(cfg, plan.device))
-        templates = None
-        if cfg.cache:
-            templates = cache.get(f"train-{index.name}", index_inputs(index), index.paths,
-                                  lambda i: str(index.paths[i]), what=f"training images of {index.where}")
-        val_sets = [open_eval_set(cache, cfg.rec, name) for name in cfg.val_targets] if cfg.eval_step else []
+        templates, val_sets = get_templates(plan)
         for ev in val_sets:
             log.info("bare backbone on %s: EER %.4f", ev.name, check_bare_backbone(ev, log))
         warn_overlap(log, index, templates, val_sets)
@@ -120,13 +146,18 @@ def set_up(plan: Plan, callbacks: list[object]) -> Iterator[FitContext]:
                          plan.backbone.load, callbacks)
 
 
-def train(cfg: Config, callbacks: list[object] | None = None) -> TrainResult:
-    """Run one fit as configured; returns the folders written, the final step and the method's record."""
-    plan = preflight(cfg)
-    with set_up(plan, callbacks or []) as ctx:
-        fit = plan.method.fit(ctx)
-        ctx.log.info("finished at step %d; %d checkpoint(s) in %s", fit.step, len(fit.checkpoints),
-                     plan.folders.checkpoints)
+def train(cfg: Config, callbacks: list[object] | None = None) -> TrainResult | None:
+    """Run one fit as configured; returns the folders written, the final step and the method's record. Under
+    torchrun the processes other than 0 extract their shares of the templates and return None."""
+    with processes(select_device(cfg.device)) as procs:
+        plan = preflight(cfg, procs)
+        if not procs.main:
+            get_templates(plan)
+            return None
+        with set_up(plan, callbacks or []) as ctx:
+            fit = plan.method.fit(ctx)
+            ctx.log.info("finished at step %d; %d checkpoint(s) in %s", fit.step, len(fit.checkpoints),
+                         plan.folders.checkpoints)
     return TrainResult(**vars(fit), checkpoint_dir=plan.folders.checkpoints, log_dir=plan.folders.logs)
 
 
@@ -143,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         result = train(load_config(args.config, args.set))
-        print(f"checkpoints: {result.checkpoint_dir}\nlogs: {result.log_dir}")
+        if result is not None:
+            print(f"checkpoints: {result.checkpoint_dir}\nlogs: {result.log_dir}")
     return run_cli(body)
 
 

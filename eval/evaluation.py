@@ -43,6 +43,7 @@ from eval.leakage import WORST  # noqa: E402
 from eval.report import write_report  # noqa: E402
 from privacy.runs import check_names, find_runs  # noqa: E402
 from utils.cache import ExtractionSettings, TemplateCache, open_entry  # noqa: E402
+from utils.distributed import processes  # noqa: E402
 from utils.config import OVERRIDE_HELP, load_config  # noqa: E402
 from utils.device import select_device  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
@@ -244,60 +245,70 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
         read_csv_rows(out_dir / f"{run.name}_metrics.csv", CSV_COLUMNS, "metrics file")
         read_csv_rows(out_dir / f"{run.name}_attackers.csv", ATTACKER_COLUMNS, "attackers file")
     device = select_device(cfg.device)
-    with log_to(out_dir / "evaluate.log", log.name) as lg:
-        lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(runs), experiment, ", ".join(targets),
-                ", ".join(attackers))
-        cache = TemplateCache(cfg.cache_dir, backbone, ExtractionSettings.from_config(cfg, device))
-        sets = [open_eval_set(cache, cfg.rec, name) for name in targets]
-        changed = False
-        if reference.is_file():
-            ref = read_reference(reference, targets)
-            lg.info("reference results read from %s", reference)
-            for name, m in ref.items():
-                warn_if_near_chance(name, m["EER"], lg)
-        else:
-            ref = compute_reference(reference, sets, cfg.gender_folds, cfg.n_jobs)
-            changed = True
-            lg.info("reference file %s did not exist: computed the bare backbone's results with the same protocol "
-                    "and wrote them there", reference)
-        todo: list[tuple[int, Path, Path, int, Path, EvalTemplates]] = []
-        for k, run in enumerate(runs):
-            csv_path, att_path = out_dir / f"{run.name}_metrics.csv", out_dir / f"{run.name}_attackers.csv"
-            done = {(r["Step"], r["Dataset"]) for r in read_csv_rows(csv_path, CSV_COLUMNS, "metrics file")}
-            attacked = {(r["Step"], r["Dataset"], r["Attacker"])
-                        for r in read_csv_rows(att_path, ATTACKER_COLUMNS, "attackers file")}
-            lg.info("run %s: %s%s", run.name, run.settings, "" if run.described else " (no run.json: the paper's "
-                    "method with this sweep's settings)")
-            for step, ckpt in run.checkpoints:
-                sets_todo = [ev for ev in sets if force or (str(step), ev.name) not in done
-                             or (beyond and any((str(step), ev.name, a) not in attacked for a in (*attackers, WORST)))]
-                if not sets_todo:
-                    lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
-                            csv_path.name)
-                todo += [(k, csv_path, att_path, step, ckpt, ev) for ev in sets_todo]
+    with processes(device) as procs:
+        device = procs.device(device)
+        cache = TemplateCache(cfg.cache_dir, backbone, ExtractionSettings.from_config(cfg, device), procs)
+        if not procs.main:   # the other processes extract their shares of the sets' templates, nothing else
+            for name in targets:
+                open_eval_set(cache, cfg.rec, name)
+            return out_dir
+        with log_to(out_dir / "evaluate.log", log.name) as lg:
+            lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(runs), experiment, ", ".join(targets),
+                    ", ".join(attackers))
+            if procs.world > 1:
+                lg.info("torchrun: %d processes share the template extraction; process 0 then sweeps alone",
+                        procs.world)
+            sets = [open_eval_set(cache, cfg.rec, name) for name in targets]
+            changed = False
+            if reference.is_file():
+                ref = read_reference(reference, targets)
+                lg.info("reference results read from %s", reference)
+                for name, m in ref.items():
+                    warn_if_near_chance(name, m["EER"], lg)
+            else:
+                ref = compute_reference(reference, sets, cfg.gender_folds, cfg.n_jobs)
+                changed = True
+                lg.info("reference file %s did not exist: computed the bare backbone's results with the same protocol "
+                        "and wrote them there", reference)
+            todo: list[tuple[int, Path, Path, int, Path, EvalTemplates]] = []
+            for k, run in enumerate(runs):
+                csv_path, att_path = out_dir / f"{run.name}_metrics.csv", out_dir / f"{run.name}_attackers.csv"
+                done = {(r["Step"], r["Dataset"]) for r in read_csv_rows(csv_path, CSV_COLUMNS, "metrics file")}
+                attacked = {(r["Step"], r["Dataset"], r["Attacker"])
+                            for r in read_csv_rows(att_path, ATTACKER_COLUMNS, "attackers file")}
+                lg.info("run %s: %s%s", run.name, run.settings, "" if run.described else " (no run.json: the paper's "
+                        "method with this sweep's settings)")
+                for step, ckpt in run.checkpoints:
+                    sets_todo = [ev for ev in sets if force or (str(step), ev.name) not in done
+                                 or (beyond and any((str(step), ev.name, a) not in attacked
+                                                    for a in (*attackers, WORST)))]
+                    if not sets_todo:
+                        lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
+                                csv_path.name)
+                    todo += [(k, csv_path, att_path, step, ckpt, ev) for ev in sets_todo]
 
-        @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
-        def load(k: int, ckpt: Path) -> nn.Module:
-            return runs[k].method.load_transform(ckpt).to(device)
-        results = evaluate_all([(functools.partial(load, k, ckpt), ev) for k, _, _, _, ckpt, ev in todo],
-                               cfg.gender_folds, attackers, cfg.seed, bootstrap, cfg.n_jobs, device, cfg.plugins)
-        for (k, csv_path, att_path, step, _, ev), res in zip(todo, results):
-            row, extra = _rows(step, ev, res, ref[ev.name])
-            write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
-            if beyond and extra:
-                write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
-            changed = True
-            lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", runs[k].name, step, ev.name, res["EER"],
-                    res["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
-        bare = None
-        if beyond:
-            bare = bare_backbone_attacks(out_dir / "bare_backbone_attackers.csv", sets, attackers, cfg.gender_folds,
-                                         cfg.seed, bootstrap, cfg.n_jobs)
-        if changed or not (out_dir / "report.md").is_file():
-            report = write_report(out_dir, runs, ref, sets, cfg.gender_folds, bare)
-            lg.info("report: %s", report)
-        else:
-            lg.info("nothing new: %s and the plots are up to date", out_dir / "report.md")
+            @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
+            def load(k: int, ckpt: Path) -> nn.Module:
+                return runs[k].method.load_transform(ckpt).to(device)
+            results = evaluate_all([(functools.partial(load, k, ckpt), ev) for k, _, _, _, ckpt, ev in todo],
+                                   cfg.gender_folds, attackers, cfg.seed, bootstrap, cfg.n_jobs, device, cfg.plugins)
+            for (k, csv_path, att_path, step, _, ev), res in zip(todo, results):
+                row, extra = _rows(step, ev, res, ref[ev.name])
+                write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
+                if beyond and extra:
+                    write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
+                changed = True
+                lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", runs[k].name, step, ev.name, res["EER"],
+                        res["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
+            bare = None
+            if beyond:
+                bare = bare_backbone_attacks(out_dir / "bare_backbone_attackers.csv", sets, attackers, cfg.gender_folds,
+                                             cfg.seed, bootstrap, cfg.n_jobs)
+            if changed or not (out_dir / "report.md").is_file():
+                report = write_report(out_dir, runs, ref, sets, cfg.gender_folds, bare)
+                lg.info("report: %s", report)
+            else:
+                lg.info("nothing new: %s and the plots are up to date", out_dir / "report.md")
     return out_dir
 
 

@@ -11,6 +11,10 @@ No extracted row is thrown away: rows are also kept, a few thousand per file wri
 the cache folder (``<cache folder>/.rows/<backbone key>``) keyed by each image (a file's path, size and mtime; a
 record's file and key; an encoded image's content), so a pass that stops (an undecodable file, a killed process)
 or a training set that changes (files removed, replaced or added) reruns only the images not yet in the store.
+
+Under torchrun the processes share a miss: rank 0 lists the images not yet in the store, each process extracts its
+contiguous share into the store, and once all shares are in, rank 0 assembles and publishes the entry (the same
+rename). A killed process stops them all; the rerun finds the finished rows in the store and extracts the rest.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.dataset import ImageDataset, RecordImage, RecordImages, TrainIndex, normalize_images, problem_report
+from utils.distributed import Processes
 from utils.errors import UserError
 from utils.io import sha256_file
 from utils.recordio import RecordFile
@@ -140,8 +145,9 @@ class ExtractionSettings:
 class TemplateCache:
     """The templates of one backbone under ``folder``, keyed by the backbone's fingerprint, the inputs' and dtype."""
 
-    def __init__(self, folder: str | os.PathLike, backbone: BackboneSource, settings: ExtractionSettings):
-        self.folder, self.backbone, self.settings = Path(folder), backbone, settings
+    def __init__(self, folder: str | os.PathLike, backbone: BackboneSource, settings: ExtractionSettings,
+                 processes: Processes = Processes()):
+        self.folder, self.backbone, self.settings, self.processes = Path(folder), backbone, settings, processes
 
     def key(self, inputs: str) -> str:
         """Hash of everything the templates depend on; ``inputs`` names the images (see folder_inputs, bin_inputs)."""
@@ -162,17 +168,13 @@ class TemplateCache:
                 return str(items[i]) if isinstance(items[i], Path) else f"image {i}"
         key = self.key(inputs)
         final = self.folder / f"{name}-{key}"
+        if self.processes.world > 1:
+            return self._get_sharded(final, items, describe, what)
         entry = open_entry(final)
         if entry is not None and len(entry) == len(items):
             log.info("template cache hit: %s (%d %s)", final, len(entry), what)
             return entry
-        if final.exists():
-            aside = final.with_name(f"{final.name}.unreadable-{int(time.time())}")
-            log.warning("template cache %s is incomplete or unreadable; moved aside to %s and rebuilding", final, aside)
-            final.rename(aside)
-        log.info("template cache miss: extracting %d %s into %s", len(items), what, final)
-        work = self.folder / f".building-{name}-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        work.mkdir(parents=True)
+        work = self._start_miss(final, len(items), what)
         try:
             extract(self.backbone.load(), items, work, self.settings, describe=describe, what=what,
                     rows=self.rows())
@@ -182,13 +184,93 @@ class TemplateCache:
                 if open_entry(final) is None:  # another process won the race with a complete entry, else it is real
                     raise
         finally:
-            if work.exists():
-                for f in work.iterdir():
-                    f.unlink()
-                work.rmdir()
+            _remove_folder(work)
         entry = open_entry(final)
         assert entry is not None
         return entry
+
+    def _start_miss(self, final: Path, count: int, what: str) -> Path:
+        """Move an unreadable entry aside (never deleted) and make the hidden folder the new entry is built in."""
+        if final.exists():
+            aside = final.with_name(f"{final.name}.unreadable-{int(time.time())}")
+            log.warning("template cache %s is incomplete or unreadable; moved aside to %s and rebuilding", final, aside)
+            final.rename(aside)
+        log.info("template cache miss: extracting %d %s into %s", count, what, final)
+        work = self.folder / f".building-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        work.mkdir(parents=True)
+        return work
+
+    def _get_sharded(self, final: Path, items: Sequence[Path] | Sequence[bytes], describe: Callable[[int], str],
+                     what: str) -> Templates:
+        """``get`` with the extraction shared by torchrun's processes (every process calls it, in the same order).
+
+        Rank 0 decides (a hit, or the images missing from the store); each process extracts its share of those
+        into the store; after all shares are in, rank 0 assembles and publishes the entry, and every process opens
+        it. The decoding problems of all shares are reported together, by every process."""
+        procs, rows = self.processes, self.rows()
+        plan: tuple[str, list[int]] | None = None
+        keys: list[bytes] = []
+        if procs.main:
+            entry = open_entry(final)
+            if entry is not None and len(entry) == len(items):
+                log.info("template cache hit: %s (%d %s)", final, len(entry), what)
+                plan = ("", [])
+            else:
+                work = self._start_miss(final, len(items), what)
+                keys = [item_key(item) for item in items]
+                todo = missing_rows(keys, rows)
+                log.info("%d of %d %s to extract, shared by %d processes (row store %s)", len(todo), len(items),
+                         what, procs.world, rows)
+                plan = (str(work), todo)
+        work_name, todo = procs.from_main(plan)
+        if work_name:
+            work = Path(work_name)
+            if not work.is_dir():
+                raise UserError(f"process {procs.rank} cannot see the folder '{work}' that process 0 made in cache_dir "
+                                f"'{self.folder}': with torchrun on several machines, cache_dir (and the data) must "
+                                f"be on a file system all machines share, under the same path. Set --set "
+                                f"cache_dir=<shared folder>.")
+            mine = todo[procs.share(len(todo), self.settings.batch_size)]
+            problems, written, seconds = [], [], 0.0
+            if mine:
+                problems, written, seconds = _extract_rows(
+                    self.backbone.load(), [items[i] for i in mine], [item_key(items[i]) for i in mine], rows,
+                    self.settings, lambda j: describe(mine[j]), what, lambda dim: None)
+                log.info("process %d extracted %d %s in %.1fs", procs.rank, len(mine), what, seconds)
+            shares = procs.gather((problems, [str(p) for p in written]))
+            problems = [p for share_problems, _ in shares for p in share_problems]
+            if problems:
+                if procs.main:
+                    _remove_folder(work)
+                raise _undecodable(what, problems)
+            if procs.main:
+                try:
+                    publish(keys, rows, work, self.settings.dtype, what,
+                            also=[Path(p) for _, files in shares for p in files])
+                    os.rename(work, final)
+                finally:
+                    _remove_folder(work)
+        procs.barrier()
+        entry = open_entry(final)
+        if entry is None:
+            raise UserError(f"process {procs.rank} cannot read the template cache '{final}' that process 0 wrote: "
+                            f"with torchrun on several machines, cache_dir must be on a file system all machines "
+                            f"share, under the same path. Set --set cache_dir=<shared folder>.")
+        return entry
+
+
+def _remove_folder(folder: Path) -> None:
+    """Remove a hidden build folder of the cache (only ever one this process made)."""
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+
+
+def _undecodable(what: str, problems: list[str]) -> UserError:
+    return UserError(problem_report(f"the {what}", problems, "Replace or remove the files that do not decode, "
+                                    "then run again (no templates were cached; the rows of the others are kept and "
+                                    "not extracted again)."))
 
 
 def folder_inputs(root: Path, paths: Sequence[Path]) -> str:
@@ -234,16 +316,25 @@ def item_key(item: Path | RecordImage | bytes) -> bytes:
     return hashlib.sha256(name.encode()).hexdigest()[:32].encode()
 
 
-def stored_rows(rows: Path) -> dict[bytes, tuple[Path, int]]:
-    """Where each image of the row store is: its key -> (chunk file, row)."""
+def stored_rows(rows: Path, also: Sequence[Path] = ()) -> dict[bytes, tuple[Path, int]]:
+    """Where each image of the row store is: its key -> (chunk file, row). ``also``: chunk files known to be
+    there (other processes', which a network file system may not list yet)."""
     found: dict[bytes, tuple[Path, int]] = {}
-    for chunk in sorted(rows.glob("chunk-*.npz")) if rows.is_dir() else []:
+    listed = set(rows.glob("chunk-*.npz")) if rows.is_dir() else set()
+    for chunk in sorted(listed | set(also)):
         with np.load(chunk) as z:
             found.update((k, (chunk, r)) for r, k in enumerate(z["keys"].tolist()))
     return found
 
 
-def _write_chunk(rows: Path, keys: list[bytes], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+def missing_rows(keys: Sequence[bytes], rows: Path) -> list[int]:
+    """Positions of the images not yet in the row store ``rows`` (the first of each image listed twice), in order."""
+    found = stored_rows(rows)
+    first = {k: i for i, k in reversed(list(enumerate(keys))) if k not in found}
+    return sorted(first.values())
+
+
+def _write_chunk(rows: Path, keys: list[bytes], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Path:
     """One file of the row store, written under a temporary name and renamed: never read half-written."""
     rows.mkdir(parents=True, exist_ok=True)
     final = rows / f"chunk-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.npz"
@@ -254,6 +345,7 @@ def _write_chunk(rows: Path, keys: list[bytes], parts: list[tuple[np.ndarray, np
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, final)
+    return final
 
 
 def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: Path, settings: ExtractionSettings,
@@ -269,32 +361,30 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
     own_store = rows is None
     rows = out / ".rows" if rows is None else rows
     keys = [item_key(item) for item in items]
-    found = stored_rows(rows)
-    todo = list({k: i for i, k in reversed(list(enumerate(keys))) if k not in found}.values())   # first of each
-    todo.sort()
+    todo = missing_rows(keys, rows)
     if len(todo) < len(items):
         log.info("%d of %d %s already extracted (row store %s)", len(items) - len(todo), len(items), what, rows)
-    problems: list[str] = []
-    seconds = 0.0
     if todo:
-        problems, seconds = _extract_rows(backbone, [items[i] for i in todo], [keys[i] for i in todo], rows,
-                                          settings, lambda j: describe(todo[j]), what,
-                                          lambda dim: _allocate(out, len(keys), dim, settings.dtype))
-    if problems:
-        raise UserError(problem_report(f"the {what}", problems, "Replace or remove the files that do not decode, "
-                                       "then run again (no templates were cached; the rows of the others are kept "
-                                       "and not extracted again)."))
-    meta = _assemble(keys, stored_rows(rows), out, settings.dtype)
-    if own_store:
-        for f in rows.iterdir():
-            f.unlink()
-        rows.rmdir()
-    if meta["resized"]:
-        log.warning("%d of %d %s were not 112x112: short side resized to 112 (bicubic) and centre-cropped",
-                    meta["resized"], len(items), what)
-    if todo:
+        problems, _, seconds = _extract_rows(backbone, [items[i] for i in todo], [keys[i] for i in todo], rows,
+                                             settings, lambda j: describe(todo[j]), what,
+                                             lambda dim: _allocate(out, len(keys), dim, settings.dtype))
+        if problems:
+            raise _undecodable(what, problems)
         log.info("extracted %d %s in %.1fs (%.1f images/s, each with its flip)", len(todo), what, seconds,
                  len(todo) / seconds)
+    meta = publish(keys, rows, out, settings.dtype, what)
+    if own_store:
+        _remove_folder(rows)
+    return meta
+
+
+def publish(keys: list[bytes], rows: Path, out: Path, dtype: str, what: str, also: Sequence[Path] = ()) -> dict:
+    """Assemble the entry of the images ``keys`` in ``out`` from the row store (``also``: chunk files known to be
+    there) and write its meta.json last; returns the metadata."""
+    meta = _assemble(keys, stored_rows(rows, also), out, dtype)
+    if meta["resized"]:
+        log.warning("%d of %d %s were not 112x112: short side resized to 112 (bicubic) and centre-cropped",
+                    meta["resized"], len(keys), what)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 
@@ -309,10 +399,10 @@ def _allocate(out: Path, count: int, dim: int, dtype: str) -> tuple[np.ndarray, 
 
 def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows: Path, settings: ExtractionSettings,
                   describe: Callable[[int], str], what: str, on_dim: Callable[[int], object]
-                  ) -> tuple[list[str], float]:
+                  ) -> tuple[list[str], list[Path], float]:
     """The backbone pass over ``items``: their rows written to the store as they come (``on_dim`` called with the
-    template size at the first batch, to allocate the entry's files); returns the decoding problems and the
-    seconds taken."""
+    template size at the first batch, to allocate the entry's files); returns the decoding problems, the store's
+    files written and the seconds taken."""
     device, dtype, channels_last = settings.device, settings.dtype, settings.channels_last
     backbone = backbone.to(device).eval()
     if channels_last:
@@ -323,6 +413,7 @@ def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows:
                         num_workers=settings.num_workers,
                         pin_memory=device.type == "cuda")
     problems: list[str] = []
+    written: list[Path] = []
     pending_keys: list[bytes] = []
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     first = True
@@ -347,15 +438,15 @@ def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows:
             pending.append((np.ascontiguousarray(normed[good], dtype=dtype),
                             np.ascontiguousarray(row_norms[good], dtype=np.float32), was_resized.numpy()[good]))
             if len(pending_keys) >= CHUNK_ROWS:
-                _write_chunk(rows, pending_keys, pending)
+                written.append(_write_chunk(rows, pending_keys, pending))
                 pending_keys, pending = [], []
             bar.update(len(idx))
         if device.type == "cuda":
             torch.cuda.synchronize()
     if pending_keys:
-        _write_chunk(rows, pending_keys, pending)
+        written.append(_write_chunk(rows, pending_keys, pending))
     bar.close()
-    return problems, time.perf_counter() - t0
+    return problems, written, time.perf_counter() - t0
 
 
 def _assemble(keys: list[bytes], found: dict[bytes, tuple[Path, int]], out: Path, dtype: str) -> dict:

@@ -1,0 +1,155 @@
+"""Template extraction shared by torchrun's processes (gloo on the CPU): the same cache and checkpoints as one
+process, and a process killed mid-extraction leaves only finished rows, which the rerun does not extract again."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import synthetic_world
+from utils.cache import open_entry
+
+REPO = Path(__file__).resolve().parent.parent
+
+# a plug-in, imported by every process: the demo decoder, counting the images each process runs it on and killing
+# its own process at a chosen forward call; rows go to the store every 8 images so that a killed process has some
+PLUGIN = '''
+import os, signal
+import backbones, utils.cache
+from synthetic.backbone import demo_decoder
+
+utils.cache.CHUNK_ROWS = 8
+CALLS = [0]
+
+
+def counting_decoder(**kw):
+    net = demo_decoder(**kw)
+    plain = net.forward
+
+    def forward(x):
+        CALLS[0] += 1
+        rank = os.environ.get("RANK", "0")
+        if os.environ.get("KILL_RANK") == rank and CALLS[0] > int(os.environ["KILL_AT_CALL"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        with open(os.path.join(os.environ["COUNT_DIR"], "rank" + rank), "a") as fh:
+            fh.write(f"{len(x)}\\n")
+        return plain(x)
+    net.forward = forward
+    return net
+
+
+backbones.register_architecture("counting_decoder", counting_decoder)
+'''
+
+N_TRAIN = 72   # 24 identities x 3 images
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("torchrun")
+    synthetic_world(root, n_train_ids=24, imgs=3, n_test_ids=16, test_imgs=3, pairs=80, gender=48)
+    (root / "counting_plugin.py").write_text(PLUGIN)
+    return root
+
+
+def run(world: Path, name: str, procs: int, counts: str = "counts", **env: str) -> subprocess.CompletedProcess:
+    """finetune.py on the synthetic world, writing under world/name: one process, or ``procs`` under torchrun;
+    each process counts its backbone passes in world/name/<counts>."""
+    out = world / name
+    (out / counts).mkdir(parents=True, exist_ok=True)
+    overrides = [f"plugins=['synthetic','{world / 'counting_plugin.py'}']", "network=counting_decoder",
+                 "pretrained=Demo", "experiment=Exp", "data=Synth", f"checkpoint_root={out / 'ckpt'}",
+                 f"log_dir={out / 'logs'}", f"data_dir={world / 'train'}", f"rec={world / 'rec'}",
+                 f"cache_dir={out / 'cache'}", f"output_ori={world / 'ckpt/Demo/reference/backbone.pth'}",
+                 "batch_size=16", "num_epoch=2", "checkpoint_every=1", "eval_step=1000", "val_targets=['synth_a']",
+                 "num_workers=0", "device=cpu", "extract_batch_size=8", "log_every=5"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+        if procs > 1 else [sys.executable]
+    environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    environ.update(OMP_NUM_THREADS="1", COUNT_DIR=str(out / counts), **env)
+    return subprocess.run([*launcher, str(REPO / "finetune.py"), "--set", *overrides], cwd=REPO, env=environ,
+                          capture_output=True, text=True, timeout=300)
+
+
+def extracted(world: Path, name: str, counts: str = "counts") -> dict[str, int]:
+    """Images each process ran the backbone on (every image is run twice: as it is and flipped)."""
+    files = sorted((world / name / counts).glob("rank*"))
+    return {f.name: sum(int(n) for n in f.read_text().split()) // 2 for f in files}
+
+
+def entries(world: Path, name: str) -> dict[str, object]:
+    return {p.name.split("-")[0] + "-" + p.name.split("-")[1]: open_entry(p)
+            for p in (world / name / "cache").iterdir() if not p.name.startswith(".")}
+
+
+def store_keys(world: Path, name: str) -> list[bytes]:
+    keys = []
+    for chunk in (world / name / "cache" / ".rows").glob("*/chunk-*.npz"):
+        with np.load(chunk) as z:
+            keys += z["keys"].tolist()
+    return keys
+
+
+def checkpoints(world: Path, name: str) -> dict[str, dict[str, torch.Tensor]]:
+    folder = world / name / "ckpt" / "Demo" / "Exp" / "Synth" / "20L1_1L2"
+    return {p.name: torch.load(p, weights_only=True) for p in sorted(folder.glob("*.pth")) if p.name != "resume.pth"}
+
+
+def same_cache(world: Path, a: str, b: str) -> None:
+    ea, eb = entries(world, a), entries(world, b)
+    assert set(ea) == set(eb) == {"train-train", "bin-synth_a"}
+    for name in ea:
+        assert ea[name] is not None and eb[name] is not None
+        assert np.array_equal(ea[name].templates, eb[name].templates), name
+        assert np.array_equal(ea[name].norms, eb[name].norms), name
+
+
+def test_two_processes_give_the_one_process_cache_and_checkpoints(world):
+    one = run(world, "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(world, "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes share the template extraction" in two.stderr
+    counts = extracted(world, "two")
+    assert set(counts) == {"rank0", "rank1"} and min(counts.values()) > 0        # both did a share
+    assert sum(counts.values()) == sum(extracted(world, "one").values())         # and together exactly the work
+    same_cache(world, "one", "two")
+    ca, cb = checkpoints(world, "one"), checkpoints(world, "two")
+    assert set(ca) == set(cb) == {"4ftn_layers.pth", "4header.pth", "8ftn_layers.pth", "8header.pth"}
+    for f in ca:
+        assert ca[f].keys() == cb[f].keys() and all(torch.equal(ca[f][k], cb[f][k]) for k in ca[f]), f
+
+
+def test_a_killed_process_leaves_rows_the_rerun_does_not_extract_again(world):
+    killed = run(world, "killed", 2, KILL_RANK="1", KILL_AT_CALL="3")   # process 1 dies in its second batch
+    assert killed.returncode != 0
+    cache = world / "killed" / "cache"
+    assert [p for p in cache.iterdir() if not p.name.startswith(".")] == []     # no entry anyone would read
+    before = store_keys(world, "killed")
+    assert 8 <= len(before) < N_TRAIN                                            # process 1's first batch is kept
+    rerun = run(world, "killed", 2, counts="rerun-counts")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = store_keys(world, "killed")
+    assert len(after) == len(set(after))                                         # no image in the store twice
+    assert set(before) <= set(after)
+    # the rerun ran the backbone on exactly the images the killed run had not stored: none twice
+    assert sum(extracted(world, "killed", "rerun-counts").values()) == len(after) - len(before)
+    if not (world / "one").is_dir():
+        assert run(world, "one", 1).returncode == 0
+    same_cache(world, "one", "killed")
+
+
+def test_cache_false_under_torchrun_is_refused(world):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "finetune.py"), "--set", "plugins=['synthetic']", "network=demo_decoder",
+                        f"data_dir={world / 'train'}", f"rec={world / 'rec'}", "cache=False", "eval_step=0",
+                        f"checkpoint_root={world / 'nocache'}", f"log_dir={world / 'nocache'}", "batch_size=16",
+                        f"output_ori={world / 'ckpt/Demo/reference/backbone.pth'}", "device=cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode != 0
+    assert "cache=False has none" in r.stderr
+    assert not (world / "nocache").exists()

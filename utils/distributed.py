@@ -1,0 +1,110 @@
+"""The processes of one command started by torchrun: which one this is, and the few collective steps the sharded
+template extraction needs (share the work, wait for all shares, agree on one decision).
+
+``torchrun --nproc_per_node=N finetune.py ...`` (or ``eval/evaluation.py``) starts N copies of the command; each
+reads its rank from the environment torchrun sets. A plain ``python finetune.py`` is one process: ``Processes``
+then has ``world == 1`` and every collective step is a no-op, so the code has a single path.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Iterator, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+T = TypeVar("T")
+
+# a share's extraction can take hours on a large set, and rank 0 assembles the entry while the others wait
+TIMEOUT = datetime.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the command's processes (rank 0 trains, sweeps and writes the results)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int, batch: int) -> slice:
+        """This process's contiguous part of ``n`` items, split at multiples of ``batch`` so that every batch is
+        one the single-process pass would also run (the same images together, hence the same templates)."""
+        batches = -(-n // batch)
+        lo, hi = self.rank * batches // self.world, (self.rank + 1) * batches // self.world
+        return slice(min(lo * batch, n), min(hi * batch, n))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def gather(self, obj: T) -> list[T]:
+        """Every process's ``obj``, in rank order (on every process)."""
+        if self.world == 1:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def from_main(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every process."""
+        if self.world == 1:
+            return obj
+        box = [obj if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def device(self, device: torch.device) -> torch.device:
+        """The device of this process: with several processes on CUDA, GPU ``local_rank`` of its machine."""
+        if self.world > 1 and device.type == "cuda":
+            if self.local_rank >= torch.cuda.device_count():
+                raise UserError(f"torchrun started process {self.local_rank} of this machine but it has "
+                                f"{torch.cuda.device_count()} GPU(s): use --nproc_per_node at most the number of "
+                                f"GPUs, or --set device=cpu.")
+            return torch.device("cuda", self.local_rank)
+        return device
+
+
+def _launched() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) outside torchrun."""
+    try:
+        return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise UserError("the environment variables RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets "
+                        "them); unset them to run a single process.") from None
+
+
+@contextlib.contextmanager
+def processes(device: torch.device) -> Iterator[Processes]:
+    """Join the command's other processes for the block (gloo on CPU, nccl on CUDA); a single process joins
+    nothing. The process group is left at the end, so no global state outlives the command."""
+    rank, world, local_rank = _launched()
+    if world == 1:
+        yield Processes()
+        return
+    if not dist.is_available():
+        raise UserError("torchrun started several processes but this PyTorch build has no torch.distributed; run "
+                        "a single process (python finetune.py ...).")
+    procs = Processes(rank, world, local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {}
+    if backend == "nccl":
+        torch.cuda.set_device(procs.device(device))
+        kwargs["device_id"] = procs.device(device)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
+    try:
+        yield procs
+    finally:
+        if started and dist.is_initialized():
+            dist.destroy_process_group()
