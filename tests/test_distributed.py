@@ -153,3 +153,35 @@ def test_cache_false_under_torchrun_is_refused(world):
     assert r.returncode != 0
     assert "cache=False has none" in r.stderr
     assert not (world / "nocache").exists()
+
+
+def sweep(world: Path, name: str, procs: int) -> subprocess.CompletedProcess:
+    """eval/evaluation.py over the one-process run's checkpoints, with its own cache: one process or torchrun."""
+    out = world / name
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
+        if procs > 1 else [sys.executable]
+    return subprocess.run(
+        [*launcher, str(REPO / "eval" / "evaluation.py"), "--log-root", str(out / "results"), "--model-root",
+         str(world / "one" / "ckpt" / "Demo"), "--experiment-name", "Exp/Synth", "--reference-pth",
+         str(out / "reference.csv"), "--set", f"plugins=['synthetic','{world / 'counting_plugin.py'}']",
+         "network=counting_decoder", f"rec={world / 'rec'}", f"cache_dir={out / 'cache'}", "test_targets=['synth_a']",
+         f"output_ori={world / 'ckpt/Demo/reference/backbone.pth'}", "device=cpu", "num_workers=0",
+         "extract_batch_size=8", "n_jobs=1"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "COUNT_DIR": str(out)})
+
+
+def test_the_sweep_under_torchrun_writes_the_one_process_results(world):
+    if not (world / "one").is_dir():
+        assert run(world, "one", 1).returncode == 0
+    one, two = sweep(world, "sweep1", 1), sweep(world, "sweep2", 2)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes share the template extraction" in (world / "sweep2/results/Exp/Synth/evaluate.log").read_text()
+    assert extracted(world, "sweep2", ".").keys() == {"rank0", "rank1"}
+    files = {}
+    for name in ("sweep1", "sweep2"):
+        out = world / name
+        files[name] = {p.relative_to(out).as_posix(): p.read_bytes() for p in [out / "reference.csv",
+                                                                             *sorted(out.rglob("*_metrics.csv"))]}
+    assert len(files["sweep1"]) == 2 and files["sweep1"] == files["sweep2"]
