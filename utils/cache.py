@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.dataset import ImageDataset, RecordImage, RecordImages, TrainIndex, normalize_images, problem_report
+from utils.device import decode_workers
 from utils.distributed import Processes
 from utils.errors import UserError
 from utils.io import sha256_file
@@ -139,7 +140,8 @@ class ExtractionSettings:
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> "ExtractionSettings":
-        return cls(device, cfg.cache_dtype, cfg.extract_batch_size, cfg.num_workers, cfg.amp, cfg.channels_last)
+        return cls(device, cfg.cache_dtype, cfg.extract_batch_size, decode_workers(cfg.num_workers), cfg.amp,
+                   cfg.channels_last)
 
 
 class TemplateCache:
@@ -397,56 +399,100 @@ def _allocate(out: Path, count: int, dim: int, dtype: str) -> tuple[np.ndarray, 
             np.lib.format.open_memmap(out / "norms.npy", mode="w+", dtype=np.float32, shape=(count, 2)))
 
 
+class _RowWriter:
+    """The rows of a pass, written to the store every CHUNK_ROWS images (and at the end)."""
+
+    def __init__(self, rows: Path, dtype: str, on_dim: Callable[[int], object]):
+        self.rows, self.dtype, self.on_dim = rows, dtype, on_dim
+        self.keys: list[bytes] = []
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.written: list[Path] = []
+        self.dim: int | None = None
+
+    def add(self, keys: list[bytes], normed: np.ndarray, norms: np.ndarray, resized: np.ndarray) -> None:
+        if self.dim is None:
+            self.dim = normed.shape[2]
+            self.on_dim(self.dim)
+        self.keys += keys
+        self.parts.append((np.ascontiguousarray(normed, dtype=self.dtype), np.ascontiguousarray(norms, np.float32),
+                           resized))
+        if len(self.keys) >= CHUNK_ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.keys:
+            self.written.append(_write_chunk(self.rows, self.keys, self.parts))
+            self.keys, self.parts = [], []
+
+
 def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows: Path, settings: ExtractionSettings,
-                  describe: Callable[[int], str], what: str, on_dim: Callable[[int], object]
-                  ) -> tuple[list[str], list[Path], float]:
+                  describe: Callable[[int], str], what: str, on_dim: Callable[[int], object],
+                  on_batch: Callable[[int], object] | None = None) -> tuple[list[str], list[Path], float]:
     """The backbone pass over ``items``: their rows written to the store as they come (``on_dim`` called with the
-    template size at the first batch, to allocate the entry's files); returns the decoding problems, the store's
-    files written and the seconds taken."""
-    device, dtype, channels_last = settings.device, settings.dtype, settings.channels_last
+    template size at the first batch, to allocate the entry's files; ``on_batch`` with the number of images done
+    each time a batch's rows reach the host); returns the decoding problems, the store's files written and the
+    seconds taken.
+
+    On CUDA the pass is pipelined one batch deep: batch k+1 is sent to the GPU before the rows of batch k are
+    copied back (asynchronously, into pinned memory) and written, so the GPU does not wait for the host."""
+    device, channels_last = settings.device, settings.channels_last
+    cuda = device.type == "cuda"
     backbone = backbone.to(device).eval()
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp) if device.type == "cuda" \
-        else None
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp) if cuda else None
     loader = DataLoader(ImageDataset(items), batch_size=settings.batch_size, shuffle=False,
-                        num_workers=settings.num_workers,
-                        pin_memory=device.type == "cuda")
+                        num_workers=settings.num_workers, pin_memory=cuda,
+                        prefetch_factor=4 if settings.num_workers else None)
     problems: list[str] = []
-    written: list[Path] = []
-    pending_keys: list[bytes] = []
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    first = True
+    writer = _RowWriter(rows, settings.dtype, on_dim)
     bar = tqdm(total=len(items), desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
+
+    def launch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """The device work of one batch: (B, 2, D) normalised templates and (B, 2) norms, on their way to the host."""
+        x = normalize_images(x.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            feats = [backbone(x).float(), backbone(x.flip(3)).float()]
+        # row-wise on contiguous (B, D) outputs: the same arithmetic as F.normalize(backbone(x)) in training
+        normed = torch.stack([F.normalize(f, dim=1) for f in feats], dim=1)
+        norms = torch.stack([f.norm(dim=1) for f in feats], dim=1)
+        if not cuda:
+            return normed.cpu(), norms.cpu(), None
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (normed, norms)]
+        for h, t in zip(host, (normed, norms)):
+            h.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host[0], host[1], done
+
+    def finish(batch: tuple) -> None:
+        """The host side of one launched batch: wait for its rows, keep those of the images that decoded."""
+        (normed, norms, done), idx, was_resized, errors = batch
+        if done is not None:
+            done.synchronize()
+        good = np.array([not e for e in errors])
+        writer.add([keys[int(i)] for i, ok in zip(idx, good) if ok], normed.numpy()[good], norms.numpy()[good],
+                   was_resized.numpy()[good])
+        bar.update(len(idx))
+        if on_batch is not None:
+            on_batch(bar.n)
+
     t0 = time.perf_counter()
+    in_flight = None
     with torch.inference_mode():
         for idx, x, was_resized, errors in loader:
             problems += [f"{describe(int(i))}: {e}" for i, e in zip(idx, errors) if e]
-            x = normalize_images(x.to(device, non_blocking=True))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                feats = [backbone(x).float(), backbone(x.flip(3)).float()]
-            # row-wise on contiguous (B, D) outputs: the same arithmetic as F.normalize(backbone(x)) in training
-            normed = torch.stack([F.normalize(f, dim=1) for f in feats], dim=1).cpu().numpy()   # (B, 2, D)
-            row_norms = torch.stack([f.norm(dim=1) for f in feats], dim=1).cpu().numpy()        # (B, 2)
-            if first:
-                on_dim(normed.shape[2])
-                first = False
-            good = np.array([not e for e in errors])
-            pending_keys += [keys[int(i)] for i, ok in zip(idx, good) if ok]
-            pending.append((np.ascontiguousarray(normed[good], dtype=dtype),
-                            np.ascontiguousarray(row_norms[good], dtype=np.float32), was_resized.numpy()[good]))
-            if len(pending_keys) >= CHUNK_ROWS:
-                written.append(_write_chunk(rows, pending_keys, pending))
-                pending_keys, pending = [], []
-            bar.update(len(idx))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    if pending_keys:
-        written.append(_write_chunk(rows, pending_keys, pending))
+            launched = (launch(x), idx, was_resized, errors)
+            if in_flight is not None:
+                finish(in_flight)
+            in_flight = launched
+        if in_flight is not None:
+            finish(in_flight)
+    writer.flush()
     bar.close()
-    return problems, written, time.perf_counter() - t0
+    return problems, writer.written, time.perf_counter() - t0
 
 
 def _assemble(keys: list[bytes], found: dict[bytes, tuple[Path, int]], out: Path, dtype: str) -> dict:

@@ -1,0 +1,36 @@
+"""The template extraction of ``finetune.py`` alone (its pre-flight and its templates, no fit), timed: run as one
+process or under torchrun by bench/run.py to compare images/s. Process 0 prints one JSON line.
+
+    [torchrun --standalone --nproc_per_node=N] bench/shared_extraction.py KEY=VALUE ...
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import finetune  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.device import select_device  # noqa: E402
+from utils.distributed import processes  # noqa: E402
+
+
+def main(overrides: list[str]) -> None:
+    cfg = load_config(None, overrides)
+    with processes(select_device(cfg.device)) as procs:
+        plan = finetune.preflight(cfg, procs)
+        procs.barrier()
+        t0 = time.perf_counter()
+        templates, _ = finetune.get_templates(plan)
+        seconds = time.perf_counter() - t0
+        if procs.main:
+            print(json.dumps({"images": len(templates), "seconds": seconds, "processes": procs.world}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
