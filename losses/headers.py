@@ -61,8 +61,10 @@ class _Elastic:
         self.sigma = float(sigma)
 
     def margins(self, labels, generator, dtype=torch.float32):
-        """Per-sample margin drawn from N(m, sigma) (ElasticFace)."""
-        noise = torch.randn(labels.shape, generator=generator, device="cpu").to(labels.device, dtype)
+        """Per-sample margin drawn from N(m, sigma) (ElasticFace), on the generator's device (a CUDA generator: no
+        copy to the GPU; no generator: the global CPU one)."""
+        device = generator.device if generator is not None else "cpu"
+        noise = torch.randn(labels.shape, generator=generator, device=device).to(labels.device, dtype)
         return self.m + self.sigma * noise
 
 

@@ -13,7 +13,11 @@ from eval.evalset import EvalTemplates, evaluate_set
 
 
 class CallBackLogging:
-    """Every ``frequent`` steps: the mean of each loss term since the last line, and samples/s."""
+    """Every ``frequent`` steps: the mean of each loss term since the last line, and samples/s.
+
+    The training loop keeps the terms on the device and hands them over only when it fetches them (every
+    ``frequent`` steps, at epoch ends, before validation): each call brings the terms summed over the ``steps``
+    steps since the previous call; a line is written when ``step`` is a multiple of ``frequent``."""
 
     def __init__(self, frequent: int, batch_size: int, logger: logging.Logger,
                  describe: Callable[[dict[str, float]], str]):
@@ -22,11 +26,11 @@ class CallBackLogging:
         self.sums: dict[str, float] = {}
         self.steps = 0
 
-    def __call__(self, step: int, epoch: int, terms: dict[str, float]) -> None:
-        for k, v in terms.items():
+    def __call__(self, step: int, epoch: int, sums: dict[str, float], steps: int) -> None:
+        for k, v in sums.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
-        if step % self.frequent:
+        self.steps += steps
+        if step % self.frequent or not self.steps:
             return
         elapsed = max(time.time() - self.tic, 1e-9)
         avg = {k: v / self.steps for k, v in self.sums.items()}
@@ -44,8 +48,12 @@ class CallBackVerification:
         self.attackers, self.seed = tuple(attackers), seed
         self.history: list[dict[str, float]] = []
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` validates (the loop checks its loss terms first)."""
+        return bool(self.sets) and bool(self.frequent) and step % self.frequent == 0
+
     def __call__(self, step: int, transform: nn.Module, force: bool = False) -> None:
-        if not self.sets or not (force or (self.frequent and step % self.frequent == 0)):
+        if not self.sets or not (force or self.due(step)):
             return
         was_training = transform.training
         for ev in self.sets:

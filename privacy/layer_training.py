@@ -5,12 +5,17 @@ A method supplies an ``Objective``: the parameters it trains beside the layer (a
 and the named loss terms of a batch. This module does the rest, identically for all of them: the template source
 (the cache, or the backbone in the loop), gender-balanced epochs, the optimisers, gradient clipping, logging,
 validation, checkpoints, resume, and stopping on a non-finite term.
+
+The steps never wait for the device: labels, genders and each epoch's draws are on it, the loss terms are summed
+there and read by the host only every log_every steps, before validation and at epoch ends (before checkpoints),
+where a non-finite term stops the run naming the first step it appeared at.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +34,30 @@ from utils.io import atomic_torch_save, safe_torch_load
 
 RESUME_FILE = "resume.pth"
 RESUME_KEYS = ("step", "epoch", "layer", "objective", "optimizers", "generator", "torch_rng")
-EpochSource = Callable[[torch.Tensor, torch.Tensor, int, int], Iterator[torch.Tensor]]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; to a GPU through pinned memory, so the copy does not wait for the GPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class EpochDraws(NamedTuple):
+    """One epoch's sampled images and flips: drawn on the host (balanced_epoch: the same draws on every device and
+    across resume) and copied to the training device once, where the steps slice them."""
+    indices: torch.Tensor           # host
+    flips: torch.Tensor             # host
+    device_indices: torch.Tensor    # the same on the training device (on the CPU, the very same tensors)
+    device_flips: torch.Tensor
+
+    @classmethod
+    def draw(cls, genders, seed: int, epoch: int, device: torch.device) -> "EpochDraws":
+        indices, flips = balanced_epoch(genders, seed, epoch)
+        return cls(indices, flips, to_device(indices, device), to_device(flips, device))
+
+
+EpochSource = Callable[[EpochDraws, int, int], Iterator[torch.Tensor]]
 
 
 class Objective(nn.Module):
@@ -87,18 +115,23 @@ class LayerMethod(PrivacyMethod):
 # template sources: the cache, or the backbone in the loop
 # ---------------------------------------------------------------------------------------------------------------
 def cached_source(ctx: FitContext) -> EpochSource:
-    """Templates from the cache: the flipped or unflipped row of each sampled image, batch by batch."""
+    """Templates from the cache: the flipped or unflipped row of each sampled image, batch by batch. On a GPU with
+    room for it the whole cache is copied there once and gathered with the epoch's device indices (no host round
+    trip); otherwise rows are read on the host with positioned reads and copied."""
     cache, device = ctx.templates, ctx.device
-    gather = cache.gather
+    resident = None
     if device.type == "cuda" and 4 * cache.templates.size * 4 < torch.cuda.mem_get_info(device)[0]:
         resident = cache.to_device(device)  # the same float32 values, gathered on the GPU without host reads
         ctx.log.info("template cache held on %s (%.2f GB)", device, resident.numel() * 4 / 1e9)
-        gather = lambda idx, flips: resident[idx.to(device), flips.to(device).long()]  # noqa: E731
 
-    def epoch(indices: torch.Tensor, flips: torch.Tensor, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
+    def epoch(draws: EpochDraws, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
+        flips = draws.device_flips.long() if resident is not None else None
         for b in range(steps):
             sl = slice(b * batch_size, (b + 1) * batch_size)
-            yield gather(indices[sl], flips[sl]).to(device, non_blocking=True)
+            if resident is not None:
+                yield resident[draws.device_indices[sl], flips[sl]]
+            else:
+                yield cache.gather(draws.indices[sl], draws.flips[sl]).to(device, non_blocking=True)
     return epoch
 
 
@@ -118,7 +151,8 @@ def in_loop_source(ctx: FitContext) -> EpochSource:
     if cfg.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
 
-    def epoch(indices: torch.Tensor, flips: torch.Tensor, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
+    def epoch(draws: EpochDraws, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
+        indices, flips = draws.indices, draws.flips   # the host's: the workers decode, the host flips
         batches = [indices[b * batch_size:(b + 1) * batch_size].tolist() for b in range(steps)]
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                             pin_memory=device.type == "cuda")
@@ -139,25 +173,97 @@ def in_loop_source(ctx: FitContext) -> EpochSource:
 # ---------------------------------------------------------------------------------------------------------------
 # one optimisation step (the same code for both template sources and every objective)
 # ---------------------------------------------------------------------------------------------------------------
+class StepTerms(NamedTuple):
+    names: tuple[str, ...]
+    values: torch.Tensor     # (len(names),) float32 on the training device, detached
+
+
 def train_step(x: torch.Tensor, ids: torch.Tensor, genders: torch.Tensor, layer: nn.Module, objective: Objective,
-               opts: tuple[torch.optim.Optimizer, ...], grad_clip: float, generator: torch.Generator,
-               step: int) -> dict[str, float]:
+               opts: tuple[torch.optim.Optimizer, ...], grad_clip: float, generator: torch.Generator) -> StepTerms:
     """The objective's terms on z = normalize(layer(x)), x = normalize(backbone(image)); one optimiser step.
-    A non-finite term raises FloatingPointError naming the step and the term."""
+
+    Returns the terms stacked on the device, unread (no wait for the GPU): the loop sums them with TermSums, which
+    also finds a non-finite term (that step's update is made, and never saved)."""
     terms = objective(F.normalize(layer(x)), ids, genders, generator)
-    names = list(terms)
-    values = dict(zip(names, torch.stack([terms[k].detach().to(torch.float32) for k in names]).tolist()))  # 1 sync
-    bad = [name for name, v in values.items() if not math.isfinite(v)]
-    if bad:
-        raise FloatingPointError(f"step {step}: the loss term(s) {', '.join(bad)} became non-finite "
-                                 f"({', '.join(f'{k}={v}' for k, v in values.items())})")
+    names = tuple(terms)
+    values = torch.stack([terms[k].detach().to(torch.float32) for k in names])
     for opt in opts:
         opt.zero_grad(set_to_none=True)
     terms["loss"].backward()
     torch.nn.utils.clip_grad_norm_(layer.parameters(), max_norm=grad_clip)
     for opt in opts:
         opt.step()
-    return values
+    return StepTerms(names, values)
+
+
+class Fetched(NamedTuple):
+    """The terms as the host sees them at a fetch: summed over the ``steps`` steps since the previous fetch, and
+    over the ``epoch_steps`` steps of the epoch so far."""
+    sums: dict[str, float]
+    steps: int
+    epoch_sums: dict[str, float]
+    epoch_steps: int
+
+    def mean(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+
+class TermSums:
+    """The loss terms of the steps, kept on the training device: sums since the last fetch and over the epoch, and
+    the first step at which a term was not finite, with that step's terms.
+
+    ``add`` only launches a few small kernels (it never waits for the GPU); ``fetch`` copies it all to the host in
+    one read and raises FloatingPointError naming the first non-finite step and its terms. The sums are float64
+    (float32 on MPS, which has no float64) added step by step: on the CPU exactly the floats of a per-step sum."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.device = device
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.names: tuple[str, ...] = ()
+        self.steps = self.epoch_steps = 0
+        self.step = torch.full((), step, dtype=torch.int64, device=device)   # the step counted on the device
+
+    def add(self, terms: StepTerms) -> None:
+        if not self.names:
+            self.names = terms.names
+            zeros = torch.zeros(len(self.names), dtype=self.dtype, device=self.device)
+            self.sums, self.epoch_sums, self.bad_values = zeros.clone(), zeros.clone(), terms.values.clone()
+            self.bad_step = torch.zeros((), dtype=torch.int64, device=self.device)
+            self.found = torch.zeros((), dtype=torch.bool, device=self.device)
+        values = terms.values.to(self.dtype)
+        self.sums += values
+        self.epoch_sums += values
+        self.step += 1
+        first = torch.isfinite(terms.values).all().logical_not() & self.found.logical_not()
+        self.found |= first
+        self.bad_step = torch.where(first, self.step, self.bad_step)
+        self.bad_values = torch.where(first, terms.values, self.bad_values)
+        self.steps += 1
+        self.epoch_steps += 1
+
+    def new_epoch(self) -> None:
+        if self.names:
+            self.epoch_sums.zero_()
+        self.epoch_steps = 0
+
+    def fetch(self) -> Fetched:
+        """One host read of everything (raises FloatingPointError if a term went non-finite since the start); the
+        sums since the last fetch start again from zero."""
+        if not self.names:
+            return Fetched({}, 0, {}, 0)
+        n = len(self.names)
+        host = torch.cat([self.sums, self.epoch_sums, self.bad_values.to(self.dtype),
+                          self.found.to(self.dtype)[None]]).tolist()   # the one wait for the device
+        if host[-1]:
+            bad = dict(zip(self.names, host[2 * n:3 * n]))
+            names = [k for k, v in bad.items() if not math.isfinite(v)]
+            raise FloatingPointError(f"step {int(self.bad_step)}: the loss term(s) {', '.join(names)} became "
+                                     f"non-finite ({', '.join(f'{k}={v}' for k, v in bad.items())})")
+        out = Fetched(dict(zip(self.names, host[:n])), self.steps, dict(zip(self.names, host[n:2 * n])),
+                      self.epoch_steps)
+        self.sums.zero_()
+        self.steps = 0
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,15 +284,22 @@ def save_checkpoint(method: PrivacyMethod, folder: Path, step: int, epoch: int, 
 
 
 def load_resume(folder: Path, layer: nn.Module, objective: Objective, opts: tuple[torch.optim.Optimizer, ...],
-                generator: torch.Generator) -> tuple[int, int]:
-    """Restore everything a run needs to continue exactly; returns (step, epoch)."""
+                generator: torch.Generator, log: logging.Logger | None = None) -> tuple[int, int]:
+    """Restore everything a run needs to continue exactly; returns (step, epoch).
+
+    The margin-noise generator is on the GPU in a CUDA run and on the CPU otherwise; a state saved by a run on the
+    other kind of device does not fit it, and it then keeps its seed (said in the log)."""
     state = safe_torch_load(folder / RESUME_FILE, "resume state")
     try:
         layer.load_state_dict(state["layer"])
         objective.load_state_dict(state["objective"])
         for opt, s in zip(opts, state["optimizers"], strict=True):
             opt.load_state_dict(s)
-        generator.set_state(state["generator"])
+        if state["generator"].numel() == generator.get_state().numel():
+            generator.set_state(state["generator"])
+        elif log is not None:
+            log.warning("the resume state's margin-noise generator was saved on another kind of device than %s: it "
+                        "starts again from its seed (only the ElasticFace headers draw from it)", generator.device)
         torch.set_rng_state(state["torch_rng"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise UserError(f"resume state '{folder / RESUME_FILE}' does not fit this configuration ({exc}). Resume with "
@@ -198,8 +311,8 @@ def load_resume(folder: Path, layer: nn.Module, objective: Objective, opts: tupl
 # the loop
 # ---------------------------------------------------------------------------------------------------------------
 def train_layer(method: PrivacyMethod, ctx: FitContext, make_objective: Callable[[], Objective]) -> FitResult:
-    """Train ProjectionLayer + the objective (built after the layer, from the same seed) for cfg.num_epoch gender-balanced epochs; checkpoints every
-    cfg.checkpoint_every epochs and at the end."""
+    """Train ProjectionLayer + the objective (built after the layer, from the same seed) for cfg.num_epoch
+    gender-balanced epochs; checkpoints every cfg.checkpoint_every epochs and at the end."""
     cfg, device, log = ctx.cfg, ctx.device, ctx.log
     source = cached_source(ctx) if cfg.cache else in_loop_source(ctx)
     torch.manual_seed(cfg.seed)
@@ -208,44 +321,55 @@ def train_layer(method: PrivacyMethod, ctx: FitContext, make_objective: Callable
     opts = (torch.optim.Adam(layer.parameters(), lr=cfg.lr),)
     if any(True for _ in objective.parameters()):
         opts += (torch.optim.Adam(objective.parameters(), lr=cfg.headid_lr),)
-    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    # the ElasticFace margin noise is drawn where it is used (a CPU generator elsewhere than on CUDA)
+    generator = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(cfg.seed + 1)
     step, start_epoch = cfg.global_step, 0
     if ctx.resuming:
-        step, start_epoch = load_resume(ctx.checkpoint_dir, layer, objective, opts, generator)
+        step, start_epoch = load_resume(ctx.checkpoint_dir, layer, objective, opts, generator, log)
         log.info("resumed from %s at step %d (epoch %d)", ctx.checkpoint_dir / RESUME_FILE, step, start_epoch)
 
-    labels, genders = torch.as_tensor(ctx.index.labels), torch.as_tensor(ctx.index.genders)
+    labels = torch.as_tensor(ctx.index.labels).to(device)     # on the device for the whole run
+    genders = torch.as_tensor(ctx.index.genders).to(device)
     steps_per_epoch = len(ctx.index) // cfg.batch_size
     log_cb = CallBackLogging(cfg.log_every, cfg.batch_size, log, objective.describe)
     val_cb = CallBackVerification(cfg.eval_step, ctx.val_sets, cfg.gender_folds, log, cfg.attackers, cfg.seed)
+    terms = TermSums(device, step)
     result = FitResult(step)
     layer.train()
     objective.train()
     bar = tqdm(total=(cfg.num_epoch - start_epoch) * steps_per_epoch, desc=f"finetune ({method.name})", unit="step",
                dynamic_ncols=True, disable=None, leave=False)
+
+    def fetch(epoch: int) -> Fetched:
+        """The host's one read of the terms: checked (a non-finite one stops the run), logged, shown."""
+        try:
+            got = terms.fetch()
+        except FloatingPointError as exc:
+            last = method.list_checkpoints(ctx.checkpoint_dir)
+            keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
+            log.error("training stopped: %s; %s", exc, keep)
+            raise UserError(f"training stopped: {exc}; {keep}. Lower lr/headid_lr or the weights of the "
+                            f"method's terms, or check the training data, then resume or start again.") from None
+        if got.steps:
+            log_cb(step, epoch, got.sums, got.steps)
+            bar.set_postfix_str(objective.describe(got.mean()))
+        return got
+
     for epoch in range(start_epoch, cfg.num_epoch):
-        indices, flips = balanced_epoch(ctx.index.genders, cfg.seed, epoch)
-        sums: dict[str, float] = {}
+        draws = EpochDraws.draw(ctx.index.genders, cfg.seed, epoch, device)
+        terms.new_epoch()
         for cb in ctx.callbacks:
             getattr(cb, "on_epoch_start", lambda e: None)(epoch)
-        for b, x in enumerate(source(indices, flips, steps_per_epoch, cfg.batch_size)):
-            idx = indices[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            try:
-                terms = train_step(x, labels[idx].to(device), genders[idx].to(device), layer, objective, opts,
-                                   cfg.grad_clip, generator, step + 1)
-            except FloatingPointError as exc:
-                last = method.list_checkpoints(ctx.checkpoint_dir)
-                keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
-                log.error("training stopped: %s; %s", exc, keep)
-                raise UserError(f"training stopped: {exc}; {keep}. Lower lr/headid_lr or the weights of the "
-                                f"method's terms, or check the training data, then resume or start again.") from None
+        for b, x in enumerate(source(draws, steps_per_epoch, cfg.batch_size)):
+            idx = draws.device_indices[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            terms.add(train_step(x, labels[idx], genders[idx], layer, objective, opts, cfg.grad_clip, generator))
             step += 1
-            sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
-            log_cb(step, epoch, terms)
-            val_cb(step, layer)
             bar.update(1)
-            bar.set_postfix_str(objective.describe(terms))
-        result.epoch_losses.append({k: v / steps_per_epoch for k, v in sums.items()})
+            if step % cfg.log_every == 0 or val_cb.due(step):
+                fetch(epoch)         # validation runs on a model whose terms were all finite
+            val_cb(step, layer)
+        got = fetch(epoch)           # before the checkpoint: none is written from a model gone non-finite
+        result.epoch_losses.append({k: v / got.epoch_steps for k, v in got.epoch_sums.items()})
         for cb in ctx.callbacks:
             getattr(cb, "on_epoch_end", lambda e: None)(epoch)
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.num_epoch:
@@ -256,4 +380,3 @@ def train_layer(method: PrivacyMethod, ctx: FitContext, make_objective: Callable
     result.step = step
     result.history = val_cb.history
     return result
-

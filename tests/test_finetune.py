@@ -1,5 +1,6 @@
 import hashlib
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,20 @@ def test_same_seed_bit_identical_and_resume_equals_uninterrupted(world, tmp_path
     assert not torch.equal(tensors(c.checkpoints[-1])["proj.0.weight"], tensors(a.checkpoints[-1])["proj.0.weight"])
 
 
+def test_resume_with_a_generator_state_of_another_device(world, tmp_path):
+    """A CUDA run's margin-noise generator state (16 bytes) does not fit a CPU generator and back: the run resumes
+    with the generator as seeded, and says so."""
+    part = ["checkpoint_every=1", f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}"]
+    first = finetune.train(demo_cfg(world, "num_epoch=1", *part))
+    resume = Path(first.checkpoint_dir) / "resume.pth"
+    state = tensors(resume)
+    state["generator"] = torch.zeros(16, dtype=torch.uint8)   # a CUDA (Philox) generator's state
+    torch.save(state, resume)
+    resumed = finetune.train(demo_cfg(world, "num_epoch=2", "resume=True", *part))
+    assert resumed.step == 2 * first.step
+    assert "saved on another kind of device" in (Path(resumed.log_dir) / "training.log").read_text()
+
+
 def digest(folder):
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -167,6 +182,55 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     assert [p.name for p in ckpts] == ["7ftn_layers.pth"]  # 7 steps per epoch; step 13 broke
     for p in ckpts:
         assert all(torch.isfinite(v).all() for v in tensors(p).values())
+
+
+def test_steps_leave_the_loss_terms_on_the_device(world, tmp_path, monkeypatch):
+    """No host read per step: during training, the project's code reads a tensor on the host (tolist, item, cpu,
+    float, bool, int; each one a wait for the GPU on CUDA) only at the fetch points (every log_every steps, at
+    epoch ends) and to write checkpoints; torch's own host-side reads (Adam's step counters) are not counted. With
+    log_every=1 the same counter sees a read at every step, as every step of the previous design made."""
+    import privacy.layer_training as lt
+    repo, here = str(Path(lt.__file__).resolve().parents[1]), str(Path(__file__).resolve())
+    seen = {"on": False, "reads": 0, "steps": 0}
+
+    def counted(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if seen["on"] and caller.startswith(repo) and caller != here and "site-packages" not in caller:
+                seen["reads"] += 1
+            return real(self, *a, **k)
+        return read
+    for name in ("tolist", "item", "cpu", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    real_step, real_train = lt.train_step, lt.train_layer
+
+    def step(*a, **k):
+        seen["on"] = True
+        seen["steps"] += 1
+        return real_step(*a, **k)
+
+    def train(*a, **k):
+        try:
+            return real_train(*a, **k)
+        finally:
+            seen["on"] = False
+    monkeypatch.setattr(lt, "train_step", step)
+    monkeypatch.setattr(lt, "train_layer", train)
+
+    def run(log_every, name):
+        seen.update(reads=0, steps=0)
+        res = finetune.train(demo_cfg(world, "num_epoch=3", "checkpoint_every=3", f"log_every={log_every}",
+                                      f"checkpoint_root={tmp_path / name}", f"log_dir={tmp_path / ('l' + name)}"))
+        per_checkpoint = len(tensors(res.checkpoints[0])) + len(tensors(Path(res.checkpoint_dir) / f"{res.step}header.pth"))
+        return res, seen["reads"], seen["steps"], per_checkpoint
+    res, reads, steps, per_checkpoint = run(1000, "a")
+    assert steps == res.step == 21 and len(res.checkpoints) == 1
+    # one fetch per epoch, and the checkpoint's own copies of the weights
+    assert 0 < reads <= steps // 1000 + 3 + per_checkpoint < steps
+    res, reads, steps, _ = run(1, "b")
+    assert reads >= steps == 21
 
 
 def test_unwritable_output_is_detected_before_any_compute(world, tmp_path):
