@@ -133,33 +133,19 @@ def bench_finetune(work: Path, size: dict, device: str) -> dict:
             "proj_cache_s": projected(cached), "proj_loop_s": projected(loop), "epochs": size["epochs"]}
 
 
-class TimedForward(torch.nn.Module):
-    """Wraps a backbone and records (end time, batch size) of every forward, synchronised on CUDA."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-        self.stamps: list[tuple[float, int]] = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.stamps.append((time.perf_counter(), x.shape[0]))
-        return out
-
-
 def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device, batch: int) -> dict:
     """The extraction loop's forwards/s (decoding included) vs raw forwards/s at the same batch size on tensors
-    already in memory; both after a first batch that carries the one-off set-up."""
+    already in memory; both after a first batch that carries the one-off set-up. The loop is timed from the moments
+    each batch's rows reach the host (nothing added to it: on CUDA it keeps a batch in flight)."""
     net = load_backbone("iresnet50", work / "r50.pth").to(device).eval()
-    timed = TimedForward(net)
     out = work / "extraction_timing"
     out.mkdir()
-    extract(timed, scan_dataset(work / "train").paths, out,
-            ExtractionSettings(device, batch_size=batch, num_workers=WORKERS))
-    (t_first, _), later = timed.stamps[1], timed.stamps[2:]   # the first batch = its two forwards
-    extraction = sum(n for _, n in later) / (later[-1][0] - t_first)
+    stamps: list[tuple[float, int]] = []
+    extract(net, scan_dataset(work / "train").paths, out,
+            ExtractionSettings(device, batch_size=batch, num_workers=WORKERS),
+            on_batch=lambda done: stamps.append((time.perf_counter(), done)))
+    (t_first, n_first), (t_last, n_last) = stamps[0], stamps[-1]
+    extraction = 2 * (n_last - n_first) / (t_last - t_first)    # forwards: each image and its flip
     x = torch.randn(batch, 3, 112, 112, device=device)
     with torch.inference_mode():
         net(x)
@@ -173,6 +159,35 @@ def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device, bat
             torch.cuda.synchronize()
         raw = reps * batch / (time.perf_counter() - t0)
     return {"extraction_ips": extraction, "raw_ips": raw}
+
+
+def bench_shared_extraction(work: Path, size: dict, device: torch.device) -> tuple | None:
+    """finetune.py's template extraction (bench/shared_extraction.py) on N torchrun processes against one process,
+    the same images, backbone and machine, one run: N = the GPUs (at least 2), or 2 on the CPU (each process then
+    gets its share of the cores as threads). None with a single GPU."""
+    procs = torch.cuda.device_count() if device.type == "cuda" else 2
+    if procs < 2:
+        return None
+    cores = os.cpu_count() or 2
+    base = ["network=iresnet50", f"output_ori={work / 'r50.pth'}", f"data_dir={work / 'train'}", "eval_step=0",
+            f"checkpoint_root={work / 'shared_ckpt'}", f"log_dir={work / 'shared_logs'}", f"device={device.type}",
+            f"extract_batch_size={size['batch']}", f"batch_size={size['batch']}"]
+    rates = {}
+    for n in (1, procs):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] \
+            if n > 1 else [sys.executable]
+        run = subprocess.run([*launcher, str(REPO / "bench" / "shared_extraction.py"), *base,
+                              f"cache_dir={work / f'shared_cache_{n}'}"], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))})
+        if run.returncode:
+            raise RuntimeError(f"bench/shared_extraction.py on {n} process(es) failed:\n{run.stderr[-3000:]}")
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        rates[n] = result["images"] / result["seconds"]
+    return (f"sharded extraction, {procs} processes (img/s)", rates[procs], rates[1], None,
+            f"images/s of finetune.py's extraction (bench/shared_extraction.py: start-up, decoding, both forwards, "
+            f"the row store and the entry's assembly) under torchrun --nproc_per_node={procs} against one process; "
+            f"{size['train_ids'] * size['imgs']} images, iresnet50, batch {size['batch']}, "
+            f"{'one GPU each' if device.type == 'cuda' else f'{max(1, cores // procs)} thread(s) each vs {cores}'}")
 
 
 def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
@@ -444,9 +459,20 @@ def main(argv: list[str] | None = None) -> int:
                      f"{rss['n']:,} templates ({rss['cache_gb']:.1f} GB file), {rss['steps']} steps of batch 128 in "
                      f"{rss['seconds']:.1f}s"))
         rows.append(bench_step(device))
+        shared = bench_shared_extraction(work, size, device)
+        if shared is not None:
+            rows.append(shared)
     table = []
     for what, ours, theirs, target, note in rows:
-        if what.startswith("extraction"):
+        if what.startswith("sharded extraction"):
+            ratio, met = ours / theirs, None
+            cells = (f"{ours:.1f}", f"{theirs:.1f} (1 process)", f"{ratio:.2f}x", "-")
+        elif what.startswith("cached train step"):
+            ratio = theirs / ours
+            met = ratio >= target * 0.95 and (device.type != "cuda" or ours < 1.0)
+            cells = (f"{ours:.2f} ms", f"{theirs:.2f} ms", f"{ratio:.2f}x",
+                     "no slower" + (", < 1 ms" if device.type == "cuda" else ""))
+        elif what.startswith("extraction"):
             ratio, met = ours / theirs, ours / theirs >= target
             cells = (f"{ours:.1f}", f"{theirs:.1f} (raw)", f"{ratio:.0%}", f">= {target:.0%}")
         elif what.startswith("peak RSS"):
@@ -459,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             if what.startswith("sweep evaluations"):
                 met = met and note.endswith("identical: True")
             cells = (f"{ours:.2f}s", f"{theirs:.2f}s", f"{ratio:.1f}x", f">= {target}x")
-        table.append((what, *cells, "yes" if met else "NO", note))
+        table.append((what, *cells, "-" if met is None else "yes" if met else "NO", note))
     header = ("what", "ours", "authors' design", "ratio", "target", "met?", "notes")
     md = [f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['threads']} threads)"
           + (f", GPU {info['gpu']}" if "gpu" in info else "") + f", device {device}; mode "

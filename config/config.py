@@ -82,6 +82,6 @@ class Config:
     cache: bool = True                     # train on cached templates; False runs the backbone in the loop
     cache_dtype: str = "float32"           # float32 or float16 storage of cached templates
     extract_batch_size: int = 32           # images per extraction batch (each batch runs twice: as is, flipped)
-    num_workers: int = 2                   # image-decoding worker processes
+    num_workers: int = -1                  # image-decoding worker processes (-1: the cores' share less one, 2 to 8)
     amp: str = "none"                      # CUDA only, extraction: none, bf16 or fp16 autocast
     channels_last: bool = False            # channels_last memory format for the backbone (extraction and in-loop)

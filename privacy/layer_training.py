@@ -29,6 +29,7 @@ from losses import get_header
 from privacy.base import FitContext, FitResult, PrivacyMethod
 from privacy.callbacks import CallBackLogging, CallBackVerification
 from utils.dataset import ImageDataset, balanced_epoch, normalize_images, problem_report
+from utils.device import decode_workers
 from utils.errors import UserError
 from utils.io import atomic_torch_save, safe_torch_load
 
@@ -142,7 +143,8 @@ def in_loop_source(ctx: FitContext) -> EpochSource:
     dataset = ImageDataset(paths)
     # the cached mode finds undecodable files during its extraction pass; here one decoding pass finds them all
     problems = []
-    for idx, _, _, errors in DataLoader(dataset, batch_size=256, num_workers=cfg.num_workers):
+    workers = decode_workers(cfg.num_workers)
+    for idx, _, _, errors in DataLoader(dataset, batch_size=256, num_workers=workers):
         problems += [f"{paths[int(i)]}: {e}" for i, e in zip(idx, errors) if e]
     if problems:
         raise UserError(problem_report(f"the training images of {cfg.data_dir}", problems,
@@ -154,7 +156,7 @@ def in_loop_source(ctx: FitContext) -> EpochSource:
     def epoch(draws: EpochDraws, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
         indices, flips = draws.indices, draws.flips   # the host's: the workers decode, the host flips
         batches = [indices[b * batch_size:(b + 1) * batch_size].tolist() for b in range(steps)]
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                             pin_memory=device.type == "cuda")
         for b, (_, x, _, errors) in enumerate(loader):
             bad = [f"{paths[i]}: {e}" for i, e in zip(batches[b], errors) if e]

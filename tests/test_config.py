@@ -77,7 +77,7 @@ def test_config_module_of_the_same_form(tmp_path):
 @pytest.mark.parametrize("item, allowed", [
     ("n_hidden=0", ">= 1"), ("lr=-1", "> 0"), ("lr=0", "> 0"), ("alpha=-5", ">= 0"), ("beta=-0.1", ">= 0"),
     ("batch_size=0", ">= 1"), ("num_epoch=0", ">= 1"), ("headid_lr=0.0", "> 0"), ("gender_folds=1", ">= 2"),
-    ("grad_clip=0", "> 0"), ("s=-64", "> 0"), ("num_workers=-1", ">= 0"), ("eval_step=-5", ">= 0"),
+    ("grad_clip=0", "> 0"), ("s=-64", "> 0"), ("num_workers=-2", ">= -1"), ("eval_step=-5", ">= 0"),
     ("embedding_size=0", ">= 1"), ("lr=1e999", "> 0"), ("cache_dtype=float64", "float32, float16"),
     ("amp=fp8", "none, bf16, fp16")])
 def test_bad_values_name_the_option_and_the_allowed_range(item, allowed):

@@ -79,3 +79,15 @@ def test_an_undecodable_file_is_reported_and_no_image_is_extracted_twice(tmp_pat
     fresh = open_entry(next((tmp_path / "fresh").glob("train-*")))
     assert len(entry) == 60 and np.array_equal(entry.templates, fresh.templates)
     assert np.array_equal(entry.norms, fresh.norms)
+
+
+def test_auto_decoding_workers_share_the_cores_among_torchrun_processes(monkeypatch):
+    from utils.device import MAX_AUTO_WORKERS, decode_workers
+    assert decode_workers(0) == 0 and decode_workers(5) == 5                 # an explicit number is kept
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert decode_workers(-1) == MAX_AUTO_WORKERS == 8                        # 16 cores, one process: capped
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert decode_workers(-1) == 3                                            # 4 cores each, less the process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert decode_workers(-1) == 2                                            # never fewer than 2

@@ -351,14 +351,16 @@ def _write_chunk(rows: Path, keys: list[bytes], parts: list[tuple[np.ndarray, np
 
 
 def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: Path, settings: ExtractionSettings,
-            describe: Callable[[int], str] = str, what: str = "images", rows: Path | None = None) -> dict:
+            describe: Callable[[int], str] = str, what: str = "images", rows: Path | None = None,
+            on_batch: Callable[[int], object] | None = None) -> dict:
     """Run the backbone over the ``items`` not yet in the row store ``rows`` (and their flips), keep their rows
     there, and write templates.npy, norms.npy, meta.json of all ``items`` to ``out``.
 
     Images are decoded in DataLoader workers while the backbone runs; rows go to the store every CHUNK_ROWS images,
     so neither the image set nor the templates are held in memory. Every image that fails to decode is reported
     at the end, all at once, and no cache is written (the rows of the others stay in the store). ``rows`` None:
-    a store inside ``out``, removed once the entry is written. Returns the metadata.
+    a store inside ``out``, removed once the entry is written. ``on_batch``: called with the number of images done
+    each time a batch's rows reach the host (progress, timing). Returns the metadata.
     """
     own_store = rows is None
     rows = out / ".rows" if rows is None else rows
@@ -369,7 +371,7 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
     if todo:
         problems, _, seconds = _extract_rows(backbone, [items[i] for i in todo], [keys[i] for i in todo], rows,
                                              settings, lambda j: describe(todo[j]), what,
-                                             lambda dim: _allocate(out, len(keys), dim, settings.dtype))
+                                             lambda dim: _allocate(out, len(keys), dim, settings.dtype), on_batch)
         if problems:
             raise _undecodable(what, problems)
         log.info("extracted %d %s in %.1fs (%.1f images/s, each with its flip)", len(todo), what, seconds,
@@ -476,10 +478,12 @@ def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows:
         writer.add([keys[int(i)] for i, ok in zip(idx, good) if ok], normed.numpy()[good], norms.numpy()[good],
                    was_resized.numpy()[good])
         bar.update(len(idx))
+        done_count[0] += len(idx)
         if on_batch is not None:
-            on_batch(bar.n)
+            on_batch(done_count[0])
 
     t0 = time.perf_counter()
+    done_count = [0]
     in_flight = None
     with torch.inference_mode():
         for idx, x, was_resized, errors in loader:

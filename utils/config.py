@@ -37,7 +37,7 @@ RANGES: dict[str, tuple[float, bool, float | None]] = {
     "headid_lr": (0, False, None), "batch_size": (1, True, None), "num_epoch": (1, True, None),
     "global_step": (0, True, None), "grad_clip": (0, False, None), "seed": (0, True, None),
     "checkpoint_every": (1, True, None), "log_every": (1, True, None), "eval_step": (0, True, None),
-    "gender_folds": (2, True, None), "extract_batch_size": (1, True, None), "num_workers": (0, True, None),
+    "gender_folds": (2, True, None), "extract_batch_size": (1, True, None), "num_workers": (-1, True, None),
     "bootstrap": (0, True, None), "n_jobs": (-1, True, None),
     "ive_dims_per_round": (1, True, None), "ive_rounds": (1, True, None), "ive_estimators": (1, True, None),
     "pe_miu_block_size": (1, True, None), "inlp_iterations": (1, True, None), "adversarial_weight": (0, True, None),
