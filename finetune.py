@@ -102,7 +102,8 @@ def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
 
 def get_templates(plan: Plan) -> tuple[Templates | None, list[EvalTemplates]]:
     """The backbone's templates of the training set (cache=True) and of the validation sets, from the template
-    cache. Under torchrun every process calls this, in this order: each extracts its share of a miss."""
+    cache. Under torchrun every process calls this, in this order: each extracts its share of a miss; then they
+    leave the process group."""
     cfg = plan.cfg
     cache = TemplateCache(cfg.cache_dir, plan.backbone, ExtractionSettings.from_config(cfg, plan.device), plan.procs)
     templates = None
@@ -110,6 +111,7 @@ def get_templates(plan: Plan) -> tuple[Templates | None, list[EvalTemplates]]:
         templates = cache.get(f"train-{plan.index.name}", index_inputs(plan.index), plan.index.paths,
                               lambda i: str(plan.index.paths[i]), what=f"training images of {plan.index.where}")
     val_sets = [open_eval_set(cache, cfg.rec, name) for name in cfg.val_targets] if cfg.eval_step else []
+    plan.procs.leave()
     return templates, val_sets
 
 

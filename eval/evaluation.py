@@ -251,6 +251,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
         if not procs.main:   # the other processes extract their shares of the sets' templates, nothing else
             for name in targets:
                 open_eval_set(cache, cfg.rec, name)
+            procs.leave()
             return out_dir
         with log_to(out_dir / "evaluate.log", log.name) as lg:
             lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(runs), experiment, ", ".join(targets),
@@ -259,6 +260,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
                 lg.info("torchrun: %d processes share the template extraction; process 0 then sweeps alone",
                         procs.world)
             sets = [open_eval_set(cache, cfg.rec, name) for name in targets]
+            procs.leave()   # the sweep runs in this process alone
             changed = False
             if reference.is_file():
                 ref = read_reference(reference, targets)

@@ -1,6 +1,7 @@
 """Template extraction shared by torchrun's processes (gloo on the CPU): the same cache and checkpoints as one
 process, and a process killed mid-extraction leaves only finished rows, which the rerun does not extract again."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,14 +56,15 @@ def world(tmp_path_factory):
     return root
 
 
-def run(world: Path, name: str, procs: int, counts: str = "counts", **env: str) -> subprocess.CompletedProcess:
+def run(world: Path, name: str, procs: int, counts: str = "counts", data: str = "train",
+        **env: str) -> subprocess.CompletedProcess:
     """finetune.py on the synthetic world, writing under world/name: one process, or ``procs`` under torchrun;
     each process counts its backbone passes in world/name/<counts>."""
     out = world / name
     (out / counts).mkdir(parents=True, exist_ok=True)
     overrides = [f"plugins=['synthetic','{world / 'counting_plugin.py'}']", "network=counting_decoder",
                  "pretrained=Demo", "experiment=Exp", "data=Synth", f"checkpoint_root={out / 'ckpt'}",
-                 f"log_dir={out / 'logs'}", f"data_dir={world / 'train'}", f"rec={world / 'rec'}",
+                 f"log_dir={out / 'logs'}", f"data_dir={world / data}", f"rec={world / 'rec'}",
                  f"cache_dir={out / 'cache'}", f"output_ori={world / 'ckpt/Demo/reference/backbone.pth'}",
                  "batch_size=16", "num_epoch=2", "checkpoint_every=1", "eval_step=1000", "val_targets=['synth_a']",
                  "num_workers=0", "device=cpu", "extract_batch_size=8", "log_every=5"]
@@ -185,3 +187,22 @@ def test_the_sweep_under_torchrun_writes_the_one_process_results(world):
         files[name] = {p.relative_to(out).as_posix(): p.read_bytes() for p in [out / "reference.csv",
                                                                              *sorted(out.rglob("*_metrics.csv"))]}
     assert len(files["sweep1"]) == 2 and files["sweep1"] == files["sweep2"]
+
+
+def test_an_undecodable_file_in_one_share_is_reported_and_nothing_is_extracted_twice(world):
+    shutil.copytree(world / "train", world / "bad_train")
+    folder = sorted(p for p in (world / "bad_train").iterdir() if p.is_dir())[-1]   # in process 1's share
+    bad = folder / "zz_truncated.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    failed = run(world, "bad", 2, data="bad_train")
+    assert failed.returncode != 0
+    assert str(bad) in failed.stderr and "do not decode" in failed.stderr
+    assert [p for p in (world / "bad" / "cache").iterdir() if not p.name.startswith(".")] == []
+    before = store_keys(world, "bad")
+    assert len(before) == N_TRAIN                      # every other image's rows are kept
+    bad.unlink()
+    rerun = run(world, "bad", 2, counts="rerun-counts", data="bad_train")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = store_keys(world, "bad")
+    assert len(after) == len(set(after)) and set(before) <= set(after)
+    assert sum(extracted(world, "bad", "rerun-counts").values()) == len(after) - len(before)   # the .bin's only

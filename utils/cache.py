@@ -241,10 +241,12 @@ class TemplateCache:
                 log.info("process %d extracted %d %s in %.1fs", procs.rank, len(mine), what, seconds)
             shares = procs.gather((problems, [str(p) for p in written]))
             problems = [p for share_problems, _ in shares for p in share_problems]
-            if problems:
-                if procs.main:
-                    _remove_folder(work)
+            if problems and procs.main:
+                _remove_folder(work)
                 raise _undecodable(what, problems)
+            if problems:   # process 0 lists them all; one copy of the list is enough
+                raise UserError(f"process {procs.rank}: {len(problems)} of the {what} do not decode; process 0's "
+                                f"message lists them.")
             if procs.main:
                 try:
                     publish(keys, rows, work, self.settings.dtype, what,

@@ -62,6 +62,12 @@ class Processes:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def leave(self) -> None:
+        """Leave the process group once the shared work is done: process 0 then trains or sweeps alone, with no
+        group (and no peer) left to wait for."""
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def device(self, device: torch.device) -> torch.device:
         """The device of this process: with several processes on CUDA, GPU ``local_rank`` of its machine."""
         if self.world > 1 and device.type == "cuda":
