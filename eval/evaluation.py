@@ -216,8 +216,9 @@ def _rows(step: int, ev: EvalTemplates, res: SetResult, ref: dict[str, float]) -
 
 
 def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
-             force: bool = False) -> Path:
-    """Run the sweep; returns the output folder L/E."""
+             force: bool = False) -> Path | None:
+    """Run the sweep; returns the output folder L/E (None in the torchrun processes other than 0, which only
+    extract their shares of the templates)."""
     check_names(cfg)
     out_dir = Path(log_root) / experiment
     reference = Path(reference)
@@ -252,7 +253,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
             for name in targets:
                 open_eval_set(cache, cfg.rec, name)
             procs.leave()
-            return out_dir
+            return None
         with log_to(out_dir / "evaluate.log", log.name) as lg:
             lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(runs), experiment, ", ".join(targets),
                     ", ".join(attackers))
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         cfg = load_config(args.config, args.set)
         out = evaluate(cfg, args.log_root, args.model_root, args.experiment_name, args.reference_pth, args.force)
-        print(f"results: {out}")
+        if out is not None:   # process 0 (the others of a torchrun only extracted)
+            print(f"results: {out}")
     return run_cli(body)
 
 

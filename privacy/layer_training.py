@@ -6,9 +6,11 @@ and the named loss terms of a batch. This module does the rest, identically for 
 (the cache, or the backbone in the loop), gender-balanced epochs, the optimisers, gradient clipping, logging,
 validation, checkpoints, resume, and stopping on a non-finite term.
 
-The steps never wait for the device: labels, genders and each epoch's draws are on it, the loss terms are summed
-there and read by the host only every log_every steps, before validation and at epoch ends (before checkpoints),
-where a non-finite term stops the run naming the first step it appeared at.
+The steps never wait for the device (when the cache is held on it; a cache too large for the GPU is read on the
+host, and its rows go to the GPU through pinned memory): labels, genders and each epoch's draws are on it, the loss
+terms are summed there and read by the host only every log_every steps, before validation and at epoch ends, where
+a non-finite term stops the run naming the first step it appeared at; before a checkpoint the weights are checked
+too, so none is written from a model gone non-finite.
 """
 from __future__ import annotations
 
@@ -132,7 +134,7 @@ def cached_source(ctx: FitContext) -> EpochSource:
             if resident is not None:
                 yield resident[draws.device_indices[sl], flips[sl]]
             else:
-                yield cache.gather(draws.indices[sl], draws.flips[sl]).to(device, non_blocking=True)
+                yield to_device(cache.gather(draws.indices[sl], draws.flips[sl]), device)
     return epoch
 
 
@@ -342,16 +344,19 @@ def train_layer(method: PrivacyMethod, ctx: FitContext, make_objective: Callable
     bar = tqdm(total=(cfg.num_epoch - start_epoch) * steps_per_epoch, desc=f"finetune ({method.name})", unit="step",
                dynamic_ncols=True, disable=None, leave=False)
 
+    def stop(reason: str) -> UserError:
+        last = method.list_checkpoints(ctx.checkpoint_dir)
+        keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
+        log.error("training stopped: %s; %s", reason, keep)
+        return UserError(f"training stopped: {reason}; {keep}. Lower lr/headid_lr or the weights of the method's "
+                         f"terms, or check the training data, then resume or start again.")
+
     def fetch(epoch: int) -> Fetched:
         """The host's one read of the terms: checked (a non-finite one stops the run), logged, shown."""
         try:
             got = terms.fetch()
         except FloatingPointError as exc:
-            last = method.list_checkpoints(ctx.checkpoint_dir)
-            keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
-            log.error("training stopped: %s; %s", exc, keep)
-            raise UserError(f"training stopped: {exc}; {keep}. Lower lr/headid_lr or the weights of the "
-                            f"method's terms, or check the training data, then resume or start again.") from None
+            raise stop(str(exc)) from None
         if got.steps:
             log_cb(step, epoch, got.sums, got.steps)
             bar.set_postfix_str(objective.describe(got.mean()))
@@ -375,6 +380,12 @@ def train_layer(method: PrivacyMethod, ctx: FitContext, make_objective: Callable
         for cb in ctx.callbacks:
             getattr(cb, "on_epoch_end", lambda e: None)(epoch)
         if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.num_epoch:
+            weights = [*layer.named_parameters(), *objective.named_parameters()]
+            finite = torch.stack([torch.isfinite(w).all() for _, w in weights]).tolist()   # one read
+            broken = [name for (name, _), ok in zip(weights, finite) if not ok]   # finite terms, non-finite update
+            if broken:
+                raise stop(f"at step {step} the weights {', '.join(broken)} are non-finite (the loss terms were "
+                           f"finite)")
             result.checkpoints.append(save_checkpoint(method, ctx.checkpoint_dir, step, epoch + 1, layer, objective,
                                                       opts, generator))
             log.info("epoch %d done: saved %s", epoch + 1, result.checkpoints[-1])

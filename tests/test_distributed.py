@@ -206,3 +206,33 @@ def test_an_undecodable_file_in_one_share_is_reported_and_nothing_is_extracted_t
     after = store_keys(world, "bad")
     assert len(after) == len(set(after)) and set(before) <= set(after)
     assert sum(extracted(world, "bad", "rerun-counts").values()) == len(after) - len(before)   # the .bin's only
+
+
+class Peers:
+    """What the other processes report at a step (stands in for torch.distributed's all_gather_object)."""
+
+    def __init__(self, rank: int, reports: list):
+        self.rank, self.reports = rank, reports
+
+    def __call__(self, obj):
+        out = list(self.reports)
+        out[self.rank] = obj
+        return out
+
+
+def test_processes_agree_on_a_failure_anywhere(monkeypatch):
+    from utils.distributed import Processes
+    from utils.errors import UserError
+    procs = Processes(rank=0, world=3)
+    monkeypatch.setattr(Processes, "gather", lambda self, obj: Peers(0, [None, ("b", None), ("c", None)])(obj))
+    assert procs.agree("a", None, "extracting") == ["a", "b", "c"]            # nobody failed: every value
+    monkeypatch.setattr(Processes, "gather",
+                        lambda self, obj: Peers(0, [None, ("b", None), (None, "OSError: disk full")])(obj))
+    with pytest.raises(UserError, match=r"process 2 failed while extracting, so process 0 stops too\. Process 2's "
+                                        r"error: OSError: disk full"):
+        procs.agree("a", None, "extracting")
+    own = RuntimeError("CUDA out of memory")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):              # the failed one keeps its own error
+        procs.agree(None, own, "extracting")
+    monkeypatch.undo()
+    assert Processes().agree(7, None, "anything") == [7]                       # one process: no collective

@@ -184,6 +184,27 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
         assert all(torch.isfinite(v).all() for v in tensors(p).values())
 
 
+def test_weights_gone_non_finite_on_an_epochs_last_step_are_never_saved(world, tmp_path, monkeypatch):
+    """Step 14 ends epoch 2 with finite loss terms but an update that leaves a weight infinite: no term of that
+    step can show it, so the check before the checkpoint must."""
+    import privacy.layer_training as lt
+    real, calls = lt.train_step, {"n": 0}
+
+    def step(x, ids, genders, layer, *a, **k):
+        out = real(x, ids, genders, layer, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 14:
+            with torch.no_grad():
+                next(layer.parameters()).view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(lt, "train_step", step)
+    cfg = demo_cfg(world, f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}", "num_epoch=4",
+                   "checkpoint_every=1")
+    with pytest.raises(UserError, match=r"at step 14 the weights .* are non-finite .*last good checkpoint is .*7ftn"):
+        finetune.train(cfg)
+    assert [p.name for p in sorted((tmp_path / "c").rglob("*ftn_layers.pth"))] == ["7ftn_layers.pth"]
+
+
 def test_steps_leave_the_loss_terms_on_the_device(world, tmp_path, monkeypatch):
     """No host read per step: during training, the project's code reads a tensor on the host (tolist, item, cpu,
     float, bool, int; each one a wait for the GPU on CUDA) only at the fetch points (every log_every steps, at
@@ -227,8 +248,8 @@ def test_steps_leave_the_loss_terms_on_the_device(world, tmp_path, monkeypatch):
         return res, seen["reads"], seen["steps"], per_checkpoint
     res, reads, steps, per_checkpoint = run(1000, "a")
     assert steps == res.step == 21 and len(res.checkpoints) == 1
-    # one fetch per epoch, and the checkpoint's own copies of the weights
-    assert 0 < reads <= steps // 1000 + 3 + per_checkpoint < steps
+    # one fetch per epoch, and at the checkpoint one check of the weights and their own copies
+    assert 0 < reads <= steps // 1000 + 3 + 1 + per_checkpoint < steps
     res, reads, steps, _ = run(1, "b")
     assert reads >= steps == 21
 

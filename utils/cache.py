@@ -208,58 +208,77 @@ class TemplateCache:
 
         Rank 0 decides (a hit, or the images missing from the store); each process extracts its share of those
         into the store; after all shares are in, rank 0 assembles and publishes the entry, and every process opens
-        it. The decoding problems of all shares are reported together, by every process."""
+        it. The processes agree on the outcome of each step, so a failure anywhere stops them all; the decoding
+        problems of all shares are reported together, by process 0."""
         procs, rows = self.processes, self.rows()
         plan: tuple[str, list[int]] | None = None
         keys: list[bytes] = []
+        work: Path | None = None
+        failure: BaseException | None = None
         if procs.main:
-            entry = open_entry(final)
-            if entry is not None and len(entry) == len(items):
-                log.info("template cache hit: %s (%d %s)", final, len(entry), what)
-                plan = ("", [])
-            else:
-                work = self._start_miss(final, len(items), what)
-                keys = [item_key(item) for item in items]
-                todo = missing_rows(keys, rows)
-                log.info("%d of %d %s to extract, shared by %d processes (row store %s)", len(todo), len(items),
-                         what, procs.world, rows)
-                plan = (str(work), todo)
-        work_name, todo = procs.from_main(plan)
-        if work_name:
-            work = Path(work_name)
-            if not work.is_dir():
-                raise UserError(f"process {procs.rank} cannot see the folder '{work}' that process 0 made in cache_dir "
-                                f"'{self.folder}': with torchrun on several machines, cache_dir (and the data) must "
-                                f"be on a file system all machines share, under the same path. Set --set "
-                                f"cache_dir=<shared folder>.")
-            mine = todo[procs.share(len(todo), self.settings.batch_size)]
-            problems, written, seconds = [], [], 0.0
-            if mine:
-                problems, written, seconds = _extract_rows(
-                    self.backbone.load(), [items[i] for i in mine], [item_key(items[i]) for i in mine], rows,
-                    self.settings, lambda j: describe(mine[j]), what, lambda dim: None)
-                log.info("process %d extracted %d %s in %.1fs", procs.rank, len(mine), what, seconds)
-            shares = procs.gather((problems, [str(p) for p in written]))
-            problems = [p for share_problems, _ in shares for p in share_problems]
-            if problems and procs.main:
-                _remove_folder(work)
-                raise _undecodable(what, problems)
-            if problems:   # process 0 lists them all; one copy of the list is enough
-                raise UserError(f"process {procs.rank}: {len(problems)} of the {what} do not decode; process 0's "
-                                f"message lists them.")
-            if procs.main:
+            try:
+                entry = open_entry(final)
+                if entry is not None and len(entry) == len(items):
+                    log.info("template cache hit: %s (%d %s)", final, len(entry), what)
+                    plan = ("", [])
+                else:
+                    work = self._start_miss(final, len(items), what)
+                    keys = [item_key(item) for item in items]
+                    todo = missing_rows(keys, rows)
+                    log.info("%d of %d %s to extract, shared by %d processes (row store %s)", len(todo), len(items),
+                             what, procs.world, rows)
+                    plan = (str(work), todo)
+            except Exception as exc:   # the others learn of it and stop too
+                failure = exc
+        try:
+            work_name, todo = procs.agree(plan, failure, f"planning the extraction of the {what}")[0]
+            if work_name:
+                work = Path(work_name)
+                problems: list[str] = []
+                written: list[Path] = []
                 try:
-                    publish(keys, rows, work, self.settings.dtype, what,
-                            also=[Path(p) for _, files in shares for p in files])
-                    os.rename(work, final)
-                finally:
-                    _remove_folder(work)
-        procs.barrier()
+                    if not work.is_dir():
+                        raise UserError(f"process {procs.rank} cannot see the folder '{work}' that process 0 made in "
+                                        f"cache_dir '{self.folder}': with torchrun on several machines, cache_dir (and "
+                                        f"the data) must be on a file system all machines share, under the same "
+                                        f"path. Set --set cache_dir=<shared folder>.")
+                    mine = todo[procs.share(len(todo), self.settings.batch_size)]
+                    if mine:
+                        problems, written, seconds = _extract_rows(
+                            self.backbone.load(), [items[i] for i in mine], [item_key(items[i]) for i in mine], rows,
+                            self.settings, lambda j: describe(mine[j]), what, lambda dim: None)
+                        log.info("process %d extracted %d %s in %.1fs", procs.rank, len(mine), what, seconds)
+                except Exception as exc:
+                    failure = exc
+                shares = procs.agree((problems, [str(p) for p in written]), failure,
+                                     f"extracting its share of the {what}")
+                problems = [p for share_problems, _ in shares for p in share_problems]
+                if problems and procs.main:
+                    raise _undecodable(what, problems)
+                if problems:   # process 0 lists them all; one copy of the list is enough
+                    raise UserError(f"process {procs.rank}: {len(problems)} of the {what} do not decode; process "
+                                    f"0's message lists them.")
+                if procs.main:
+                    try:
+                        publish(keys, rows, work, self.settings.dtype, what,
+                                also=[Path(p) for _, files in shares for p in files])
+                        try:
+                            os.rename(work, final)
+                        except OSError:
+                            if open_entry(final) is None:  # another command published it first, else it is real
+                                raise
+                    except Exception as exc:
+                        failure = exc
+                procs.agree(None, failure, f"publishing the cache entry of the {what}")
+        finally:
+            if procs.main and work is not None:
+                _remove_folder(work)
         entry = open_entry(final)
-        if entry is None:
-            raise UserError(f"process {procs.rank} cannot read the template cache '{final}' that process 0 wrote: "
-                            f"with torchrun on several machines, cache_dir must be on a file system all machines "
-                            f"share, under the same path. Set --set cache_dir=<shared folder>.")
+        missing = None if entry is not None else UserError(
+            f"process {procs.rank} cannot read the template cache '{final}' that process 0 wrote: with torchrun on "
+            f"several machines, cache_dir must be on a file system all machines share, under the same path. Set "
+            f"--set cache_dir=<shared folder>.")
+        procs.agree(None, missing, f"opening the cache entry of the {what}")
         return entry
 
 
@@ -468,7 +487,7 @@ def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows:
         for h, t in zip(host, (normed, norms)):
             h.copy_(t, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(device))   # the copies' stream: that of ``device``, not the current one
         return host[0], host[1], done
 
     def finish(batch: tuple) -> None:

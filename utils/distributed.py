@@ -30,6 +30,7 @@ class Processes:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    owns_group: bool = False   # the group was started by ``processes`` (and is left by this object alone)
 
     @property
     def main(self) -> bool:
@@ -54,18 +55,25 @@ class Processes:
         dist.all_gather_object(out, obj)
         return out
 
-    def from_main(self, obj: T) -> T:
-        """Rank 0's ``obj`` on every process."""
-        if self.world == 1:
-            return obj
-        box = [obj if self.main else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+    def agree(self, value: T, failure: BaseException | None, doing: str) -> list[T]:
+        """Every process's ``value`` once all have finished a step; if any process failed at it (``failure``), all
+        stop together: the failed one raises its own error, the others a UserError naming it. Without this a
+        failure on one machine would leave the others waiting in the next collective step."""
+        out = self.gather((value, None if failure is None else
+                           str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {failure}"))
+        if failure is not None:
+            raise failure
+        failed = [(rank, message) for rank, (_, message) in enumerate(out) if message is not None]
+        if failed:
+            rank, message = failed[0]
+            raise UserError(f"process {rank} failed while {doing}, so process {self.rank} stops too. Process "
+                            f"{rank}'s error: {message}")
+        return [v for v, _ in out]
 
     def leave(self) -> None:
         """Leave the process group once the shared work is done: process 0 then trains or sweeps alone, with no
         group (and no peer) left to wait for."""
-        if self.world > 1 and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
     def device(self, device: torch.device) -> torch.device:
@@ -100,13 +108,13 @@ def processes(device: torch.device) -> Iterator[Processes]:
     if not dist.is_available():
         raise UserError("torchrun started several processes but this PyTorch build has no torch.distributed; run "
                         "a single process (python finetune.py ...).")
-    procs = Processes(rank, world, local_rank)
+    started = not dist.is_initialized()
+    procs = Processes(rank, world, local_rank, owns_group=started)
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {}
     if backend == "nccl":
         torch.cuda.set_device(procs.device(device))
         kwargs["device_id"] = procs.device(device)
-    started = not dist.is_initialized()
     if started:
         dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
     try:
