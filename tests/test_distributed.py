@@ -48,6 +48,19 @@ backbones.register_architecture("counting_decoder", counting_decoder)
 N_TRAIN = 72   # 24 identities x 3 images
 
 
+RENDEZVOUS_TROUBLE = ("Address already in use", "EADDRINUSE", "RendezvousConnectionError", "RendezvousTimeoutError")
+
+
+def launch(cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a command (one process or torchrun); once more if torchrun could not set up its rendezvous on this
+    machine (a port taken between its choice and its use), which says nothing about the code under test."""
+    for _ in range(2):
+        out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        if out.returncode == 0 or not any(t in out.stderr for t in RENDEZVOUS_TROUBLE):
+            return out
+    return out
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
@@ -72,8 +85,7 @@ def run(world: Path, name: str, procs: int, counts: str = "counts", data: str = 
         if procs > 1 else [sys.executable]
     environ = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     environ.update(OMP_NUM_THREADS="1", COUNT_DIR=str(out / counts), **env)
-    return subprocess.run([*launcher, str(REPO / "finetune.py"), "--set", *overrides], cwd=REPO, env=environ,
-                          capture_output=True, text=True, timeout=300)
+    return launch([*launcher, str(REPO / "finetune.py"), "--set", *overrides], environ)
 
 
 def extracted(world: Path, name: str, counts: str = "counts") -> dict[str, int]:
@@ -145,13 +157,12 @@ def test_a_killed_process_leaves_rows_the_rerun_does_not_extract_again(world):
 
 
 def test_cache_false_under_torchrun_is_refused(world):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    r = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(REPO / "finetune.py"), "--set", "plugins=['synthetic']", "network=demo_decoder",
                         f"data_dir={world / 'train'}", f"rec={world / 'rec'}", "cache=False", "eval_step=0",
                         f"checkpoint_root={world / 'nocache'}", f"log_dir={world / 'nocache'}", "batch_size=16",
                         f"output_ori={world / 'ckpt/Demo/reference/backbone.pth'}", "device=cpu"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       {**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0
     assert "cache=False has none" in r.stderr
     assert not (world / "nocache").exists()
@@ -162,15 +173,14 @@ def sweep(world: Path, name: str, procs: int) -> subprocess.CompletedProcess:
     out = world / name
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] \
         if procs > 1 else [sys.executable]
-    return subprocess.run(
+    return launch(
         [*launcher, str(REPO / "eval" / "evaluation.py"), "--log-root", str(out / "results"), "--model-root",
          str(world / "one" / "ckpt" / "Demo"), "--experiment-name", "Exp/Synth", "--reference-pth",
          str(out / "reference.csv"), "--set", f"plugins=['synthetic','{world / 'counting_plugin.py'}']",
          "network=counting_decoder", f"rec={world / 'rec'}", f"cache_dir={out / 'cache'}", "test_targets=['synth_a']",
          f"output_ori={world / 'ckpt/Demo/reference/backbone.pth'}", "device=cpu", "num_workers=0",
          "extract_batch_size=8", "n_jobs=1"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "COUNT_DIR": str(out)})
+        {**os.environ, "OMP_NUM_THREADS": "1", "COUNT_DIR": str(out)})
 
 
 def test_the_sweep_under_torchrun_writes_the_one_process_results(world):
