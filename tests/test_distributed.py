@@ -246,3 +246,20 @@ def test_processes_agree_on_a_failure_anywhere(monkeypatch):
         procs.agree(None, own, "extracting")
     monkeypatch.undo()
     assert Processes().agree(7, None, "anything") == [7]                       # one process: no collective
+
+
+def test_process_0s_failure_reaches_every_process(monkeypatch):
+    import torch.distributed as dist
+    from utils.distributed import Processes
+    from utils.errors import UserError
+
+    def broadcast(box, src):   # what process 0 sent
+        box[0] = ("plan", "OSError: cache_dir is full")
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast)
+    with pytest.raises(UserError, match=r"process 0 failed while planning, so process 1 stops too\. Process 0's "
+                                        r"error: OSError: cache_dir is full"):
+        Processes(rank=1, world=2).from_main(None, None, "planning")
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src: None)
+    assert Processes(rank=0, world=2).from_main("plan", None, "planning") == "plan"
+    with pytest.raises(OSError, match="full"):
+        Processes(rank=0, world=2).from_main(None, OSError("full"), "planning")

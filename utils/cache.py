@@ -211,7 +211,7 @@ class TemplateCache:
         it. The processes agree on the outcome of each step, so a failure anywhere stops them all; the decoding
         problems of all shares are reported together, by process 0."""
         procs, rows = self.processes, self.rows()
-        plan: tuple[str, list[int]] | None = None
+        plan: tuple[str, np.ndarray] | None = None
         keys: list[bytes] = []
         work: Path | None = None
         failure: BaseException | None = None
@@ -220,18 +220,18 @@ class TemplateCache:
                 entry = open_entry(final)
                 if entry is not None and len(entry) == len(items):
                     log.info("template cache hit: %s (%d %s)", final, len(entry), what)
-                    plan = ("", [])
+                    plan = ("", np.zeros(0, np.int64))
                 else:
                     work = self._start_miss(final, len(items), what)
                     keys = [item_key(item) for item in items]
                     todo = missing_rows(keys, rows)
                     log.info("%d of %d %s to extract, shared by %d processes (row store %s)", len(todo), len(items),
                              what, procs.world, rows)
-                    plan = (str(work), todo)
+                    plan = (str(work), np.asarray(todo, dtype=np.int64))   # sent once, compactly
             except Exception as exc:   # the others learn of it and stop too
                 failure = exc
         try:
-            work_name, todo = procs.agree(plan, failure, f"planning the extraction of the {what}")[0]
+            work_name, todo = procs.from_main(plan, failure, f"planning the extraction of the {what}")
             if work_name:
                 work = Path(work_name)
                 problems: list[str] = []
@@ -242,7 +242,7 @@ class TemplateCache:
                                         f"cache_dir '{self.folder}': with torchrun on several machines, cache_dir (and "
                                         f"the data) must be on a file system all machines share, under the same "
                                         f"path. Set --set cache_dir=<shared folder>.")
-                    mine = todo[procs.share(len(todo), self.settings.batch_size)]
+                    mine = todo[procs.share(len(todo), self.settings.batch_size)].tolist()
                     if mine:
                         problems, written, seconds = _extract_rows(
                             self.backbone.load(), [items[i] for i in mine], [item_key(items[i]) for i in mine], rows,
