@@ -513,6 +513,9 @@ def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows:
             if in_flight is not None:
                 finish(in_flight)
             in_flight = launched
+            if not cuda:   # nothing runs ahead on the CPU: finish at once (on_batch then times this batch)
+                finish(in_flight)
+                in_flight = None
         if in_flight is not None:
             finish(in_flight)
     writer.flush()
