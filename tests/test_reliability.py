@@ -128,7 +128,7 @@ def test_killed_extraction_is_never_read_and_is_rebuilt(world, tmp_path):
     script = EXTRACT.format(repo=str(REPO), data=str(world / "train"), cache=str(cache), weights=str(weights))
     proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    building = lambda: any(p.name.startswith(".building") and (p / "templates.npy").exists()  # noqa: E731
+    building = lambda: any(p.name.startswith(".building")  # noqa: E731  (a miss in progress)
                            for p in cache.glob(".*")) if cache.exists() else False
     assert kill_when(proc, building, 1.0) == -signal.SIGKILL
     tc = TemplateCache(cache, BackboneSpec("iresnet18", weights), ExtractionSettings(torch.device("cpu"), batch_size=16,

@@ -12,9 +12,10 @@ the cache folder (``<cache folder>/.rows/<backbone key>``) keyed by each image (
 record's file and key; an encoded image's content), so a pass that stops (an undecodable file, a killed process)
 or a training set that changes (files removed, replaced or added) reruns only the images not yet in the store.
 
-Under torchrun the processes share a miss: rank 0 lists the images not yet in the store, each process extracts its
-contiguous share into the store, and once all shares are in, rank 0 assembles and publishes the entry (the same
-rename). A killed process stops them all; the rerun finds the finished rows in the store and extracts the rest.
+Under torchrun the processes share a miss: process 0 lists the images not yet in the store, each process extracts
+its contiguous share into the store, and once all shares are in, process 0 assembles and publishes the entry (the
+same rename); one process is the same protocol alone. A killed process stops them all; the rerun finds the finished
+rows in the store and extracts the rest.
 """
 from __future__ import annotations
 
@@ -164,52 +165,17 @@ class TemplateCache:
 
     def get(self, name: str, inputs: str, items: Sequence[Path] | Sequence[bytes],
             describe: Callable[[int], str] | None = None, what: str = "images") -> Templates:
-        """The cached templates of ``items``; extracted (once) with the backbone on a miss."""
+        """The cached templates of ``items``; extracted (once) with the backbone on a miss.
+
+        Under torchrun every process calls this, in the same order: process 0 decides (a hit, or the images missing
+        from the row store), each process extracts its share of those into the store, and once all shares are in,
+        process 0 assembles and publishes the entry, which every process then opens. The processes agree on the
+        outcome of each step, so a failure anywhere stops them all; the decoding problems of all shares are
+        reported together, by process 0. A single process runs the same steps, each collective one a no-op."""
         if describe is None:
             def describe(i: int) -> str:
                 return str(items[i]) if isinstance(items[i], Path) else f"image {i}"
-        key = self.key(inputs)
-        final = self.folder / f"{name}-{key}"
-        if self.processes.world > 1:
-            return self._get_sharded(final, items, describe, what)
-        entry = open_entry(final)
-        if entry is not None and len(entry) == len(items):
-            log.info("template cache hit: %s (%d %s)", final, len(entry), what)
-            return entry
-        work = self._start_miss(final, len(items), what)
-        try:
-            extract(self.backbone.load(), items, work, self.settings, describe=describe, what=what,
-                    rows=self.rows())
-            try:
-                os.rename(work, final)
-            except OSError:
-                if open_entry(final) is None:  # another process won the race with a complete entry, else it is real
-                    raise
-        finally:
-            _remove_folder(work)
-        entry = open_entry(final)
-        assert entry is not None
-        return entry
-
-    def _start_miss(self, final: Path, count: int, what: str) -> Path:
-        """Move an unreadable entry aside (never deleted) and make the hidden folder the new entry is built in."""
-        if final.exists():
-            aside = final.with_name(f"{final.name}.unreadable-{int(time.time())}")
-            log.warning("template cache %s is incomplete or unreadable; moved aside to %s and rebuilding", final, aside)
-            final.rename(aside)
-        log.info("template cache miss: extracting %d %s into %s", count, what, final)
-        work = self.folder / f".building-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        work.mkdir(parents=True)
-        return work
-
-    def _get_sharded(self, final: Path, items: Sequence[Path] | Sequence[bytes], describe: Callable[[int], str],
-                     what: str) -> Templates:
-        """``get`` with the extraction shared by torchrun's processes (every process calls it, in the same order).
-
-        Rank 0 decides (a hit, or the images missing from the store); each process extracts its share of those
-        into the store; after all shares are in, rank 0 assembles and publishes the entry, and every process opens
-        it. The processes agree on the outcome of each step, so a failure anywhere stops them all; the decoding
-        problems of all shares are reported together, by process 0."""
+        final = self.folder / f"{name}-{self.key(inputs)}"
         procs, rows = self.processes, self.rows()
         plan: tuple[str, np.ndarray] | None = None
         keys: list[bytes] = []
@@ -225,8 +191,11 @@ class TemplateCache:
                     work = self._start_miss(final, len(items), what)
                     keys = [item_key(item) for item in items]
                     todo = missing_rows(keys, rows)
-                    log.info("%d of %d %s to extract, shared by %d processes (row store %s)", len(todo), len(items),
-                             what, procs.world, rows)
+                    if len(todo) < len(items):
+                        log.info("%d of %d %s already extracted (row store %s)", len(items) - len(todo), len(items),
+                                 what, rows)
+                    if procs.world > 1:
+                        log.info("%d %s to extract, shared by %d processes", len(todo), what, procs.world)
                     plan = (str(work), np.asarray(todo, dtype=np.int64))   # sent once, compactly
             except Exception as exc:   # the others learn of it and stop too
                 failure = exc
@@ -247,7 +216,9 @@ class TemplateCache:
                         problems, written, seconds = _extract_rows(
                             self.backbone.load(), [items[i] for i in mine], [item_key(items[i]) for i in mine], rows,
                             self.settings, lambda j: describe(mine[j]), what, lambda dim: None)
-                        log.info("process %d extracted %d %s in %.1fs", procs.rank, len(mine), what, seconds)
+                        log.info("%sextracted %d %s in %.1fs (%.1f images/s, each with its flip)",
+                                 f"process {procs.rank} " if procs.world > 1 else "", len(mine), what, seconds,
+                                 len(mine) / seconds)
                 except Exception as exc:
                     failure = exc
                 shares = procs.agree((problems, [str(p) for p in written]), failure,
@@ -280,6 +251,17 @@ class TemplateCache:
             f"--set cache_dir=<shared folder>.")
         procs.agree(None, missing, f"opening the cache entry of the {what}")
         return entry
+
+    def _start_miss(self, final: Path, count: int, what: str) -> Path:
+        """Move an unreadable entry aside (never deleted) and make the hidden folder the new entry is built in."""
+        if final.exists():
+            aside = final.with_name(f"{final.name}.unreadable-{int(time.time())}")
+            log.warning("template cache %s is incomplete or unreadable; moved aside to %s and rebuilding", final, aside)
+            final.rename(aside)
+        log.info("template cache miss: extracting %d %s into %s", count, what, final)
+        work = self.folder / f".building-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        work.mkdir(parents=True)
+        return work
 
 
 def _remove_folder(folder: Path) -> None:
