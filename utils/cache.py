@@ -215,7 +215,7 @@ class TemplateCache:
                     if mine:
                         problems, written, seconds = _extract_rows(
                             self.backbone.load(), [items[i] for i in mine], [item_key(items[i]) for i in mine], rows,
-                            self.settings, lambda j: describe(mine[j]), what, lambda dim: None)
+                            self.settings, lambda j: describe(mine[j]), what)
                         log.info("%sextracted %d %s in %.1fs (%.1f images/s, each with its flip)",
                                  f"process {procs.rank} " if procs.world > 1 else "", len(mine), what, seconds,
                                  len(mine) / seconds)
@@ -374,7 +374,7 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
     if todo:
         problems, _, seconds = _extract_rows(backbone, [items[i] for i in todo], [keys[i] for i in todo], rows,
                                              settings, lambda j: describe(todo[j]), what,
-                                             lambda dim: _allocate(out, len(keys), dim, settings.dtype), on_batch)
+                                             on_batch)
         if problems:
             raise _undecodable(what, problems)
         log.info("extracted %d %s in %.1fs (%.1f images/s, each with its flip)", len(todo), what, seconds,
@@ -397,9 +397,7 @@ def publish(keys: list[bytes], rows: Path, out: Path, dtype: str, what: str, als
 
 
 def _allocate(out: Path, count: int, dim: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """The entry's templates.npy and norms.npy in ``out``, allocated (or reopened) as writable memory maps."""
-    if (out / "templates.npy").is_file():
-        return np.load(out / "templates.npy", mmap_mode="r+"), np.load(out / "norms.npy", mmap_mode="r+")
+    """The entry's templates.npy and norms.npy in ``out``, allocated as writable memory maps."""
     return (np.lib.format.open_memmap(out / "templates.npy", mode="w+", dtype=np.dtype(dtype), shape=(count, 2, dim)),
             np.lib.format.open_memmap(out / "norms.npy", mode="w+", dtype=np.float32, shape=(count, 2)))
 
@@ -407,17 +405,13 @@ def _allocate(out: Path, count: int, dim: int, dtype: str) -> tuple[np.ndarray, 
 class _RowWriter:
     """The rows of a pass, written to the store every CHUNK_ROWS images (and at the end)."""
 
-    def __init__(self, rows: Path, dtype: str, on_dim: Callable[[int], object]):
-        self.rows, self.dtype, self.on_dim = rows, dtype, on_dim
+    def __init__(self, rows: Path, dtype: str):
+        self.rows, self.dtype = rows, dtype
         self.keys: list[bytes] = []
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.written: list[Path] = []
-        self.dim: int | None = None
 
     def add(self, keys: list[bytes], normed: np.ndarray, norms: np.ndarray, resized: np.ndarray) -> None:
-        if self.dim is None:
-            self.dim = normed.shape[2]
-            self.on_dim(self.dim)
         self.keys += keys
         self.parts.append((np.ascontiguousarray(normed, dtype=self.dtype), np.ascontiguousarray(norms, np.float32),
                            resized))
@@ -431,12 +425,11 @@ class _RowWriter:
 
 
 def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows: Path, settings: ExtractionSettings,
-                  describe: Callable[[int], str], what: str, on_dim: Callable[[int], object],
-                  on_batch: Callable[[int], object] | None = None) -> tuple[list[str], list[Path], float]:
-    """The backbone pass over ``items``: their rows written to the store as they come (``on_dim`` called with the
-    template size at the first batch, to allocate the entry's files; ``on_batch`` with the number of images done
-    each time a batch's rows reach the host); returns the decoding problems, the store's files written and the
-    seconds taken.
+                  describe: Callable[[int], str], what: str, on_batch: Callable[[int], object] | None = None
+                  ) -> tuple[list[str], list[Path], float]:
+    """The backbone pass over ``items``: their rows written to the store as they come (``on_batch`` called with the
+    number of images done each time a batch's rows reach the host); returns the decoding problems, the store's
+    files written and the seconds taken.
 
     On CUDA the pass is pipelined one batch deep: batch k+1 is sent to the GPU before the rows of batch k are
     copied back (asynchronously, into pinned memory) and written, so the GPU does not wait for the host."""
@@ -450,7 +443,7 @@ def _extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], rows:
                         num_workers=settings.num_workers, pin_memory=cuda,
                         prefetch_factor=4 if settings.num_workers else None)
     problems: list[str] = []
-    writer = _RowWriter(rows, settings.dtype, on_dim)
+    writer = _RowWriter(rows, settings.dtype)
     bar = tqdm(total=len(items), desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
 
     def launch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
