@@ -51,7 +51,7 @@ from utils.binfile import load_bin  # noqa: E402
 from utils.cache import ExtractionSettings, TemplateCache, extract, open_entry  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.dataset import decode_image, scan_dataset, to_tensor  # noqa: E402
-from utils.device import select_device  # noqa: E402
+from utils.device import decode_workers, select_device  # noqa: E402
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
     "full": {"train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
@@ -61,7 +61,7 @@ SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU 
     "gpu": {"train_ids": 1024, "imgs": 8, "epochs": 2, "test_ids": 400, "test_imgs": 6, "pairs": 3000,
             "gender": 1000, "authors_ckpts": 3, "leak_n": 3000, "sweep_gender": 1000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 128},
 }
-WORKERS = min(8, os.cpu_count() or 2)
+WORKERS = decode_workers(-1)   # the default rule: the cores less one, 2 to 8
 
 
 def machine() -> dict[str, str]:
