@@ -214,7 +214,8 @@ class TemplateCache:
                     mine = todo[procs.share(len(todo), self.settings.batch_size)].tolist()
                     if mine:
                         problems, written, seconds = _extract_rows(
-                            self.backbone.load(), [items[i] for i in mine], [item_key(items[i]) for i in mine], rows,
+                            self.backbone.load(), [items[i] for i in mine],
+                            [keys[i] for i in mine] if keys else [item_key(items[i]) for i in mine], rows,
                             self.settings, lambda j: describe(mine[j]), what)
                         log.info("%sextracted %d %s in %.1fs (%.1f images/s, each with its flip)",
                                  f"process {procs.rank} " if procs.world > 1 else "", len(mine), what, seconds,
