@@ -21,20 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from eval.evaluation import evaluate  # noqa: E402
-from finetune import train  # noqa: E402
-from tools.make_bin import build_bin  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from privacy import METHODS  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
-from eval.evalset import METRIC_COLUMNS  # noqa: E402
-from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders  # noqa: E402
+from pipeline.sweep import evaluate
+from pipeline.train import train
+from facedata.bin_builder import build_bin
+from config.loading import load_config
+from privacy import METHODS
+from runtime.errors import UserError, run_cli
+from eval.evalset import METRIC_COLUMNS
+from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
 
 GENDER_STRENGTH, SPREAD, DIM, RANK = 0.2, 2.2, 512, 48
 FULL = {"train_ids": 1000, "train_imgs": 8, "test_ids": 160, "test_imgs": 6, "pairs": 1200, "gender": 900,

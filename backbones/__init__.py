@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from typing import Callable, Mapping
 
@@ -12,8 +11,9 @@ from torch import nn
 from backbones.iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
 from backbones.projection import FinetunedModel, FrozenBackbone, ProjectionLayer
 from backbones.sfnet import SFNET_LAYOUTS, sfnet20, sfnet20_deprecated, sfnet20_deprecated_v0
-from utils.errors import UserError
-from utils.io import extract_state_dict, safe_torch_load
+from runtime.errors import UserError
+from runtime.io import extract_state_dict, safe_torch_load
+from runtime.logs import get_logger
 
 __all__ = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "sfnet20", "sfnet20_deprecated",
            "sfnet20_deprecated_v0", "SFNET_LAYOUTS", "architecture_shapes", "candidate_architectures",
@@ -21,7 +21,7 @@ __all__ = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "s
            "register_architecture", "ProjectionLayer", "FrozenBackbone", "FinetunedModel", "ARCHITECTURES",
            "get_backbone", "load_backbone", "load_projection"]
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "iresnet18": iresnet18, "iresnet34": iresnet34, "iresnet50": iresnet50, "iresnet100": iresnet100,

@@ -29,29 +29,25 @@ import time
 import warnings
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import cv2
+import numpy as np
+import torch
+from sklearn.svm import SVC
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.svm import SVC  # noqa: E402
-
-import finetune  # noqa: E402
-from backbones import FinetunedModel, ProjectionLayer, iresnet50, load_backbone  # noqa: E402
-from backbones.spec import BackboneSpec  # noqa: E402
-from eval.attackers import ALL, ATTACKERS, expand_attackers, register_attacker  # noqa: E402
-from eval.evalset import EvalTemplates, evaluate_set, open_eval_set  # noqa: E402
-from eval.evaluation import evaluate_all  # noqa: E402
-from eval.leakage import gender_leakage, leakage_report  # noqa: E402
-from eval.verification import evaluate_verification  # noqa: E402
-from tools.make_bin import build_bin  # noqa: E402
-from utils.binfile import load_bin  # noqa: E402
-from utils.cache import ExtractionSettings, TemplateCache, extract, open_entry  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.dataset import decode_image, scan_dataset, to_tensor  # noqa: E402
-from utils.device import decode_workers, select_device  # noqa: E402
+from pipeline import train as finetune
+from backbones import FinetunedModel, ProjectionLayer, iresnet50, load_backbone
+from backbones.spec import BackboneSpec
+from eval.attackers import ALL, ATTACKERS, expand_attackers, register_attacker
+from eval.evalset import EvalTemplates, evaluate_set, open_eval_set
+from pipeline.sweep import evaluate_all
+from eval.leakage import gender_leakage, leakage_report
+from eval.verification import evaluate_verification
+from facedata.bin_builder import build_bin
+from facedata.binfile import load_bin
+from templates.cache import ExtractionSettings, TemplateCache, extract, open_entry
+from config.loading import load_config
+from facedata.dataset import decode_image, scan_dataset, to_tensor
+from runtime.device import decode_workers, select_device
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
     "full": {"train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
@@ -176,7 +172,7 @@ def bench_shared_extraction(work: Path, size: dict, device: torch.device) -> tup
     for n in (1, procs):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] \
             if n > 1 else [sys.executable]
-        run = subprocess.run([*launcher, str(REPO / "bench" / "shared_extraction.py"), *base,
+        run = subprocess.run([*launcher, str(Path(__file__).resolve().parent / "shared_extraction.py"), *base,
                               f"cache_dir={work / f'shared_cache_{n}'}"], capture_output=True, text=True,
                              env={**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n))})
         if run.returncode:
@@ -314,14 +310,13 @@ def bench_attackers(size: dict) -> tuple:
 
 RSS_SCRIPT = """
 import sys, time, numpy as np, torch
-sys.path.insert(0, {repo!r})
 from pathlib import Path
-from utils.cache import open_entry
-from utils.dataset import balanced_epoch
+from templates.cache import open_entry
+from facedata.dataset import balanced_epoch
 from backbones import ProjectionLayer
 from privacy.angular import AngularObjective
 from privacy.layer_training import train_step
-from utils.config import load_config
+from config.loading import load_config
 cfg = load_config()
 entry = open_entry(Path({folder!r}))
 n = len(entry)
@@ -360,7 +355,7 @@ def bench_rss(work: Path, size: dict) -> dict:
     norms.flush()
     del t, norms
     (folder / "meta.json").write_text(json.dumps({"count": n, "dim": 512, "dtype": "float32", "version": 1}))
-    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(repo=str(REPO), folder=str(folder),
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(folder=str(folder),
                                                                     steps=size["rss_steps"])],
                          capture_output=True, text=True, check=True)
     peak, secs = out.stdout.split()
@@ -379,7 +374,7 @@ def bench_step(device: torch.device | str, batch: int = 128, n: int = 10_000, n_
     (log_every=1), as the previous design did. Epochs after the first; the best of ``rounds`` alternated runs."""
     import logging
     from privacy import FitContext, get_method
-    from utils.dataset import TrainIndex
+    from facedata.dataset import TrainIndex
     device = torch.device(device)
     log = logging.getLogger("bench.step")
     log.disabled = True

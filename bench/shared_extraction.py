@@ -8,16 +8,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import finetune  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.device import select_device  # noqa: E402
-from utils.distributed import processes  # noqa: E402
+from pipeline import train as finetune
+from config.loading import load_config
+from runtime.device import select_device
+from runtime.distributed import processes
 
 
 def main(overrides: list[str]) -> None:

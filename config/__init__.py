@@ -1,1 +1,1 @@
-"""Hyperparameters live in config/config.py; utils.config loads them with overrides."""
+"""Options: config/config.py holds every option with its default; loading.py reads a config module and --set overrides and checks them."""

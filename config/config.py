@@ -3,7 +3,7 @@
 Names and defaults follow the authors' config. Relative paths are relative to the folder you run the
 commands from (the repository root in the README). Override any option with ``--set KEY=VALUE`` or with another
 module (``--config PATH``: module-level names, or the authors' ``config = edict()`` style). Options left at
-``None`` are derived from the others when the config is loaded (utils/config.py). The allowed range of each
+``None`` are derived from the others when the config is loaded (config/loading.py). The allowed range of each
 number and the known names (backbones, methods, attackers, headers) are checked before any compute.
 """
 from __future__ import annotations

@@ -1,1 +1,1 @@
-"""Evaluation sweep (evaluation.py) and its report (report.py)."""
+"""Evaluation metrics: verification (EER, TAR), gender attackers and leakage, the per-set evaluation and PIC, the train/test overlap."""

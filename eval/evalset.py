@@ -21,10 +21,11 @@ from torch import nn
 from eval.attackers import PAPER_ATTACKERS, AttackContext, expand_attackers
 from eval.leakage import LeakageResult, leakage_report
 from eval.verification import pair_distances, verification_from_distances
-from utils.binfile import load_bin
-from utils.cache import TemplateCache, Templates, bin_inputs
+from facedata.binfile import load_bin
+from templates.cache import TemplateCache, Templates, bin_inputs
+from runtime.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 BACC_COLUMNS = [f"BACC-Gender-{a}" for a in PAPER_ATTACKERS]
 METRIC_COLUMNS = ["EER", "TAR@FAR=0.1%", *BACC_COLUMNS, "BACC-Gender-AVG"]

@@ -26,20 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-from joblib import Parallel, delayed  # noqa: E402
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from sklearn.metrics import balanced_accuracy_score  # noqa: E402
-from sklearn.model_selection import StratifiedGroupKFold  # noqa: E402
+import numpy as np
+from joblib import Parallel, delayed
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import StratifiedGroupKFold
 
-from eval.attackers import (ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, Attacker, expand_attackers,  # noqa: E402
+from eval.attackers import (ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, Attacker, expand_attackers,
                             make_attacker)
-from utils.errors import UserError, run_cli  # noqa: E402
-from utils.io import atomic_write_text  # noqa: E402
+from runtime.errors import UserError, run_cli
+from runtime.io import atomic_write_text
 
 __all__ = ["LeakageResult", "leakage_report", "gender_leakage", "main"]
 

@@ -13,7 +13,7 @@ import numpy as np
 from scipy.optimize import brentq
 from sklearn.model_selection import KFold
 
-from utils.errors import UserError
+from runtime.errors import UserError
 
 ROC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)

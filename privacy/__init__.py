@@ -32,15 +32,15 @@ def get_method(name: str) -> type[PrivacyMethod]:
     return METHODS[name]
 
 
-from privacy.angular import Angular  # noqa: E402  (the built-in methods register themselves)
+from privacy.angular import Angular
 
 register_method(Angular)
 
-from privacy.ive import IVE  # noqa: E402
-from privacy.pe_miu import PEMIU  # noqa: E402
-from privacy.inlp import INLP  # noqa: E402
-from privacy.leace import LEACE  # noqa: E402
-from privacy.adversarial import Adversarial  # noqa: E402
+from privacy.ive import IVE
+from privacy.pe_miu import PEMIU
+from privacy.inlp import INLP
+from privacy.leace import LEACE
+from privacy.adversarial import Adversarial
 
 register_method(IVE)
 register_method(PEMIU)

@@ -20,10 +20,10 @@ from torch import nn
 from config.config import Config
 from eval.evalset import EvalTemplates
 from privacy.callbacks import CallBackVerification
-from utils.cache import Templates
-from utils.dataset import TrainIndex
-from utils.errors import UserError
-from utils.io import atomic_torch_save, extract_state_dict, safe_torch_load
+from templates.cache import Templates
+from facedata.dataset import TrainIndex
+from runtime.errors import UserError
+from runtime.io import atomic_torch_save, extract_state_dict, safe_torch_load
 
 __all__ = ["PrivacyMethod", "PathMethod", "FitContext", "FitResult", "training_templates", "checkpoint_tensor"]
 

@@ -21,7 +21,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
-from utils.errors import UserError
+from runtime.errors import UserError
 
 __all__ = ["INLP", "Projection"]
 

@@ -17,7 +17,7 @@ from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
 from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
-from utils.errors import UserError
+from runtime.errors import UserError
 
 __all__ = ["IVE", "KeepDimensions"]
 

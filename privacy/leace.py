@@ -17,7 +17,7 @@ from concept_erasure import LeaceFitter
 from torch import nn
 
 from privacy.base import FitContext, PathMethod, checkpoint_tensor
-from utils.errors import UserError
+from runtime.errors import UserError
 
 __all__ = ["LEACE", "AffineErasure"]
 

@@ -26,7 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from privacy.base import FitContext, PathMethod, checkpoint_tensor
-from utils.errors import UserError
+from runtime.errors import UserError
 
 __all__ = ["PEMIU", "BlockPermutation", "aligned_similarity"]
 

@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import io
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +17,17 @@ from eval.attackers import ALL, ATTACKERS
 from losses import HEADERS
 from privacy import METHODS, PrivacyMethod, get_method
 from privacy.layer_training import RESUME_FILE, RESUME_KEYS
-from utils.config import check_choice, config_from_dict
-from utils.errors import UserError
-from utils.io import atomic_write_text, safe_torch_load
+from config.loading import check_choice, config_from_dict
+from runtime.errors import UserError
+from runtime.io import atomic_write_text, safe_torch_load
+from runtime.logs import get_logger
 
 __all__ = ["RUN_FILE", "RunFolders", "check_names", "plan_run_folders", "write_run_description", "SweptRun",
            "find_runs", "append_config_row"]
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def check_names(cfg: Config) -> None:

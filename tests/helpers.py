@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from backbones.spec import BackboneSpec
-from tools.make_bin import build_bin
-from utils.cache import ExtractionSettings, TemplateCache
-from utils.config import load_config
+from facedata.bin_builder import build_bin
+from templates.cache import ExtractionSettings, TemplateCache
+from config.loading import load_config
 from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
 
 DIM = 512

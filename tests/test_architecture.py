@@ -12,8 +12,8 @@ import torch
 from sklearn.neighbors import NearestCentroid
 from torch import nn
 
-import finetune
-from eval import evaluation
+from pipeline import train as finetune
+from pipeline import sweep as evaluation
 from eval.attackers import ATTACKERS, expand_attackers, register_attacker
 from helpers import demo_cfg, synthetic_world
 from privacy import METHODS, FitResult, PrivacyMethod, register_method
@@ -24,20 +24,18 @@ LEGACY = Path(__file__).parent / "data" / "legacy_runs"
 AUTHORS_COLUMNS = ["Step", "Dataset", "EER", "TAR@FAR=0.1%", "BACC-Gender-LogReg", "BACC-Gender-SVM",
                    "BACC-Gender-RBF", "BACC-Gender-AVG", "PIC"]
 
-# lower number = lower layer; a module may import its own layer and those below it
-LAYERS = {"utils": 0, "config": 0, "eval": 2, "backbones": 1, "losses": 1, "eval.verification": 2,
-          "eval.attackers": 2, "eval.leakage": 2, "eval.evalset": 2, "privacy": 3, "eval.report": 4,
-          "eval.evaluation": 5, "finetune": 5, "tools": 5}
-PRODUCTION = ["utils", "config", "backbones", "losses", "eval", "privacy", "tools", "finetune.py"]
+# Each package's rank, lowest first: a module imports its own package and lower-ranked ones only; two packages of
+# one rank never import each other (so there is no cycle).
+RANKS = {"runtime": 0, "config": 1, "facedata": 2, "backbones": 3, "losses": 3, "synthetic": 4, "templates": 4,
+         "eval": 5, "privacy": 6, "pipeline": 7}
+# command lines: thin files at the top that call a library's main()
+ENTRY_POINTS = ["finetune.py", "eval/evaluation.py", "tools/make_bin.py", "tools/prepare_dataset.py",
+                "tools/cross_dataset.py", "tools/check_overlap.py", "tools/identify_backbone.py"]
+SCAFFOLDING = ("synthetic", "demo", "bench", "tests", "helpers")
 
 
-def layer_of(module: str) -> int | None:
-    best = None
-    for prefix, rank in LAYERS.items():
-        if module == prefix or module.startswith(prefix + "."):
-            if best is None or len(prefix) > len(best[0]):
-                best = (prefix, rank)
-    return None if best is None else best[1]
+def package_of(module: str) -> str:
+    return module.split(".")[0]
 
 
 def runtime_imports(path: Path) -> list[str]:
@@ -56,30 +54,54 @@ def runtime_imports(path: Path) -> list[str]:
     return out
 
 
-def production_files() -> list[Path]:
-    files = []
-    for entry in PRODUCTION:
-        p = REPO / entry
-        files += [p] if p.is_file() else sorted(p.rglob("*.py"))
-    return files
+def library_files() -> dict[str, Path]:
+    """Every module of every ranked package, by its dotted name (eval/evaluation.py, the authors' command path, is
+    an entry point that lives in a package folder, not a module of it)."""
+    out = {}
+    for package in RANKS:
+        for path in sorted((REPO / package).rglob("*.py")):
+            if str(path.relative_to(REPO)) in ENTRY_POINTS:
+                continue
+            out[".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")] = path
+    return out
 
 
-def test_layers_import_only_downwards_and_production_never_imports_scaffolding():
+def test_every_package_has_a_rank_and_pyproject_installs_exactly_those():
+    top = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()} - {"tests", "bench"}
+    assert top == set(RANKS), f"packages without a rank, or ranks without a package: {top ^ set(RANKS)}"
+    pyproject = (REPO / "pyproject.toml").read_text()
+    listed = ast.literal_eval(pyproject.split("packages = ", 1)[1].split("]", 1)[0] + "]")
+    assert sorted(listed) == sorted(RANKS)
+
+
+def test_packages_import_only_lower_ranks_and_never_the_scaffolding():
     checked = 0
-    for path in production_files():
-        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-        own = layer_of(module)
-        assert own is not None, f"{module} has no layer in LAYERS"
+    for module, path in library_files().items():
+        own = package_of(module)
         for imported in runtime_imports(path):
-            top = imported.split(".")[0]
-            assert top not in ("synthetic", "demo", "bench", "tests", "helpers"), f"{module} imports {imported}"
-            rank = layer_of(imported)
-            if rank is not None:
+            other = package_of(imported)
+            if own != "synthetic":
+                assert other not in SCAFFOLDING, f"{module} imports {imported}"
+            if other in RANKS and other != own:
                 checked += 1
-                assert rank <= own, f"{module} (layer {own}) imports {imported} (layer {rank})"
-    assert checked > 50
-    metric_words = ("verification", "leakage", "evaluate", "pic", "metric")
-    assert not [p.name for p in (REPO / "utils").glob("*.py") if any(w in p.stem for w in metric_words)]
+                assert RANKS[other] < RANKS[own], \
+                    f"{module} ({own}, rank {RANKS[own]}) imports {imported} ({other}, rank {RANKS[other]})"
+    assert checked > 60
+
+
+def test_no_library_module_manipulates_sys_path():
+    offenders = [m for m, p in library_files().items() if "sys.path" in p.read_text()]
+    offenders += [e for e in ENTRY_POINTS if "sys.path" in (REPO / e).read_text()]
+    assert not offenders
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_entry_points_are_thin_command_lines(entry):
+    """A command line only calls its library's main(); the code lives in the packages."""
+    tree = ast.parse((REPO / entry).read_text())
+    imports = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
+    assert len(imports) == 1 and imports[0].names[0].name == "main" and package_of(imports[0].module) in RANKS
+    assert len([n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]) == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +233,7 @@ def test_authors_released_layer_sweeps_to_the_same_numbers(legacy_world, tmp_pat
 
 def test_an_old_run_is_not_resumed_and_its_folder_is_left_alone(legacy_world, tmp_path):
     """resume=True on a run of the old code: a clear error before anything is written into its folders."""
-    from utils.errors import UserError
+    from runtime.errors import UserError
     ckpt = tmp_path / "ckpt" / "Demo" / "Exp" / "Synth" / "20L1_1L2"
     logs = tmp_path / "logs" / "Demo" / "Exp" / "Synth" / "20L1_1L2"
     shutil.copytree(LEGACY / "checkpoints" / "20L1_1L2", ckpt)

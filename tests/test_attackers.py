@@ -19,7 +19,7 @@ from eval import leakage
 from eval.attackers import ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, cosine_similarity, expand_attackers, \
     register_attacker
 from eval.leakage import gender_leakage, leakage_report
-from utils.errors import UserError
+from runtime.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 EVERY = expand_attackers([ALL])

@@ -11,7 +11,7 @@ import torch
 
 from backbones import (FinetunedModel, FrozenBackbone, ProjectionLayer, get_backbone, iresnet18,
                        load_backbone, load_projection)
-from utils.errors import UserError
+from runtime.errors import UserError
 
 KEYS = json.loads((Path(__file__).parent / "data" / "state_dict_keys.json").read_text())
 JSON_NAME = {
@@ -95,9 +95,9 @@ def test_opensphere_files_of_each_layout_load_strictly_under_their_name(tmp_path
 @pytest.mark.parametrize("name, other", [("sfnet20", "sfnet20_deprecated_v0"), ("sfnet20_deprecated_v0", "sfnet20")])
 def test_file_fitting_two_layouts_logs_one_line_naming_both(tmp_path, caplog, name, other):
     path, _ = opensphere_file(tmp_path, name)
-    with caplog.at_level(logging.INFO, logger="backbones"):
+    with caplog.at_level(logging.INFO, logger="genderprivacy.backbones"):
         net = load_backbone(name, path)
-    lines = [r.getMessage() for r in caplog.records if r.name == "backbones"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "genderprivacy.backbones"]
     assert len(lines) == 1
     assert name in lines[0] and other in lines[0] and f"--set network={other}" in lines[0].replace(" or ", " --set ")
     assert net.layer1[1].relu_after_add == (name == "sfnet20")  # the configured layout is honoured
@@ -105,15 +105,15 @@ def test_file_fitting_two_layouts_logs_one_line_naming_both(tmp_path, caplog, na
 
 def test_unambiguous_file_logs_nothing(tmp_path, caplog):
     path, _ = opensphere_file(tmp_path, "sfnet20_deprecated")
-    with caplog.at_level(logging.INFO, logger="backbones"):
+    with caplog.at_level(logging.INFO, logger="genderprivacy.backbones"):
         load_backbone("sfnet20_deprecated", path)
-    assert not [r for r in caplog.records if r.name == "backbones"]
+    assert not [r for r in caplog.records if r.name == "genderprivacy.backbones"]
 
 
 @pytest.mark.parametrize("configured", ["sfnet20", "sfnet20_deprecated_v0"])
 def test_sfnet_file_of_the_only_other_fitting_layout_is_used_with_a_warning(tmp_path, caplog, configured):
     path, net = opensphere_file(tmp_path, "sfnet20_deprecated")
-    with caplog.at_level(logging.INFO, logger="backbones"):
+    with caplog.at_level(logging.INFO, logger="genderprivacy.backbones"):
         loaded = load_backbone(configured, path)
     assert "layer1.0.conv.weight" in loaded.state_dict()
     x = torch.randn(1, 3, 112, 112)
@@ -251,7 +251,7 @@ def keys_only_file(path, name, use_se=False, num_features=512):
     ("sfnet20", False, 512, [("sfnet20", False, 512), ("sfnet20_deprecated_v0", False, 512)]),
 ])
 def test_identify_backbone_lists_every_fitting_layout(tmp_path, capsys, name, use_se, num_features, expected):
-    from tools.identify_backbone import main, report
+    from pipeline.identify_backbone import main, report
     path = keys_only_file(tmp_path / "b.pth", name, use_se, num_features)
     assert [r[:3] for r in report(path)] == expected
     assert main([str(path)]) == 0
@@ -261,7 +261,7 @@ def test_identify_backbone_lists_every_fitting_layout(tmp_path, capsys, name, us
 
 
 def test_identify_backbone_errors_are_one_paragraph(tmp_path, capsys):
-    from tools.identify_backbone import main
+    from pipeline.identify_backbone import main
     assert main([str(tmp_path / "missing.pth")]) == 2
     assert "does not exist" in capsys.readouterr().err
     state = {k.replace("module.", ""): v for k, v in torch.load(keys_only_file(tmp_path / "r50.pth", "iresnet50"),
@@ -289,8 +289,8 @@ def face_folder(root, n_ids=6, imgs=4, seed=0):
 
 
 def test_identify_backbone_prints_each_candidates_eer(tmp_path, capsys):
-    from tools.identify_backbone import main
-    from tools.make_bin import build_bin
+    from pipeline.identify_backbone import main
+    from facedata.bin_builder import build_bin
     good = build_bin(face_folder(tmp_path / "faces"), tmp_path / "good.bin", n_pairs=20, n_gender=8)
     path, _ = opensphere_file(tmp_path, "sfnet20")
     assert main([str(path), "--bin", str(good), "--device", "cpu"]) == 0
@@ -314,8 +314,8 @@ class PoolNet(torch.nn.Module):
 
 def test_identify_backbone_flags_near_chance_eer_of_a_misaligned_two_item_bin(tmp_path, capsys, monkeypatch):
     import backbones
-    from tools.identify_backbone import report
-    from tools.make_bin import build_bin
+    from pipeline.identify_backbone import report
+    from facedata.bin_builder import build_bin
     monkeypatch.setitem(backbones.ARCHITECTURES, "poolnet", PoolNet)
     faces = face_folder(tmp_path / "faces")
     flags = tmp_path / "inverted.csv"  # every pair's same/different flag inverted

@@ -2,8 +2,8 @@ import pytest
 
 from privacy import get_method
 from privacy.runs import check_names, plan_run_folders
-from utils.config import load_config
-from utils.errors import UserError
+from config.loading import load_config
+from runtime.errors import UserError
 
 
 def folders(cfg):
@@ -96,7 +96,7 @@ def test_unknown_names_are_refused_with_the_known_ones(item, key):
 
 def test_bad_values_are_refused_before_any_compute(tmp_path):
     """finetune.train refuses n_hidden=0 at load time, before a data folder is even looked at."""
-    import finetune
+    from pipeline import train as finetune
     with pytest.raises(UserError, match="n_hidden"):
         finetune.train(load_config(None, ["n_hidden=0", f"data_dir={tmp_path / 'nowhere'}"]))
     with pytest.raises(UserError, match="'method'"):  # a name is checked before the (missing) data folder

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import backbones
-import finetune
+from pipeline import train as finetune
 from helpers import TinyNet, demo_cfg, synthetic_world
-from utils.cache import ExtractionSettings, extract
-from utils.dataset import scan_dataset
+from templates.cache import ExtractionSettings, extract
+from facedata.dataset import scan_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 import backbones
 from helpers import TinyNet, template_cache, tiny_backbone_file, write_png
-from tools.make_bin import build_bin
-from utils.binfile import load_bin
-from utils.cache import folder_inputs
-from utils.config import load_config
-from utils.dataset import balanced_epoch, decode_image, scan_dataset, to_tensor
-from utils.errors import UserError
+from facedata.bin_builder import build_bin
+from facedata.binfile import load_bin
+from templates.cache import folder_inputs
+from config.loading import load_config
+from facedata.dataset import balanced_epoch, decode_image, scan_dataset, to_tensor
+from runtime.errors import UserError
 
 
 def rand_img(rng, h=112, w=112, c=3):

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-import finetune
-from eval import evaluation
+from pipeline import train as finetune
+from pipeline import sweep as evaluation
 from helpers import demo_cfg, synthetic_world
 from eval.overlap import best_matches
-from tools import check_overlap as overlap_tool
-from tools import cross_dataset
-from tools.prepare_dataset import prepare
-from utils.binfile import load_bin
-from utils.dataset import ImageDataset, RecordImage, scan_dataset, scan_training_data
-from utils.errors import UserError
-from utils.recordio import write_identity_records
+from pipeline import overlap_check as overlap_tool
+from pipeline import cross_dataset
+from facedata.prepare import prepare
+from facedata.binfile import load_bin
+from facedata.dataset import ImageDataset, RecordImage, scan_dataset, scan_training_data
+from runtime.errors import UserError
+from facedata.recordio import write_identity_records
 
 
 def same_checkpoints(a: Path, b: Path) -> int:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import synthetic_world
-from utils.cache import open_entry
+from templates.cache import open_entry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 # its own process at a chosen forward call; rows go to the store every 8 images so that a killed process has some
 PLUGIN = '''
 import os, signal
-import backbones, utils.cache
+import backbones, templates.cache
 from synthetic.backbone import demo_decoder
 
-utils.cache.CHUNK_ROWS = 8
+templates.cache.CHUNK_ROWS = 8
 CALLS = [0]
 
 
@@ -231,8 +231,8 @@ class Peers:
 
 
 def test_processes_agree_on_a_failure_anywhere(monkeypatch):
-    from utils.distributed import Processes
-    from utils.errors import UserError
+    from runtime.distributed import Processes
+    from runtime.errors import UserError
     procs = Processes(rank=0, world=3)
     monkeypatch.setattr(Processes, "gather", lambda self, obj: Peers(0, [None, ("b", None), ("c", None)])(obj))
     assert procs.agree("a", None, "extracting") == ["a", "b", "c"]            # nobody failed: every value
@@ -250,8 +250,8 @@ def test_processes_agree_on_a_failure_anywhere(monkeypatch):
 
 def test_process_0s_failure_reaches_every_process(monkeypatch):
     import torch.distributed as dist
-    from utils.distributed import Processes
-    from utils.errors import UserError
+    from runtime.distributed import Processes
+    from runtime.errors import UserError
 
     def broadcast(box, src):   # what process 0 sent
         box[0] = ("plan", "OSError: cache_dir is full")

@@ -4,11 +4,11 @@ import hashlib
 import pytest
 import torch
 
-import finetune
+from pipeline import train as finetune
 from backbones import ProjectionLayer
-from eval import evaluation
+from pipeline import sweep as evaluation
 from helpers import demo_cfg, synthetic_world
-from utils.errors import UserError
+from runtime.errors import UserError
 
 COLUMNS = ["Step", "Dataset", "EER", "TAR@FAR=0.1%", "BACC-Gender-LogReg", "BACC-Gender-SVM", "BACC-Gender-RBF",
            "BACC-Gender-AVG", "PIC"]
@@ -69,8 +69,8 @@ def test_full_sweep_writes_csvs_report_plots_and_is_idempotent(trained, tmp_path
 def test_metrics_equal_a_direct_evaluation_of_the_layer(trained, tmp_path):
     """The sweep's numbers for a checkpoint equal evaluating layer(normalize(backbone(x))) on decoded images."""
     from backbones import load_backbone, load_projection
-    from utils.binfile import load_bin
-    from utils.dataset import decode_image, to_tensor
+    from facedata.binfile import load_bin
+    from facedata.dataset import decode_image, to_tensor
     from eval.verification import evaluate_verification
     from eval.leakage import gender_leakage
     out_dir = sweep(trained, tmp_path)

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import backbones
-import finetune
+from pipeline import train as finetune
 from backbones import load_projection
 from helpers import TinyNet, demo_cfg, synthetic_world, tiny_backbone_file
 from losses import ArcFace
-from utils.dataset import decode_image, scan_dataset, to_tensor
-from utils.errors import UserError
+from facedata.dataset import decode_image, scan_dataset, to_tensor
+from runtime.errors import UserError
 
 
 def tensors(path):

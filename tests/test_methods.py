@@ -14,17 +14,17 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.svm import SVC
 
-import finetune
-from eval import evaluation
+from pipeline import train as finetune
+from pipeline import sweep as evaluation
 from eval.leakage import gender_leakage
 from eval.verification import evaluate_verification, verification_from_distances
 from helpers import demo_cfg, synthetic_world
 from privacy import FitContext, get_method
 from synthetic.data import identity_basis, population, sample_templates
-from utils.cache import open_entry
-from utils.config import config_from_dict
-from utils.dataset import TrainIndex
-from utils.errors import UserError
+from templates.cache import open_entry
+from config.loading import config_from_dict
+from facedata.dataset import TrainIndex
+from runtime.errors import UserError
 
 LOG = logging.getLogger("test_methods")
 

@@ -5,7 +5,7 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 from sklearn.model_selection import KFold
 
-from utils.errors import UserError
+from runtime.errors import UserError
 from eval.evalset import pic
 from eval.leakage import gender_leakage
 from eval.verification import evaluate_verification

@@ -1,4 +1,4 @@
-"""tools/prepare_dataset.py and utils/recordio.py on miniatures of each dataset as downloaded (nothing downloaded)."""
+"""tools/prepare_dataset.py (facedata/prepare.py) and facedata/recordio.py on miniatures of each dataset as downloaded (nothing downloaded)."""
 from __future__ import annotations
 
 import os
@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from tools.prepare_dataset import LOG_NAME, REPORT_NAME, main, prepare
-from utils.binfile import load_bin
-from utils.dataset import scan_dataset
-from utils.errors import UserError
-from utils.recordio import MAGIC, RecordFile, RecordWriter, write_identity_records
+from facedata.prepare import LOG_NAME, REPORT_NAME, main, prepare
+from facedata.binfile import load_bin
+from facedata.dataset import scan_dataset
+from runtime.errors import UserError
+from facedata.recordio import MAGIC, RecordFile, RecordWriter, write_identity_records
 
 
 def jpeg(seed: int) -> bytes:

@@ -80,7 +80,7 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(world):
 
 
 def test_killed_sweep_reruns_to_one_row_per_checkpoint(world, tmp_path):
-    import finetune
+    from pipeline import train as finetune
     finetune.train(demo_cfg(world, f"checkpoint_root={world / 'sweep'}", f"log_dir={world / 'sweep_logs'}",
                             "num_epoch=40", "checkpoint_every=1"))
     settings = base_settings(world, "x")
@@ -109,7 +109,7 @@ import sys, torch
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from backbones.spec import BackboneSpec
-from utils.cache import ExtractionSettings, TemplateCache
+from templates.cache import ExtractionSettings, TemplateCache
 items = sorted(Path({data!r}).rglob('*.png'))
 TemplateCache({cache!r}, BackboneSpec('iresnet18', Path({weights!r})),
               ExtractionSettings(torch.device('cpu'), batch_size=4, num_workers=0)).get('train', 'k', items)
@@ -120,7 +120,7 @@ def test_killed_extraction_is_never_read_and_is_rebuilt(world, tmp_path):
     from backbones import iresnet18
     from backbones import load_backbone
     from backbones.spec import BackboneSpec
-    from utils.cache import ExtractionSettings, TemplateCache, open_entry
+    from templates.cache import ExtractionSettings, TemplateCache, open_entry
     torch.manual_seed(0)
     weights = tmp_path / "r18.pth"
     torch.save(iresnet18().state_dict(), weights)
@@ -139,7 +139,7 @@ def test_killed_extraction_is_never_read_and_is_rebuilt(world, tmp_path):
     t = tc.get("train", "k", full)
     assert len(t) == len(full)
     with torch.no_grad():
-        from utils.dataset import ImageDataset, normalize_images
+        from facedata.dataset import ImageDataset, normalize_images
         x = normalize_images(torch.stack([ImageDataset(items)[i][1] for i in range(len(items))]))
         direct = torch.nn.functional.normalize(load_backbone("iresnet18", weights)(x))
     np.testing.assert_allclose(t.templates[:12, 0], direct.numpy(), atol=1e-5)

@@ -4,13 +4,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-import finetune
+from pipeline import train as finetune
 import backbones
-from eval import evaluation
+from pipeline import sweep as evaluation
 from helpers import demo_cfg, synthetic_world
 from synthetic.backbone import demo_decoder
-from utils.cache import open_entry
-from utils.errors import UserError
+from templates.cache import open_entry
+from runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_an_undecodable_file_is_reported_and_no_image_is_extracted_twice(tmp_pat
 
 
 def test_auto_decoding_workers_share_the_cores_among_torchrun_processes(monkeypatch):
-    from utils.device import MAX_AUTO_WORKERS, decode_workers
+    from runtime.device import MAX_AUTO_WORKERS, decode_workers
     assert decode_workers(0) == 0 and decode_workers(5) == 5                 # an explicit number is kept
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

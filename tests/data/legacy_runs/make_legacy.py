@@ -5,8 +5,8 @@ import torch
 from helpers import synthetic_world, demo_cfg
 from utils.synthetic import save_demo_backbone
 from backbones import ProjectionLayer
-import finetune
-from eval.evaluation import evaluate
+from pipeline import train as finetune
+from pipeline.sweep import evaluate
 root = Path('/tmp/legacy_world'); shutil.rmtree(root, ignore_errors=True)
 synthetic_world(root, n_train_ids=24, imgs=4, n_test_ids=24, test_imgs=4, pairs=200, gender=96, seed=3)
 save_demo_backbone(root / 'ckpt' / 'Demo' / 'reference' / 'backbone.pth', 128)

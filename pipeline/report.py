@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
 
-from eval.evalset import METRIC_COLUMNS, EvalTemplates  # noqa: E402
-from eval.leakage import WORST  # noqa: E402
-from utils.io import atomic_path, atomic_write_text  # noqa: E402
+from eval.evalset import METRIC_COLUMNS, EvalTemplates
+from eval.leakage import WORST
+from runtime.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from privacy.runs import SweptRun

@@ -17,7 +17,7 @@ from typing import Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from utils.errors import UserError
+from runtime.errors import UserError
 
 T = TypeVar("T")
 

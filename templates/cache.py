@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 import uuid
@@ -36,14 +35,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.dataset import ImageDataset, RecordImage, RecordImages, TrainIndex, normalize_images, problem_report
-from utils.device import decode_workers
-from utils.distributed import Processes
-from utils.errors import UserError
-from utils.io import sha256_file
-from utils.recordio import RecordFile
+from facedata.dataset import ImageDataset, RecordImage, RecordImages, TrainIndex, normalize_images, problem_report
+from runtime.device import decode_workers
+from runtime.distributed import Processes
+from runtime.errors import UserError
+from runtime.io import sha256_file
+from facedata.recordio import RecordFile
+from runtime.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 CACHE_VERSION = 1
 CHUNK_ROWS = 4096   # rows per file of the row store: a killed pass loses at most this many

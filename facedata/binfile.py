@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -17,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError
-from utils.io import atomic_path
+from runtime.errors import UserError
+from runtime.io import atomic_path
+from runtime.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _np_core = getattr(np, "_core", None) or np.core  # numpy 2: numpy._core; numpy 1: numpy.core
 _ALLOWED = {

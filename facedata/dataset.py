@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import csv
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.errors import UserError
-from utils.recordio import RecordFile
+from runtime.errors import UserError
+from facedata.recordio import RecordFile
+from runtime.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 IMAGE_SIZE = 112
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2"}

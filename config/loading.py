@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin, get_type_hints
 
 from config.config import Config
-from utils.errors import UserError
+from runtime.errors import UserError
 
 __all__ = ["Config", "load_config", "config_from_dict", "check_choice", "OVERRIDE_HELP", "RANGES"]
 

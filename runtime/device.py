@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from utils.errors import UserError
+from runtime.errors import UserError
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from utils.errors import UserError
+from runtime.errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -1,0 +1,728 @@
+"""Turn a face dataset as downloaded into a ``subjectid_gender`` training folder (and, on request, a .bin).
+
+    python tools/prepare_dataset.py --format lfw --images lfw/ --labels female_names.txt male_names.txt \\
+        --out data/train/LFW [--bin data/eval/lfw_prepared.bin --pairs 3000]
+
+Formats (--images, --labels):
+  lfw         Name/Name_0001.jpg folders; the gender lists female_names.txt and male_names.txt (one image file
+              name per line; a list is told female or male by its file name).
+  agedb       a flat folder of ID_Name_Age_g.jpg files, g = f or m; no --labels (the file names carry the gender).
+  colorferet  subject folders named by the 5-digit subject number (00001/...); subjects.xml of the ground truths
+              (<Subject id="cfrS00001"> ... <Gender value="Male"/> or "Female"). Images must be decompressed
+              (the distribution's .ppm.bz2 files are skipped and counted).
+  vggface2    n000001/... folders; identity_meta.csv (Class_ID, Gender m/f) or per-image attribute annotations
+              (a CSV with the image path in a Filename column and a Male column in {-1, 0, 1}; 0 = undetermined,
+              skipped and counted).
+  rec         an insightface train.rec (or the folder holding train.rec and train.idx); a CSV with the columns
+              label (the identity number the records carry) and gender (female/male, f/m, or 1/0 in this
+              project's convention). Folders are <label>_<gender>, labels zero-padded to one width so that
+              their sorted order (the training labels) is the records' label order.
+
+Output: OUT/<identity>_<gender>/ folders, gender 1 feminine and 0 masculine whatever the source's convention,
+holding links to the source images (--link symbolic, the default, with absolute targets; or hard). Nothing is
+copied and the source is never changed -- except for `rec`, where no image files exist to link to: its images'
+encoded bytes are written as files (the only format that writes image files). OUT/.prepare.log states the gender
+mapping and the counts; OUT/.prepare_report.txt lists every identity left out (no label, conflicting labels,
+fewer than --min-images images) and every file that does not follow the format's layout -- never guessed. Both
+are hidden files, which the training scanner ignores. Identity folder names keep [A-Za-z0-9._-] and replace
+other characters with '_' (a short hash tells apart names that would then coincide).
+
+Running again with the same inputs changes nothing (same links, same report bytes, no file touched). An existing
+OUT holding anything this run would not create (another file, a link to another image) is an error, never
+overwritten; entries still missing (an interrupted run) are added.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import os
+import re
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+
+from facedata.bin_builder import build_bin
+from facedata.dataset import IMAGE_EXTENSIONS, scan_dataset
+from runtime.errors import UserError, run_cli
+from runtime.io import atomic_write_text
+from facedata.recordio import RecordFile
+
+FORMATS = ("lfw", "agedb", "colorferet", "vggface2", "rec")
+REPORT_NAME = ".prepare_report.txt"
+LOG_NAME = ".prepare.log"
+FEMININE, MASCULINE = 1, 0
+MAX_LISTED = 20
+Source = Union[Path, int]   # an image file to link to, or a record key of a .rec
+
+
+@dataclass
+class Identity:
+    """What the label sources say about one identity, and its images."""
+    images: list[Source] = field(default_factory=list)
+    evidence: dict[int, Counter] = field(default_factory=dict)   # gender -> Counter of where it was read
+    notes: list[str] = field(default_factory=list)               # shown in the report if it is left out
+    conflict: str = ""                                            # a problem that rules the identity out
+
+    def add(self, gender: int, where: str) -> None:
+        self.evidence.setdefault(gender, Counter())[where] += 1
+
+
+@dataclass
+class Collected:
+    """One format's reading of the dataset: identities, the gender mapping it used and what it skipped."""
+    identities: dict[str, Identity]
+    mapping: list[str]
+    notes: list[str] = field(default_factory=list)               # counts for the log
+    unparsed: list[tuple[str, str]] = field(default_factory=list)  # (item, why) for the report
+    rec: RecordFile | None = None
+    extensions: dict[int, str] = field(default_factory=dict)     # rec: record key -> image file extension
+
+
+@dataclass
+class Prepared:
+    """The result of a run (for callers and tests)."""
+    out: Path
+    kept: dict[str, int]                   # folder name -> gender
+    left_out: list[tuple[str, str, int, str]]   # (reason, identity, images, details)
+    report: Path
+    log: Path
+    bin: Path | None
+    created: int                           # links or files made by this run (0 on a repeated run)
+
+
+# ---------------------------------------------------------------- helpers shared by the formats
+
+def _visible(folder: Path) -> list[os.DirEntry]:
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _images_of(folder: Path, skipped: Counter) -> list[Path]:
+    """Image files directly in ``folder``; other and empty files are counted in ``skipped``."""
+    images = []
+    for e in _visible(folder):
+        if not e.is_file():
+            continue
+        name = e.name.lower()
+        if name.endswith(".bz2"):
+            skipped["compressed .bz2 files (decompress them first, e.g. bunzip2 -k)"] += 1
+        elif Path(name).suffix not in IMAGE_EXTENSIONS:
+            skipped["files without an image extension"] += 1
+        elif e.stat().st_size == 0:
+            skipped["empty (0-byte) image files"] += 1
+        else:
+            images.append(Path(e.path))
+    return images
+
+
+def _skipped_notes(skipped: Counter) -> list[str]:
+    return [f"skipped {n} {what}" for what, n in sorted(skipped.items())]
+
+
+def _label_file(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"label file '{path}' (--labels) does not exist. Give the path of the dataset's label file "
+                        f"(see tools/prepare_dataset.py --help for where each format's labels come from).")
+    return path
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return _label_file(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"label file '{path}' is not UTF-8 text; it is damaged or not the expected label file. "
+                        f"Download it again.") from None
+
+
+def _garbled(path: Path, problems: list[str], expected: str, total: int = 0) -> UserError:
+    """The error for a label file that does not parse; ``problems`` are the first few of ``total``."""
+    total = max(total, len(problems))
+    listed = "; ".join(problems[:5]) + (f"; and {total - 5} more" if total > 5 else "")
+    return UserError(f"label file '{path}' does not read as {expected}: {listed}. Check that it is the right file "
+                     f"and not damaged (download it again).")
+
+
+class _BadLines:
+    """Counts the lines of a label file that do not parse, keeping the first few for the error message."""
+
+    def __init__(self, path: Path, expected: str):
+        self.path, self.expected, self.first, self.count = path, expected, [], 0
+
+    def add(self, problem: str) -> None:
+        self.count += 1
+        if len(self.first) < 5:
+            self.first.append(problem)
+
+    def raise_if_any(self) -> None:
+        if self.count:
+            raise _garbled(self.path, self.first, self.expected, self.count)
+
+
+def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[int, list[str]]]]:
+    """(column names stripped and lower-cased, streamed (line, cells) rows) of a CSV whose header may have spaces
+    and quotes (VGGFace2's identity_meta.csv has both); blank lines are skipped."""
+    fh = open(_label_file(path), newline="", encoding="utf-8-sig")
+    reader = csv.reader(fh, skipinitialspace=True)
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        with fh:
+            try:
+                for row in reader:
+                    if any(c.strip() for c in row):
+                        yield reader.line_num, [c.strip() for c in row]
+            except (csv.Error, UnicodeDecodeError) as exc:
+                raise _garbled(path, [f"line {reader.line_num + 1}: {exc}"], "a UTF-8 CSV file") from None
+
+    it = rows()
+    header = next(it, None)
+    if header is None:
+        raise _garbled(path, ["it is empty"], "a CSV file with a header row")
+    return [c.lower() for c in header[1]], it
+
+
+def _column(path: Path, columns: list[str], names: Sequence[str], expected: str) -> int:
+    for name in names:
+        if name in columns:
+            return columns.index(name)
+    raise _garbled(path, [f"no column {' or '.join(repr(n) for n in names)} (columns: {', '.join(columns)})"],
+                   expected)
+
+
+def _directory_identities(images: Path, skipped: Counter) -> dict[str, Identity]:
+    """One identity per visible sub-folder of ``images`` with that folder's image files."""
+    identities = {}
+    for e in _visible(images):
+        if e.is_dir():
+            identities[e.name] = Identity(images=_images_of(Path(e.path), skipped))
+        else:
+            skipped["files outside identity folders"] += 1
+    return identities
+
+
+# ---------------------------------------------------------------- the formats
+
+_LFW_LINE = re.compile(r"^(?P<name>.+)_\d+\.[A-Za-z0-9]+$")
+
+
+def collect_lfw(images: Path, labels: list[Path]) -> Collected:
+    """LFW: identity folders; per-image gender lists female_names.txt / male_names.txt."""
+    skipped: Counter = Counter()
+    identities = _directory_identities(images, skipped)
+    mapping, notes = [], []
+    for path in labels:
+        stem = path.name.lower()
+        gender = FEMININE if "female" in stem else MASCULINE if "male" in stem else None
+        if gender is None:
+            raise UserError(f"label file '{path}': an LFW gender list must have 'female' or 'male' in its name "
+                            f"(female_names.txt, male_names.txt) so that its gender is known. Rename it.")
+        mapping.append(f"{path.name} (listed images) -> {gender}")
+        bad, unknown = _BadLines(path, "an LFW gender list (one image file name per line)"), set()
+        for n, line in enumerate(_read_text(path).splitlines(), start=1):
+            line = line.strip()
+            if not line:
+                continue
+            match = _LFW_LINE.match(line.replace("\\", "/").rpartition("/")[2])
+            if match is None:
+                bad.add(f"line {n}: {line[:60]!r} is not an image file name like Name_0001.jpg")
+                continue
+            name = match["name"]
+            if name in identities:
+                identities[name].add(gender, path.name)
+            else:
+                unknown.add(name)
+        bad.raise_if_any()
+        if unknown:
+            notes.append(f"{len(unknown)} identities listed in {path.name} have no folder in '{images}' "
+                         f"(e.g. {sorted(unknown)[0]})")
+    return Collected(identities, mapping, notes + _skipped_notes(skipped))
+
+
+_AGEDB_NAME = re.compile(r"^(?P<id>\d+)_(?P<name>.+)_(?P<age>\d+)_(?P<g>[fm])$", re.IGNORECASE)
+
+
+def collect_agedb(images: Path, labels: list[Path]) -> Collected:
+    """AgeDB: a flat folder of ID_Name_Age_g.jpg files; identity = Name, gender from g."""
+    if labels:
+        raise UserError("--format agedb takes no --labels: AgeDB's file names (ID_Name_Age_g.jpg) carry the gender.")
+    skipped: Counter = Counter()
+    identities: dict[str, Identity] = {}
+    unparsed = []
+    for path in _images_of(images, skipped):
+        match = _AGEDB_NAME.match(path.stem)
+        if match is None:
+            unparsed.append((path.name, "file name does not follow ID_Name_Age_g.jpg (g = f or m)"))
+            continue
+        ident = identities.setdefault(match["name"], Identity())
+        ident.images.append(path)
+        g = match["g"].lower()
+        ident.add(FEMININE if g == "f" else MASCULINE, f"file names ending _{g}")
+    if any(e.is_dir() for e in _visible(images)):
+        skipped["sub-folders (AgeDB is one flat folder)"] += 1
+    return Collected(identities, ["file name ending _f -> 1", "file name ending _m -> 0"],
+                     _skipped_notes(skipped), unparsed)
+
+
+def _local(tag: str) -> str:
+    return tag.rpartition("}")[2]
+
+
+def _safe_xml(path: Path) -> ET.Element:
+    text = _read_text(path)
+    if "<!doctype" in text.lower() or "<!entity" in text.lower():
+        raise UserError(f"label file '{path}' declares a DTD or entities (<!DOCTYPE/<!ENTITY), which subjects.xml "
+                        f"never needs and which can make an XML parser read other files or exhaust memory; it was "
+                        f"not parsed. Use the subjects.xml of the NIST ColorFERET distribution.")
+    try:
+        return ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise _garbled(path, [f"XML error: {exc}"], "XML") from None
+
+
+def collect_colorferet(images: Path, labels: list[Path]) -> Collected:
+    """ColorFERET: subject folders 00001/...; gender per <Subject id="cfrS00001"> in subjects.xml."""
+    skipped: Counter = Counter()
+    identities, unparsed = {}, []
+    for e in _visible(images):
+        if e.is_dir() and e.name.isdigit():
+            identities[e.name] = Identity(images=_images_of(Path(e.path), skipped))
+        elif e.is_dir():
+            unparsed.append((e.name + "/", "folder name is not a subject number (00001)"))
+        else:
+            skipped["files outside subject folders"] += 1
+    by_number = {int(name): ident for name, ident in identities.items()}
+    values = {"male": MASCULINE, "female": FEMININE}
+    absent = 0
+    for path in labels:
+        subjects = [el for el in _safe_xml(path).iter() if _local(el.tag) == "Subject"]
+        if not subjects:
+            raise _garbled(path, ["no <Subject> elements"], "ColorFERET's subjects.xml")
+        for subject in subjects:
+            number = re.search(r"(\d+)$", subject.get("id", ""))
+            if number is None:
+                raise _garbled(path, [f"<Subject id={subject.get('id')!r}> has no subject number"],
+                               "ColorFERET's subjects.xml")
+            ident = by_number.get(int(number.group(1)))
+            if ident is None:
+                absent += 1
+                continue
+            genders = [el.get("value", "") for el in subject.iter() if _local(el.tag) == "Gender"]
+            for value in genders:
+                if value.strip().lower() in values:
+                    ident.add(values[value.strip().lower()], f"{path.name}: {value.strip()}")
+                else:
+                    ident.notes.append(f"gender value {value!r} in {path.name}")
+            if not genders:
+                ident.notes.append(f"no <Gender> for subject {subject.get('id')} in {path.name}")
+    notes = _skipped_notes(skipped)
+    if absent:
+        notes.append(f"{absent} subjects of the XML have no folder in '{images}'")
+    return Collected(identities, ["<Gender value=\"Female\"/> -> 1", "<Gender value=\"Male\"/> -> 0"], notes,
+                     unparsed)
+
+
+def collect_vggface2(images: Path, labels: list[Path]) -> Collected:
+    """VGGFace2: n000001/... folders; identity_meta.csv (Gender m/f) or per-image Male annotations (-1/0/1)."""
+    skipped: Counter = Counter()
+    identities = _directory_identities(images, skipped)
+    mapping, notes = [], []
+    for path in labels:
+        columns, rows = _csv_rows(path)
+        if "class_id" in columns and "gender" in columns:
+            id_col, g_col = columns.index("class_id"), columns.index("gender")
+            mapping.append(f"{path.name}: Gender f -> 1, m -> 0")
+            absent = 0
+            for n, row in rows:
+                if len(row) <= max(id_col, g_col):
+                    raise _garbled(path, [f"line {n} has {len(row)} fields, the header {len(columns)}"],
+                                   "VGGFace2's identity_meta.csv")
+                ident = identities.get(row[id_col])
+                value = row[g_col].lower()
+                if ident is None:
+                    absent += 1
+                elif value in ("f", "m"):
+                    ident.add(FEMININE if value == "f" else MASCULINE, f"{path.name}: Gender {value}")
+                else:
+                    ident.notes.append(f"Gender {row[g_col]!r} in {path.name}")
+            if absent:
+                notes.append(f"{absent} identities of {path.name} have no folder in '{images}'")
+            continue
+        expected = "VGGFace2 labels (identity_meta.csv with Class_ID and Gender, or per-image annotations with a " \
+                   "Filename and a Male column)"
+        f_col = _column(path, columns, ("filename", "file", "image", "path"), expected)
+        m_col = _column(path, columns, ("male",), expected)
+        mapping.append(f"{path.name}: Male -1 -> 1, Male 1 -> 0 (Male 0 = undetermined, not used)")
+        undetermined: Counter = Counter()
+        absent, bad = 0, _BadLines(path, expected)
+        for n, row in rows:
+            if len(row) <= max(f_col, m_col):
+                bad.add(f"line {n} has {len(row)} fields")
+                continue
+            folder, sep, _ = row[f_col].replace("\\", "/").strip("/").partition("/")
+            try:
+                value = float(row[m_col])
+            except ValueError:
+                value = None
+            if value not in (-1.0, 0.0, 1.0) or not sep:
+                bad.add(f"line {n}: {row[f_col]!r}, Male {row[m_col]!r} (expected folder/image and -1, 0 or 1)")
+                continue
+            ident = identities.get(folder)
+            if ident is None:
+                absent += 1
+            elif value == 0.0:
+                undetermined[folder] += 1
+            else:
+                ident.add(FEMININE if value == -1.0 else MASCULINE, f"{path.name}: Male {int(value)}")
+        bad.raise_if_any()
+        for folder, k in undetermined.items():
+            identities[folder].notes.append(f"{k} undetermined row(s) (Male 0) in {path.name}")
+        notes.append(f"{sum(undetermined.values())} rows of {path.name} with Male = 0 (undetermined) skipped")
+        if absent:
+            notes.append(f"{absent} rows of {path.name} name images outside '{images}'")
+    return Collected(identities, mapping, notes + _skipped_notes(skipped))
+
+
+def _image_extension(head: bytes) -> str | None:
+    """The file extension of an encoded image, from its first bytes (None if not a known image format)."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return ".jpg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return ".png"
+    if head.startswith(b"BM"):
+        return ".bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return ".webp"
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return ".tif"
+    return None
+
+
+def _rec_paths(images: Path) -> tuple[Path, Path]:
+    rec = images / "train.rec" if images.is_dir() else images
+    if not rec.is_file():
+        raise UserError(f"--images '{images}': no record file there. For --format rec give the train.rec or the "
+                        f"folder holding train.rec and train.idx.")
+    return rec, rec.with_suffix(".idx")
+
+
+def collect_rec(images: Path, labels: list[Path]) -> Collected:
+    """insightface train.rec + train.idx; identity label -> gender from a CSV with columns label,gender."""
+    rec = RecordFile(*_rec_paths(images))
+    values = {"female": FEMININE, "f": FEMININE, "1": FEMININE, "male": MASCULINE, "m": MASCULINE, "0": MASCULINE}
+    ranges = rec.identity_ranges()
+    # zero-padded to one width, so that the folders' sorted order (the training labels) is the records' label order
+    width = len(str(max(label for label, _ in ranges)))
+    identities = {f"{label:0{width}d}": Identity(images=list(keys)) for label, keys in ranges}
+    mapping, notes, extensions, unknown_type = [], [], {}, 0
+    for path in labels:
+        expected = "a gender CSV with the columns label,gender (gender female/male, f/m or 1/0)"
+        columns, rows = _csv_rows(path)
+        l_col, g_col = _column(path, columns, ("label",), expected), _column(path, columns, ("gender",), expected)
+        mapping.append(f"{path.name}: gender female/f/1 -> 1, male/m/0 -> 0")
+        bad, absent = _BadLines(path, expected), 0
+        for n, row in rows:
+            value = row[g_col].lower() if len(row) > max(l_col, g_col) else ""
+            if value not in values or not re.fullmatch(r"\d+", row[l_col]):
+                bad.add(f"line {n}: {','.join(row)[:60]!r}")
+                continue
+            ident = identities.get(f"{int(row[l_col]):0{width}d}")
+            if ident is None:
+                absent += 1
+            else:
+                ident.add(values[value], f"{path.name}: {row[g_col]}")
+        bad.raise_if_any()
+        if absent:
+            notes.append(f"{absent} labels of {path.name} are not identities of '{rec.rec_path}'")
+    for label, ident in identities.items():
+        kept, wrong = [], Counter()
+        for key in ident.images:
+            record_labels, head = rec.read_head(key, 12)
+            if record_labels[0] != float(int(label)):
+                wrong[record_labels[0]] += 1
+                continue
+            ext = _image_extension(head)
+            if ext is None:
+                unknown_type += 1
+                continue
+            extensions[key] = ext
+            kept.append(key)
+        ident.images = kept
+        if wrong:
+            ident.conflict = (f"{sum(wrong.values())} of its image records carry another label "
+                              f"({', '.join(f'{v:g}' for v in sorted(wrong))}) than identity record {int(label)}")
+    if unknown_type:
+        notes.append(f"skipped {unknown_type} records whose bytes are not a JPEG/PNG/BMP/WebP/TIFF image")
+    return Collected(identities, mapping, notes, rec=rec, extensions=extensions)
+
+
+COLLECTORS = {"lfw": collect_lfw, "agedb": collect_agedb, "colorferet": collect_colorferet,
+              "vggface2": collect_vggface2, "rec": collect_rec}
+
+
+# ---------------------------------------------------------------- deciding and writing
+
+def _safe_name(name: str) -> str:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
+    safe = re.sub(r"^\.+", lambda m: "_" * len(m.group()), safe)
+    return safe or "_"
+
+
+def _unique_names(originals: Sequence[str], files: bool) -> dict[str, str]:
+    """original -> safe name; names that coincide (ignoring case) once cleaned get a short hash of the original
+    (before the extension for ``files``)."""
+    safe = {o: _safe_name(o) for o in originals}
+    counts = Counter(s.lower() for s in safe.values())
+    for o, s in safe.items():
+        if counts[s.lower()] > 1:
+            suffix = Path(s).suffix if files else ""
+            digest = hashlib.sha1(o.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+            safe[o] = f"{s[:len(s) - len(suffix)]}-{digest}{suffix}"
+    return safe
+
+
+def decide(collected: Collected, min_images: int) -> tuple[dict[str, int], list[tuple[str, str, int, str]]]:
+    """identity -> gender for the identities kept; (reason, identity, images, details) for those left out."""
+    kept, left_out = {}, []
+    for name in sorted(collected.identities):
+        ident = collected.identities[name]
+        n = len(ident.images)
+        sources = "; ".join(f"{g} ({'feminine' if g == FEMININE else 'masculine'}) from "
+                            + ", ".join(f"{where} x{k}" if k > 1 else where
+                                        for where, k in sorted(ident.evidence[g].items()))
+                            for g in sorted(ident.evidence))
+        if ident.conflict:
+            left_out.append(("conflicting labels", name, n, ident.conflict))
+        elif len(ident.evidence) > 1:
+            left_out.append(("conflicting labels", name, n, sources))
+        elif not ident.evidence:
+            notes = "; ".join(ident.notes[:3]) + (f"; and {len(ident.notes) - 3} more" if len(ident.notes) > 3 else "")
+            left_out.append(("no label", name, n, notes or "not in the label files"))
+        elif n < min_images:
+            left_out.append(("too few images", name, n, f"{n} image(s), --min-images {min_images}"))
+        else:
+            kept[name] = next(iter(ident.evidence))
+    return kept, left_out
+
+
+def plan_output(collected: Collected, kept: dict[str, int]) -> dict[str, dict[str, Source]]:
+    """folder name -> {file name -> source} of the output."""
+    folders = _unique_names(sorted(kept), files=False)
+    plan = {}
+    for name, gender in kept.items():
+        images = collected.identities[name].images
+        if collected.rec is not None:   # record keys padded to one width: sorted names = record order
+            width = len(str(int(collected.rec.keys.max())))
+            files = {f"{key:0{width}d}{collected.extensions[key]}": key for key in images}
+        else:
+            names = _unique_names([p.name for p in images], files=True)
+            files = {names[p.name]: p for p in images}
+        plan[f"{folders[name]}_{gender}"] = files
+    return plan
+
+
+class _Writer:
+    """Creates the planned links or files, and tells whether an existing entry is exactly what the plan wants.
+
+    Each entry is made under a hidden temporary name and renamed into place, so an interrupted run leaves whole
+    entries only (no fsync per image: millions of them would take hours; a rerun checks every entry anyway)."""
+
+    def __init__(self, link: str, rec: RecordFile | None):
+        self.link, self.rec = link, rec
+
+    def matches(self, path: Path, source: Source) -> bool:
+        if isinstance(source, int):
+            return path.is_file() and not path.is_symlink() and path.read_bytes() == self.rec.read(source)[1]
+        if self.link == "symbolic":
+            return path.is_symlink() and os.readlink(path) == str(source)
+        return not path.is_symlink() and path.is_file() and os.path.samefile(path, source)
+
+    def create(self, path: Path, source: Source) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            if isinstance(source, int):
+                tmp.write_bytes(self.rec.read(source)[1])
+            elif self.link == "symbolic":
+                os.symlink(source, tmp)
+            else:
+                os.link(source, tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            hint = " Hard links need OUT on the same file system as the images; use --link symbolic." \
+                if self.link == "hard" and not isinstance(source, int) else ""
+            raise UserError(f"cannot create '{path}' (from '{source}'): {exc.strerror or exc}.{hint}") from None
+        finally:
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+
+
+def check_existing(out: Path, plan: dict[str, dict[str, Source]], writer: _Writer) -> set[Path]:
+    """The entries of ``out`` that already match the plan; anything else in ``out`` is a UserError."""
+    done, conflicts = set(), []
+    if not out.exists():
+        return done
+    if not out.is_dir():
+        raise UserError(f"--out '{out}' exists and is not a folder. Choose another --out.")
+    for e in _visible(out):
+        files = plan.get(e.name)
+        if files is None or not e.is_dir() or e.is_symlink():
+            conflicts.append(f"'{e.name}' (not part of this preparation)")
+            continue
+        for f in _visible(Path(e.path)):
+            path = Path(f.path)
+            if f.name not in files:
+                conflicts.append(f"'{e.name}/{f.name}' (not part of this preparation)")
+            elif not writer.matches(path, files[f.name]):
+                conflicts.append(f"'{e.name}/{f.name}' (differs from the link or file this run would make)")
+            else:
+                done.add(path)
+    if conflicts:
+        listed = "; ".join(conflicts[:MAX_LISTED])
+        more = f"; and {len(conflicts) - MAX_LISTED} more" if len(conflicts) > MAX_LISTED else ""
+        raise UserError(f"--out '{out}' already holds {len(conflicts)} entries that this preparation would not "
+                        f"create: {listed}{more}. Nothing was changed. Existing files are never overwritten: choose "
+                        f"a new --out, or remove these entries if they are left over from other inputs.")
+    return done
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _report_text(fmt: str, left_out: list[tuple[str, str, int, str]], unparsed: list[tuple[str, str]]) -> str:
+    lines = [f"# Left out by tools/prepare_dataset.py --format {fmt}: never guessed. Fix the labels (or add images) "
+             f"and run again.",
+             "# reason\tidentity or file\timages\tdetails"]
+    lines += [f"{reason}\t{name}\t{n}\t{details}" for reason, name, n, details in left_out]
+    lines += [f"not in the format's layout\t{item}\t\t{why}" for item, why in sorted(unparsed)]
+    return "\n".join(lines) + "\n"
+
+
+def _log_text(fmt: str, images: Path, labels: list[Path], link: str, min_images: int, collected: Collected,
+              kept: dict[str, int], plan: dict[str, dict[str, Source]], left_out: list) -> str:
+    n_images = sum(len(files) for files in plan.values())
+    reasons = Counter(reason for reason, *_ in left_out)
+    how = ("image files written from the records (a .rec holds no files to link to)" if fmt == "rec"
+           else f"{link} links" + (" (absolute targets)" if link == "symbolic" else ""))
+    lines = [f"tools/prepare_dataset.py --format {fmt}",
+             f"images: {collected.rec.rec_path if collected.rec is not None else images}",
+             f"labels: {', '.join(str(p) for p in labels) or '(the file names)'}",
+             f"output: {how}; --min-images {min_images}",
+             "gender mapping (this project: 1 feminine, 0 masculine):"]
+    lines += [f"  {m}" for m in collected.mapping]
+    lines += [f"kept: {len(kept)} identities ({sum(1 for g in kept.values() if g == FEMININE)} feminine, "
+              f"{sum(1 for g in kept.values() if g == MASCULINE)} masculine), {n_images} images",
+              f"left out: {len(left_out)} identities ("
+              + (", ".join(f"{k} {r}" for r, k in sorted(reasons.items())) or "none")
+              + f"), {len(collected.unparsed)} items not in the format's layout; listed in {REPORT_NAME}"]
+    lines += [f"note: {n}" for n in collected.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _check_bin(out: Path, bin_path: Path, n_pairs: int, n_gender: int, seed: int) -> None:
+    """Build the .bin; if it exists, it must be byte-identical to what this run builds (then it is left alone)."""
+    if not bin_path.exists():
+        build_bin(out, bin_path, None, n_pairs, n_gender, seed)
+        return
+    with tempfile.TemporaryDirectory(prefix=".prepare-bin.", dir=bin_path.parent) as tmp:
+        fresh = build_bin(out, Path(tmp) / bin_path.name, None, n_pairs, n_gender, seed)
+        if fresh.read_bytes() != bin_path.read_bytes():
+            raise UserError(f"--bin '{bin_path}' already exists and differs from the .bin these inputs give. "
+                            f"Existing files are never overwritten: choose another --bin path.")
+
+
+def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathLike], out: str | os.PathLike,
+            link: str = "symbolic", min_images: int = 1, bin_path: str | os.PathLike | None = None,
+            n_pairs: int = 3000, n_gender: int = 2000, seed: int = 0) -> Prepared:
+    """Prepare ``out`` from a dataset as downloaded; see the module docstring for the formats and guarantees."""
+    if fmt not in COLLECTORS:
+        raise UserError(f"--format '{fmt}' is not known; choose one of {', '.join(FORMATS)}.")
+    if link not in ("symbolic", "hard"):
+        raise UserError(f"--link '{link}': choose symbolic or hard.")
+    if min_images < 1:
+        raise UserError(f"--min-images {min_images}: must be at least 1.")
+    images, out = Path(images).resolve(), Path(out).resolve()
+    label_paths = [Path(p).resolve() for p in labels]
+    if not images.exists() or (fmt != "rec" and not images.is_dir()):
+        raise UserError(f"images folder '{images}' (--images) does not exist or is not a folder. Point --images to "
+                        f"the dataset as unpacked (see --help for each format's layout).")
+    if fmt != "agedb" and not label_paths:
+        raise UserError(f"--format {fmt} needs --labels (see --help for the label files of each format).")
+    source_root = images if images.is_dir() else images.parent
+    bin_path = Path(bin_path).resolve() if bin_path is not None else None
+    for what, path in (("--out", out), ("--bin", bin_path)):
+        if path is not None and _inside(path, source_root):
+            raise UserError(f"{what} '{path}' lies inside the source '{source_root}'; the source is never changed. "
+                            f"Choose a path outside it.")
+    if bin_path is not None and _inside(bin_path, out):
+        raise UserError(f"--bin '{bin_path}' lies inside --out '{out}', which must hold identity folders only. "
+                        f"Choose a path outside it.")
+
+    collected = COLLECTORS[fmt](images, label_paths)
+    kept, left_out = decide(collected, min_images)
+    if len(set(kept.values())) < 2:
+        raise UserError(f"only {len(kept)} identities of '{images}' could be kept, of "
+                        f"{'no gender' if not kept else 'one gender'}; the privacy constraints need identities of "
+                        f"both genders. Check the label files (left out: {len(left_out)} identities, e.g. "
+                        f"{'; '.join(f'{n}: {r}' for r, n, *_ in left_out[:3]) or 'none'}).")
+    plan = plan_output(collected, kept)
+    writer = _Writer(link, collected.rec)
+    done = check_existing(out, plan, writer)
+
+    created = 0
+    out.mkdir(parents=True, exist_ok=True)
+    for folder, files in sorted(plan.items()):
+        (out / folder).mkdir(exist_ok=True)
+        for name, source in sorted(files.items()):
+            path = out / folder / name
+            if path not in done:
+                writer.create(path, source)
+                created += 1
+    report, log = out / REPORT_NAME, out / LOG_NAME
+    _write_if_changed(report, _report_text(fmt, left_out, collected.unparsed))
+    _write_if_changed(log, _log_text(fmt, images, label_paths, link, min_images, collected, kept, plan, left_out))
+    scan_dataset(out, option="--out")   # the training code's own check of the result
+    if bin_path is not None:
+        _check_bin(out, bin_path, n_pairs, n_gender, seed)
+    return Prepared(out, {folder: int(folder.rpartition("_")[2]) for folder in plan}, left_out, report, log,
+                    bin_path, created)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--format", required=True, choices=FORMATS, help="layout of the dataset as downloaded")
+    parser.add_argument("--images", required=True,
+                        help="the dataset's image folder (for rec: train.rec or the folder holding it)")
+    parser.add_argument("--labels", nargs="+", default=[], help="the format's label file(s); none for agedb")
+    parser.add_argument("--out", required=True, help="the subjectid_gender folder to create")
+    parser.add_argument("--bin", default=None, help="also write an evaluation .bin (5 items) of the prepared images")
+    parser.add_argument("--pairs", type=int, default=3000, help="verification pairs drawn for --bin")
+    parser.add_argument("--n-gender", type=int, default=2000, help="images of the gender test in --bin")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --bin's drawn pairs and gender images")
+    parser.add_argument("--min-images", type=int, default=1, help="identities with fewer images are left out")
+    parser.add_argument("--link", choices=("symbolic", "hard"), default="symbolic",
+                        help="kind of link to the source images (rec: files are written instead)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        result = prepare(args.format, args.images, args.labels, args.out, args.link, args.min_images, args.bin,
+                         args.pairs, args.n_gender, args.seed)
+        print(result.log.read_text(), end="")
+        print(f"{result.created} new entries in {result.out}" + (" (nothing changed)" if not result.created else ""))
+        print(f"log: {result.log}\nreport of what was left out: {result.report}")
+        if result.bin is not None:
+            print(f"evaluation file: {result.bin}")
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

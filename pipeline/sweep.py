@@ -1,0 +1,344 @@
+"""Evaluate every checkpoint of every run of an experiment with the paper's protocol.
+
+    python eval/evaluation.py --log-root L --model-root M --experiment-name E --reference-pth R
+                              [--config PATH] [--set KEY=VALUE ...] [--force]
+
+For every run folder under M/E (its method and settings read from its run.json; a folder without one, such as
+the authors' released layers, is the paper's method) and every checkpoint in it (step order), on each of config
+``test_targets`` (``rec/<name>.bin``): EER, TAR@FAR=0.1%, gender balanced accuracy of the paper's three attackers
+and their mean, and PIC against the bare backbone's results in R (computed and written there first if R does not
+exist). Writes ``L/E/<run>_metrics.csv`` (the authors' columns), ``L/E/<run>_attackers.csv`` (attackers beyond the
+paper's, config option attackers), ``L/E/evaluate.log``, ``L/E/report.md`` and PNG plots. Checkpoints already in a
+CSV are skipped unless --force, so an interrupted sweep resumes where it stopped. The backbone runs once per
+evaluation set (template cache), never once per checkpoint. The underscore spellings --log_root, --model_root,
+--experiment_name, --reference_pth of the authors' README are accepted too.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+
+import pandas as pd
+import torch
+from joblib import Parallel, delayed
+from torch import nn
+
+from backbones.spec import BackboneSpec
+from config.config import Config
+from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers
+from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, evaluate_set, open_eval_set, pic,
+                          warn_if_near_chance)
+from eval.leakage import WORST
+from pipeline.report import write_report
+from privacy.runs import check_names, find_runs
+from templates.cache import ExtractionSettings, TemplateCache, open_entry
+from runtime.distributed import processes
+from config.loading import OVERRIDE_HELP, load_config
+from runtime.device import select_device
+from runtime.errors import UserError, run_cli
+from runtime.io import atomic_write_text, check_writable
+from runtime.logs import get_logger, log_to
+
+CSV_COLUMNS = ["Step", "Dataset", *METRIC_COLUMNS, "PIC"]
+# <run>_attackers.csv, written when attackers beyond the paper's run: every attacker's balanced accuracy with its
+# identity-level bootstrap interval, and a 'worst-case' row (the maximum over them, Reached-By naming the attacker)
+ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC", "CI-Low", "CI-High", "Reached-By"]
+REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
+log = get_logger("pipeline.sweep")
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None or not math.isfinite(v) else repr(float(v))
+
+
+def read_csv_rows(path: Path, columns: list[str], what: str) -> list[dict[str, str]]:
+    """Rows of one of our CSVs; a file with another header is refused, never overwritten."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames != columns:
+            raise UserError(f"{what} '{path}' has the columns {reader.fieldnames}, expected {columns}. It is not "
+                            f"one of this tool's files: move it away or choose another --log-root.")
+        return list(reader)
+
+
+def write_rows(path: Path, columns: list[str], rows: list[dict[str, str]], key: tuple[str, ...]) -> None:
+    """Add rows, replacing those with the same ``key`` columns, rewriting the file atomically."""
+    new = {tuple(r[k] for k in key) for r in rows}
+    kept = [r for r in read_csv_rows(path, columns, "metrics file") if tuple(r[k] for k in key) not in new]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept + rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_reference(path: Path, targets: list[str]) -> dict[str, dict[str, float]]:
+    """The bare backbone's metrics per dataset; a missing column, row or number is a clear error."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing_cols = [c for c in ("Dataset", "EER", *METRIC_COLUMNS[2:5]) if c not in (reader.fieldnames or [])]
+        if missing_cols:
+            raise UserError(f"reference file '{path}' (--reference-pth) lacks the column(s) {missing_cols}; it needs "
+                            f"Dataset, EER and the three BACC-Gender columns. Delete or move it to have it recomputed.")
+        rows = {r["Dataset"]: r for r in reader}
+    out = {}
+    for name in targets:
+        if name not in rows:
+            raise UserError(f"reference file '{path}' has no row for dataset '{name}' (it has {sorted(rows)}). Add the "
+                            f"bare backbone's results for it, or move the file away to have all rows recomputed.")
+        vals = {}
+        for col in METRIC_COLUMNS:
+            raw = rows[name].get(col, "")
+            try:
+                vals[col] = float(raw) if raw not in ("", None) else float("nan")
+            except ValueError:
+                raise UserError(f"reference file '{path}', dataset '{name}', column '{col}': '{raw}' is not a "
+                                f"number.") from None
+            if col in ("EER", *METRIC_COLUMNS[2:5]) and not math.isfinite(vals[col]) and raw not in ("", None):
+                raise UserError(f"reference file '{path}', dataset '{name}', column '{col}' is {raw}.")
+        out[name] = vals
+    return out
+
+
+Task = tuple[Callable[[], "nn.Module | None"], EvalTemplates]   # (loads the transform (None: bare backbone), set)
+
+
+def _plugin_modules(plugins: Sequence[str]) -> list:
+    """The imported modules of the plug-ins: their classes (a method's transform) are sent to workers by value,
+    since a plug-in file's module name is private to the process that imported it."""
+    files = {Path(p).resolve() for p in plugins if p.endswith(".py")}
+    return [m for m in list(sys.modules.values()) if m is not None and (
+        getattr(m, "__name__", None) in plugins
+        or (getattr(m, "__file__", None) and Path(m.__file__).resolve() in files))]
+
+
+def _evaluate_in_worker(factories: dict, name: str, folder: Path, labels: tuple, transform: nn.Module | None,
+                        gender_folds: int, attackers: tuple[str, ...], seed: int, bootstrap: int) -> SetResult:
+    """One (checkpoint, set) in a joblib worker: the parent's attacker factories registered (whatever registered
+    them there: a plug-in, a notebook, a test), the set's cache entry reopened as a memory map (never copied through
+    the pipe), its attackers and folds fitted one after another."""
+    ATTACKERS.update(factories)
+    ev = EvalTemplates(name, open_entry(folder), *labels)
+    return evaluate_set(ev, transform, gender_folds, attackers, seed, bootstrap, 1)
+
+
+def evaluate_all(tasks: Sequence[Task], gender_folds: int, attackers: Sequence[str], seed: int, bootstrap: int,
+                 n_jobs: int, device: torch.device = torch.device("cpu"), plugins: Sequence[str] = ()
+                 ) -> Iterator[SetResult]:
+    """evaluate_set of every (transform, set), in order, each as soon as it and those before it are done.
+
+    With ``n_jobs`` 1 each runs here as it always has. Otherwise the tasks run on ``n_jobs`` joblib workers (-1:
+    all cores), each fitting its attackers and folds itself: every fit is seeded and independent, so the results
+    do not depend on ``n_jobs``; joblib's workers limit their own BLAS/OpenMP threads to their share of the cores,
+    so nothing is oversubscribed. Transforms on a GPU stay in this process (one CUDA context); their attackers and
+    folds then run on the workers instead.
+    """
+    attackers = tuple(attackers)
+    if n_jobs == 1 or device.type != "cpu":
+        for load, ev in tasks:
+            yield evaluate_set(ev, load(), gender_folds, attackers, seed, bootstrap, n_jobs)
+        return
+    import cloudpickle   # what joblib's process pool pickles with
+    for module in _plugin_modules(plugins):
+        cloudpickle.register_pickle_by_value(module)
+    factories = {k: ATTACKERS[k] for k in expand_attackers(attackers)}
+    calls = (delayed(_evaluate_in_worker)(factories, ev.name, ev.templates.path,
+                                          (ev.issame, ev.id_labels, ev.gender_labels), load(), gender_folds, attackers,
+                                          seed, bootstrap) for load, ev in tasks)
+    yield from Parallel(n_jobs=n_jobs, return_as="generator")(calls)
+
+
+def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int,
+                      n_jobs: int = 1) -> dict[str, dict[str, float]]:
+    """Evaluate the bare backbone on each set with the paper's attackers and write the reference CSV (atomically);
+    a near-chance EER is warned about."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=REFERENCE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    out = {}
+    results = evaluate_all([(lambda: None, ev) for ev in sets], gender_folds, PAPER_ATTACKERS, 0, 0, n_jobs)
+    for ev, res in zip(sets, results):
+        m = res.metrics
+        warn_if_near_chance(ev.name, m["EER"], log)
+        out[ev.name] = m
+        writer.writerow({"Dataset": ev.name, **{c: _fmt(m[c]) for c in METRIC_COLUMNS}})
+    atomic_write_text(path, buf.getvalue())
+    return out
+
+
+def bare_backbone_attacks(path: Path, sets: list[EvalTemplates], attackers: tuple[str, ...], gender_folds: int,
+                          seed: int, bootstrap: int, n_jobs: int) -> pd.DataFrame:
+    """The bare backbone against every attacker (with intervals and the worst case), for the report's first row;
+    kept in ``path`` and recomputed only for sets or attackers it lacks."""
+    columns = ["Dataset", *ATTACKER_COLUMNS[2:]]
+    rows = read_csv_rows(path, columns, "bare-backbone attackers file")
+    have = {(r["Dataset"], r["Attacker"]) for r in rows}
+    todo = [ev for ev in sets if len(ev.gender_labels) and any((ev.name, a) not in have for a in (*attackers, WORST))]
+    for ev, res in zip(todo, evaluate_all([(lambda: None, ev) for ev in todo], gender_folds, attackers, seed,
+                                          bootstrap, n_jobs)):
+        _, extra = _rows(0, ev, res, {})
+        rows = [r for r in rows if r["Dataset"] != ev.name] + [{k: r[k] for k in columns} for r in extra]
+    if todo:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else pd.DataFrame()
+
+
+def _rows(step: int, ev: EvalTemplates, res: SetResult, ref: dict[str, float]) -> tuple[dict, list[dict]]:
+    """The metrics-CSV row (the authors' columns) and the attackers-CSV rows (each attacker and the worst case)."""
+    row = {"Step": str(step), "Dataset": ev.name, **{c: _fmt(res[c]) for c in METRIC_COLUMNS},
+           "PIC": _fmt(pic(res, ref)) if ref else ""}
+    leak = res.leakage
+    if leak is None:
+        return row, []
+    key = {"Step": str(step), "Dataset": ev.name}
+    extra = [{**key, "Attacker": k, "BACC": _fmt(leak.bacc[k]), "CI-Low": _fmt(leak.ci_low[k]),
+              "CI-High": _fmt(leak.ci_high[k]), "Reached-By": ""} for k in leak.attackers]
+    extra.append({**key, "Attacker": WORST, "BACC": _fmt(leak.worst_bacc), "CI-Low": _fmt(leak.worst_ci_low),
+                  "CI-High": _fmt(leak.worst_ci_high), "Reached-By": leak.worst_attacker})
+    return row, extra
+
+
+def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
+             force: bool = False) -> Path | None:
+    """Run the sweep; returns the output folder L/E (None in the torchrun processes other than 0, which only
+    extract their shares of the templates)."""
+    check_names(cfg)
+    out_dir = Path(log_root) / experiment
+    reference = Path(reference)
+    runs = find_runs(Path(model_root) / experiment, cfg)
+    targets = list(cfg.test_targets)
+    if not targets:
+        raise UserError("config option test_targets is empty: name at least one rec/<name>.bin to evaluate on.")
+    missing = [str(Path(cfg.rec) / f"{t}.bin") for t in targets if not (Path(cfg.rec) / f"{t}.bin").is_file()]
+    if missing:
+        raise UserError(f"evaluation file(s) {', '.join(missing)} not found (config options rec, test_targets). Put "
+                        f"the .bin files there, or choose targets with --set test_targets=\"['lfw']\".")
+    backbone = BackboneSpec.from_config(cfg)
+    backbone.check()
+    check_writable(out_dir, "--log-root")
+    if not reference.is_file():
+        check_writable(reference.parent if str(reference.parent) else Path("."), "--reference-pth")
+    attackers = expand_attackers(cfg.attackers)
+    # the second CSV (intervals, worst case) when attackers beyond the paper's run; the default sweep costs what the
+    # paper's protocol costs and writes exactly the authors' files
+    beyond = set(attackers) != set(PAPER_ATTACKERS)
+    bootstrap = cfg.bootstrap if beyond else 0
+    read_csv_rows(out_dir / "bare_backbone_attackers.csv", ["Dataset", *ATTACKER_COLUMNS[2:]],
+                  "bare-backbone attackers file")
+    for run in runs:  # refuse foreign CSVs before any compute
+        read_csv_rows(out_dir / f"{run.name}_metrics.csv", CSV_COLUMNS, "metrics file")
+        read_csv_rows(out_dir / f"{run.name}_attackers.csv", ATTACKER_COLUMNS, "attackers file")
+    device = select_device(cfg.device)
+    with processes(device) as procs:
+        device = procs.device(device)
+        cache = TemplateCache(cfg.cache_dir, backbone, ExtractionSettings.from_config(cfg, device), procs)
+        if not procs.main:   # the other processes extract their shares of the sets' templates, nothing else
+            for name in targets:
+                open_eval_set(cache, cfg.rec, name)
+            procs.leave()
+            return None
+        with log_to(out_dir / "evaluate.log", log.name) as lg:
+            lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(runs), experiment, ", ".join(targets),
+                    ", ".join(attackers))
+            if procs.world > 1:
+                lg.info("torchrun: %d processes share the template extraction; process 0 then sweeps alone",
+                        procs.world)
+            sets = [open_eval_set(cache, cfg.rec, name) for name in targets]
+            procs.leave()   # the sweep runs in this process alone
+            changed = False
+            if reference.is_file():
+                ref = read_reference(reference, targets)
+                lg.info("reference results read from %s", reference)
+                for name, m in ref.items():
+                    warn_if_near_chance(name, m["EER"], lg)
+            else:
+                ref = compute_reference(reference, sets, cfg.gender_folds, cfg.n_jobs)
+                changed = True
+                lg.info("reference file %s did not exist: computed the bare backbone's results with the same protocol "
+                        "and wrote them there", reference)
+            todo: list[tuple[int, Path, Path, int, Path, EvalTemplates]] = []
+            for k, run in enumerate(runs):
+                csv_path, att_path = out_dir / f"{run.name}_metrics.csv", out_dir / f"{run.name}_attackers.csv"
+                done = {(r["Step"], r["Dataset"]) for r in read_csv_rows(csv_path, CSV_COLUMNS, "metrics file")}
+                attacked = {(r["Step"], r["Dataset"], r["Attacker"])
+                            for r in read_csv_rows(att_path, ATTACKER_COLUMNS, "attackers file")}
+                lg.info("run %s: %s%s", run.name, run.settings, "" if run.described else " (no run.json: the paper's "
+                        "method with this sweep's settings)")
+                for step, ckpt in run.checkpoints:
+                    sets_todo = [ev for ev in sets if force or (str(step), ev.name) not in done
+                                 or (beyond and any((str(step), ev.name, a) not in attacked
+                                                    for a in (*attackers, WORST)))]
+                    if not sets_todo:
+                        lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
+                                csv_path.name)
+                    todo += [(k, csv_path, att_path, step, ckpt, ev) for ev in sets_todo]
+
+            @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
+            def load(k: int, ckpt: Path) -> nn.Module:
+                return runs[k].method.load_transform(ckpt).to(device)
+            results = evaluate_all([(functools.partial(load, k, ckpt), ev) for k, _, _, _, ckpt, ev in todo],
+                                   cfg.gender_folds, attackers, cfg.seed, bootstrap, cfg.n_jobs, device, cfg.plugins)
+            for (k, csv_path, att_path, step, _, ev), res in zip(todo, results):
+                row, extra = _rows(step, ev, res, ref[ev.name])
+                write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
+                if beyond and extra:
+                    write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
+                changed = True
+                lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", runs[k].name, step, ev.name, res["EER"],
+                        res["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
+            bare = None
+            if beyond:
+                bare = bare_backbone_attacks(out_dir / "bare_backbone_attackers.csv", sets, attackers, cfg.gender_folds,
+                                             cfg.seed, bootstrap, cfg.n_jobs)
+            if changed or not (out_dir / "report.md").is_file():
+                report = write_report(out_dir, runs, ref, sets, cfg.gender_folds, bare)
+                lg.info("report: %s", report)
+            else:
+                lg.info("nothing new: %s and the plots are up to date", out_dir / "report.md")
+    return out_dir
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=OVERRIDE_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-root", "--log_root", dest="log_root", required=True,
+                        help="folder for the CSVs, evaluate.log, report.md and plots (under L/E)")
+    parser.add_argument("--model-root", "--model_root", dest="model_root", required=True,
+                        help="folder holding E/<run>/{step}ftn_layers.pth, e.g. checkpoint_root/ArcFace")
+    parser.add_argument("--experiment-name", "--experiment_name", dest="experiment_name", required=True,
+                        help="experiment sub-path, e.g. OneDataset/ColorFeret")
+    parser.add_argument("--reference-pth", "--reference_pth", dest="reference_pth", required=True,
+                        help="CSV of the bare backbone's results; computed and written if it does not exist")
+    parser.add_argument("--config", default=None, help="config module (default: config/config.py)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config options")
+    parser.add_argument("--force", action="store_true", help="recompute checkpoints already in the CSVs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> None:
+        cfg = load_config(args.config, args.set)
+        out = evaluate(cfg, args.log_root, args.model_root, args.experiment_name, args.reference_pth, args.force)
+        if out is not None:   # process 0 (the others of a torchrun only extracted)
+            print(f"results: {out}")
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())

@@ -1,1 +1,0 @@
-"""Command-line tools beside the two main commands."""

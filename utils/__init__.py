@@ -1,1 +1,0 @@
-"""Shared helpers: config loading, data, template cache, metrics, callbacks, safe I/O."""
