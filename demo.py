@@ -42,9 +42,9 @@ QUICK = {"train_ids": 600, "train_imgs": 6, "test_ids": 120, "test_imgs": 5, "pa
 
 # demo-sized settings of the other methods (their defaults are sized for real training sets)
 METHOD_SETTINGS: dict[str, list[str]] = {
-    "ive": ["ive_estimators=30", "ive_rounds=5"],     # 5 rounds of 8 dimensions; smaller forests
-    "inlp": ["inlp_iterations=5"],
-    "pe_miu": ["pe_miu_block_size=128"],              # the demo's noisy templates need large blocks (README)
+    "ive": ["ive.estimators=30", "ive.rounds=5"],     # 5 rounds of 8 dimensions; smaller forests
+    "inlp": ["inlp.iterations=5"],
+    "pe_miu": ["pe_miu.block_size=128"],              # the demo's noisy templates need large blocks (README)
 }
 # comparing every method: no validation during training and 5 checkpoints per layer method, so that training and
 # sweeping all of them stays within a few minutes on 2 CPU cores

@@ -8,42 +8,31 @@ import difflib
 import importlib
 import importlib.util
 import inspect
-import math
 import sys
 import types
 from pathlib import Path
 from typing import Any, Iterable, Union, get_args, get_origin, get_type_hints
 
 from config.config import Config
+from config.options import OPTION_GROUPS, check_option_value, group_field_types, option_spec
 from runtime.errors import UserError
+from runtime.logs import get_logger
 
-__all__ = ["Config", "load_config", "config_from_dict", "check_choice", "OVERRIDE_HELP", "RANGES"]
+__all__ = ["Config", "load_config", "config_from_dict", "check_choice", "OVERRIDE_HELP", "option_names",
+           "known_option"]
 
 OVERRIDE_HELP = ("--config PATH loads another module of the same form as config/config.py (options it leaves out keep "
                  "their defaults); --set KEY=VALUE [KEY=VALUE ...] overrides single options, values read as Python "
                  "literals when they parse (5, 0.01, True, ['lfw','agedb_30']) and as text otherwise; a list option "
-                 "also takes comma-separated names (val_targets=lfw,agedb_30).")
+                 "also takes comma-separated names (val_targets=lfw,agedb_30). A component's own options are reached by its name: "
+                 "--set ive.rounds=20.")
 
-_TYPES = get_type_hints(Config)
+_TYPES = {k: v for k, v in get_type_hints(Config).items() if k != "groups"}
 _DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-             for f in dataclasses.fields(Config)}
+             for f in dataclasses.fields(Config) if f.name != "groups"}
 # options of the authors' config that have no effect (accepted from their config files, then dropped)
 _AUTHORS_ONLY = {"warmup_epoch"}
-
-# (lowest, lowest allowed?, highest or None): every number's allowed range
-RANGES: dict[str, tuple[float, bool, float | None]] = {
-    "embedding_size": (1, True, None), "n_hidden": (1, True, None), "s": (0, False, None), "m": (0, True, None),
-    "sigma": (0, True, None), "alpha": (0, True, None), "beta": (0, True, None), "lr": (0, False, None),
-    "headid_lr": (0, False, None), "batch_size": (1, True, None), "num_epoch": (1, True, None),
-    "global_step": (0, True, None), "grad_clip": (0, False, None), "seed": (0, True, None),
-    "checkpoint_every": (1, True, None), "log_every": (1, True, None), "eval_step": (0, True, None),
-    "gender_folds": (2, True, None), "extract_batch_size": (1, True, None), "num_workers": (-1, True, None),
-    "bootstrap": (0, True, None), "n_jobs": (-1, True, None),
-    "ive_dims_per_round": (1, True, None), "ive_rounds": (1, True, None), "ive_estimators": (1, True, None),
-    "pe_miu_block_size": (1, True, None), "inlp_iterations": (1, True, None), "adversarial_weight": (0, True, None),
-    "adversarial_hidden": (1, True, None),
-}
-_CHOICES = {"cache_dtype": ("float32", "float16"), "amp": ("none", "bf16", "fp16")}
+log = get_logger(__name__)
 
 
 def _exec_module(path: Path) -> types.ModuleType:
@@ -109,27 +98,47 @@ def _example(tp: Any) -> str:
     return {int: "5", float: "0.01", bool: "True", str: "text"}.get(tp, "None")
 
 
-def _check(key: str, value: Any, source: str) -> Any:
-    if key not in _TYPES:
-        close = difflib.get_close_matches(key, list(_TYPES), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"unknown config option '{key}' (from {source}).{hint} The options are listed in "
-                        f"config/config.py.")
-    tp = _TYPES[key]
+def option_names() -> list[str]:
+    """Every option name --set accepts now: the core ones and ``group.field`` of each registered component."""
+    return [*_TYPES, *(f"{g}.{f.name}" for g, cls in sorted(OPTION_GROUPS.items()) for f in dataclasses.fields(cls))]
+
+
+def known_option(key: str) -> bool:
+    """Whether ``key`` names an option now: a core one, a component's ``group.field``, or its deprecated flat name."""
+    if key in _TYPES or key == "groups":
+        return True
+    try:
+        _resolve_group_key(key, "", warn=False)
+    except UserError:
+        return False
+    return True
+
+
+def _unknown(key: str, source: str) -> UserError:
+    close = difflib.get_close_matches(key, option_names(), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown config option '{key}' (from {source}).{hint} The core options are listed in "
+                     f"config/config.py; a component's own options are NAME.OPTION (e.g. ive.rounds), declared in its "
+                     f"file, and a plug-in's become known once it is listed in plugins.")
+
+
+def _check_type(key: str, value: Any, tp: Any, source: str) -> Any:
     if not _conforms(value, tp):
         raise UserError(f"config option '{key}' (from {source}) must be {_type_name(tp)}, got {value!r} "
                         f"({type(value).__name__}). Example: --set {key}={_example(tp)}")
     return value
 
 
-def _check_range(key: str, value: float) -> None:
-    low, inclusive, high = RANGES[key]
-    bad = not math.isfinite(value) or value < low or (value == low and not inclusive) or \
-        (high is not None and value > high)
-    if bad:
-        allowed = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-        raise UserError(f"config option '{key}' is {value!r}; it must be {allowed}. Set it with --set {key}=VALUE "
-                        f"or in config/config.py.")
+def _coerce(value: Any, raw: str | None, tp: Any) -> Any:
+    """A --set value read as a literal, given the option's type: text where the type is text (data=2024), a list
+    from comma-separated names (attackers=LogReg,SVM)."""
+    if raw is None or _conforms(value, tp):
+        return value
+    if _conforms(raw, tp):
+        return raw
+    if get_origin(tp) is list and isinstance(value, str) and value.strip():
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
 
 
 def check_choice(key: str, value: str, allowed: Iterable[str]) -> None:
@@ -142,8 +151,8 @@ def check_choice(key: str, value: str, allowed: Iterable[str]) -> None:
                         f"registers more names: --set plugins=\"['my_module']\".)")
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """Split ``KEY=VALUE`` and read VALUE as a Python literal when it parses, else as text."""
+def parse_override(item: str) -> tuple[str, Any, str]:
+    """Split ``KEY=VALUE`` and read VALUE as a Python literal when it parses, else as text (the raw text too)."""
     if "=" not in item:
         raise UserError(f"--set expects KEY=VALUE, got '{item}'. Example: --set alpha=10 val_targets=\"['lfw']\"")
     key, raw = item.split("=", 1)
@@ -152,12 +161,7 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
-    if key in _TYPES and not _conforms(value, _TYPES[key]):
-        if _conforms(raw, _TYPES[key]):
-            value = raw  # e.g. data=2024 for a text option
-        elif get_origin(_TYPES[key]) is list and isinstance(value, str) and value.strip():
-            value = [v.strip() for v in value.split(",") if v.strip()]  # e.g. attackers=LogReg,SVM,RBF,MLP
-    return key, value
+    return key, value, raw
 
 
 def import_plugins(plugins: Iterable[str]) -> None:
@@ -179,33 +183,104 @@ def import_plugins(plugins: Iterable[str]) -> None:
                 importlib.import_module(item)
         except UserError:
             raise
+        except SystemExit as exc:  # a module that exits while imported would end the command silently
+            raise UserError(f"plug-in '{item}' (config option plugins) called sys.exit({exc.code!r}) while being "
+                            f"imported, so nothing it registers could be used. A plug-in should only define and "
+                            f"register its entries; move the exit under `if __name__ == \"__main__\":`.") from None
         except Exception as exc:  # the user's own module: say which one failed and how
             raise UserError(f"plug-in '{item}' (config option plugins) failed to import: {type(exc).__name__}: "
                             f"{exc}. Give an importable module name or the path of a .py file.") from None
 
 
-def config_from_dict(values: dict[str, Any], source: str) -> Config:
-    """A Config from option values (every key and type checked); options left out keep their defaults."""
-    checked = {k: _check(k, v, source) for k, v in values.items()}
-    cfg = Config(**{**_DEFAULTS, **checked})
+class _Values:
+    """Option values in the order they were given, each with where it came from, before they are checked."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any, str | None, str]] = []   # key, value, raw --set text, source
+
+    def add(self, key: str, value: Any, source: str, raw: str | None = None) -> None:
+        if key not in _AUTHORS_ONLY:
+            self.items.append((key, value, raw, source))
+
+    def add_mapping(self, values: dict[str, Any], source: str) -> None:
+        """Options of a mapping; its ``groups`` entry ({"ive": {"rounds": 20}}, as run.json records it) holds
+        component options."""
+        for key, value in values.items():
+            if key != "groups":
+                self.add(key, value, source)
+                continue
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise UserError(f"{source}: 'groups' must map each component's name to a mapping of its options, "
+                                f"e.g. {{'ive': {{'rounds': 20}}}}; got {value!r}.")
+            for group, fields in value.items():
+                for name, v in fields.items():
+                    self.add(f"{group}.{name}", v, source)
+
+    def core(self) -> dict[str, Any]:
+        out = {}
+        for key, value, raw, source in self.items:
+            if key in _TYPES:
+                out[key] = _check_type(key, _coerce(value, raw, _TYPES[key]), _TYPES[key], source)
+        return out
+
+    def grouped(self) -> dict[str, dict[str, Any]]:
+        """The component options given (``group.field``, or the deprecated flat ``group_field``), checked; call
+        once the plug-ins that declare them are imported."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, value, raw, source in self.items:
+            if key in _TYPES:
+                continue
+            group, name = _resolve_group_key(key, source)
+            tp = group_field_types(OPTION_GROUPS[group])[name]
+            value = _check_type(f"{group}.{name}", _coerce(value, raw, tp), tp, source)
+            check_option_value(f"{group}.{name}", value, option_spec(OPTION_GROUPS[group], name))
+            out.setdefault(group, {})[name] = value
+        return out
+
+
+def _resolve_group_key(key: str, source: str, warn: bool = True) -> tuple[str, str]:
+    """``ive.rounds`` -> (ive, rounds); the flat ``ive_rounds`` of earlier versions too, with a deprecation line."""
+    if "." in key:
+        group, name = key.split(".", 1)
+        if group in OPTION_GROUPS and name in {f.name for f in dataclasses.fields(OPTION_GROUPS[group])}:
+            return group, name
+        raise _unknown(key, source)
+    for group in sorted(OPTION_GROUPS, key=len, reverse=True):
+        name = key[len(group) + 1:]
+        if key.startswith(group + "_") and name in {f.name for f in dataclasses.fields(OPTION_GROUPS[group])}:
+            if warn:
+                log.warning("config option '%s' (from %s) is now '%s.%s'; the old name still works in this release and "
+                            "will be removed in the next.", key, source, group, name)
+            return group, name
+    raise _unknown(key, source)
+
+
+def _build(values: _Values, import_plugins_first: bool) -> Config:
+    cfg = Config(**{**_DEFAULTS, **values.core()})
     _validate(cfg)
+    if import_plugins_first:
+        import_plugins(cfg.plugins)
+    cfg.groups = {g: OPTION_GROUPS[g](**v) for g, v in values.grouped().items()}
     return cfg
+
+
+def config_from_dict(values: dict[str, Any], source: str) -> Config:
+    """A Config from option values (every key and type checked); options left out keep their defaults. A
+    ``groups`` entry ({"ive": {"rounds": 20}}, as run.json records it) sets component options."""
+    given = _Values()
+    given.add_mapping(values, source)
+    return _build(given, import_plugins_first=False)
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Defaults, then the module at ``path``, then ``--set`` overrides; checked, plug-ins imported, paths derived."""
-    values: dict[str, Any] = {}
+    given = _Values()
     if path is not None:
-        for key, value in _module_values(_exec_module(Path(path))).items():
-            if key in _AUTHORS_ONLY:
-                continue
-            values[key] = _check(key, value, f"config file '{path}'")
+        given.add_mapping(_module_values(_exec_module(Path(path))), f"config file '{path}'")
     for item in overrides:
-        key, value = parse_override(item)
-        values[key] = _check(key, value, f"--set {item}")
-    cfg = Config(**{**_DEFAULTS, **values})
-    _validate(cfg)
-    import_plugins(cfg.plugins)
+        key, value, raw = parse_override(item)
+        given.add(key, value, f"--set {item}", raw)
+    cfg = _build(given, import_plugins_first=True)
     if cfg.output_ori is None:
         cfg.output_ori = str(Path(cfg.checkpoint_root) / cfg.pretrained / "reference" / "backbone.pth")
     elif Path(cfg.output_ori).is_dir():  # the authors' config names the folder that holds backbone.pth
@@ -214,11 +289,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def _validate(cfg: Config) -> None:
-    """Every number within its range and every fixed choice known (names of registries: privacy.runs)."""
-    for key in RANGES:
-        _check_range(key, getattr(cfg, key))
-    for key, allowed in _CHOICES.items():
-        check_choice(key, getattr(cfg, key), allowed)
+    """Every core option within its allowed values (its metadata; names of registries: privacy.runs)."""
+    for f in dataclasses.fields(Config):
+        if "option" in f.metadata:
+            check_option_value(f.name, getattr(cfg, f.name), f.metadata["option"])
     if cfg.n_jobs == 0:
         raise UserError("config option 'n_jobs' is 0; it must be >= 1, or -1 for all cores.")
     if not cfg.attackers:

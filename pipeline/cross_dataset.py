@@ -24,14 +24,13 @@ evaluated. A finished fold is not redone (unless its run folder was deleted); a 
 sweep resumes per checkpoint); one interrupted in training starts again in a new run folder (the interrupted one is
 kept, as every run folder).
 Changed settings (alpha, seed, data, ...) are new folds; options that do not change results (device, workers,
-cache folder, logging, validation) are not part of the hash.
+cache folder, logging, validation, sweep workers: the options marked runtime-only) are not part of the hash.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import math
 import sys
@@ -43,6 +42,7 @@ import pandas as pd
 
 from pipeline import train as finetune
 from backbones.spec import BackboneSpec
+from config import options
 from config.config import Config
 from pipeline import sweep as evaluation
 from pipeline.overlap_check import check_overlap
@@ -53,9 +53,6 @@ from runtime.io import atomic_write_text
 PAPER_DATASETS = {"LFW": "data/train/LFW", "AgeDB": "data/train/AgeDB", "ColorFeret": "data/train/ColorFeret"}
 PAPER_TARGETS = {"LFW": "lfw", "AgeDB": "agedb_30", "ColorFeret": "colorferet"}
 PAPER_ALL_TARGET = "vggface2"
-# options that do not change a fold's results: left out of its settings hash
-RUNTIME_OPTIONS = {"device", "num_workers", "extract_batch_size", "cache_dir", "log_every", "eval_step", "val_targets",
-                   "resume"}
 METRICS = ["EER", "TAR@FAR=0.1%", "BACC-Gender-AVG", "PIC"]
 TABLE_COLUMNS = ["Held out", "Trained on", "Dataset", "Run", "Step", *METRICS, "Backbone EER",
                  "Backbone BACC-Gender-AVG", "Near-duplicates"]
@@ -98,12 +95,6 @@ def fold_config(cfg: Config, fold: Fold, datasets: dict[str, str], experiment: s
                                output=None, log_output=None, resume=False)
 
 
-def settings_hash(cfg: Config) -> str:
-    """Hash of the options that decide a fold's results."""
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_OPTIONS}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def _number(text: str | None) -> float | None:
     return float(text) if text not in (None, "") else None
 
@@ -125,7 +116,7 @@ def _reference_row(path: Path, target: str) -> dict[str, str]:
 
 def run_fold(cfg: Config, fold: Fold, results: Path) -> dict[str, object]:
     """Train and evaluate one fold unless its state says it was done; returns its table row."""
-    state_path = results / ".folds" / f"{fold.name}-{settings_hash(cfg)}.json"
+    state_path = results / ".folds" / f"{fold.name}-{options.settings_hash(cfg)}.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state and not Path(state["run"]).is_dir():   # its run folder was deleted: the fold is done again
         state = {}

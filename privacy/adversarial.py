@@ -3,8 +3,8 @@ adversary through gradient reversal (the family of SensitiveNets, Morales et al.
 et al., ICCV 2021; gradient reversal as in Ganin & Lempitsky, ICML 2015).
 
 z = normalize(layer(normalize(backbone(x)))) feeds the same identity header as the paper's method (CE) and, through
-a gradient-reversal layer, a small gender classifier (Linear -> ReLU -> Linear, ``adversarial_hidden`` units). The
-adversary minimises its cross-entropy; the reversed gradient, scaled by ``adversarial_weight``, makes the layer
+a gradient-reversal layer, a small gender classifier (Linear -> ReLU -> Linear, ``adversarial.hidden`` units). The
+adversary minimises its cross-entropy; the reversed gradient, scaled by ``adversarial.weight``, makes the layer
 maximise it while keeping identities apart. Checkpoints are the paper's ``{step}ftn_layers.pth`` and
 ``{step}header.pth``, so the sweep treats them as it treats the paper's.
 """
@@ -14,11 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dataclasses import dataclass
+
 from config.config import Config
+from config.options import option
 from privacy.base import FitContext
 from privacy.layer_training import IdentityObjective, LayerMethod, Objective
 
-__all__ = ["Adversarial", "AdversarialObjective", "reverse_gradient"]
+__all__ = ["Adversarial", "AdversarialOptions", "AdversarialObjective", "reverse_gradient"]
 
 
 class _ReverseGradient(torch.autograd.Function):
@@ -39,15 +42,21 @@ def reverse_gradient(x: torch.Tensor, weight: float) -> torch.Tensor:
     return _ReverseGradient.apply(x, weight)
 
 
+@dataclass
+class AdversarialOptions:
+    weight: float = option(1.0, "weight of the reversed gradient of the gender adversary", ge=0)
+    hidden: int = option(256, "hidden units of the adversary (Linear-ReLU-Linear)", ge=1)
+
+
 class AdversarialObjective(IdentityObjective):
     """CE(header(z), id) + CE(adversary(reverse(z)), gender): the header and the adversary descend their own loss,
-    the layer descends CE and ascends the adversary's loss, weighted by ``adversarial_weight``."""
+    the layer descends CE and ascends the adversary's loss, weighted by ``adversarial.weight``."""
 
-    def __init__(self, cfg: Config, n_identities: int):
+    def __init__(self, cfg: Config, n_identities: int, opts: AdversarialOptions):
         super().__init__(cfg, n_identities)
-        self.adversary = nn.Sequential(nn.Linear(cfg.embedding_size, cfg.adversarial_hidden), nn.ReLU(),
-                                       nn.Linear(cfg.adversarial_hidden, 2))
-        self.weight = float(cfg.adversarial_weight)
+        self.adversary = nn.Sequential(nn.Linear(cfg.embedding_size, opts.hidden), nn.ReLU(),
+                                       nn.Linear(opts.hidden, 2))
+        self.weight = float(opts.weight)
 
     def forward(self, z: torch.Tensor, ids: torch.Tensor, genders: torch.Tensor,
                 generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -65,10 +74,10 @@ class AdversarialObjective(IdentityObjective):
 
 class Adversarial(LayerMethod):
     name = "adversarial"
-    settings_options = ("adversarial_weight", "adversarial_hidden")
+    Options = AdversarialOptions
 
     def run_name(self) -> str:
-        return f"adversarial_{self.cfg.adversarial_weight}w_{self.cfg.adversarial_hidden}h"
+        return f"adversarial_{self.opts.weight}w_{self.opts.hidden}h"
 
     def objective(self, ctx: FitContext) -> Objective:
-        return AdversarialObjective(self.cfg, ctx.index.num_identities)
+        return AdversarialObjective(self.cfg, ctx.index.num_identities, self.opts)

@@ -7,6 +7,7 @@ consecutive pairs of flip-summed templates, on the squared-Euclidean scale [0, 4
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -59,11 +60,17 @@ class PrivacyMethod:
     checkpoint_suffix: ClassVar[str] = "transform.pth"   # checkpoints are {step}{checkpoint_suffix}
     trains_in_loop: ClassVar[bool] = False               # True: cache=False runs the backbone in the loop
     comparison: ClassVar[str] = "cosine"                 # how its templates are compared (the report says it)
-    settings_options: ClassVar[tuple[str, ...]] = ()     # the options that define a run (always in the report)
-    varied_options: ClassVar[tuple[str, ...]] = ("seed",)  # options the report names when they differ from default
+    Options: ClassVar[type | None] = None                # the method's own options (a dataclass of option fields)
+    settings_options: ClassVar[tuple[str, ...]] = ()     # core options that define a run (always in the report)
+    varied_options: ClassVar[tuple[str, ...]] = ("seed",)  # core options the report names when not at their default
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    @property
+    def opts(self):
+        """This run's values of the method's own options (``--set NAME.OPTION=``)."""
+        return self.cfg.group(self.name)
 
     def run_name(self) -> str:
         """The run folder's default name (config option run_name overrides it)."""
@@ -73,11 +80,15 @@ class PrivacyMethod:
         """Refuse unusable settings before any compute (UserError naming the option)."""
 
     def describe(self) -> str:
-        """The method and the settings of this run, e.g. ``angular (alpha=20, beta=1)``."""
+        """The method and the settings of this run, e.g. ``angular (alpha=20, beta=1)`` or ``ive (ive.rounds=20,
+        ...)``: its core settings, its own options, and the core options it varies from their defaults."""
         default = type(self.cfg)()
-        shown = [k for k in self.settings_options] + [k for k in self.varied_options if k not in
-                                                       self.settings_options and getattr(self.cfg, k) != getattr(default, k)]
-        return self.name + (f" ({', '.join(f'{k}={getattr(self.cfg, k)!r}' for k in shown)})" if shown else "")
+        shown = [(k, getattr(self.cfg, k)) for k in self.settings_options]
+        if self.Options is not None:
+            shown += [(f"{self.name}.{f.name}", getattr(self.opts, f.name)) for f in dataclasses.fields(self.Options)]
+        shown += [(k, getattr(self.cfg, k)) for k in self.varied_options
+                  if k not in self.settings_options and getattr(self.cfg, k) != getattr(default, k)]
+        return self.name + (f" ({', '.join(f'{k}={v!r}' for k, v in shown)})" if shown else "")
 
     def fit(self, ctx: FitContext) -> FitResult:
         raise NotImplementedError

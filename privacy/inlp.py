@@ -10,6 +10,7 @@ One checkpoint per iteration (step = iteration), holding P_k.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -20,10 +21,11 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.svm import LinearSVC
 from torch import nn
 
+from config.options import option
 from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
 from runtime.errors import UserError
 
-__all__ = ["INLP", "Projection"]
+__all__ = ["INLP", "INLPOptions", "Projection"]
 
 
 class Projection(nn.Module):
@@ -37,24 +39,29 @@ class Projection(nn.Module):
         return x @ self.projection
 
 
+@dataclass
+class INLPOptions:
+    iterations: int = option(20, "linear classifiers whose directions are projected out, one each", ge=1)
+
+
 class INLP(PathMethod):
     name = "inlp"
-    settings_options = ("inlp_iterations",)
+    Options = INLPOptions
 
     def run_name(self) -> str:
-        return f"inlp_{self.cfg.inlp_iterations}it"
+        return f"inlp_{self.opts.iterations}it"
 
     def check(self) -> None:
         super().check()
-        if self.cfg.inlp_iterations >= self.cfg.embedding_size:
-            raise UserError(f"config option inlp_iterations={self.cfg.inlp_iterations} would project out the whole "
+        if self.opts.iterations >= self.cfg.embedding_size:
+            raise UserError(f"config option inlp.iterations={self.opts.iterations} would project out the whole "
                             f"{self.cfg.embedding_size}-d template (embedding_size); it must be smaller.")
 
     def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
         x, y = training_templates(ctx)
         x = x.astype(np.float64)
         projection = np.eye(x.shape[1])
-        for it in range(1, self.cfg.inlp_iterations + 1):
+        for it in range(1, self.opts.iterations + 1):
             clf = LinearSVC(class_weight="balanced", random_state=self.cfg.seed)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)

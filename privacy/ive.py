@@ -2,12 +2,13 @@
 Templates Using Incremental Variable Elimination", ICB 2019).
 
 Round after round, a tree ensemble learns to predict gender from the template dimensions still kept, and the
-``ive_dims_per_round`` dimensions it finds most important are removed; after ``ive_rounds`` rounds the template
+``ive.dims_per_round`` dimensions it finds most important are removed; after ``ive.rounds`` rounds the template
 keeps D - rounds * dims_per_round dimensions. The ensemble is scikit-learn's random forest (impurity importances),
 seeded by ``seed``. One checkpoint per round (step = round), so the sweep traces the privacy/utility path.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -16,10 +17,18 @@ import torch
 from sklearn.ensemble import RandomForestClassifier
 from torch import nn
 
+from config.options import option
 from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
 from runtime.errors import UserError
 
-__all__ = ["IVE", "KeepDimensions"]
+__all__ = ["IVE", "IVEOptions", "KeepDimensions"]
+
+
+@dataclass
+class IVEOptions:
+    dims_per_round: int = option(8, "dimensions removed per round (the most gender-predictive)", ge=1)
+    rounds: int = option(20, "elimination rounds, a checkpoint each (keeps D - rounds * dims_per_round)", ge=1)
+    estimators: int = option(100, "trees of the random forest whose importances rank the dimensions", ge=1)
 
 
 class KeepDimensions(nn.Module):
@@ -35,30 +44,30 @@ class KeepDimensions(nn.Module):
 
 class IVE(PathMethod):
     name = "ive"
-    settings_options = ("ive_dims_per_round", "ive_rounds", "ive_estimators")
+    Options = IVEOptions
 
     def run_name(self) -> str:
-        c = self.cfg
-        return f"ive_{c.ive_dims_per_round}x{c.ive_rounds}_{c.ive_estimators}trees"
+        o = self.opts
+        return f"ive_{o.dims_per_round}x{o.rounds}_{o.estimators}trees"
 
     def check(self) -> None:
         super().check()
-        c = self.cfg
-        if c.ive_dims_per_round * c.ive_rounds >= c.embedding_size:
-            raise UserError(f"config options ive_dims_per_round={c.ive_dims_per_round} and ive_rounds={c.ive_rounds} "
-                            f"would remove {c.ive_dims_per_round * c.ive_rounds} of the {c.embedding_size} "
+        o, d = self.opts, self.cfg.embedding_size
+        if o.dims_per_round * o.rounds >= d:
+            raise UserError(f"config options ive.dims_per_round={o.dims_per_round} and ive.rounds={o.rounds} "
+                            f"would remove {o.dims_per_round * o.rounds} of the {d} "
                             f"dimensions (embedding_size); their product must be smaller. Lower either.")
 
     def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
-        c = self.cfg
+        c, o = self.cfg, self.opts
         x, y = training_templates(ctx)
         kept = np.arange(x.shape[1])
-        for round_ in range(1, c.ive_rounds + 1):
-            forest = RandomForestClassifier(n_estimators=c.ive_estimators, class_weight="balanced", n_jobs=c.n_jobs,
+        for round_ in range(1, o.rounds + 1):
+            forest = RandomForestClassifier(n_estimators=o.estimators, class_weight="balanced", n_jobs=c.n_jobs,
                                             random_state=c.seed + round_)
             forest.fit(x[:, kept], y)
             order = np.argsort(-forest.feature_importances_, kind="stable")
-            removed = kept[order[:c.ive_dims_per_round]]
+            removed = kept[order[:o.dims_per_round]]
             kept = np.setdiff1d(kept, removed)
             ctx.log.info("ive round %d: removed dimensions %s (importance %.4f of the forest's), %d kept", round_,
                          sorted(removed.tolist()), float(forest.feature_importances_[order[:len(removed)]].sum()),

@@ -2,7 +2,7 @@
 Struc, Kuijper, "PE-MIU: A Training-Free Privacy-Enhancing Face Recognition Approach Based on Minimum Information
 Units", IEEE Access 2020).
 
-Training-free. A template is cut into blocks of ``pe_miu_block_size`` values (the minimum information units) and the
+Training-free. A template is cut into blocks of ``pe_miu.block_size`` values (the minimum information units) and the
 blocks are put in a random order drawn for that template, so a dimension's meaning differs from template to
 template and an attribute classifier trained on fixed dimensions loses its footing. Comparison undoes the shuffle:
 the blocks of one template are assigned to the blocks of the other by the optimal assignment (scipy's
@@ -17,6 +17,7 @@ One checkpoint (step 1): the block size and the seed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,10 +26,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from config.options import option
 from privacy.base import FitContext, PathMethod, checkpoint_tensor
 from runtime.errors import UserError
 
-__all__ = ["PEMIU", "BlockPermutation", "aligned_similarity"]
+__all__ = ["PEMIU", "PEMIUOptions", "BlockPermutation", "aligned_similarity"]
 
 
 def aligned_similarity(block_sims: np.ndarray) -> np.ndarray:
@@ -77,23 +79,28 @@ class BlockPermutation(nn.Module):
         return np.stack([aligned_similarity(np.einsum("ik,njk->nij", blocks, bb)) for blocks in ba])
 
 
+@dataclass
+class PEMIUOptions:
+    block_size: int = option(16, "size of the permuted blocks; must divide embedding_size", ge=1)
+
+
 class PEMIU(PathMethod):
     name = "pe_miu"
     comparison = "PE-MIU block assignment"
-    settings_options = ("pe_miu_block_size",)
+    Options = PEMIUOptions
 
     def run_name(self) -> str:
-        return f"pe_miu_{self.cfg.pe_miu_block_size}b"
+        return f"pe_miu_{self.opts.block_size}b"
 
     def check(self) -> None:
         super().check()
-        b, d = self.cfg.pe_miu_block_size, self.cfg.embedding_size
+        b, d = self.opts.block_size, self.cfg.embedding_size
         if d % b or d // b < 2:
-            raise UserError(f"config option pe_miu_block_size={b} must divide the template size (embedding_size "
+            raise UserError(f"config option pe_miu.block_size={b} must divide the template size (embedding_size "
                             f"{d}) into at least two blocks, e.g. 8, 16, 32 or 64 for 512.")
 
     def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
-        b, d = self.cfg.pe_miu_block_size, self.cfg.embedding_size
+        b, d = self.opts.block_size, self.cfg.embedding_size
         ctx.log.info("pe_miu: %d blocks of %d values, permuted per template (training-free)", d // b, b)
         yield 1, BlockPermutation(b, self.cfg.seed)
 

@@ -17,7 +17,8 @@ from eval.attackers import ALL, ATTACKERS
 from losses import HEADERS
 from privacy import METHODS, PrivacyMethod, get_method
 from privacy.layer_training import RESUME_FILE, RESUME_KEYS
-from config.loading import check_choice, config_from_dict
+from config import options
+from config.loading import check_choice, config_from_dict, known_option
 from runtime.errors import UserError
 from runtime.io import atomic_write_text, safe_torch_load
 from runtime.logs import get_logger
@@ -92,14 +93,14 @@ def write_run_description(folders: RunFolders, cfg: Config) -> None:
         return
     resolved = dataclasses.replace(cfg, output=str(folders.checkpoints), log_output=str(folders.logs))
     doc = {"format": RUN_FORMAT, "method": cfg.method, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "config": dataclasses.asdict(resolved)}
+           "config": options.recorded(resolved)}
     atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=False) + "\n")
 
 
 def append_config_row(path: Path, cfg: Config, extra: dict[str, object]) -> None:
     """config.csv (the authors' record): one row of hyperparameters per run. A file written with other options (an
     older version) is rewritten with the union of the columns, so that every value stays under its name."""
-    row = {k: str(v) for k, v in {**dataclasses.asdict(cfg), **extra}.items()}
+    row = {k: str(v) for k, v in {**options.flat(cfg), **extra}.items()}
     rows, columns = [], list(row)
     if path.is_file():
         with open(path, newline="") as fh:
@@ -139,7 +140,11 @@ def read_run_config(folder: Path) -> Config | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"run description '{path}' is not readable ({type(exc).__name__}: {exc}). It is written by "
                         f"finetune.py; restore it, or delete it to sweep the folder with the current config.") from None
-    values = {k: v for k, v in values.items() if k in {f.name for f in dataclasses.fields(Config)}}
+    if not isinstance(values, dict):
+        raise UserError(f"run description '{path}': its 'config' is a {type(values).__name__}, not a mapping of "
+                        f"option names to values. It is written by finetune.py; restore it, or delete it to sweep "
+                        f"the folder with the current config.")
+    values = {k: v for k, v in values.items() if known_option(k)}   # options of other versions are left out
     cfg = config_from_dict(values, f"run description '{path}'")
     check_choice("method", cfg.method, METHODS)
     return cfg

@@ -1,20 +1,45 @@
 """Small synthetic data sets, backbones and configs for the tests (nothing is downloaded)."""
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from backbones import ARCHITECTURES
 from backbones.spec import BackboneSpec
+from config.options import OPTION_GROUPS
+from eval.attackers import ATTACKERS
+from privacy import METHODS
 from facedata.bin_builder import build_bin
 from templates.cache import ExtractionSettings, TemplateCache
 from config.loading import load_config
 from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
 
 DIM = 512
+
+
+@contextlib.contextmanager
+def registered() -> Iterator[None]:
+    """Whatever the block registers (methods, attackers, backbones, option groups, plug-in modules) is forgotten
+    after it, so that no test's entries reach a later test's ``attackers=['all']`` or sweep workers."""
+    registries = (METHODS, ATTACKERS, ARCHITECTURES, OPTION_GROUPS)
+    saved = [dict(r) for r in registries]
+    modules = set(sys.modules)
+    try:
+        yield
+    finally:
+        for registry, before in zip(registries, saved):
+            registry.clear()
+            registry.update(before)
+        for name in set(sys.modules) - modules:
+            if name.startswith("_plugin_"):
+                del sys.modules[name]
 
 
 class TinyNet(nn.Module):

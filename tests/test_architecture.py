@@ -14,9 +14,13 @@ from torch import nn
 
 from pipeline import train as finetune
 from pipeline import sweep as evaluation
-from eval.attackers import ATTACKERS, expand_attackers, register_attacker
-from helpers import demo_cfg, synthetic_world
-from privacy import METHODS, FitResult, PrivacyMethod, register_method
+from eval.attackers import expand_attackers, register_attacker
+from config import options
+from config.loading import load_config
+from config.options import OPTION_GROUPS
+from helpers import demo_cfg, registered, synthetic_world
+from runtime.errors import UserError
+from privacy import FitResult, PrivacyMethod, register_method
 from synthetic.data import save_demo_backbone
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,11 +141,10 @@ class ToyDrop(PrivacyMethod):
 
 @pytest.fixture
 def toy_plugins():
-    register_method(ToyDrop)
-    register_attacker("ToyCentroid")(lambda ctx: NearestCentroid())
-    yield
-    METHODS.pop("toy_drop")
-    ATTACKERS.pop("ToyCentroid")
+    with registered():
+        register_method(ToyDrop)
+        register_attacker("ToyCentroid")(lambda ctx: NearestCentroid())
+        yield
 
 
 @pytest.mark.filterwarnings("ignore:self.within_class_std_dev_")  # the toy transform zeroes components
@@ -186,6 +189,94 @@ def test_run_description_is_what_the_sweep_reads(tmp_path, toy_plugins):
     assert (out / "plainly_named_metrics.csv").is_file()
     assert "alpha=3" in (out / "report.md").read_text() and "n_hidden=1" in (out / "report.md").read_text()
     assert res.checkpoint_dir.name == "plainly_named"
+
+
+PLUGIN_WITH_OPTIONS = """
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from config.options import option
+from privacy import FitResult, PrivacyMethod, register_method
+
+
+class Scale(nn.Module):
+    def __init__(self, dim, keep):
+        super().__init__()
+        self.register_buffer("mask", (torch.arange(dim) < keep).float())
+
+    def forward(self, x):
+        return x * self.mask
+
+
+@dataclass
+class KeepOptions:
+    keep: int = option(64, "leading template components kept", ge=1, le=512)
+    steps: int = option(2, "checkpoints written, keeping keep/step components at step", ge=1)
+
+
+@register_method
+class KeepLeading(PrivacyMethod):
+    name = "keep_leading"
+    Options = KeepOptions
+
+    def run_name(self):
+        return f"keep{self.opts.keep}"
+
+    def fit(self, ctx):
+        dim = ctx.templates.templates.shape[2]
+        paths = [self.save_checkpoint(ctx.checkpoint_dir, k, Scale(dim, self.opts.keep // k))
+                 for k in range(1, self.opts.steps + 1)]
+        return FitResult(step=self.opts.steps, checkpoints=paths)
+
+    def build_transform(self, state, path):
+        t = Scale(state["mask"].numel(), 0)
+        t.load_state_dict(state)
+        return t
+"""
+
+
+def test_plugin_method_declares_its_own_options(tmp_path):
+    """A method from a file outside the repository, with two options of its own: validated by name and range,
+    trained with them, recorded in run.json and shown in the report; the flat old-style name is an alias."""
+    plugin = tmp_path / "elsewhere" / "keep_leading.py"
+    plugin.parent.mkdir()
+    plugin.write_text(PLUGIN_WITH_OPTIONS)
+    synthetic_world(tmp_path, n_train_ids=16, imgs=3, n_test_ids=24, pairs=200, gender=96)
+    plugins = f"plugins=['synthetic', {str(plugin)!r}]"
+    with registered():
+        with pytest.raises(UserError, match=r"'keep_leading.keep' is 0; it must be >= 1 and <= 512"):
+            demo_cfg(tmp_path, plugins, "method=keep_leading", "keep_leading.keep=0")
+        with pytest.raises(UserError, match=r"'keep_leading.steps' .* must be int"):
+            demo_cfg(tmp_path, plugins, "method=keep_leading", "keep_leading.steps=two")
+        with pytest.raises(UserError, match=r"Did you mean 'keep_leading.keep'"):
+            demo_cfg(tmp_path, plugins, "method=keep_leading", "keep_leading.kep=3")
+        cfg = demo_cfg(tmp_path, plugins, "method=keep_leading", "keep_leading.keep=48", "keep_leading_steps=3")
+        assert (cfg.group("keep_leading").keep, cfg.group("keep_leading").steps) == (48, 3)
+        res = finetune.train(cfg)
+        assert res.checkpoint_dir.name == "keep48" and len(res.checkpoints) == 3
+        recorded = json.loads((res.checkpoint_dir / "run.json").read_text())["config"]
+        assert recorded["groups"] == {"keep_leading": {"keep": 48, "steps": 3}}
+        sweep_cfg = demo_cfg(tmp_path, plugins, "n_jobs=1")      # the sweep's own config has the defaults
+        out = evaluation.evaluate(sweep_cfg, tmp_path / "res", tmp_path / "ckpt" / "Demo", "Exp/Synth",
+                                  tmp_path / "ref.csv")
+        assert "keep_leading (keep_leading.keep=48, keep_leading.steps=3)" in (out / "report.md").read_text()
+        with open(out / "keep48_metrics.csv", newline="") as fh:
+            assert [r["Step"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
+    assert "keep_leading" not in OPTION_GROUPS
+
+
+def test_settings_leave_out_runtime_options_and_follow_component_options():
+    base = load_config(None, ["method=ive"])
+    same = load_config(None, ["method=ive", "n_jobs=1", "device=cpu", "num_workers=0", "log_every=7",
+                              "cache_dir=elsewhere"])
+    assert options.settings_hash(base) == options.settings_hash(same)
+    assert options.settings(base)["ive.rounds"] == 20 and "n_jobs" not in options.settings(base)
+    for changed in (["method=ive", "ive.rounds=5"], ["method=ive", "seed=1"], ["method=inlp"]):
+        assert options.settings_hash(load_config(None, changed)) != options.settings_hash(base)
+    # an inactive method's options do not count
+    assert options.settings_hash(load_config(None, ["ive.rounds=5"])) == options.settings_hash(load_config(None))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.svm import SVC
 
 from eval import leakage
+from helpers import registered
 from eval.attackers import ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, cosine_similarity, expand_attackers, \
     register_attacker
 from eval.leakage import gender_leakage, leakage_report
@@ -55,11 +56,10 @@ def test_all_names_every_registered_attacker_paper_first():
     assert EVERY[:3] == PAPER_ATTACKERS and set(EVERY) == set(ATTACKERS)
     assert {"MLP", "kNN", "GBDT", "Similarity"} <= set(EVERY)
     assert expand_attackers(["kNN", ALL, "kNN"]) == ("kNN", *[a for a in EVERY if a != "kNN"])
-    register_attacker("Toy_all_test")(lambda ctx: LogisticRegression())
-    try:
+    with registered():
+        register_attacker("Toy_all_test")(lambda ctx: LogisticRegression())
         assert expand_attackers([ALL])[-1] == "Toy_all_test"
-    finally:
-        ATTACKERS.pop("Toy_all_test")
+    assert "Toy_all_test" not in ATTACKERS
 
 
 def test_nonlinear_gender_escapes_linear_attackers_not_stronger_ones(xor_report):
@@ -171,12 +171,10 @@ def test_groups_reach_attackers_that_ask_for_them():
 
         def predict(self, x):
             return np.full(len(x), self.y)
-    register_attacker("Spy_test")(lambda ctx: Spy())
-    try:
+    with registered():
+        register_attacker("Spy_test")(lambda ctx: Spy())
         x, g, ids = xor_templates(n_ids=30)
         r = leakage_report(x, g, ids, attackers=("Spy_test",), n_bootstrap=0)
-    finally:
-        ATTACKERS.pop("Spy_test")
     assert len(seen) == 3 and r.bacc["Spy_test"] == 0.5
     for f, train_ids in enumerate(seen):
         assert train_ids.isdisjoint(ids[r.fold == f]) and train_ids | set(ids[r.fold == f]) == set(ids)

@@ -1,5 +1,9 @@
+from pathlib import Path
+
 import pytest
 
+from eval.attackers import ATTACKERS
+from helpers import registered
 from privacy import get_method
 from privacy.runs import check_names, plan_run_folders
 from config.loading import load_config
@@ -107,7 +111,7 @@ def test_copy_of_config_module_and_authors_only_option(tmp_path):
     from pathlib import Path
     copy = tmp_path / "copy.py"
     copy.write_text((Path(__file__).parent.parent / "config" / "config.py").read_text().replace(
-        "alpha: float = 20", "alpha: float = 7"))
+        "alpha: float = option(20,", "alpha: float = option(7,"))
     assert load_config(copy).alpha == 7
     authors = tmp_path / "authors.py"
     authors.write_text("config = dict()\nconfig['warmup_epoch'] = -1\nconfig['alpha'] = 3\n")
@@ -120,9 +124,29 @@ def test_plugins_register_entries(tmp_path):
                       "from sklearn.dummy import DummyClassifier\n"
                       "@register_attacker('Dummy_plugin_test')\n"
                       "def dummy(ctx):\n    return DummyClassifier()\n")
-    cfg = load_config(None, [f"plugins=[{str(plugin)!r}]", "attackers=['Dummy_plugin_test']"])
-    check_names(cfg)
+    with registered():
+        cfg = load_config(None, [f"plugins=[{str(plugin)!r}]", "attackers=['Dummy_plugin_test']"])
+        check_names(cfg)
+    assert "Dummy_plugin_test" not in ATTACKERS
     with pytest.raises(UserError, match="plug-in.*does not exist"):
         load_config(None, [f"plugins=[{str(tmp_path / 'none.py')!r}]"])
     with pytest.raises(UserError, match="plug-in 'no_such_module_xyz'"):
         load_config(None, ["plugins=['no_such_module_xyz']"])
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_plugin_that_exits_at_import_is_an_error_not_a_silent_end(tmp_path, code):
+    plugin = tmp_path / "exits.py"
+    plugin.write_text(f"import sys\nsys.exit({code})\n")
+    with pytest.raises(UserError, match=rf"plug-in '.*exits.py' .* called sys.exit\({code}\)"):
+        load_config(None, [f"plugins=[{str(plugin)!r}]"])
+
+
+def test_finetune_with_an_exiting_plugin_exits_2_with_the_message(tmp_path):
+    import subprocess
+    import sys
+    plugin = tmp_path / "exits.py"
+    plugin.write_text("import sys\nsys.exit(0)\n")
+    run = subprocess.run([sys.executable, "finetune.py", "--set", f"plugins=[{str(plugin)!r}]"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 2 and "called sys.exit(0)" in run.stderr and "Traceback" not in run.stderr

@@ -112,7 +112,7 @@ def test_leace_leaves_linear_attackers_at_chance_on_its_training_data(tmp_path):
 def test_inlp_removes_a_rank_k_subspace_and_linear_leakage(tmp_path):
     train, held = world(64)
     bare = logreg(held.x, held)
-    m, res = fit(tmp_path, train, "inlp", inlp_iterations=3)
+    m, res = fit(tmp_path, train, "inlp", **{"inlp.iterations": 3})
     assert [p.name for p in res.checkpoints] == ["1transform.pth", "2transform.pth", "3transform.pth"]
     for k, path in enumerate(res.checkpoints, start=1):
         p = m.load_transform(path).projection.double()
@@ -129,7 +129,7 @@ def test_ive_removes_the_gender_dimensions_round_by_round(tmp_path):
     direction[:n] = 1 / np.sqrt(n)             # gender lives in dimensions 0-7
     train, held = world(dim, direction=direction)
     bare = gender_leakage(held.x, held.genders, held.ids)
-    m, res = fit(tmp_path, train, "ive", ive_dims_per_round=n, ive_rounds=2, ive_estimators=50)
+    m, res = fit(tmp_path, train, "ive", **{"ive.dims_per_round": n, "ive.rounds": 2, "ive.estimators": 50})
     assert [p.name for p in res.checkpoints] == ["1transform.pth", "2transform.pth"]
     kept = [m.load_transform(p).kept for p in res.checkpoints]
     assert [len(k) for k in kept] == [dim - n, dim - 2 * n]
@@ -175,8 +175,8 @@ def test_pe_miu_keeps_verification_with_its_own_comparison(tmp_path):
 def test_adversarial_layer_lowers_gender_leakage(tmp_path):
     train, held = world(64, train_ids=200, test_ids=60, imgs=6)
     common = {"num_epoch": 10, "checkpoint_every": 10, "batch_size": 128, "log_every": 1000}
-    control, res0 = fit(tmp_path / "control", train, "adversarial", adversarial_weight=0.0, **common)
-    m, res = fit(tmp_path / "adversarial", train, "adversarial", adversarial_hidden=64, **common)
+    control, res0 = fit(tmp_path / "control", train, "adversarial", **{"adversarial.weight": 0.0}, **common)
+    m, res = fit(tmp_path / "adversarial", train, "adversarial", **{"adversarial.hidden": 64}, **common)
     step = len(train.x) // 128 * 10
     assert [p.name for p in res.checkpoints] == [f"{step}ftn_layers.pth"] and res.step == step
     assert (res.checkpoints[0].parent / f"{step}header.pth").is_file()
@@ -188,8 +188,8 @@ def test_adversarial_layer_lowers_gender_leakage(tmp_path):
 
 
 @pytest.mark.parametrize("method, option, value", [
-    ("pe_miu", "pe_miu_block_size", 24), ("pe_miu", "pe_miu_block_size", 512), ("inlp", "inlp_iterations", 512),
-    ("ive", "ive_rounds", 64), ("leace", "resume", True)])
+    ("pe_miu", "pe_miu.block_size", 24), ("pe_miu", "pe_miu.block_size", 512), ("inlp", "inlp.iterations", 512),
+    ("ive", "ive.rounds", 64), ("leace", "resume", True)])
 def test_unusable_settings_are_refused_naming_the_option(method, option, value):
     cfg = config_from_dict({"method": method, option: value}, "test")
     with pytest.raises(UserError, match=option):
@@ -200,8 +200,8 @@ def test_methods_train_and_sweep_with_their_own_settings(tmp_path):
     """finetune.py + eval/evaluation.py on the synthetic world: each method's run folder, its checkpoints, and the
     sweep's rows, read back through run.json."""
     synthetic_world(tmp_path, n_train_ids=40, imgs=4)
-    runs = {"inlp": (["inlp_iterations=2"], "inlp_2it", ["1", "2"]),
-            "pe_miu": (["pe_miu_block_size=128"], "pe_miu_128b", ["1"]),
+    runs = {"inlp": (["inlp.iterations=2"], "inlp_2it", ["1", "2"]),
+            "pe_miu": (["pe_miu.block_size=128"], "pe_miu_128b", ["1"]),
             "adversarial": (["num_epoch=2", "checkpoint_every=1"], "adversarial_1.0w_256h", ["5", "10"])}
     for method, (extra, folder, _) in runs.items():
         res = finetune.train(demo_cfg(tmp_path, f"method={method}", "eval_step=5", *extra))

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+
+from helpers import registered
 from scipy import interpolate
 from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
@@ -113,15 +115,13 @@ def test_leakage_is_identical_with_probability_true():
     x[:, 0] += genders * 1.2
     import warnings
     from sklearn.svm import SVC
-    from eval.attackers import ATTACKERS, register_attacker
-    register_attacker("SVM-prob")(lambda ctx: SVC(kernel="linear", probability=True))  # the authors' setting
-    register_attacker("RBF-prob")(lambda ctx: SVC(kernel="rbf", probability=True))
-    try:
+    from eval.attackers import register_attacker
+    with registered():
+        register_attacker("SVM-prob")(lambda ctx: SVC(kernel="linear", probability=True))  # the authors' setting
+        register_attacker("RBF-prob")(lambda ctx: SVC(kernel="rbf", probability=True))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # sklearn >= 1.9 deprecates probability=True
             theirs = gender_leakage(x, genders, ids, attackers=("SVM-prob", "RBF-prob"))
-    finally:
-        ATTACKERS.pop("SVM-prob"), ATTACKERS.pop("RBF-prob")
     ours = gender_leakage(x, genders, ids)
     assert (ours["SVM"], ours["RBF"]) == (theirs["SVM-prob"], theirs["RBF-prob"])
 
