@@ -3,9 +3,11 @@ Attributes by Iterative Nullspace Projection", ACL 2020).
 
 Each iteration trains a linear gender classifier on the templates as projected so far and projects its direction
 out: with w_k the unit direction (orthogonalised against the earlier ones), P_k = P_{k-1} - w_k w_k^T, so after k
-iterations P_k is the orthogonal projection onto the complement of a rank-k subspace. The classifier is a
-class-balanced linear SVM (scikit-learn's LinearSVC, as in the authors' gender experiments), seeded by ``seed``.
-One checkpoint per iteration (step = iteration), holding P_k.
+iterations P_k is the orthogonal projection onto the complement of a rank-k subspace. The classifier is a linear
+SVM (scikit-learn's LinearSVC, seeded by ``seed``) with the settings of the authors' gender experiment on word
+vectors: no intercept, no class weights, C = 1, primal solver (``inlp.fit_intercept``, ``inlp.class_weight``,
+``inlp.C``; their BiasBios experiments use C = 0.01 or 0.3). One checkpoint per iteration (step = iteration),
+holding P_k.
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ class Projection(nn.Module):
 @dataclass
 class INLPOptions:
     iterations: int = option(20, "linear classifiers whose directions are projected out, one each", ge=1)
+    C: float = option(1.0, "inverse regularisation of the linear SVM (the authors': 1 for word vectors)", gt=0)
+    fit_intercept: bool = option(False, "whether the SVM has an intercept (the authors': no)")
+    class_weight: str = option("none", "SVM class weights: none (the authors') or balanced",
+                               choices=("none", "balanced"))
 
 
 class INLP(PathMethod):
@@ -61,8 +67,10 @@ class INLP(PathMethod):
         x, y = training_templates(ctx)
         x = x.astype(np.float64)
         projection = np.eye(x.shape[1])
+        o = self.opts
         for it in range(1, self.opts.iterations + 1):
-            clf = LinearSVC(class_weight="balanced", random_state=self.cfg.seed)
+            clf = LinearSVC(C=o.C, fit_intercept=o.fit_intercept, dual=False, random_state=self.cfg.seed,
+                            class_weight=None if o.class_weight == "none" else o.class_weight)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf.fit(x, y)

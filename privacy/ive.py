@@ -4,7 +4,9 @@ Templates Using Incremental Variable Elimination", ICB 2019).
 Round after round, a tree ensemble learns to predict gender from the template dimensions still kept, and the
 ``ive.dims_per_round`` dimensions it finds most important are removed; after ``ive.rounds`` rounds the template
 keeps D - rounds * dims_per_round dimensions. The ensemble is scikit-learn's random forest (impurity importances),
-seeded by ``seed``. One checkpoint per round (step = round), so the sweep traces the privacy/utility path.
+seeded by ``seed``. The defaults are the authors' example (``incremental_variable_elimination.py``): standardised
+templates, 30 trees without class weights, 5 dimensions removed per round over 20 rounds. One checkpoint per round
+(step = round), so the sweep traces the privacy/utility path.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Iterator
 import numpy as np
 import torch
 from sklearn.ensemble import RandomForestClassifier
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from config.options import option
@@ -26,9 +29,12 @@ __all__ = ["IVE", "IVEOptions", "KeepDimensions"]
 
 @dataclass
 class IVEOptions:
-    dims_per_round: int = option(8, "dimensions removed per round (the most gender-predictive)", ge=1)
+    dims_per_round: int = option(5, "dimensions removed per round (the most gender-predictive)", ge=1)
     rounds: int = option(20, "elimination rounds, a checkpoint each (keeps D - rounds * dims_per_round)", ge=1)
-    estimators: int = option(100, "trees of the random forest whose importances rank the dimensions", ge=1)
+    estimators: int = option(30, "trees of the random forest whose importances rank the dimensions", ge=1)
+    class_weight: str = option("none", "forest class weights: none (the authors') or balanced",
+                               choices=("none", "balanced"))
+    standardize: bool = option(True, "fit the forests on standardised templates (the authors' StandardScaler)")
 
 
 class KeepDimensions(nn.Module):
@@ -61,9 +67,12 @@ class IVE(PathMethod):
     def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
         c, o = self.cfg, self.opts
         x, y = training_templates(ctx)
+        if o.standardize:    # the ranking only; the checkpoints keep dimensions of the templates as they are
+            x = StandardScaler().fit_transform(x)
         kept = np.arange(x.shape[1])
+        weights = None if o.class_weight == "none" else o.class_weight
         for round_ in range(1, o.rounds + 1):
-            forest = RandomForestClassifier(n_estimators=o.estimators, class_weight="balanced", n_jobs=c.n_jobs,
+            forest = RandomForestClassifier(n_estimators=o.estimators, class_weight=weights, n_jobs=c.n_jobs,
                                             random_state=c.seed + round_)
             forest.fit(x[:, kept], y)
             order = np.argsort(-forest.feature_importances_, kind="stable")

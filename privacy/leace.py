@@ -5,10 +5,14 @@ The closed-form affine map x -> x - W^+ P W (x - mu) (W the whitening of the tem
 projection onto the whitened cross-covariance with gender) makes the two genders' mean templates equal, so no
 linear classifier does better than a constant on the data it was fit on, while moving templates the least in the
 least-squares sense. Fit on the training set's unflipped cached templates (streamed in chunks, so memory stays
-O(D^2)); one checkpoint (step 1).
+O(D^2)); one checkpoint (step 1). As in the package's defaults, the covariance estimate is shrunk towards a scaled
+identity (its ``shrinkage=True``, a Ledoit-Wolf-type estimate that keeps the whitening stable when D is large
+against the number of templates), so the eraser is the formula above with that estimate; ``leace.shrinkage=False``
+uses the plain sample covariance.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -16,10 +20,11 @@ import torch
 from concept_erasure import LeaceFitter
 from torch import nn
 
+from config.options import option
 from privacy.base import FitContext, PathMethod, checkpoint_tensor
 from runtime.errors import UserError
 
-__all__ = ["LEACE", "AffineErasure"]
+__all__ = ["LEACE", "LEACEOptions", "AffineErasure"]
 
 CHUNK = 1 << 16   # templates per statistics update
 
@@ -37,12 +42,18 @@ class AffineErasure(nn.Module):
         return x - ((x - self.bias) @ self.proj_right.T) @ self.proj_left.T
 
 
+@dataclass
+class LEACEOptions:
+    shrinkage: bool = option(True, "shrink the covariance estimate (concept-erasure's default)")
+
+
 class LEACE(PathMethod):
     name = "leace"
+    Options = LEACEOptions
 
     def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
         templates, genders = ctx.templates, torch.as_tensor(ctx.index.genders, dtype=torch.float64)
-        fitter = LeaceFitter(templates.templates.shape[2], 1, dtype=torch.float64)
+        fitter = LeaceFitter(templates.templates.shape[2], 1, dtype=torch.float64, shrinkage=self.opts.shrinkage)
         for start in range(0, len(templates), CHUNK):
             sl = slice(start, start + CHUNK)
             fitter.update(templates.normalized(sl, 0).double(), genders[sl])

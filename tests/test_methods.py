@@ -189,7 +189,7 @@ def test_adversarial_layer_lowers_gender_leakage(tmp_path):
 
 @pytest.mark.parametrize("method, option, value", [
     ("pe_miu", "pe_miu.block_size", 24), ("pe_miu", "pe_miu.block_size", 512), ("inlp", "inlp.iterations", 512),
-    ("ive", "ive.rounds", 64), ("leace", "resume", True)])
+    ("ive", "ive.rounds", 103), ("leace", "resume", True)])
 def test_unusable_settings_are_refused_naming_the_option(method, option, value):
     cfg = config_from_dict({"method": method, option: value}, "test")
     with pytest.raises(UserError, match=option):
@@ -239,3 +239,67 @@ def test_a_foreign_checkpoint_is_refused_naming_the_file(method, tmp_path):
     assert m.list_checkpoints(tmp_path) == [(3, path)]
     with pytest.raises(UserError, match="3transform.pth"):
         m.load_transform(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the defaults are the reference implementations' settings, each checked against the reference's computation
+# written out here with scikit-learn, scipy and concept-erasure directly
+# ---------------------------------------------------------------------------------------------------------------
+def test_pe_miu_default_aligns_blocks_by_unsquared_euclidean_distance():
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial.distance import cdist
+    from privacy.pe_miu import BlockPermutation
+    method = get_method("pe_miu")(config_from_dict({"method": "pe_miu"}, "test"))
+    assert (method.opts.block_size, method.opts.cost) == (16, "euclidean")
+    rng = np.random.default_rng(0)
+    ver = unit(rng.normal(size=(2 * 30, 512)))
+    ours = BlockPermutation(16, 0, method.opts.cost).pair_distances(ver)
+    squared = BlockPermutation(16, 0, "squared").pair_distances(ver)
+    reference, by_inner_product = [], []
+    for a, b in zip(ver[0::2].reshape(30, 32, 16), ver[1::2].reshape(30, 32, 16)):
+        rows, cols = linear_sum_assignment(cdist(a, b))                 # the reference's cost: block distances
+        reference.append(((a[rows] - b[cols]) ** 2).sum())
+        rows, cols = linear_sum_assignment(a @ b.T, maximize=True)
+        by_inner_product.append(((a[rows] - b[cols]) ** 2).sum())
+    np.testing.assert_allclose(ours, reference, atol=1e-12)
+    np.testing.assert_allclose(squared, by_inner_product, atol=1e-12)
+    assert np.abs(np.asarray(reference) - np.asarray(by_inner_product)).max() > 1e-4   # the two costs differ here
+
+
+def test_ive_default_is_the_reference_example_first_round(tmp_path):
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.preprocessing import StandardScaler
+    train, _ = world(64)
+    m, res = fit(tmp_path, train, "ive", **{"ive.rounds": 1})
+    o = m.opts
+    assert (o.dims_per_round, o.rounds, o.estimators, o.class_weight, o.standardize) == (5, 1, 30, "none", True)
+    forest = RandomForestClassifier(n_estimators=30, random_state=m.cfg.seed + 1, n_jobs=1)
+    forest.fit(StandardScaler().fit_transform(train.x), train.genders)
+    removed = np.argsort(-forest.feature_importances_, kind="stable")[:5]
+    kept = m.load_transform(res.checkpoints[0]).kept.numpy()
+    assert sorted(set(range(64)) - set(kept.tolist())) == sorted(removed.tolist())
+
+
+def test_inlp_default_classifier_is_the_reference_gender_setting(tmp_path):
+    from sklearn.svm import LinearSVC
+    train, _ = world(64)
+    m, res = fit(tmp_path, train, "inlp", **{"inlp.iterations": 1})
+    assert (m.opts.C, m.opts.fit_intercept, m.opts.class_weight) == (1.0, False, "none")
+    clf = LinearSVC(fit_intercept=False, class_weight=None, dual=False, random_state=m.cfg.seed)
+    clf.fit(train.x.astype(np.float64), train.genders)
+    w = clf.coef_[0] / np.linalg.norm(clf.coef_[0])
+    expected = np.eye(64) - np.outer(w, w)
+    np.testing.assert_allclose(m.load_transform(res.checkpoints[0]).projection.double().numpy(), expected, atol=1e-6)
+
+
+def test_leace_default_is_the_package_default_with_shrinkage(tmp_path):
+    from concept_erasure import LeaceFitter
+    train, held = world(64)
+    m, res = fit(tmp_path, train, "leace")
+    assert m.opts.shrinkage is True
+    fitter = LeaceFitter(64, 1, dtype=torch.float64)      # the package's defaults
+    x = torch.from_numpy(unit(train.x.astype(np.float64)))
+    fitter.update(x, torch.as_tensor(train.genders, dtype=torch.float64))
+    probe = torch.from_numpy(unit(held.x.astype(np.float64)))
+    expected = fitter.eraser(probe).numpy()
+    np.testing.assert_allclose(apply(m, res.checkpoints[0], probe.float().numpy()), expected, atol=1e-5)
