@@ -106,7 +106,7 @@ def demo_cfg(root: Path, *extra: str, **kw):
                  f"checkpoint_root={root / 'ckpt'}", f"log_dir={root / 'logs'}", f"data_dir={root / 'train'}",
                  f"rec={root / 'rec'}", f"cache_dir={root / 'cache'}", "batch_size=32", "num_epoch=4",
                  "checkpoint_every=2", "eval_step=0", "log_every=10", f"val_targets={sets!r}",
-                 f"test_targets={sets!r}", "num_workers=0", "device=cpu",
+                 f"test_targets={sets!r}", "num_workers=0", "device=cpu", "n_jobs=1",   # a test of parallelism sets it
                  f"output_ori={root / 'ckpt' / 'Demo' / 'reference' / 'backbone.pth'}", *extra]
     return load_config(None, overrides)
 

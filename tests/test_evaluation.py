@@ -94,9 +94,16 @@ def test_metrics_equal_a_direct_evaluation_of_the_layer(trained, tmp_path):
 
 def test_force_recomputes_and_keeps_one_row_per_checkpoint(trained, tmp_path):
     out_dir = sweep(trained, tmp_path)
-    sweep(trained, tmp_path, force=True)
-    rows = (out_dir / "20L1_1L2_metrics.csv").read_text().splitlines()
-    assert len(rows) == 7 and rows.count(rows[0]) == 1
+    path = out_dir / "20L1_1L2_metrics.csv"
+    true_rows = path.read_text().splitlines()
+    tampered = true_rows[1].split(",")
+    tampered[2] = "0.987654"                           # a value the sweep cannot have computed
+    path.write_text("\n".join([true_rows[0], ",".join(tampered), *true_rows[2:]]) + "\n")
+    sweep(trained, tmp_path)                           # resuming keeps the rows it finds ...
+    assert "0.987654" in path.read_text()
+    sweep(trained, tmp_path, force=True)               # ... --force computes every one again
+    rows = path.read_text().splitlines()
+    assert rows == true_rows and len(rows) == 7 and rows.count(rows[0]) == 1
 
 
 def test_reference_problems_are_clear(trained, tmp_path):
