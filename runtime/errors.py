@@ -33,10 +33,10 @@ def is_disk_full(exc: BaseException) -> bool:
 def disk_full_error(folder: str | os.PathLike, what: str, exc: OSError) -> UserError:
     """The error of a full disk (or a file-size limit) met while writing under ``folder`` (``what``: the option or
     role of the folder, e.g. "cache_dir")."""
-    reason = exc.strerror or str(exc)
-    return UserError(f"the disk holding {what} '{folder}' is full or a file-size limit was reached ({reason}). "
-                     f"Everything completed before was kept and no partial file was left: free space there (or raise "
-                     f"the limit, ulimit -f), or point {what} to a folder with room, then run again.")
+    return UserError(f"cannot write to '{folder}' ({what}): the disk is full or a file-size limit was reached "
+                     f"({exc.strerror or exc}). Everything completed before was kept and no partial file was left. "
+                     f"Free space there (or raise the limit, ulimit -f) or choose a folder on another disk for "
+                     f"{what}, then run again.")
 
 
 @contextlib.contextmanager
