@@ -53,7 +53,7 @@ OWNER = "owner.json"      # in a build folder: the machine and process building 
 
 
 @dataclass
-class _Miss:
+class _Plan:
     """Process 0's plan, sent to every process: the hidden folder the entry is built in (None on a hit) and the
     positions of the images not yet in the row store. Process 0 keeps what it alone needs: every image's row key
     (the others compute their share's) and the row store's lock, held until the entry is published or abandoned."""
@@ -113,48 +113,48 @@ class TemplateCache:
         final = self.folder / f"{name}-{self.key(inputs)}"
         procs = self.processes
         # 1. process 0: a hit, or the images missing from the row store
-        miss = procs.decide(lambda: self._plan(final, items, what), f"planning the extraction of the {what}")
-        if miss.work is not None:
+        plan = procs.decide(lambda: self._plan(final, items, what), f"planning the extraction of the {what}")
+        if plan.work is not None:
             try:
                 # 2. every process: its share of the missing images, into the row store
-                shares = procs.each(lambda: self._extract_share(miss, items, describe, what, on_batch),
+                shares = procs.each(lambda: self._extract_share(plan, items, describe, what, on_batch),
                                     f"extracting its share of the {what}")
                 # 3. the images that did not decode, of all shares, stop every process
                 self._refuse_undecodable([p for problems, _ in shares for p in problems], what)
                 # 4. process 0: the entry assembled from the store and renamed into place
-                procs.each(lambda: self._publish(miss, [f for _, files in shares for f in files], final, what),
+                procs.each(lambda: self._publish(plan, [f for _, files in shares for f in files], final, what),
                            f"publishing the cache entry of the {what}")
             finally:
                 if procs.main:
-                    miss.close()
+                    plan.close()
         # 5. every process: the published entry
         procs.each(lambda: self._check_readable(final), f"opening the cache entry of the {what}")
         return open_entry(final)
 
-    def _plan(self, final: Path, items: Sequence, what: str) -> _Miss:
+    def _plan(self, final: Path, items: Sequence, what: str) -> _Plan:
         """Process 0: a hit (no build folder) or the plan of a miss (the build folder made, the store locked)."""
         entry = open_entry(final)
         if entry is not None and len(entry) == len(items):
             log.info("template cache hit: %s (%d %s)", final, len(entry), what)
-            return _Miss(None, np.zeros(0, np.int64))
+            return _Plan(None, np.zeros(0, np.int64))
         store = self.store()
-        miss = _Miss(None, np.zeros(0, np.int64))
+        plan = _Plan(None, np.zeros(0, np.int64))
         try:
             with full_disk_named(self.folder, "cache_dir"):
-                miss.lock = contextlib.ExitStack()
-                miss.lock.enter_context(store.in_use())
-                miss.work = self._start_build(final, store, len(items), what)
-            miss.keys = [item_key(item) for item in items]
-            miss.todo = np.asarray(store.missing(miss.keys), dtype=np.int64)
+                plan.lock = contextlib.ExitStack()
+                plan.lock.enter_context(store.in_use())
+                plan.work = self._start_build(final, store, len(items), what)
+            plan.keys = [item_key(item) for item in items]
+            plan.todo = np.asarray(store.missing(plan.keys), dtype=np.int64)
         except BaseException:
-            miss.close()
+            plan.close()
             raise
-        if len(miss.todo) < len(items):
-            log.info("%d of %d %s already extracted (row store %s)", len(items) - len(miss.todo), len(items), what,
+        if len(plan.todo) < len(items):
+            log.info("%d of %d %s already extracted (row store %s)", len(items) - len(plan.todo), len(items), what,
                      store.path)
         if self.processes.world > 1:
-            log.info("%d %s to extract, shared by %d processes", len(miss.todo), what, self.processes.world)
-        return miss
+            log.info("%d %s to extract, shared by %d processes", len(plan.todo), what, self.processes.world)
+        return plan
 
     def _start_build(self, final: Path, store: RowStore, count: int, what: str) -> Path:
         """Move an unreadable entry aside (never deleted) and make the hidden folder the new entry is built in,
@@ -170,20 +170,20 @@ class TemplateCache:
                                               "started": time.time()}))
         return work
 
-    def _extract_share(self, miss: _Miss, items: Sequence, describe: Callable[[int], str], what: str,
+    def _extract_share(self, plan: _Plan, items: Sequence, describe: Callable[[int], str], what: str,
                        on_batch: Callable[[int], object] | None) -> tuple[list[str], list[str]]:
         """Every process: the backbone pass over its share of the missing images; returns the share's decoding
         problems and the store's files it wrote."""
         procs = self.processes
-        if not miss.work.is_dir():
-            raise UserError(f"process {procs.rank} cannot see the folder '{miss.work}' that process 0 made in "
+        if not plan.work.is_dir():
+            raise UserError(f"process {procs.rank} cannot see the folder '{plan.work}' that process 0 made in "
                             f"cache_dir '{self.folder}': with torchrun on several machines, cache_dir (and the data) "
                             f"must be on a file system all machines share, under the same path. Set --set "
                             f"cache_dir=<shared folder>.")
-        mine = miss.todo[procs.share(len(miss.todo), self.settings.batch_size)].tolist()
+        mine = plan.todo[procs.share(len(plan.todo), self.settings.batch_size)].tolist()
         if not mine:
             return [], []
-        keys = [miss.keys[i] for i in mine] if miss.keys else [item_key(items[i]) for i in mine]
+        keys = [plan.keys[i] for i in mine] if plan.keys else [item_key(items[i]) for i in mine]
         with full_disk_named(self.folder, "cache_dir"):
             done = extract_rows(self.backbone.load(), [items[i] for i in mine], keys, self.store(), self.settings,
                                 lambda j: describe(mine[j]), what, on_batch)
@@ -200,18 +200,18 @@ class TemplateCache:
             raise UserError(f"process {self.processes.rank}: {len(problems)} of the {what} do not decode; process "
                             f"0's message lists them.")
 
-    def _publish(self, miss: _Miss, written: list[str], final: Path, what: str) -> None:
+    def _publish(self, plan: _Plan, written: list[str], final: Path, what: str) -> None:
         """Process 0: assemble the entry in the build folder from the row store (``written``: the chunk files the
         shares wrote, which a network file system may not list yet) and rename it into place."""
         if not self.processes.main:
             return
         with full_disk_named(self.folder, "cache_dir"):
-            meta = self.store().assemble(miss.keys, miss.work, self.settings.dtype, also=[Path(f) for f in written])
-            (miss.work / OWNER).unlink()   # an entry's folder holds the entry alone
-            publish(miss.work, final)
+            meta = self.store().assemble(plan.keys, plan.work, self.settings.dtype, also=[Path(f) for f in written])
+            (plan.work / OWNER).unlink()   # an entry's folder holds the entry alone
+            publish(plan.work, final)
         if meta["resized"]:
             log.warning("%d of %d %s were not 112x112: short side resized to 112 (bicubic) and centre-cropped",
-                        meta["resized"], len(miss.keys), what)
+                        meta["resized"], len(plan.keys), what)
 
     def _check_readable(self, final: Path) -> None:
         if open_entry(final) is None:
