@@ -44,7 +44,9 @@ from eval.leakage import gender_leakage, leakage_report
 from eval.verification import evaluate_verification
 from facedata.bin_builder import build_bin
 from facedata.binfile import load_bin
-from templates.cache import ExtractionSettings, TemplateCache, extract, open_entry
+from templates.cache import TemplateCache
+from templates.entry import EntryWriter, write_entry
+from templates.extraction import ExtractionSettings
 from config.loading import load_config
 from facedata.dataset import decode_image, scan_dataset, to_tensor
 from runtime.device import decode_workers, select_device
@@ -133,13 +135,12 @@ def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device, bat
     """The extraction loop's forwards/s (decoding included) vs raw forwards/s at the same batch size on tensors
     already in memory; both after a first batch that carries the one-off set-up. The loop is timed from the moments
     each batch's rows reach the host (nothing added to it: on CUDA it keeps a batch in flight)."""
-    net = load_backbone("iresnet50", work / "r50.pth").to(device).eval()
-    out = work / "extraction_timing"
-    out.mkdir()
     stamps: list[tuple[float, int]] = []
-    extract(net, scan_dataset(work / "train").paths, out,
-            ExtractionSettings(device, batch_size=batch, num_workers=WORKERS),
-            on_batch=lambda done: stamps.append((time.perf_counter(), done)))
+    cache = TemplateCache(work / "extraction_timing", BackboneSpec("iresnet50", work / "r50.pth"),
+                          ExtractionSettings(device, batch_size=batch, num_workers=WORKERS))
+    cache.get("timing", "bench", scan_dataset(work / "train").paths,
+              on_batch=lambda done: stamps.append((time.perf_counter(), done)))
+    net = load_backbone("iresnet50", work / "r50.pth").to(device).eval()
     (t_first, n_first), (t_last, n_last) = stamps[0], stamps[-1]
     extraction = 2 * (n_last - n_first) / (t_last - t_first)    # forwards: each image and its flip
     x = torch.randn(batch, 3, 112, 112, device=device)
@@ -198,7 +199,7 @@ def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
                              f"cache_dir={work / 'sweep_cache'}", f"num_workers={WORKERS}",
                              f"extract_batch_size={size['batch']}"])
     t0 = time.perf_counter()
-    cache = TemplateCache(cfg.cache_dir, BackboneSpec.from_config(cfg), ExtractionSettings.from_config(cfg, device))
+    cache = TemplateCache.from_config(cfg, device)
     sets = [open_eval_set(cache, cfg.rec, n) for n in ("set_a", "set_b")]
     for layer in layers:
         for ev in sets:
@@ -236,11 +237,8 @@ def synthetic_eval_set(folder: Path, name: str, pairs: int, gender: int, seed: i
     raw = rng.normal(size=(n, 2, 512)).astype(np.float32)
     raw[2 * pairs:] += 0.08 * genders[:, None, None] * rng.normal(size=512).astype(np.float32)
     norms = np.linalg.norm(raw, axis=2)
-    folder.mkdir(parents=True)
-    np.save(folder / "templates.npy", raw / norms[:, :, None])
-    np.save(folder / "norms.npy", norms)
-    (folder / "meta.json").write_text(json.dumps({"count": n, "dim": 512, "dtype": "float32", "version": 1}))
-    return EvalTemplates(name, open_entry(folder), rng.integers(0, 2, pairs).astype(bool), ids, genders)
+    entry = write_entry(folder, raw / norms[:, :, None], norms)
+    return EvalTemplates(name, entry, rng.integers(0, 2, pairs).astype(bool), ids, genders)
 
 
 def bench_parallel_sweep(work: Path, device: torch.device, gender: int) -> tuple:
@@ -311,7 +309,7 @@ def bench_attackers(size: dict) -> tuple:
 RSS_SCRIPT = """
 import sys, time, numpy as np, torch
 from pathlib import Path
-from templates.cache import open_entry
+from templates.entry import open_entry
 from facedata.dataset import balanced_epoch
 from backbones import ProjectionLayer
 from privacy.angular import AngularObjective
@@ -343,18 +341,13 @@ def bench_rss(work: Path, size: dict) -> dict:
     """Write a (n, 2, 512) float32 cache in chunks, then train on it in a fresh process and read its peak RSS."""
     n = size["rss_n"]
     folder = work / "rss_cache"
-    folder.mkdir()
-    t = np.lib.format.open_memmap(folder / "templates.npy", mode="w+", dtype=np.float32, shape=(n, 2, 512))
-    norms = np.lib.format.open_memmap(folder / "norms.npy", mode="w+", dtype=np.float32, shape=(n, 2))
+    writer = EntryWriter(folder, n, 512, "float32")
     rng = np.random.default_rng(0)
     for i in range(0, n, 50_000):
         chunk = rng.standard_normal((min(50_000, n - i), 2, 512), dtype=np.float32)
-        t[i:i + len(chunk)] = chunk / np.linalg.norm(chunk, axis=2, keepdims=True)
-        norms[i:i + len(chunk)] = 1.0
-    t.flush()
-    norms.flush()
-    del t, norms
-    (folder / "meta.json").write_text(json.dumps({"count": n, "dim": 512, "dtype": "float32", "version": 1}))
+        writer.templates[i:i + len(chunk)] = chunk / np.linalg.norm(chunk, axis=2, keepdims=True)
+        writer.norms[i:i + len(chunk)] = 1.0
+    writer.finish()
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT.format(folder=str(folder),
                                                                     steps=size["rss_steps"])],
                          capture_output=True, text=True, check=True)
@@ -383,11 +376,7 @@ def bench_step(device: torch.device | str, batch: int = 128, n: int = 10_000, n_
         rng = np.random.default_rng(0)
         ids = np.arange(n) % n_ids
         raw = rng.standard_normal((n, 2, 512), dtype=np.float32)
-        folder = work / "cache"
-        folder.mkdir()
-        np.save(folder / "templates.npy", raw / np.linalg.norm(raw, axis=2, keepdims=True))
-        np.save(folder / "norms.npy", np.ones((n, 2), np.float32))
-        (folder / "meta.json").write_text(json.dumps({"count": n, "dim": 512, "dtype": "float32", "version": 1}))
+        entry = write_entry(work / "cache", raw / np.linalg.norm(raw, axis=2, keepdims=True))
         index = TrainIndex(work, [work / f"{i}.png" for i in range(n)], ids, ids % 2, np.arange(n_ids) % 2)
         best: dict[int, float] = {}
         for r in range(rounds):
@@ -397,7 +386,7 @@ def bench_step(device: torch.device | str, batch: int = 128, n: int = 10_000, n_
                 ckpt = work / f"ckpt_{r}_{log_every}"
                 ckpt.mkdir()
                 timer = EpochTimer()
-                get_method("angular")(cfg).fit(FitContext(cfg, index, open_entry(folder), device, ckpt, False, log,
+                get_method("angular")(cfg).fit(FitContext(cfg, index, entry, device, ckpt, False, log,
                                                           callbacks=[timer]))
                 ms = 1000 * float(np.mean(timer.epoch_seconds[1:])) / (n // batch)
                 best[log_every] = min(best.get(log_every, ms), ms)

@@ -22,7 +22,8 @@ from eval.attackers import PAPER_ATTACKERS, AttackContext, expand_attackers
 from eval.leakage import LeakageResult, leakage_report
 from eval.verification import pair_distances, verification_from_distances
 from facedata.binfile import load_bin
-from templates.cache import TemplateCache, Templates, bin_inputs
+from templates.cache import TemplateCache, bin_inputs
+from templates.entry import Templates
 from runtime.logs import get_logger
 
 log = get_logger(__name__)

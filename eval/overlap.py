@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from eval.evalset import EvalTemplates
-from templates.cache import Templates
+from templates.entry import Templates
 from facedata.dataset import TrainIndex
 
 __all__ = ["DEFAULT_THRESHOLD", "Overlap", "best_matches", "find_overlap", "eval_image_name", "describe", "warn_overlap"]

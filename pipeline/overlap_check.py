@@ -30,7 +30,7 @@ from backbones.spec import BackboneSpec
 from config.config import Config
 from eval.evalset import EvalTemplates, open_eval_set
 from eval.overlap import CSV_COLUMNS, DEFAULT_THRESHOLD, Overlap, describe, eval_image_name, find_overlap
-from templates.cache import ExtractionSettings, TemplateCache, index_inputs
+from templates.cache import TemplateCache, index_inputs
 from config.loading import OVERRIDE_HELP, load_config
 from facedata.dataset import TrainIndex, scan_training_data
 from runtime.device import select_device
@@ -55,7 +55,7 @@ def check_overlap(cfg: Config, threshold: float = DEFAULT_THRESHOLD, csv_path: s
     index = scan_training_data(cfg.data_dir, cfg.rec_genders)
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()
-    cache = TemplateCache(cfg.cache_dir, backbone, ExtractionSettings.from_config(cfg, select_device(cfg.device)))
+    cache = TemplateCache.from_config(cfg, select_device(cfg.device), backbone=backbone)
     templates = cache.get(f"train-{index.name}", index_inputs(index), index.paths, lambda i: str(index.paths[i]),
                           what=f"training images of {index.where}")
     found = []

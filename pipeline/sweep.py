@@ -38,7 +38,8 @@ from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, evaluate_set
 from eval.leakage import WORST
 from pipeline.report import write_report
 from privacy.runs import check_names, find_runs
-from templates.cache import ExtractionSettings, TemplateCache, open_entry
+from templates.cache import TemplateCache
+from templates.entry import open_entry
 from runtime.distributed import processes
 from config.loading import OVERRIDE_HELP, load_config
 from runtime.device import select_device
@@ -244,7 +245,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
     device = select_device(cfg.device)
     with processes(device) as procs:
         device = procs.device(device)
-        cache = TemplateCache(cfg.cache_dir, backbone, ExtractionSettings.from_config(cfg, device), procs)
+        cache = TemplateCache.from_config(cfg, device, procs, backbone)
         if not procs.main:   # the other processes extract their shares of the sets' templates, nothing else
             for name in targets:
                 open_eval_set(cache, cfg.rec, name)

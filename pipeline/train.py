@@ -32,9 +32,9 @@ from eval.evalset import EvalTemplates, check_bare_backbone, open_eval_set  # no
 from eval.overlap import warn_overlap
 from privacy import FitContext, FitResult, PrivacyMethod, get_method
 from privacy.runs import RunFolders, append_config_row, check_names, plan_run_folders, write_run_description  # noqa: E501
-from templates.cache import ExtractionSettings, TemplateCache, index_inputs
+from templates.cache import TemplateCache, index_inputs
 from config.loading import OVERRIDE_HELP, load_config
-from templates.cache import Templates
+from templates.entry import Templates
 from facedata.dataset import TrainIndex, scan_training_data
 from runtime.device import select_device
 from runtime.distributed import Processes, processes
@@ -102,7 +102,7 @@ def get_templates(plan: Plan) -> tuple[Templates | None, list[EvalTemplates]]:
     cache. Under torchrun every process calls this, in this order: each extracts its share of a miss; then they
     leave the process group."""
     cfg = plan.cfg
-    cache = TemplateCache(cfg.cache_dir, plan.backbone, ExtractionSettings.from_config(cfg, plan.device), plan.procs)
+    cache = TemplateCache.from_config(cfg, plan.device, plan.procs, plan.backbone)
     templates = None
     if cfg.cache:
         templates = cache.get(f"train-{plan.index.name}", index_inputs(plan.index), plan.index.paths,

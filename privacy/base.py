@@ -21,7 +21,7 @@ from torch import nn
 from config.config import Config
 from eval.evalset import EvalTemplates
 from privacy.callbacks import CallBackVerification
-from templates.cache import Templates
+from templates.entry import Templates
 from facedata.dataset import TrainIndex
 from runtime.errors import UserError
 from runtime.io import atomic_torch_save, extract_state_dict, safe_torch_load

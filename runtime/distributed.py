@@ -12,7 +12,7 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
-from typing import Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -83,6 +83,27 @@ class Processes:
             raise UserError(f"process {rank} failed while {doing}, so process {self.rank} stops too. Process "
                             f"{rank}'s error: {message}")
         return [v for v, _ in out]
+
+    def decide(self, step: Callable[[], T], doing: str) -> T:
+        """Process 0 runs ``step``; its result reaches every process (``from_main``), and a failure in it stops
+        them all. The other processes run nothing."""
+        value, failure = None, None
+        if self.main:
+            try:
+                value = step()
+            except Exception as exc:   # the others learn of it and stop too
+                failure = exc
+        return self.from_main(value, failure, doing)
+
+    def each(self, step: Callable[[], T], doing: str) -> list[T]:
+        """Every process runs ``step``; once all have, each gets every process's result in rank order (``agree``),
+        and a failure anywhere stops them all."""
+        value, failure = None, None
+        try:
+            value = step()
+        except Exception as exc:   # the others learn of it and stop too
+            failure = exc
+        return self.agree(value, failure, doing)
 
     def leave(self) -> None:
         """Leave the process group once the shared work is done: process 0 then trains or sweeps alone, with no

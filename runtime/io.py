@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from runtime.errors import UserError
+from runtime.errors import UserError, full_disk_named
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -57,10 +57,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through a temporary file and a rename."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def atomic_torch_save(obj: Any, path: str | os.PathLike, what: str = "checkpoint_root") -> None:
+    """``torch.save`` through a temporary file and a rename. A full disk (or file-size limit) is a UserError naming
+    the folder (``what``: its option) and leaves the previous file, if any, and no temporary one."""
+    path = Path(path)
+    with full_disk_named(path.parent, what), atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        out = _WriteErrors(fh)
+        try:
+            torch.save(obj, out)
+        except RuntimeError:
+            # torch reports a failed write as "unexpected pos ..." and drops the cause; raise the cause itself
+            if out.error is not None:
+                raise out.error from None
+            raise
+
+
+class _WriteErrors:
+    """A file object for torch.save that remembers the OSError of a failed write."""
+
+    def __init__(self, fh: Any):
+        self.fh, self.error = fh, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def safe_torch_load(path: str | os.PathLike, what: str) -> Any:

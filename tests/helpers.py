@@ -12,12 +12,11 @@ import torch
 from torch import nn
 
 from backbones import ARCHITECTURES
-from backbones.spec import BackboneSpec
 from config.options import OPTION_GROUPS
 from eval.attackers import ATTACKERS
 from privacy import METHODS
 from facedata.bin_builder import build_bin
-from templates.cache import ExtractionSettings, TemplateCache
+from templates.cache import TemplateCache
 from config.loading import load_config
 from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
 
@@ -119,4 +118,4 @@ def write_png(path: Path, img: np.ndarray) -> Path:
 
 def template_cache(cfg, device: str = "cpu") -> TemplateCache:
     """The template cache of a config's backbone and extraction settings."""
-    return TemplateCache(cfg.cache_dir, BackboneSpec.from_config(cfg), ExtractionSettings.from_config(cfg, torch.device(device)))
+    return TemplateCache.from_config(cfg, torch.device(device))

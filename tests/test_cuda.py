@@ -6,7 +6,9 @@ import torch
 import backbones
 from pipeline import train as finetune
 from helpers import TinyNet, demo_cfg, synthetic_world
-from templates.cache import ExtractionSettings, extract
+from backbones.spec import BackboneSpec
+from templates.cache import TemplateCache
+from templates.extraction import ExtractionSettings
 from facedata.dataset import scan_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -21,12 +23,13 @@ def world(tmp_path_factory):
 
 def extracted(world, tmp_path, name, device, **kw):
     torch.manual_seed(0)
-    net = backbones.iresnet18().eval()
-    out = tmp_path / name
-    out.mkdir()
+    weights = tmp_path / "r18.pth"
+    if not weights.exists():
+        torch.save(backbones.iresnet18().state_dict(), weights)
     items = scan_dataset(world / "train").paths[:64]
-    extract(net, items, out, ExtractionSettings(torch.device(device), batch_size=16, num_workers=2, **kw))
-    return np.load(out / "templates.npy")
+    cache = TemplateCache(tmp_path / name, BackboneSpec("iresnet18", weights),
+                          ExtractionSettings(torch.device(device), batch_size=16, num_workers=2, **kw))
+    return np.array(cache.get("train", "cuda-test", items).templates)
 
 
 def test_cuda_extraction_matches_cpu_and_autocast_is_close(world, tmp_path):

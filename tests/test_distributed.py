@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import synthetic_world
-from templates.cache import open_entry
+from templates.entry import open_entry
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 # its own process at a chosen forward call; rows go to the store every 8 images so that a killed process has some
 PLUGIN = '''
 import os, signal
-import backbones, templates.cache
+import backbones, templates.rowstore
 from synthetic.backbone import demo_decoder
 
-templates.cache.CHUNK_ROWS = 8
+templates.rowstore.CHUNK_ROWS = 8
 CALLS = [0]
 
 

@@ -21,7 +21,7 @@ from eval.verification import evaluate_verification, verification_from_distances
 from helpers import demo_cfg, synthetic_world
 from privacy import FitContext, get_method
 from synthetic.data import identity_basis, population, sample_templates
-from templates.cache import open_entry
+from templates.entry import write_entry
 from config.loading import config_from_dict
 from facedata.dataset import TrainIndex
 from runtime.errors import UserError
@@ -65,19 +65,16 @@ def fit(folder: Path, split: Split, method: str, **options):
     """Fit ``method`` on the split's templates, read through a real cache entry under ``folder``; returns the method
     and its FitResult."""
     n, _, dim = split.templates.shape
-    entry, ckpt = folder / "cache", folder / "checkpoints"
-    entry.mkdir(parents=True)
-    ckpt.mkdir()
-    np.save(entry / "templates.npy", split.templates)
-    np.save(entry / "norms.npy", np.ones((n, 2), np.float32))
-    (entry / "meta.json").write_text(json.dumps({"count": n, "dim": dim}))
+    ckpt = folder / "checkpoints"
+    ckpt.mkdir(parents=True)
+    entry = write_entry(folder / "cache", split.templates)
     cfg = config_from_dict({"method": method, "embedding_size": dim, "eval_step": 0, "device": "cpu", **options},
                            "test")
     m = get_method(method)(cfg)
     m.check()
     index = TrainIndex(folder, [folder / f"{i}.png" for i in range(n)], split.ids, split.genders,
                        split.identity_gender)
-    return m, m.fit(FitContext(cfg, index, open_entry(entry), torch.device("cpu"), ckpt, False, LOG))
+    return m, m.fit(FitContext(cfg, index, entry, torch.device("cpu"), ckpt, False, LOG))
 
 
 @torch.no_grad()

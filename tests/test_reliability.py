@@ -109,7 +109,8 @@ import sys, torch
 sys.path.insert(0, {repo!r})
 from pathlib import Path
 from backbones.spec import BackboneSpec
-from templates.cache import ExtractionSettings, TemplateCache
+from templates.cache import TemplateCache
+from templates.extraction import ExtractionSettings
 items = sorted(Path({data!r}).rglob('*.png'))
 TemplateCache({cache!r}, BackboneSpec('iresnet18', Path({weights!r})),
               ExtractionSettings(torch.device('cpu'), batch_size=4, num_workers=0)).get('train', 'k', items)
@@ -120,7 +121,9 @@ def test_killed_extraction_is_never_read_and_is_rebuilt(world, tmp_path):
     from backbones import iresnet18
     from backbones import load_backbone
     from backbones.spec import BackboneSpec
-    from templates.cache import ExtractionSettings, TemplateCache, open_entry
+    from templates.cache import TemplateCache
+    from templates.entry import open_entry
+    from templates.extraction import ExtractionSettings
     torch.manual_seed(0)
     weights = tmp_path / "r18.pth"
     torch.save(iresnet18().state_dict(), weights)

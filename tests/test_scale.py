@@ -9,7 +9,7 @@ import backbones
 from pipeline import sweep as evaluation
 from helpers import demo_cfg, synthetic_world
 from synthetic.backbone import demo_decoder
-from templates.cache import open_entry
+from templates.entry import open_entry
 from runtime.errors import UserError
 
 

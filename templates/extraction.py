@@ -1,0 +1,138 @@
+"""The backbone pass of the template cache: images decoded in DataLoader workers while the backbone runs, each
+image and its flip, the rows written to the row store as they come (pipelined one batch deep on CUDA)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from facedata.dataset import ImageDataset, normalize_images, problem_report
+from runtime.device import decode_workers
+from runtime.errors import UserError
+from templates.rowstore import RowStore
+
+
+class BackboneSource(Protocol):
+    """What the cache needs of a backbone (backbones.spec.BackboneSpec is one): what it depends on, and itself."""
+
+    def fingerprint(self) -> dict[str, object]: ...
+
+    def load(self) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How the one-off backbone pass runs: where, in which precision, with how many decoding workers."""
+    device: torch.device
+    dtype: str = "float32"          # storage of the cached templates: float32 or float16
+    batch_size: int = 32
+    num_workers: int = 2
+    amp: str = "none"               # CUDA autocast during extraction: none, bf16, fp16
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device) -> "ExtractionSettings":
+        return cls(device, cfg.cache_dtype, cfg.extract_batch_size, decode_workers(cfg.num_workers), cfg.amp,
+                   cfg.channels_last)
+
+
+@dataclass
+class Pass:
+    """What one backbone pass did: the images that did not decode (described), the store's files written."""
+    problems: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def undecodable(what: str, problems: list[str]) -> UserError:
+    """The error listing every image of a pass that did not decode."""
+    return UserError(problem_report(f"the {what}", problems, "Replace or remove the files that do not decode, "
+                                    "then run again (no templates were cached; the rows of the others are kept and "
+                                    "not extracted again)."))
+
+
+def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store: RowStore,
+                 settings: ExtractionSettings, describe: Callable[[int], str], what: str,
+                 on_batch: Callable[[int], object] | None = None) -> Pass:
+    """The backbone pass over ``items``: their rows written to ``store`` every CHUNK_ROWS images (neither the images
+    nor the templates held in memory); ``on_batch`` called with the number of images done each time a batch's rows
+    reach the host. Images that fail to decode are listed in the result, not raised.
+
+    On CUDA the pass is pipelined one batch deep: batch k+1 is sent to the GPU before the rows of batch k are
+    copied back (asynchronously, into pinned memory) and written, so the GPU does not wait for the host."""
+    device, channels_last = settings.device, settings.channels_last
+    cuda = device.type == "cuda"
+    backbone = backbone.to(device).eval()
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp) if cuda else None
+    loader = DataLoader(ImageDataset(items), batch_size=settings.batch_size, shuffle=False,
+                        num_workers=settings.num_workers, pin_memory=cuda,
+                        prefetch_factor=4 if settings.num_workers else None)
+    result = Pass()
+    writer = store.writer(settings.dtype)
+    bar = tqdm(total=len(items), desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
+
+    def launch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """The device work of one batch: (B, 2, D) normalised templates and (B, 2) norms, on their way to the host."""
+        x = normalize_images(x.to(device, non_blocking=True))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            feats = [backbone(x).float(), backbone(x.flip(3)).float()]
+        # row-wise on contiguous (B, D) outputs: the same arithmetic as F.normalize(backbone(x)) in training
+        normed = torch.stack([F.normalize(f, dim=1) for f in feats], dim=1)
+        norms = torch.stack([f.norm(dim=1) for f in feats], dim=1)
+        if not cuda:
+            return normed.cpu(), norms.cpu(), None
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (normed, norms)]
+        for h, t in zip(host, (normed, norms)):
+            h.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))   # the copies' stream: that of ``device``, not the current one
+        return host[0], host[1], done
+
+    done_count = 0
+
+    def finish(batch: tuple) -> None:
+        """The host side of one launched batch: wait for its rows, keep those of the images that decoded."""
+        nonlocal done_count
+        (normed, norms, done), idx, was_resized, errors = batch
+        if done is not None:
+            done.synchronize()
+        good = np.array([not e for e in errors])
+        writer.add([keys[int(i)] for i, ok in zip(idx, good) if ok], normed.numpy()[good], norms.numpy()[good],
+                   was_resized.numpy()[good])
+        bar.update(len(idx))
+        done_count += len(idx)
+        if on_batch is not None:
+            on_batch(done_count)
+
+    t0 = time.perf_counter()
+    in_flight = None
+    try:
+        with torch.inference_mode():
+            for idx, x, was_resized, errors in loader:
+                result.problems += [f"{describe(int(i))}: {e}" for i, e in zip(idx, errors) if e]
+                launched = (launch(x), idx, was_resized, errors)
+                if in_flight is not None:
+                    finish(in_flight)
+                in_flight = launched
+                if not cuda:   # nothing runs ahead on the CPU: finish at once (on_batch then times this batch)
+                    finish(in_flight)
+                    in_flight = None
+            if in_flight is not None:
+                finish(in_flight)
+        writer.flush()
+    finally:
+        bar.close()
+    result.written, result.seconds = writer.written, time.perf_counter() - t0
+    return result
