@@ -1,0 +1,126 @@
+"""insightface's SCRFD / RetinaFace face detectors (the ONNX files of its model packs, e.g. buffalo_l's det_10g.onnx)
+run through onnxruntime, given the model file the user downloaded (``--detector-model PATH``).
+
+Both export the same outputs: per feature stride (8, 16, 32; or 8..128), a face score per anchor, the box as four
+distances from the anchor centre and the five landmarks as offsets from it, all in units of the stride. Input: the
+image resized (aspect kept) into a 640x640 canvas at the top left, RGB, (x - 127.5) / 128. Faces: score >= 0.5,
+then non-maximum suppression at IoU 0.4 (insightface's defaults).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from facedata.align.detectors import DetectorSpec, Face, register_detector
+from runtime.errors import UserError
+
+INPUT_SIZE = 640
+SCORE_THRESHOLD = 0.5
+NMS_THRESHOLD = 0.4
+
+
+def anchor_centres(height: int, width: int, stride: int, num_anchors: int) -> np.ndarray:
+    """(height*width*num_anchors, 2) anchor centres (x, y) in input pixels, row-major, each repeated per anchor."""
+    ys, xs = np.mgrid[:height, :width]
+    centres = np.stack([xs, ys], axis=-1).reshape(-1, 2).astype(np.float32) * stride
+    return np.repeat(centres, num_anchors, axis=0) if num_anchors > 1 else centres
+
+
+def decode(scores: list[np.ndarray], boxes: list[np.ndarray], kps: list[np.ndarray], strides: list[int],
+           num_anchors: int, input_hw: tuple[int, int], threshold: float = SCORE_THRESHOLD
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(scores (K,), boxes (K, 4), landmarks (K, 5, 2)) in input pixels of the anchors scoring >= ``threshold``."""
+    out_s, out_b, out_k = [], [], []
+    for s, b, k, stride in zip(scores, boxes, kps, strides):
+        s, b, k = s.reshape(-1), b.reshape(-1, 4) * stride, k.reshape(-1, 10) * stride
+        centres = anchor_centres(input_hw[0] // stride, input_hw[1] // stride, stride, num_anchors)
+        if len(centres) != len(s):
+            raise ValueError(f"stride {stride}: {len(s)} scores for {len(centres)} anchors")
+        keep = s >= threshold
+        c = centres[keep]
+        out_s.append(s[keep])
+        out_b.append(np.concatenate([c - b[keep, :2], c + b[keep, 2:]], axis=1))
+        out_k.append((np.tile(c, 5) + k[keep]).reshape(-1, 5, 2))
+    return np.concatenate(out_s), np.concatenate(out_b), np.concatenate(out_k)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_THRESHOLD) -> list[int]:
+    """Indices kept by greedy non-maximum suppression, highest score first (insightface's +1 pixel box areas)."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(-scores, kind="stable")
+    keep = []
+    while order.size:
+        i = order[0]
+        keep.append(int(i))
+        xx1, yy1 = np.maximum(x1[i], x1[order[1:]]), np.maximum(y1[i], y1[order[1:]])
+        xx2, yy2 = np.minimum(x2[i], x2[order[1:]]), np.minimum(y2[i], y2[order[1:]])
+        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
+        overlap = inter / (areas[i] + areas[order[1:]] - inter)
+        order = order[1:][overlap <= iou]
+    return keep
+
+
+class Scrfd:
+    """An insightface SCRFD / RetinaFace ONNX detector with five-point outputs."""
+    needs_pixels = True
+
+    def __init__(self, spec: DetectorSpec):
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise UserError(f"--detector {spec.name} needs onnxruntime, which is not installed: run "
+                            f"`pip install -r requirements-align.txt`.")
+        if not spec.model:
+            raise UserError(f"--detector {spec.name} needs --detector-model PATH: an insightface detector file (e.g. "
+                            f"det_10g.onnx of the buffalo_l model pack, or scrfd_10g_bnkps.onnx), downloaded by you.")
+        model = Path(spec.model)
+        if not model.is_file():
+            raise UserError(f"--detector-model '{model}' does not exist. Give the path of the downloaded .onnx file.")
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1   # parallelism comes from the workers
+        options.inter_op_num_threads = 1
+        try:
+            self.session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:   # onnxruntime raises its own exception types for unreadable models
+            raise UserError(f"--detector-model '{model}' could not be loaded by onnxruntime "
+                            f"({type(exc).__name__}: {str(exc)[:200]}). Give an insightface SCRFD/RetinaFace .onnx.")
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        h, w = inp.shape[2:4]
+        self.input_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else (INPUT_SIZE, INPUT_SIZE)
+        n = len(self.session.get_outputs())
+        layouts = {9: ([8, 16, 32], 2), 15: ([8, 16, 32, 64, 128], 1)}
+        if n not in layouts:
+            raise UserError(f"--detector-model '{model}' has {n} outputs; an insightface detector with five-point "
+                            f"landmarks has 9 (3 strides) or 15 (5 strides). Use a *_kps / *bnkps model or det_10g.onnx.")
+        self.strides, self.num_anchors = layouts[n]
+        self.source = f"{spec.name}:{model.name}"
+
+    def faces(self, image: np.ndarray | None, rel: str) -> list[Face]:
+        h, w = image.shape[:2]
+        ih, iw = self.input_hw
+        scale = min(ih / h, iw / w)
+        nh, nw = int(round(h * scale)), int(round(w * scale))
+        canvas = np.zeros((ih, iw, 3), dtype=np.uint8)
+        canvas[:nh, :nw] = cv2.resize(image, (nw, nh))
+        blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128, (iw, ih), (127.5, 127.5, 127.5), swapRB=True)
+        outs = self.session.run(None, {self.input_name: blob})
+        k = len(self.strides)
+        s, b, p = decode(outs[:k], outs[k:2 * k], outs[2 * k:3 * k], self.strides, self.num_anchors, (ih, iw))
+        keep = nms(b, s)
+        return [Face(b[i] / scale, p[i] / scale, float(s[i])) for i in keep]
+
+
+@register_detector("scrfd", "insightface's SCRFD detector (e.g. buffalo_l det_10g.onnx) via onnxruntime; needs "
+                            "--detector-model PATH")
+def build_scrfd(spec: DetectorSpec) -> Scrfd:
+    return Scrfd(spec)
+
+
+@register_detector("retinaface", "insightface's RetinaFace ONNX export (same outputs as SCRFD) via onnxruntime; "
+                                 "needs --detector-model PATH")
+def build_retinaface(spec: DetectorSpec) -> Scrfd:
+    return Scrfd(spec)
