@@ -27,6 +27,11 @@ fewer than --min-images images) and every file that does not follow the format's
 are hidden files, which the training scanner ignores. Identity folder names keep [A-Za-z0-9._-] and replace
 other characters with '_' (a short hash tells apart names that would then coincide).
 
+--align DETECTOR (not for rec, whose records are aligned crops already) writes, instead of links, each image's
+aligned 112x112 crop (facedata.align, as tools/align_faces.py: five landmarks, similarity onto insightface's
+reference points): images where no face is found are left out (OUT/.align_report.txt), every image's landmarks
+are in OUT/.align_landmarks.csv, and an identity none of whose images could be aligned is left out and listed.
+
 Running again with the same inputs changes nothing (same links, same report bytes, no file touched). An existing
 OUT holding anything this run would not create (another file, a link to another image) is an error, never
 overwritten; entries still missing (an interrupted run) are added.
@@ -47,6 +52,9 @@ from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 
+from facedata.align.cli import add_detector_options, spec_from
+from facedata.align.detectors import DetectorSpec
+from facedata.align.run import LOG_NAME as ALIGN_LOG_NAME, Job, align_images
 from facedata.bin_builder import build_bin
 from facedata.dataset import IMAGE_EXTENSIONS, scan_dataset
 from runtime.errors import UserError, run_cli
@@ -608,10 +616,11 @@ def _report_text(fmt: str, left_out: list[tuple[str, str, int, str]], unparsed: 
 
 
 def _log_text(fmt: str, images: Path, labels: list[Path], link: str, min_images: int, collected: Collected,
-              kept: dict[str, int], plan: dict[str, dict[str, Source]], left_out: list) -> str:
+              kept: dict[str, int], plan: dict[str, dict[str, Source]], left_out: list, aligned: str = "") -> str:
     n_images = sum(len(files) for files in plan.values())
     reasons = Counter(reason for reason, *_ in left_out)
     how = ("image files written from the records (a .rec holds no files to link to)" if fmt == "rec"
+           else f"aligned 112x112 crops written ({aligned}; counts in {ALIGN_LOG_NAME})" if aligned
            else f"{link} links" + (" (absolute targets)" if link == "symbolic" else ""))
     lines = [f"tools/prepare_dataset.py --format {fmt}",
              f"images: {collected.rec.rec_path if collected.rec is not None else images}",
@@ -642,8 +651,10 @@ def _check_bin(out: Path, bin_path: Path, n_pairs: int, n_gender: int, seed: int
 
 def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathLike], out: str | os.PathLike,
             link: str = "symbolic", min_images: int = 1, bin_path: str | os.PathLike | None = None,
-            n_pairs: int = 3000, n_gender: int = 2000, seed: int = 0) -> Prepared:
-    """Prepare ``out`` from a dataset as downloaded; see the module docstring for the formats and guarantees."""
+            n_pairs: int = 3000, n_gender: int = 2000, seed: int = 0, align: DetectorSpec | None = None,
+            workers: int | None = None, fallback: bool = False, progress: bool = True) -> Prepared:
+    """Prepare ``out`` from a dataset as downloaded; see the module docstring for the formats and guarantees.
+    ``align``: write aligned crops found by that landmark source (with ``workers``, ``fallback``) instead of links."""
     if fmt not in COLLECTORS:
         raise UserError(f"--format '{fmt}' is not known; choose one of {', '.join(FORMATS)}.")
     if link not in ("symbolic", "hard"):
@@ -655,6 +666,9 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
     if not images.exists() or (fmt != "rec" and not images.is_dir()):
         raise UserError(f"images folder '{images}' (--images) does not exist or is not a folder. Point --images to "
                         f"the dataset as unpacked (see --help for each format's layout).")
+    if align is not None and fmt == "rec":
+        raise UserError("--align does not apply to --format rec: insightface's record files hold aligned 112x112 "
+                        "crops already. Leave --align out.")
     if fmt != "agedb" and not label_paths:
         raise UserError(f"--format {fmt} needs --labels (see --help for the label files of each format).")
     source_root = images if images.is_dir() else images.parent
@@ -675,6 +689,10 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
                         f"both genders. Check the label files (left out: {len(left_out)} identities, e.g. "
                         f"{'; '.join(f'{n}: {r}' for r, n, *_ in left_out[:3]) or 'none'}).")
     plan = plan_output(collected, kept)
+    report, log = out / REPORT_NAME, out / LOG_NAME
+    if align is not None:
+        return _prepare_aligned(fmt, images, label_paths, out, min_images, collected, kept, left_out, plan, align,
+                                workers, fallback, progress, bin_path, (n_pairs, n_gender, seed))
     writer = _Writer(link, collected.rec)
     done = check_existing(out, plan, writer)
 
@@ -687,7 +705,6 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
             if path not in done:
                 writer.create(path, source)
                 created += 1
-    report, log = out / REPORT_NAME, out / LOG_NAME
     _write_if_changed(report, _report_text(fmt, left_out, collected.unparsed))
     _write_if_changed(log, _log_text(fmt, images, label_paths, link, min_images, collected, kept, plan, left_out))
     scan_dataset(out, option="--out")   # the training code's own check of the result
@@ -695,6 +712,33 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
         _check_bin(out, bin_path, n_pairs, n_gender, seed)
     return Prepared(out, {folder: int(folder.rpartition("_")[2]) for folder in plan}, left_out, report, log,
                     bin_path, created)
+
+
+def _prepare_aligned(fmt: str, images: Path, label_paths: list[Path], out: Path, min_images: int,
+                     collected: Collected, kept: dict[str, int], left_out: list, plan: dict[str, dict[str, Source]],
+                     spec: DetectorSpec, workers: int | None, fallback: bool, progress: bool, bin_path: Path | None,
+                     bin_args: tuple[int, int, int]) -> Prepared:
+    """The planned images as aligned crops (facedata.align) instead of links; the alignment's journal makes reruns
+    and interrupted runs behave as the links do."""
+    jobs = [Job(source, source.relative_to(images).as_posix(), f"{folder}/{name}")
+            for folder, files in sorted(plan.items()) for name, source in sorted(files.items())]
+    result = align_images(jobs, out, spec, workers, fallback, keep=(REPORT_NAME, LOG_NAME), progress=progress,
+                          description=f"tools/prepare_dataset.py --format {fmt} --images {images} --align {spec.name}")
+    written = Counter(rel.partition("/")[0] for rel, r in result.records.items() if (out / rel).is_file())
+    left_out = list(left_out)
+    for folder, files in sorted(plan.items()):
+        if not written[folder]:
+            left_out.append(("no image aligned", folder, len(files),
+                             f"none of its {len(files)} images could be aligned (see .align_report.txt)"))
+    report, log = out / REPORT_NAME, out / LOG_NAME
+    _write_if_changed(report, _report_text(fmt, left_out, collected.unparsed))
+    _write_if_changed(log, _log_text(fmt, images, label_paths, "", min_images, collected, kept, plan, left_out,
+                                     aligned=f"--align {spec.name}, landmarks from {result.source}"))
+    scan_dataset(out, option="--out")
+    if bin_path is not None:
+        _check_bin(out, bin_path, *bin_args)
+    return Prepared(out, {f: int(f.rpartition("_")[2]) for f in plan if written[f]}, left_out, report, log,
+                    bin_path, result.processed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -711,11 +755,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-images", type=int, default=1, help="identities with fewer images are left out")
     parser.add_argument("--link", choices=("symbolic", "hard"), default="symbolic",
                         help="kind of link to the source images (rec: files are written instead)")
+    align = parser.add_argument_group("alignment (--align DETECTOR: write aligned 112x112 crops instead of links)")
+    add_detector_options(align, flag="--align", default=None)
     args = parser.parse_args(argv)
 
     def body() -> None:
+        spec = spec_from(args, args.align) if args.align else None
         result = prepare(args.format, args.images, args.labels, args.out, args.link, args.min_images, args.bin,
-                         args.pairs, args.n_gender, args.seed)
+                         args.pairs, args.n_gender, args.seed, spec, args.workers, args.fallback == "centre")
         print(result.log.read_text(), end="")
         print(f"{result.created} new entries in {result.out}" + (" (nothing changed)" if not result.created else ""))
         print(f"log: {result.log}\nreport of what was left out: {result.report}")

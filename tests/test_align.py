@@ -415,3 +415,105 @@ def test_no_face_and_two_faces_with_dlib(tmp_path):
     assert (pair.points[:, 0] > 250).all() and (pair.points[:, 0] < 450).all()   # the centred, larger face
     assert result.several_faces == 1 and "several faces\tSome_One/two.png\t" in (out / REPORT_NAME).read_text()
     assert "1 with several faces" in (out / LOG_NAME).read_text()
+
+
+# ---------------------------------------------------------------- a raw LFW-style folder, end to end
+
+def raw_lfw(root: Path, n_ids: int = 8, per: int = 3) -> tuple[Path, list[Path]]:
+    """LFW's layout (Name/Name_0001.jpg, 250x250, and the gender lists) made of the astronaut's face, each photo
+    moved, scaled, turned and tinted differently; plus one photo without a face."""
+    face = astronaut_bgr()[20:240, 110:330]
+    rng = np.random.default_rng(3)
+    raw, lists = root / "lfw", {"female": [], "male": []}
+    for i in range(n_ids):
+        name = f"Person_{chr(65 + i)}"
+        for k in range(per):
+            scale, angle = rng.uniform(0.75, 0.95), rng.uniform(-8, 8)
+            m = cv2.getRotationMatrix2D((110, 110), angle, scale)
+            m[:, 2] += rng.uniform(5, 35, 2)
+            photo = cv2.warpAffine(face, m, (250, 250), borderMode=cv2.BORDER_REFLECT)
+            photo = np.clip(photo.astype(int) + rng.integers(-25, 25, 3), 0, 255).astype(np.uint8)
+            path = raw / name / f"{name}_{k + 1:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(path), photo)
+            lists["female" if i % 2 else "male"].append(path.name)
+    cv2.imwrite(str(raw / "Person_A" / "Person_A_0009.jpg"), np.full((250, 250, 3), 140, np.uint8))
+    lists["male"].append("Person_A_0009.jpg")
+    labels = []
+    for gender, names in lists.items():
+        labels.append(root / f"{gender}_names.txt")
+        labels[-1].write_text("\n".join(names) + "\n")
+    return raw, labels
+
+
+@needs_dlib
+def test_raw_lfw_folder_goes_through_align_finetune_and_evaluation(tmp_path, capsys):
+    """README's steps, nothing else: prepare_dataset.py --align dlib (with --bin), finetune.py, eval/evaluation.py.
+    The demo backbone cannot read real faces, so this checks that the pipeline runs and its files appear."""
+    from facedata.prepare import main as prepare_main
+    from pipeline.sweep import main as evaluation_main
+    from pipeline.train import main as finetune_main
+    from synthetic.data import save_demo_backbone
+    raw, labels = raw_lfw(tmp_path)
+    before = snapshot(raw)
+    train, rec = tmp_path / "data/train/LFW", tmp_path / "data/eval"
+    rec.mkdir(parents=True)
+    argv = ["--format", "lfw", "--images", str(raw), "--labels", *map(str, labels), "--out", str(train),
+            "--align", "dlib", "--workers", "2", "--bin", str(rec / "lfw_aligned.bin"), "--pairs", "20",
+            "--n-gender", "16"]
+    assert prepare_main(argv) == 0
+    assert snapshot(raw) == before
+    crops = sorted(train.rglob("*.jpg"))
+    assert len(crops) == 24 and all(cv2.imread(str(p)).shape == (112, 112, 3) for p in crops)
+    assert not any(p.is_symlink() for p in crops)
+    assert "no face found\tPerson_A_0/Person_A_0009.jpg" in (train / REPORT_NAME).read_text()
+    assert "aligned 112x112 crops written (--align dlib" in (train / ".prepare.log").read_text()
+    journal = read_journal(train / LANDMARKS_NAME)
+    assert len(journal) == 25 and sum(r.status == "aligned" for r in journal.values()) == 24
+    snap = snapshot(train)
+    capsys.readouterr()
+    assert prepare_main(argv) == 0 and snapshot(train) == snap   # a rerun changes nothing
+    assert "0 new entries" in capsys.readouterr().out
+
+    backbone = tmp_path / "ckpt/Demo/reference/backbone.pth"
+    save_demo_backbone(backbone, 512)
+    common = ["plugins=['synthetic']", "network=demo_decoder", "pretrained=Demo", f"rec={rec}",
+              f"cache_dir={tmp_path / 'cache'}", f"output_ori={backbone}", "test_targets=['lfw_aligned']",
+              "num_workers=0", "device=cpu"]
+    assert finetune_main(["--set", *common, "experiment=OneDataset", "data=LFW", f"data_dir={train}",
+                          f"checkpoint_root={tmp_path / 'ckpt'}", f"log_dir={tmp_path / 'logs'}", "batch_size=8",
+                          "num_epoch=1", "checkpoint_every=1", "eval_step=0", "val_targets=['lfw_aligned']"]) == 0
+    assert list((tmp_path / "ckpt/Demo/OneDataset/LFW").rglob("*ftn_layers.pth"))
+    assert evaluation_main(["--log-root", str(tmp_path / "results"), "--model-root", str(tmp_path / "ckpt/Demo"),
+                            "--experiment-name", "OneDataset/LFW", "--reference-pth",
+                            str(tmp_path / "results/Demo_reference.csv"), "--set", *common]) == 0
+    metrics = list((tmp_path / "results/OneDataset/LFW").glob("*_metrics.csv"))
+    assert len(metrics) == 1
+    rows = list(csv.DictReader(metrics[0].open()))
+    assert rows and all(r["Dataset"] == "lfw_aligned" for r in rows)
+
+
+def test_prepare_align_with_landmark_file_lists_identities_without_any_face(tmp_path):
+    from facedata.prepare import prepare
+    src, points, table = make_tree(tmp_path, n_people=4, per=2)
+    # Person_3 has no landmarks at all: every image left out, so the identity is too
+    kept_rows = [line for line in points.read_text().splitlines() if not line.startswith("Person_3/")]
+    points.write_text("\n".join(kept_rows) + "\n")
+    (tmp_path / "female_names.txt").write_text("Person_0_0001.png\nPerson_2_0001.png\n")
+    (tmp_path / "male_names.txt").write_text("Person_1_0001.png\nPerson_3_0001.png\n")
+    labels = [tmp_path / "female_names.txt", tmp_path / "male_names.txt"]
+    out = tmp_path / "train"
+    spec = DetectorSpec("file", landmarks=(str(points),))
+    result = prepare("lfw", src, labels, out, align=spec, workers=1, progress=False)
+    assert sorted(result.kept) == ["Person_0_1", "Person_1_0", "Person_2_1"]
+    assert ("no image aligned", "Person_3_0", 2) in [r[:3] for r in result.left_out]
+    assert "no image aligned\tPerson_3_0\t2" in (out / ".prepare_report.txt").read_text()
+    assert np.array_equal(cv2.imread(str(out / "Person_1_0/Person_1_0002.png")),
+                          norm_crop(cv2.imread(str(src / "Person_1/Person_1_0002.png")),
+                                    table["Person_1/Person_1_0002.png"]))
+    snap = snapshot(out)
+    assert prepare("lfw", src, labels, out, align=spec, workers=2, progress=False).created == 0
+    assert snapshot(out) == snap
+    prepare("lfw", src, labels, tmp_path / "linked")
+    with pytest.raises(UserError, match="not written by this alignment"):   # links of a plain run are not crops
+        prepare("lfw", src, labels, tmp_path / "linked", align=spec, progress=False)

@@ -56,6 +56,7 @@ class AlignResult:
     seconds: float                    # time spent on them
     counts: Counter = field(default_factory=Counter)   # status -> images
     several_faces: int = 0
+    source: str = ""                  # the landmark source (as the journal records it)
 
     @property
     def left_out(self) -> list[Record]:
@@ -251,7 +252,7 @@ def align_images(jobs: Iterable[Job], out: str | os.PathLike, spec: DetectorSpec
     _write_if_changed(out / LOG_NAME, _log_text(description or str(out), records, detector.source, fallback))
     counts = Counter(r.status for r in records.values())
     result = AlignResult(out, records, len(tasks), seconds, counts,
-                         sum(1 for r in records.values() if r.faces > 1 and r.status == ALIGNED))
+                         sum(1 for r in records.values() if r.faces > 1 and r.status == ALIGNED), detector.source)
     if tasks:
         log.info("aligned %d images in %.1f s (%.1f images/s): %s", len(tasks), seconds, len(tasks) / max(seconds, 1e-9),
                  ", ".join(f"{s} {k}" for s, k in sorted(counts.items())))
