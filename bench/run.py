@@ -13,6 +13,9 @@
 4. gender-leakage evaluation with our settings vs probability=True, BACC compared. Target >= 3x, identical BACC;
    and the cost of every registered attacker next to the paper's three (no target).
 5. peak RSS of a few hundred training steps on a memory-mapped cache of 1,000,000 templates. Target < 3 GB.
+6. face alignment (tools/align_faces.py, dlib): images/s with one worker per core against one worker on the same
+   250x250 photographs, and the cost per image against decoding alone. Target >= 1.7x on 2 cores. Skipped (and
+   said) when requirements-align.txt or scikit-image is not installed.
 Writes results.csv and results.md to --out and prints the table. Targets missed are reported, not hidden.
 """
 from __future__ import annotations
@@ -52,11 +55,11 @@ from facedata.dataset import decode_image, scan_dataset, to_tensor
 from runtime.device import decode_workers, select_device
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
-    "full": {"train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
+    "full": {"align": 400, "train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
              "authors_ckpts": 2, "leak_n": 3000, "sweep_gender": 3000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 32},
-    "quick": {"train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20, "gender": 24,
+    "quick": {"align": 96, "train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20, "gender": 24,
               "authors_ckpts": 1, "leak_n": 1200, "sweep_gender": 400, "rss_n": 1_000_000, "rss_steps": 100, "batch": 32},
-    "gpu": {"train_ids": 1024, "imgs": 8, "epochs": 2, "test_ids": 400, "test_imgs": 6, "pairs": 3000,
+    "gpu": {"align": 400, "train_ids": 1024, "imgs": 8, "epochs": 2, "test_ids": 400, "test_imgs": 6, "pairs": 3000,
             "gender": 1000, "authors_ckpts": 3, "leak_n": 3000, "sweep_gender": 1000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 128},
 }
 WORKERS = decode_workers(-1)   # the default rule: the cores less one, 2 to 8
@@ -260,6 +263,46 @@ def bench_parallel_sweep(work: Path, device: torch.device, gender: int) -> tuple
             f"{results[1] == results[jobs]}")
 
 
+def bench_alignment(work: Path, n_images: int) -> tuple | None:
+    """tools/align_faces.py's work (dlib detection, warp, JPEG writing) on ``n_images`` LFW-sized photographs made of
+    scikit-image's astronaut (moved, scaled, turned), one worker per core against one worker; and decoding alone."""
+    from facedata.align.detectors import DetectorSpec, dlib68
+    from facedata.align.run import align_tree, default_workers
+    try:
+        from skimage.data import astronaut
+    except ImportError:
+        return None
+    if not dlib68.available():
+        return None
+    face = np.ascontiguousarray(astronaut()[20:240, 110:330, ::-1])
+    rng = np.random.default_rng(0)
+    src = work / "align_src"
+    for i in range(n_images):
+        m = cv2.getRotationMatrix2D((110, 110), rng.uniform(-10, 10), rng.uniform(0.75, 0.95))
+        m[:, 2] += rng.uniform(5, 35, 2)
+        path = src / f"Person_{i // 4:03d}" / f"Person_{i // 4:03d}_{i % 4 + 1:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.warpAffine(face, m, (250, 250), borderMode=cv2.BORDER_REFLECT))
+    files = sorted(src.rglob("*.jpg"))
+    t0 = time.perf_counter()
+    for path in files:
+        cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    decode_s = (time.perf_counter() - t0) / len(files)
+    workers = max(2, default_workers())
+    seconds, aligned = {}, {}
+    for n in (1, workers):
+        t0 = time.perf_counter()
+        result = align_tree(src, work / f"align_out_{n}", DetectorSpec("dlib"), workers=n, progress=False)
+        seconds[n] = time.perf_counter() - t0
+        aligned[n] = result.counts["aligned"]
+    per_image = seconds[1] / len(files)
+    return (f"face alignment, {workers} workers vs 1", seconds[workers], seconds[1], 1.7,
+            f"{len(files)} photos 250x250, dlib 68-point, JPEG out: {len(files) / seconds[workers]:.0f} vs "
+            f"{len(files) / seconds[1]:.0f} images/s (worker start included), {aligned[1]} and {aligned[workers]} "
+            f"aligned; one worker: {per_image * 1000:.1f} ms per image = {per_image / decode_s:.0f}x decoding alone "
+            f"({decode_s * 1000:.2f} ms)")
+
+
 def bench_leakage(size: dict) -> dict:
     rng = np.random.default_rng(0)
     n = size["leak_n"]
@@ -446,6 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         shared = bench_shared_extraction(work, size, device)
         if shared is not None:
             rows.append(shared)
+        alignment = bench_alignment(work, size["align"])
+        if alignment is None:
+            print("face alignment not measured: pip install -r requirements-align.txt scikit-image", file=sys.stderr)
+        else:
+            rows.append(alignment)
     table = []
     for what, ours, theirs, target, note in rows:
         if what.startswith("sharded extraction"):

@@ -56,16 +56,22 @@ class Dlib68:
                             f"or give the file with --detector-model PATH.")
         if not model.is_file():
             raise UserError(f"--detector-model '{model}' does not exist. Give the path of {MODEL_NAME}.")
-        try:
-            self.predictor = dlib.shape_predictor(str(model))
-        except RuntimeError as exc:
-            raise UserError(f"--detector-model '{model}' is not a dlib shape predictor ({exc}). Give the path of "
-                            f"{MODEL_NAME}.") from None
-        self.model = model
-        self.detector = dlib.get_frontal_face_detector()
+        self.model, self.predictor, self.detector = model, None, None
         self.source = "dlib68" if not spec.model else f"dlib68:{model.name}"
 
+    def load(self) -> None:
+        """Read the model (about a second): on first use, so that only the processes that detect pay for it."""
+        import dlib
+        try:
+            self.predictor = dlib.shape_predictor(str(self.model))
+        except RuntimeError as exc:
+            raise UserError(f"--detector-model '{self.model}' is not a dlib shape predictor ({exc}). Give the path "
+                            f"of {MODEL_NAME}.") from None
+        self.detector = dlib.get_frontal_face_detector()
+
     def faces(self, image: np.ndarray | None, rel: str) -> list[Face]:
+        if self.predictor is None:
+            self.load()
         rgb = np.ascontiguousarray(image[:, :, ::-1])
         out = []
         for rect in self.detector(rgb, upsampling(*image.shape[:2])):
