@@ -30,10 +30,10 @@ from tqdm import tqdm
 from facedata.align.detectors import DetectorSpec, build_detector
 from facedata.align.transform import ALIGNED_SIZE
 from facedata.align.worker import ALIGNED, CENTRE, REASONS, WRITTEN, Job, Record, process, worker_init, worker_task
-from facedata.dataset import IMAGE_EXTENSIONS
 from runtime.errors import UserError
-from runtime.io import atomic_write_text
 from runtime.logs import get_logger
+# facedata.dataset and runtime.io are imported where they are used: they load torch, and every worker process
+# (started fresh) imports the main script's modules again, which should stay light
 
 log = get_logger(__name__)
 
@@ -178,6 +178,7 @@ def _log_text(description: str, records: dict[str, Record], source: str, fallbac
 
 
 def _write_if_changed(path: Path, text: str) -> None:
+    from runtime.io import atomic_write_text
     if not path.is_file() or path.read_text() != text:
         atomic_write_text(path, text)
 
@@ -272,6 +273,7 @@ def _results(detector, spec: DetectorSpec, tasks: list[tuple], workers: int):
 def tree_jobs(src: str | os.PathLike) -> tuple[list[Job], Counter]:
     """Every visible image file under ``src`` (files and links to files; hidden entries skipped), mirrored to the
     same relative path; the other files are counted."""
+    from facedata.dataset import IMAGE_EXTENSIONS
     src = Path(src)
     jobs, skipped = [], Counter()
     for folder, dirs, files in os.walk(src):
@@ -304,7 +306,7 @@ def align_tree(src: str | os.PathLike, out: str | os.PathLike, spec: DetectorSpe
                         f"SRC (and not holding it).")
     jobs, skipped = tree_jobs(src)
     if not jobs:
-        raise UserError(f"SRC '{src}' holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+        raise UserError(f"SRC '{src}' holds no image files (.jpg, .png, .ppm, ... as the training scanner reads).")
     for what, k in skipped.items():
         log.info("skipped %d %s in %s", k, what, src)
     return align_images(jobs, out, spec, workers, fallback, description=f"tools/align_faces.py {src}",
