@@ -191,9 +191,7 @@ class TemplateCache:
                     work = self._start_miss(final, len(items), what)
                     keys = [item_key(item) for item in items]
                     todo = missing_rows(keys, rows)
-                    if len(todo) < len(items):
-                        log.info("%d of %d %s already extracted (row store %s)", len(items) - len(todo), len(items),
-                                 what, rows)
+                    _log_already_extracted(keys, todo, what, rows)
                     if procs.world > 1:
                         log.info("%d %s to extract, shared by %d processes", len(todo), what, procs.world)
                     plan = (str(work), np.asarray(todo, dtype=np.int64))   # sent once, compactly
@@ -340,6 +338,14 @@ def missing_rows(keys: Sequence[bytes], rows: Path) -> list[int]:
     return sorted(first.values())
 
 
+def _log_already_extracted(keys: Sequence[bytes], todo: Sequence[int], what: str, rows: Path) -> None:
+    """Say how many distinct images were found in the row store (an image listed twice, as a .bin's pair and gender
+    images often are, counts once)."""
+    unique = len(set(keys))
+    if len(todo) < unique:
+        log.info("%d of %d distinct %s already extracted (row store %s)", unique - len(todo), unique, what, rows)
+
+
 def _write_chunk(rows: Path, keys: list[bytes], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Path:
     """One file of the row store, written under a temporary name and renamed: never read half-written."""
     rows.mkdir(parents=True, exist_ok=True)
@@ -370,8 +376,7 @@ def extract(backbone: nn.Module, items: Sequence[Path] | Sequence[bytes], out: P
     rows = out / ".rows" if rows is None else rows
     keys = [item_key(item) for item in items]
     todo = missing_rows(keys, rows)
-    if len(todo) < len(items):
-        log.info("%d of %d %s already extracted (row store %s)", len(items) - len(todo), len(items), what, rows)
+    _log_already_extracted(keys, todo, what, rows)
     if todo:
         problems, _, seconds = _extract_rows(backbone, [items[i] for i in todo], [keys[i] for i in todo], rows,
                                              settings, lambda j: describe(todo[j]), what,
