@@ -3,7 +3,13 @@ warnings when the protocol's threshold grid cannot resolve the pair distances or
 and the warning before training on few identities."""
 import csv
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +24,7 @@ from helpers import demo_cfg, synthetic_world, template_cache
 from eval.evalset import open_eval_set
 from pipeline import sweep as evaluation
 from pipeline import train as finetune
+from runtime.errors import UserError
 
 
 def sklearn_eer_auc(dist, issame):
@@ -141,3 +148,64 @@ def test_few_identities_rule():
     assert warn_if_few_identities(16, 128, True, logger)           # the issue's MobileFaceNet case
     assert not warn_if_few_identities(1000, 512, True, logger)     # ColorFeret-sized: enough
     assert not warn_if_few_identities(16, 128, False, logger)      # no identity header (leace, inlp, ...)
+
+
+def test_reference_naming_a_folder_is_a_clear_error(world, tmp_path):
+    (tmp_path / "refdir").mkdir()
+    (tmp_path / "models" / "Exp" / "Synth" / "run").mkdir(parents=True)
+    torch.save(collapsing_layer(512, 1.0, 0.0), tmp_path / "models" / "Exp" / "Synth" / "run" / "10ftn_layers.pth")
+    with pytest.raises(UserError, match="--reference-pth .* is a folder"):
+        evaluation.evaluate(demo_cfg(world), tmp_path / "res", tmp_path / "models", "Exp/Synth", tmp_path / "refdir")
+
+
+def _children(pid: int) -> list[int]:
+    """Live (non-zombie) processes whose parent is ``pid``, from /proc."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_sigkill_of_a_sweep_ends_its_joblib_workers(world, tmp_path):
+    run = tmp_path / "models" / "Exp" / "Synth" / "many"
+    run.mkdir(parents=True)
+    for step in range(1, 41):
+        torch.save(collapsing_layer(512, 1.0 + step / 10, 0.0), run / f"{step}ftn_layers.pth")
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              f"from pathlib import Path\nfrom helpers import demo_cfg\nfrom pipeline.sweep import evaluate\n"
+              f"evaluate(demo_cfg(Path({str(world)!r}), 'n_jobs=2'), {str(tmp_path / 'res')!r}, "
+              f"{str(tmp_path / 'models')!r}, 'Exp/Synth', {str(tmp_path / 'ref.csv')!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        workers: list[int] = []
+        while time.time() < deadline and proc.poll() is None:
+            workers = [c for c in _children(proc.pid)]
+            if len(workers) >= 2:   # loky's workers (and its resource tracker) run
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None and len(workers) >= 2, "the sweep ended or started no workers"
+        time.sleep(1.0)   # let them take work
+        workers = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 5
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.1)
+        assert not [w for w in workers if _alive(w)], "joblib workers outlived their killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
