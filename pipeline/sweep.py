@@ -34,6 +34,7 @@ import torch
 from joblib import delayed
 from torch import nn
 
+from backbones import embedding_size_for
 from backbones.spec import BackboneSpec
 from config.config import Config
 from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers
@@ -270,6 +271,7 @@ def preflight(cfg: Config, log_root: str | Path, model_root: str | Path, experim
               force: bool) -> Sweep:
     """Check names, evaluation files, weights, folders and every existing CSV before any compute."""
     check_names(cfg)
+    cfg = embedding_size_for(cfg)   # the template size the backbone weights produce
     out_dir, reference = Path(log_root) / experiment, Path(reference)
     runs = find_runs(Path(model_root) / experiment, cfg)
     targets = list(cfg.test_targets)
@@ -426,6 +428,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
     """Run the sweep; returns the output folder L/E (None in the torchrun processes other than 0, which only
     extract their shares of the templates)."""
     sweep = preflight(cfg, log_root, model_root, experiment, reference, force)
+    cfg = sweep.cfg   # embedding_size as the backbone weights say
     device = select_device(cfg.device)
     with processes(device) as procs:
         device = procs.device(device)

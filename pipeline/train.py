@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from backbones import embedding_size_for
 from backbones.spec import BackboneSpec
 from config.config import Config
 from eval.evalset import EvalTemplates, check_bare_backbone, check_bins, open_eval_set, warn_if_few_identities
@@ -68,6 +69,7 @@ class TrainResult(FitResult):
 def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
     """Check everything that can be checked before any compute: names, data, weights, validation files, folders."""
     check_names(cfg)
+    cfg = embedding_size_for(cfg)   # the template size the backbone weights produce
     method = get_method(cfg.method)(cfg)
     method.check()
     if not cfg.cache and not method.trains_in_loop:
@@ -85,7 +87,8 @@ def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
         raise UserError(f"the training set {cfg.data_dir} has {len(index)} images, fewer than one batch (batch_size "
                         f"{cfg.batch_size}; incomplete batches are dropped); lower batch_size or add images.")
     if cfg.eval_step:
-        check_bins(cfg.rec, cfg.val_targets, "config options rec, val_targets", "validate nothing with --set eval_step=0")
+        check_bins(cfg.rec, cfg.val_targets, "config options rec, val_targets",
+                   "validate nothing with --set eval_step=0")
     folders = None
     if procs.main:   # the other processes only extract: they neither choose nor touch the run folders
         folders = plan_run_folders(cfg, method)
