@@ -372,7 +372,7 @@ def run_jobs(sweep: Sweep, jobs: list[Job], ref: dict[str, dict[str, float]], ba
         return runs[k].method.load_transform(ckpt).to(device)
     for job in (j for j in jobs if j.scores_only):   # cheap: verification only, here
         scores = transform_scores(job.ev, load(job.run, job.ckpt))
-        _write_diagnostics(sweep, job, scores, ref, bare, lg)
+        _write_diagnostics(sweep, job, scores, bare, lg)
     full = [j for j in jobs if not j.scores_only]
     results = evaluate_all([(functools.partial(load, j.run, j.ckpt), j.ev) for j in full], cfg.gender_folds,
                            sweep.attackers, cfg.seed, sweep.bootstrap, cfg.n_jobs, device, cfg.plugins)
@@ -385,12 +385,12 @@ def run_jobs(sweep: Sweep, jobs: list[Job], ref: dict[str, dict[str, float]], ba
         lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", runs[job.run].name, job.step, job.ev.name,
                 res["EER"], res["TAR@FAR=0.1%"], _short(res["BACC-Gender-AVG"]),
                 _short(pic(res, ref[job.ev.name]) if ref[job.ev.name] else None))
-        _write_diagnostics(sweep, job, res.scores, ref, bare, lg, res["EER"])
+        _write_diagnostics(sweep, job, res.scores, bare, lg, res["EER"])
     return bool(jobs)
 
 
-def _write_diagnostics(sweep: Sweep, job: Job, scores: ScoreDiagnostics, ref: dict[str, dict[str, float]],
-                       bare: dict[str, ScoreDiagnostics], lg: logging.Logger, eer: float | None = None) -> None:
+def _write_diagnostics(sweep: Sweep, job: Job, scores: ScoreDiagnostics, bare: dict[str, ScoreDiagnostics],
+                       lg: logging.Logger, eer: float | None = None) -> None:
     """A job's row of <run>_diagnostics.csv, its log line, and the grid and collapse warnings."""
     run = sweep.runs[job.run]
     write_rows(sweep.files(run)[2], DIAGNOSTIC_COLUMNS,
