@@ -42,12 +42,12 @@ def missing_bins(rec: str | Path, names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(str(Path(rec) / f"{n}.bin") for n in names if not (Path(rec) / f"{n}.bin").is_file()))
 
 
-def check_bins(rec: str | Path, names: Sequence[str], options: str, fix: str) -> None:
-    """Pre-flight: every rec/<name>.bin exists, else one error naming them, the config ``options`` that chose them
-    and ``fix`` (what to do instead)."""
+def check_bins(rec: str | Path, names: Sequence[str], options: str, fix: str, what: str = "evaluation") -> None:
+    """Pre-flight: every rec/<name>.bin exists, else one error naming them (as ``what`` files), the config
+    ``options`` that chose them and ``fix`` (what to do instead)."""
     missing = missing_bins(rec, names)
     if missing:
-        raise UserError(f"evaluation file(s) {', '.join(missing)} not found ({options}). Put the .bin files there "
+        raise UserError(f"{what} file(s) {', '.join(missing)} not found ({options}). Put the .bin files there "
                         f"(README: 'Evaluation files'), or {fix}.")
 
 

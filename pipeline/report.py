@@ -272,7 +272,7 @@ def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str,
                         for run in runs], ["Run", "Method and settings"])
     warnings = protocol_warnings(metrics, diag, bare_scores)
     if warnings:
-        lines += ["", "## Warnings: numbers the protocol's threshold grid cannot be trusted for", "",
+        lines += ["", "## Warnings: where the protocol's numbers stop meaning what they seem to", "",
                   "The protocol's EER and TAR read the ROC at the fixed thresholds 0, 0.01, ..., 3.99 of the squared "
                   "distance; when a layer squeezes the templates into a small cone, the pair distances fall between "
                   "a few of them and the protocol's EER reads near chance although the templates may still rank "

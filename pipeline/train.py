@@ -88,7 +88,7 @@ def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
                         f"{cfg.batch_size}; incomplete batches are dropped); lower batch_size or add images.")
     if cfg.eval_step:
         check_bins(cfg.rec, cfg.val_targets, "config options rec, val_targets",
-                   "validate nothing with --set eval_step=0")
+                   "validate nothing with --set eval_step=0", "validation")
     folders = None
     if procs.main:   # the other processes only extract: they neither choose nor touch the run folders
         folders = plan_run_folders(cfg, method)
