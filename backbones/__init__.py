@@ -1,9 +1,11 @@
 """Backbones (iresnet, SFNet-20), the privacy layer, and a strict, safe weights loader."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -17,7 +19,7 @@ from runtime.logs import get_logger
 
 __all__ = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "sfnet20", "sfnet20_deprecated",
            "sfnet20_deprecated_v0", "SFNET_LAYOUTS", "architecture_shapes", "candidate_architectures",
-           "describe_candidate", "settings_for",
+           "describe_candidate", "settings_for", "template_size", "embedding_size_for",
            "register_architecture", "ProjectionLayer", "FrozenBackbone", "FinetunedModel", "ARCHITECTURES",
            "get_backbone", "load_backbone", "load_projection"]
 
@@ -28,7 +30,6 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "iresnet200": iresnet200, "sfnet20": sfnet20, "sfnet20_deprecated": sfnet20_deprecated,
     "sfnet20_deprecated_v0": sfnet20_deprecated_v0,
 }
-_OUTPUT_BIASES = ("fc.bias", "readout.bias")  # where a file's template size can be read
 
 
 def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
@@ -58,22 +59,63 @@ def _builder_shapes(builder: Callable[..., nn.Module], num_features: int, use_se
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
+def template_size(name: str, state: Mapping[str, torch.Tensor], use_se: bool = False) -> int | None:
+    """The template size of architecture ``name`` holding ``state``, for any registered architecture: the
+    num_features at which its keys and shapes equal the file's (read from the file's tensors whose shapes follow
+    num_features), or, for a builder that ignores num_features, the size of its output on a (meta) input; None
+    when the file does not fit the architecture at any size or the size cannot be known."""
+    builder = ARCHITECTURES[name]
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    try:
+        a, b = _builder_shapes(builder, 512, use_se), _builder_shapes(builder, 256, use_se)
+    except Exception:   # a plug-in builder that cannot be built at these sizes: nothing to read
+        return None
+    if a == b:   # num_features changes nothing: the network's own output says
+        size = _output_size(builder, use_se)
+        return size if size is not None and a == have else None
+    for key in a:
+        if a[key] != b[key] and key in have and len(have[key]) == len(a[key]):
+            axis = next(i for i, (x, y) in enumerate(zip(a[key], b[key])) if x != y)
+            if a[key][axis] != 512 or b[key][axis] != 256:
+                continue
+            size = have[key][axis]
+            try:
+                return size if _builder_shapes(builder, size, use_se) == have else None
+            except Exception:
+                return None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _output_size(builder: Callable[..., nn.Module], use_se: bool) -> int | None:
+    """The output size of ``builder``'s network on a 112x112 RGB input, computed on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            net = builder(num_features=512, use_se=use_se).eval()
+            out = net(torch.empty(2, 3, 112, 112))
+        return int(out.shape[-1]) if out.dim() == 2 else None
+    except Exception:
+        return None
+
+
 def candidate_architectures(state: Mapping[str, torch.Tensor]) -> list[tuple[str, bool, int]]:
-    """Every (network, use_se, num_features) whose keys and shapes equal those of ``state`` (plain keys).
+    """Every (network, use_se, num_features) whose keys and shapes equal those of ``state`` (plain keys), the
+    template size read from the file (template_size) for any registered architecture, plug-ins included.
 
     The one test of which layouts a file can hold, shared by the loader and tools/identify_backbone.py. An SE
     option that changes no key is listed once, as False; several entries mean the keys cannot tell them apart.
     """
-    have = {k: tuple(v.shape) for k, v in state.items()}
-    dims = sorted({512} | {have[k][0] for k in _OUTPUT_BIASES if k in have and len(have[k]) == 1})
     found = []
     for name in ARCHITECTURES:
-        for nf in dims:
-            for use_se in (False, True):
-                if use_se and architecture_shapes(name, nf, True) == architecture_shapes(name, nf, False):
+        for use_se in (False, True):
+            try:
+                if use_se and architecture_shapes(name, 512, True) == architecture_shapes(name, 512, False):
                     continue
-                if architecture_shapes(name, nf, use_se) == have:
-                    found.append((name, use_se, nf))
+            except Exception:
+                continue
+            size = template_size(name, state, use_se)
+            if size is not None:
+                found.append((name, use_se, size))
     return found
 
 
@@ -85,6 +127,31 @@ def describe_candidate(name: str, use_se: bool, num_features: int) -> str:
 def settings_for(name: str, use_se: bool, num_features: int) -> str:
     """The --set options that select a candidate."""
     return f"network={name} SE={use_se} embedding_size={num_features}"
+
+
+def embedding_size_for(cfg: Any) -> Any:
+    """``cfg`` with embedding_size set to the template size of its backbone weights (config options network,
+    output_ori, SE), logged when it changes; ``cfg`` unchanged when the weights are absent, do not fit the network
+    or do not say (the loader's error then names embedding_size). Pre-flight of training and of the sweep."""
+    path = Path(cfg.output_ori)
+    if cfg.network not in ARCHITECTURES or not path.is_file():
+        return cfg
+    try:
+        size = _file_template_size(cfg.network, str(path.resolve()), bool(cfg.SE), path.stat().st_mtime_ns)
+    except UserError:
+        return cfg
+    if size is None or size == cfg.embedding_size:
+        return cfg
+    log.warning("backbone weights '%s' produce %d-d templates (read from the file): embedding_size set to %d "
+                "(it was %d); set --set embedding_size=%d to silence this.", path, size, size, cfg.embedding_size,
+                size)
+    return dataclasses.replace(cfg, embedding_size=size)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_template_size(network: str, path: str, use_se: bool, mtime_ns: int) -> int | None:
+    state = extract_state_dict(safe_torch_load(path, "backbone weights"), path, "backbone weights")
+    return template_size(network, state, use_se)
 
 
 def _same_keys_warning(path: str | os.PathLike, chosen: str, others: list[str]) -> str:
@@ -148,7 +215,8 @@ def _mismatch_error(name: str, path: str | os.PathLike, num_features: int, use_s
     elif fits:
         fix = f"set network to match the file (--set {settings_for(*fits[0])})"
     else:
-        fix = "check that the file is a backbone of this architecture and was downloaded completely"
+        fix = ("check that the file is a backbone of this architecture and was downloaded completely, and that "
+               f"embedding_size ({num_features}) is the file's template size (it could not be read from the file)")
     return UserError(f"backbone weights '{path}' do not fit {name}: {what}{setting}. Keys: "
                      f"{'; '.join(p for p in parts if p)}. Fix: {fix}.")
 

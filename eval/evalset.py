@@ -20,10 +20,12 @@ from torch import nn
 
 from eval.attackers import PAPER_ATTACKERS, AttackContext, expand_attackers
 from eval.leakage import LeakageResult, leakage_report
-from eval.verification import pair_distances, verification_from_distances
+from eval.verification import (FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics, pair_distances, score_diagnostics,
+                               verification_from_distances)
 from facedata.binfile import load_bin
 from templates.cache import TemplateCache, bin_inputs
 from templates.entry import Templates
+from runtime.errors import UserError
 from runtime.logs import get_logger
 
 log = get_logger(__name__)
@@ -31,6 +33,23 @@ log = get_logger(__name__)
 BACC_COLUMNS = [f"BACC-Gender-{a}" for a in PAPER_ATTACKERS]
 METRIC_COLUMNS = ["EER", "TAR@FAR=0.1%", *BACC_COLUMNS, "BACC-Gender-AVG"]
 NEAR_CHANCE_EER = 0.2   # a bare backbone worse than this on a face set is almost certainly misconfigured
+# a transform whose median impostor angle is below this share of the bare backbone's has pulled the templates of
+# different people together: the sign of a collapsing layer (a working face network keeps them near 60-90 degrees)
+COLLAPSE_SHARE = 1 / 3
+
+
+def missing_bins(rec: str | Path, names: Sequence[str]) -> list[str]:
+    """The paths rec/<name>.bin of ``names`` that are not files, each once, in order."""
+    return list(dict.fromkeys(str(Path(rec) / f"{n}.bin") for n in names if not (Path(rec) / f"{n}.bin").is_file()))
+
+
+def check_bins(rec: str | Path, names: Sequence[str], options: str, fix: str, what: str = "evaluation") -> None:
+    """Pre-flight: every rec/<name>.bin exists, else one error naming them (as ``what`` files), the config
+    ``options`` that chose them and ``fix`` (what to do instead)."""
+    missing = missing_bins(rec, names)
+    if missing:
+        raise UserError(f"{what} file(s) {', '.join(missing)} not found ({options}). Put the .bin files there "
+                        f"(README: 'Evaluation files'), or {fix}.")
 
 
 @dataclass
@@ -54,6 +73,7 @@ class SetResult:
     metrics: dict[str, float]
     attacks: dict[str, float] = field(default_factory=dict)
     leakage: LeakageResult | None = None
+    scores: ScoreDiagnostics | None = None   # threshold-free EER, AUC, grid resolution, spread (beside the protocol)
 
     def __getitem__(self, column: str) -> float:
         return self.metrics[column]
@@ -94,19 +114,79 @@ def evaluate_set(ev: EvalTemplates, transform: nn.Module | None, gender_folds: i
     """EER, TAR@FAR=0.1% and the attackers' gender balanced accuracies of ``transform`` (None: bare backbone);
     with ``bootstrap`` > 0 also identity-level intervals (eval/leakage.py)."""
     ver, gen = model_templates(ev, transform)
-    own_distances = getattr(transform, "pair_distances", None)
-    dist = own_distances(ver) if own_distances is not None else pair_distances(ver)
+    dist = _distances(ver, transform)
     res = verification_from_distances(dist, ev.issame, name=f"'{ev.name}'")
     metrics = {c: float("nan") for c in METRIC_COLUMNS}
     metrics.update({"EER": res.eer, "TAR@FAR=0.1%": res.tar})
+    scores = score_diagnostics(dist, ev.issame)
     if not len(gen):
-        return SetResult(metrics)
+        return SetResult(metrics, scores=scores)
     ctx = AttackContext(seed=seed, similarity=getattr(transform, "similarity", None))
     leak = leakage_report(gen, ev.gender_labels, ev.id_labels, gender_folds, name=f"'{ev.name}'",
                           attackers=expand_attackers(attackers), context=ctx, n_bootstrap=bootstrap, seed=seed,
                           n_jobs=n_jobs)
     metrics.update({f"BACC-Gender-{k}": v for k, v in leak.bacc.items() if f"BACC-Gender-{k}" in METRIC_COLUMNS})
-    return SetResult(metrics, {k: leak.bacc[k] for k in leak.attackers}, leak)
+    return SetResult(metrics, {k: leak.bacc[k] for k in leak.attackers}, leak, scores)
+
+
+def _distances(ver: np.ndarray, transform: nn.Module | None) -> np.ndarray:
+    """Pair distances of verification templates: the transform's own comparison if it has one."""
+    own_distances = getattr(transform, "pair_distances", None)
+    return own_distances(ver) if own_distances is not None else pair_distances(ver)
+
+
+def transform_scores(ev: EvalTemplates, transform: nn.Module | None) -> ScoreDiagnostics:
+    """ScoreDiagnostics of ``transform`` (None: the bare backbone) on ``ev``: verification only, cheap."""
+    ver, _ = model_templates(ev, transform)
+    return score_diagnostics(_distances(ver, transform), ev.issame)
+
+
+def bare_scores(ev: EvalTemplates) -> ScoreDiagnostics:
+    """ScoreDiagnostics of the bare backbone on ``ev``."""
+    return transform_scores(ev, None)
+
+
+def warn_if_below_grid(where: str, protocol_eer: float, scores: ScoreDiagnostics, logger: logging.Logger) -> bool:
+    """Warn when the pair distances of ``where`` (a checkpoint and set) fall mostly within a few steps of the
+    protocol's threshold grid: its EER and TAR then measure the grid, not the templates."""
+    if not scores.below_grid:
+        return False
+    logger.warning("%s: 90%% of the pair distances lie within %.1f steps of the protocol's threshold grid (step %g; "
+                   "a warning below %d): the protocol's EER %.4f cannot resolve them, the threshold-free EER is %.4f "
+                   "(ROC AUC %.4f). The templates have shrunk into a small cone (median impostor angle %.1f "
+                   "degrees); see README 'Protocol'.", where, scores.grid_steps, GRID_STEP, FEW_GRID_STEPS,
+                   protocol_eer, scores.eer_exact, scores.auc, scores.impostor_angle)
+    return True
+
+
+def warn_if_collapsed(where: str, angle: float, bare_angle: float, logger: logging.Logger) -> bool:
+    """Warn when a transform's template spread (median impostor angle) is far below the bare backbone's: the layer
+    is collapsing the templates of different people together."""
+    if not (math.isfinite(angle) and math.isfinite(bare_angle)) or angle >= COLLAPSE_SHARE * bare_angle:
+        return False
+    logger.warning("%s: the templates' spread (median angle between the templates of different people) is %.1f "
+                   "degrees, below a third of the bare backbone's %.1f: the layer is collapsing templates together, "
+                   "and verification numbers from the protocol's threshold grid become unreliable. Likely causes: "
+                   "too few training identities, or too strong privacy terms (alpha, beta).", where, angle,
+                   bare_angle)
+    return True
+
+
+def warn_if_few_identities(num_identities: int, embedding_size: int, trains_identity_header: bool,
+                           logger: logging.Logger) -> bool:
+    """Warn before training when a layer is fit with an identity header on fewer identities than the template has
+    dimensions: the header's class directions then span only part of the template space, the loss constrains the
+    layer only there, and it may fold every unseen person into that span (templates collapse, see warn_if_collapsed).
+    """
+    if not trains_identity_header or num_identities >= embedding_size:
+        return False
+    logger.warning("the training set has %d identities, fewer than the %d dimensions of a template (embedding_size): "
+                   "the identity loss then constrains the layer only within the %d directions of these identities, and "
+                   "the layer may squeeze the templates of people it never saw into a small cone (the protocol's EER "
+                   "then reads 0.5 although templates still rank). Train on more identities (at least %d), "
+                   "and watch the spread lines of validation and of the sweep.", num_identities, embedding_size,
+                   num_identities, embedding_size)
+    return True
 
 
 def check_bare_backbone(ev: EvalTemplates, logger: logging.Logger) -> float:

@@ -28,7 +28,7 @@ from typing import Sequence
 
 
 import numpy as np
-from joblib import Parallel, delayed
+from joblib import delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold
@@ -37,6 +37,7 @@ from eval.attackers import (ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, Atta
                             make_attacker)
 from runtime.errors import UserError, run_cli
 from runtime.io import atomic_write_text
+from runtime.workers import parallel
 
 __all__ = ["LeakageResult", "leakage_report", "gender_leakage", "main"]
 
@@ -166,7 +167,7 @@ def leakage_report(templates: np.ndarray, labels: np.ndarray, identities: np.nda
                             f"of the rarer classes.")
     ctx = context or AttackContext(seed=seed)
     tasks = [(k, f) for k in attackers for f in range(n_splits)]
-    preds = Parallel(n_jobs=n_jobs)(delayed(_fit_predict)(make_attacker(k, ctx), x, y, groups, *splits[f])
+    preds = parallel(n_jobs)(delayed(_fit_predict)(make_attacker(k, ctx), x, y, groups, *splits[f])
                                     for k, f in tasks)
     fold = np.empty(len(y), dtype=int)
     for f, (_, test) in enumerate(splits):

@@ -7,6 +7,7 @@ which the training split's FAR reaches 1e-3 (linear interpolation), measured on 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,10 @@ N_FOLDS = 10
 FAR_TARGET = 1e-3
 
 
+GRID_STEP = 0.01          # the ROC grid's step (ROC_THRESHOLDS)
+FEW_GRID_STEPS = 5        # central 90% of the pair distances within fewer steps than this: the grid EER is unreliable
+
+
 @dataclass
 class VerificationResult:
     eer: float
@@ -28,6 +33,22 @@ class VerificationResult:
     accuracy: float
     tpr: np.ndarray
     fpr: np.ndarray
+
+
+@dataclass(frozen=True)
+class ScoreDiagnostics:
+    """What the protocol's grid cannot see: the threshold-free EER and the ROC AUC of all pair scores, how many grid
+    steps the central 90% of the pair distances span, and the templates' spread (median impostor angle)."""
+    eer_exact: float
+    auc: float
+    grid_steps: float
+    impostor_angle: float
+
+    @property
+    def below_grid(self) -> bool:
+        """The pair distances fall mostly within a few grid steps: the protocol's EER and TAR then mostly measure
+        the grid, not the templates (compare eer_exact)."""
+        return self.grid_steps < FEW_GRID_STEPS
 
 
 def pair_distances(templates: np.ndarray) -> np.ndarray:
@@ -110,3 +131,40 @@ def eer_from_roc(fpr: np.ndarray, tpr: np.ndarray) -> float:
     order = np.argsort(fpr, kind="mergesort")
     xs, ys = np.asarray(fpr)[order], np.asarray(tpr)[order]
     return float(brentq(lambda x: 1.0 - x - np.interp(x, xs, ys), 0.0, 1.0))
+
+
+def exact_roc(dist: np.ndarray, issame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of accepting pairs with distance <= t, at every distinct distance t (and the origin): the ROC of
+    all scores, with no threshold grid."""
+    dist, issame = np.asarray(dist, dtype=np.float64), np.asarray(issame, dtype=bool)
+    values, inverse = np.unique(dist, return_inverse=True)
+    genuine = np.bincount(inverse, weights=issame, minlength=len(values))
+    impostor = np.bincount(inverse, weights=~issame, minlength=len(values))
+    tpr = np.concatenate([[0.0], np.cumsum(genuine) / max(issame.sum(), 1)])
+    fpr = np.concatenate([[0.0], np.cumsum(impostor) / max((~issame).sum(), 1)])
+    return fpr, tpr
+
+
+def exact_eer_auc(dist: np.ndarray, issame: np.ndarray) -> tuple[float, float]:
+    """Threshold-free EER (where FPR = 1 - TPR on the exact ROC, linear between its points) and ROC AUC (trapezoids
+    over the exact ROC: the probability that a genuine pair is closer than an impostor pair, ties counting half)."""
+    fpr, tpr = exact_roc(dist, issame)
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    gap = fpr + tpr - 1.0                 # rises from -1 at the origin to +1 at (1, 1)
+    k = int(np.argmax(gap >= 0))          # first ROC point on or past the line FPR = 1 - TPR
+    if gap[k] == 0 or k == 0:
+        return float(fpr[k]), auc
+    w = -gap[k - 1] / (gap[k] - gap[k - 1])
+    return float(fpr[k - 1] + w * (fpr[k] - fpr[k - 1])), auc
+
+
+def score_diagnostics(dist: np.ndarray, issame: np.ndarray) -> ScoreDiagnostics:
+    """ScoreDiagnostics of (P,) pair distances on the squared-Euclidean scale [0, 4]; the impostor angle is
+    arccos(1 - d/2) of the median impostor distance, in degrees (for a method with its own comparison, the angle
+    its distance corresponds to)."""
+    dist, issame = np.asarray(dist, dtype=np.float64), np.asarray(issame, dtype=bool)
+    eer, auc = exact_eer_auc(dist, issame)
+    low, high = np.quantile(dist, [0.05, 0.95])
+    impostor = dist[~issame]
+    angle = float(np.degrees(np.arccos(np.clip(1 - np.median(impostor) / 2, -1, 1)))) if len(impostor) else math.nan
+    return ScoreDiagnostics(eer, auc, float((high - low) / GRID_STEP), angle)

@@ -47,6 +47,7 @@ from config.config import Config
 from pipeline import sweep as evaluation
 from pipeline.overlap_check import check_overlap
 from config.loading import OVERRIDE_HELP, load_config
+from eval.evalset import check_bins
 from runtime.errors import UserError, run_cli
 from runtime.io import atomic_write_text
 
@@ -159,10 +160,8 @@ def cross_dataset(cfg: Config, datasets: dict[str, str] | None = None, targets: 
         raise UserError(f"training dataset(s) {', '.join(missing)} not found (--datasets NAME=PATH: a "
                         f"subjectid_gender folder or a .rec). Prepare them with tools/prepare_dataset.py (README: "
                         f"'Preparing the datasets') or point --datasets to them.")
-    bins = [str(Path(cfg.rec) / f"{f.target}.bin") for f in folds if not (Path(cfg.rec) / f"{f.target}.bin").is_file()]
-    if bins:
-        raise UserError(f"evaluation file(s) {', '.join(dict.fromkeys(bins))} not found (config option rec, "
-                        f"--targets, --all-target). Put the .bin files there (README: 'Evaluation files').")
+    check_bins(cfg.rec, [f.target for f in folds], "config option rec, --targets, --all-target",
+               "choose other targets with --targets / --all-target")
     BackboneSpec.from_config(cfg).check()
     out = Path(results) / cfg.pretrained / experiment
     rows = [run_fold(fold_config(cfg, fold, datasets, experiment), fold, out) for fold in folds]

@@ -1,6 +1,7 @@
 """Name the architectures and layouts a backbone file can hold, and, given an evaluation .bin, each one's EER.
 
     python tools/identify_backbone.py PATH [--bin rec/lfw.bin] [--max-pairs 1000] [--device auto]
+                                      [--set plugins="['my_arch.py']"]
 
 Lists every network (with its SE option and template size) whose state-dict keys and shapes equal the file's,
 the same test the loader uses. Where several fit (OpenSphere's current sfnet20 and v0's sfnet20_deprecated have
@@ -24,6 +25,7 @@ from backbones import (ARCHITECTURES, SFNET_LAYOUTS, architecture_shapes, candid
 from eval.verification import evaluate_verification
 from facedata.binfile import load_bin
 from facedata.dataset import DecodeError, decode_image, normalize_images
+from config.loading import load_config
 from runtime.device import select_device
 from runtime.errors import UserError, run_cli
 from runtime.io import extract_state_dict, safe_torch_load
@@ -31,15 +33,26 @@ from runtime.io import extract_state_dict, safe_torch_load
 NEAR_CHANCE_EER = 0.2
 
 
-def _closest(have: dict[str, tuple[int, ...]]) -> str:
-    """The registered architecture sharing the most (key, shape) entries with the file, for the error message."""
+CLOSEST_SHARE = 0.5   # a layout is offered as "closest" only when at least this share of all keys fits
+
+
+def _closest(have: dict[str, tuple[int, ...]]) -> str | None:
+    """The registered architecture sharing the most (key, shape) entries with the file, for the error message; None
+    when even the best shares less than CLOSEST_SHARE of the keys of the two together (nothing close to name)."""
     scores = []
     for name in ARCHITECTURES:
         for use_se in (False, True):
-            want = architecture_shapes(name, 512, use_se)
+            try:
+                want = architecture_shapes(name, 512, use_se)
+            except Exception:   # a plug-in that cannot be built at this size
+                continue
             agree = sum(have.get(k) == s for k, s in want.items())
-            scores.append((agree, -len(want), name, use_se, len(want)))
-    agree, _, name, use_se, n = max(scores)
+            scores.append((agree / len(set(want) | set(have)), agree, name, use_se, len(want)))
+    if not scores:
+        return None
+    share, agree, name, use_se, n = max(scores)
+    if share < CLOSEST_SHARE:
+        return None
     return f"{describe_candidate(name, use_se, 512)} ({agree} of its {n} keys and shapes agree)"
 
 
@@ -50,11 +63,15 @@ def identify(path: str | Path) -> tuple[dict[str, torch.Tensor], list[tuple[str,
     if not found:
         have = {k: tuple(v.shape) for k, v in state.items()}
         first = ", ".join(f"{k} {s}" for k, s in list(have.items())[:3])
+        closest = _closest(have)
+        near = (f"the closest is {closest}" if closest else f"no registered architecture shares even "
+                f"{CLOSEST_SHARE:.0%} of its keys and shapes")
         raise UserError(f"backbone weights '{path}' fit no known architecture: none of {', '.join(ARCHITECTURES)} "
                         f"(with or without SE blocks, at the file's template size) has its {len(have)} keys and "
-                        f"shapes (first: {first}); the closest is {_closest(have)}. The file may be of another "
-                        f"family, hold a whole training state rather than the backbone's state dict, or be "
-                        f"damaged; export the backbone with torch.save(backbone.state_dict(), path).")
+                        f"shapes (first: {first}); {near}. The file may be of another family (a plug-in "
+                        f"architecture is seen with --set plugins=\"['my_arch.py']\"), hold a whole training state "
+                        f"rather than the backbone's state dict, or be damaged; export the backbone with "
+                        f"torch.save(backbone.state_dict(), path).")
     return state, found
 
 
@@ -128,8 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bin", default=None, help="evaluation .bin (5-item or 2-item) to compute each EER on")
     parser.add_argument("--max-pairs", type=int, default=1000, help="pairs of --bin to use, evenly spread (0: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config options; plugins=\"['my_arch.py']\" registers plug-in architectures first")
     args = parser.parse_args(argv)
-    return run_cli(lambda: report(args.path, args.bin, args.max_pairs, args.device))
+
+    def body() -> None:
+        load_config(None, args.set)   # imports the plug-ins, which register their architectures
+        report(args.path, args.bin, args.max_pairs, args.device)
+    return run_cli(body)
 
 
 if __name__ == "__main__":

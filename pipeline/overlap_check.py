@@ -28,7 +28,7 @@ from pathlib import Path
 
 from backbones.spec import BackboneSpec
 from config.config import Config
-from eval.evalset import EvalTemplates, open_eval_set
+from eval.evalset import EvalTemplates, check_bins, open_eval_set
 from eval.overlap import CSV_COLUMNS, DEFAULT_THRESHOLD, Overlap, describe, eval_image_name, find_overlap
 from templates.cache import TemplateCache, index_inputs
 from config.loading import OVERRIDE_HELP, load_config
@@ -48,10 +48,8 @@ def check_overlap(cfg: Config, threshold: float = DEFAULT_THRESHOLD, csv_path: s
     if not cfg.test_targets:
         raise UserError("config option test_targets is empty: name the evaluation sets to check, e.g. "
                         "--set test_targets=\"['lfw']\".")
-    missing = [str(Path(cfg.rec) / f"{t}.bin") for t in cfg.test_targets if not (Path(cfg.rec) / f"{t}.bin").is_file()]
-    if missing:
-        raise UserError(f"evaluation file(s) {', '.join(missing)} not found (config options rec, test_targets). Put "
-                        f"them there, or choose the sets with --set test_targets=\"['lfw']\".")
+    check_bins(cfg.rec, cfg.test_targets, "config options rec, test_targets",
+               "choose the sets with --set test_targets=\"['lfw']\"")
     index = scan_training_data(cfg.data_dir, cfg.rec_genders)
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()

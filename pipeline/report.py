@@ -19,13 +19,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from eval.evalset import METRIC_COLUMNS, EvalTemplates
+from eval.evalset import COLLAPSE_SHARE, METRIC_COLUMNS, EvalTemplates
 from eval.leakage import WORST
+from eval.verification import FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics
 from runtime.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from privacy.runs import SweptRun
 
+# the columns of <run>_diagnostics.csv after Step and Dataset (the sweep writes them): threshold-free EER of the exact
+# ROC, ROC AUC, grid steps (0.01) spanned by the central 90% of the pair distances, median impostor angle (degrees)
+DIAGNOSTICS = ["EER-Threshold-Free", "ROC-AUC", "Grid-Steps-90%", "Impostor-Angle"]
+BARE_COMPARISON = "squared Euclidean"   # what the protocol compares unit templates with (README 'Protocol')
 PLOTTED = [("EER", "EER"), ("TAR@FAR=0.1%", "TAR@FAR=0.1%"), ("BACC-Gender-AVG", "gender BACC (avg)"), ("PIC", "PIC")]
 LINEAR_ERASURE = ("leace", "inlp")
 
@@ -182,17 +187,30 @@ def _markdown(rows: list[list[str]], header: list[str]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _scores_cells(diag: pd.DataFrame, run: str, step: object, ds: str) -> list[str]:
+    """The threshold-free EER and AUC of a checkpoint from the diagnostics frame (n/a when absent)."""
+    if diag.empty:
+        return ["n/a", "n/a"]
+    hit = diag[(diag["Run"] == run) & (diag["Step"] == step) & (diag["Dataset"] == ds)]
+    return [_cell(hit[c].iloc[0]) if len(hit) else "n/a" for c in DIAGNOSTICS[:2]]
+
+
 def comparison_table(ds: str, metrics: pd.DataFrame, worst: pd.DataFrame, runs: list["SweptRun"],
-                     ref: dict[str, float] | None, bare_worst: pd.Series | None) -> list[str]:
-    """Markdown rows of one dataset: bare backbone, then per run its last checkpoint and its best-PIC one."""
-    header = ["Model", "Method and settings", "Comparison", "Checkpoint", *METRIC_COLUMNS, "PIC"]
+                     ref: dict[str, float] | None, bare_worst: pd.Series | None,
+                     diag: pd.DataFrame | None = None, bare: ScoreDiagnostics | None = None) -> list[str]:
+    """Markdown rows of one dataset: bare backbone, then per run its last checkpoint and its best-PIC one; after the
+    authors' columns, the threshold-free EER and the ROC AUC."""
+    diag = diag if diag is not None else pd.DataFrame()
+    header = ["Model", "Method and settings", "Comparison", "Checkpoint", *METRIC_COLUMNS, "PIC",
+              "EER (threshold-free)", "ROC AUC"]
     with_worst = not worst.empty
     if with_worst:
         header.append("Worst-case BACC [95% CI] (attacker)")
     rows = []
     if ref is not None:
-        rows.append(["bare backbone", "-", "cosine", "-", *(_cell(ref[c]) for c in METRIC_COLUMNS),
-                     "0 (by definition)"] + ([_worst_cell(bare_worst)] if with_worst else []))
+        rows.append(["bare backbone", "-", BARE_COMPARISON, "-", *(_cell(ref[c]) for c in METRIC_COLUMNS),
+                     "0 (by definition)", *((_cell(bare.eer_exact), _cell(bare.auc)) if bare else ("n/a", "n/a"))]
+                    + ([_worst_cell(bare_worst)] if with_worst else []))
     for run in runs:
         rr = metrics[(metrics["Run"] == run.name) & (metrics["Dataset"] == ds)].sort_values("Step")
         if rr.empty:
@@ -206,32 +224,76 @@ def comparison_table(ds: str, metrics: pd.DataFrame, worst: pd.DataFrame, runs: 
             if with_worst and (run.name, r["Step"], ds) in worst.index:
                 w = worst.loc[(run.name, r["Step"], ds)]
             rows.append([run.name, run.settings, run.method.comparison, f"{tag} (step {int(r['Step'])})",
-                         *(_cell(r[c]) for c in METRIC_COLUMNS), _cell(r["PIC"])]
+                         *(_cell(r[c]) for c in METRIC_COLUMNS), _cell(r["PIC"]),
+                         *_scores_cells(diag, run.name, r["Step"], ds)]
                         + ([_worst_cell(w)] if with_worst else []))
     return _markdown(rows, header)
 
 
+def protocol_warnings(metrics: pd.DataFrame, diag: pd.DataFrame, bare: dict[str, ScoreDiagnostics]) -> list[str]:
+    """Markdown list items: every checkpoint whose pair distances fall within a few grid steps (both EERs named), and
+    every one whose template spread is far below the bare backbone's."""
+    items = []
+    for name, sc in bare.items():
+        if sc.below_grid:
+            items.append(f"- bare backbone on {name}: 90% of the pair distances within {sc.grid_steps:.1f} grid "
+                         f"steps; threshold-free EER {sc.eer_exact:.4f}.")
+    if diag.empty:
+        return items
+    eers = metrics.set_index(["Run", "Step", "Dataset"])["EER"] if not metrics.empty else pd.Series(dtype=float)
+    for _, r in diag.sort_values(["Run", "Step", "Dataset"]).iterrows():
+        key = (r["Run"], r["Step"], r["Dataset"])
+        where = f"{r['Run']} step {int(r['Step'])} on {r['Dataset']}"
+        if r["Grid-Steps-90%"] < FEW_GRID_STEPS:
+            eer = _cell(eers.get(key, float("nan")))
+            items.append(f"- {where}: 90% of the pair distances lie within {r['Grid-Steps-90%']:.1f} steps of the "
+                         f"protocol's threshold grid (step {GRID_STEP}): the protocol's EER {eer} cannot resolve "
+                         f"them; the threshold-free EER is {r['EER-Threshold-Free']:.4f} (ROC AUC "
+                         f"{r['ROC-AUC']:.4f}).")
+        b = bare.get(r["Dataset"])
+        if b is not None and r["Impostor-Angle"] < COLLAPSE_SHARE * b.impostor_angle:
+            items.append(f"- {where}: templates collapsed: median impostor angle {r['Impostor-Angle']:.1f} "
+                         f"degrees, below a third of the bare backbone's {b.impostor_angle:.1f}.")
+    return items
+
+
 def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str, float]], sets: list[EvalTemplates],
-                 gender_folds: int, bare_attacks: pd.DataFrame | None = None) -> Path:
-    """report.md (the comparison table per evaluation set, notes) and the plots."""
+                 gender_folds: int, bare_attacks: pd.DataFrame | None = None,
+                 bare_scores: dict[str, ScoreDiagnostics] | None = None) -> Path:
+    """report.md (warnings, the comparison table per evaluation set, notes) and the plots."""
     metrics = read_results(out_dir, runs, "metrics")
+    diag = read_results(out_dir, runs, "diagnostics")
+    bare_scores = bare_scores or {}
     worst = worst_cases(read_results(out_dir, runs, "attackers"))
     bare_attacks = bare_attacks if bare_attacks is not None else pd.DataFrame()
     labels = {run.name: f"{run.name}: {run.settings}" for run in runs}
     lines = ["# Evaluation report", "", "Runs (method and settings from each run's run.json):", ""]
     lines += _markdown([[run.name, run.settings + ("" if run.described else " (no run.json: the sweep's settings)")]
                         for run in runs], ["Run", "Method and settings"])
+    warnings = protocol_warnings(metrics, diag, bare_scores)
+    if warnings:
+        lines += ["", "## Warnings: where the protocol's numbers stop meaning what they seem to", "",
+                  "The protocol's EER and TAR read the ROC at the fixed thresholds 0, 0.01, ..., 3.99 of the squared "
+                  "distance; when a layer squeezes the templates into a small cone, the pair distances fall between "
+                  "a few of them and the protocol's EER reads near chance although the templates may still rank "
+                  "genuine pairs above impostor pairs. The threshold-free EER and the ROC AUC (exact ROC of all "
+                  "scores, `<run>_diagnostics.csv`) show what the templates do; a collapsing layer also loses most of "
+                  "the templates' spread.", "", *warnings]
     lines += ["", "## Comparison", "",
               "Per evaluation set: the bare backbone, then for every run its last checkpoint and, marked "
               "separately, its checkpoint with the best PIC. BACC-Gender-AVG is the mean of the paper's three "
-              "attackers and enters PIC; the comparison column says how templates were compared for verification.",
+              "attackers and enters PIC; the comparison column says how templates were compared for verification "
+              "(the protocol's: squared Euclidean distance between L2-normalised templates, which ranks pairs as "
+              "cosine similarity does). After PIC, beside the protocol: the threshold-free EER (exact ROC of all "
+              "pair scores) and the ROC AUC.",
               ""]
     for ds in sorted(metrics["Dataset"].unique()) if not metrics.empty else []:
         bare_worst = None
         if not bare_attacks.empty:
             b = bare_attacks[(bare_attacks["Dataset"] == ds) & (bare_attacks["Attacker"] == WORST)]
             bare_worst = b.iloc[0] if len(b) else None
-        lines += [f"### {ds}", ""] + comparison_table(ds, metrics, worst, runs, ref.get(ds), bare_worst) + [""]
+        lines += [f"### {ds}", ""] + comparison_table(ds, metrics, worst, runs, ref.get(ds), bare_worst, diag,
+                                                      bare_scores.get(ds)) + [""]
     methods = {run.method.name for run in runs}
     if methods & set(LINEAR_ERASURE):
         lines += ["**Linear erasure.** `leace` and `inlp` remove the linearly decodable gender information from "

@@ -8,7 +8,9 @@ the authors' released layers, is the paper's method) and every checkpoint in it 
 ``test_targets`` (``rec/<name>.bin``): EER, TAR@FAR=0.1%, gender balanced accuracy of the paper's three attackers
 and their mean, and PIC against the bare backbone's results in R (computed and written there first if R does not
 exist). Writes ``L/E/<run>_metrics.csv`` (the authors' columns), ``L/E/<run>_attackers.csv`` (attackers beyond the
-paper's, config option attackers), ``L/E/evaluate.log``, ``L/E/report.md`` and PNG plots. Checkpoints already in a
+paper's, config option attackers), ``L/E/<run>_diagnostics.csv`` (what the protocol's threshold grid cannot see:
+threshold-free EER, ROC AUC, grid resolution, template spread; warned about in the log and the report),
+``L/E/evaluate.log``, ``L/E/report.md`` and PNG plots. Checkpoints already in a
 CSV are skipped unless --force, so an interrupted sweep resumes where it stopped. The backbone runs once per
 evaluation set (template cache), never once per checkpoint. The underscore spellings --log_root, --model_root,
 --experiment_name, --reference_pth of the authors' README are accepted too.
@@ -19,25 +21,30 @@ import argparse
 import csv
 import functools
 import io
+import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 
 import pandas as pd
 import torch
-from joblib import Parallel, delayed
+from joblib import delayed
 from torch import nn
 
+from backbones import embedding_size_for
 from backbones.spec import BackboneSpec
 from config.config import Config
 from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers
-from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, evaluate_set, open_eval_set, pic,
+from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, bare_scores, check_bins, evaluate_set,
+                          open_eval_set, pic, transform_scores, warn_if_below_grid, warn_if_collapsed,
                           warn_if_near_chance)
 from eval.leakage import WORST
-from pipeline.report import write_report
-from privacy.runs import check_names, find_runs
+from eval.verification import ScoreDiagnostics
+from pipeline.report import DIAGNOSTICS, write_report
+from privacy.runs import SweptRun, check_names, find_runs
 from templates.cache import TemplateCache
 from templates.entry import open_entry
 from runtime.distributed import processes
@@ -46,17 +53,33 @@ from runtime.device import select_device
 from runtime.errors import UserError, run_cli
 from runtime.io import atomic_write_text, check_writable
 from runtime.logs import get_logger, log_to
+from runtime.workers import parallel
 
 CSV_COLUMNS = ["Step", "Dataset", *METRIC_COLUMNS, "PIC"]
 # <run>_attackers.csv, written when attackers beyond the paper's run: every attacker's balanced accuracy with its
 # identity-level bootstrap interval, and a 'worst-case' row (the maximum over them, Reached-By naming the attacker)
 ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC", "CI-Low", "CI-High", "Reached-By"]
+BARE_ATTACKER_COLUMNS = ["Dataset", *ATTACKER_COLUMNS[2:]]
 REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
+# <run>_diagnostics.csv, beside the authors' files: what their threshold grid cannot see (pipeline/report.py names
+# the columns: threshold-free EER, ROC AUC, grid steps spanned by 90% of the pair distances, median impostor angle)
+DIAGNOSTIC_COLUMNS = ["Step", "Dataset", *DIAGNOSTICS]
+BARE_DIAGNOSTIC_COLUMNS = ["Dataset", *DIAGNOSTICS]
 log = get_logger("pipeline.sweep")
 
 
 def _fmt(v: float | None) -> str:
     return "" if v is None or not math.isfinite(v) else repr(float(v))
+
+
+def _short(v: float | None) -> str:
+    """A number for the log: four decimals, n/a where undefined."""
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def _diagnostic_cells(scores: ScoreDiagnostics) -> dict[str, str]:
+    return dict(zip(DIAGNOSTICS, (_fmt(scores.eer_exact), _fmt(scores.auc), _fmt(scores.grid_steps),
+                                  _fmt(scores.impostor_angle))))
 
 
 def read_csv_rows(path: Path, columns: list[str], what: str) -> list[dict[str, str]]:
@@ -71,15 +94,18 @@ def read_csv_rows(path: Path, columns: list[str], what: str) -> list[dict[str, s
         return list(reader)
 
 
-def write_rows(path: Path, columns: list[str], rows: list[dict[str, str]], key: tuple[str, ...]) -> None:
-    """Add rows, replacing those with the same ``key`` columns, rewriting the file atomically."""
+def write_rows(path: Path, columns: list[str], rows: list[dict[str, str]], key: tuple[str, ...],
+               only_if_changed: bool = False) -> None:
+    """Add rows, replacing those with the same ``key`` columns, rewriting the file atomically (not at all with
+    ``only_if_changed`` when its content would stay the same)."""
     new = {tuple(r[k] for k in key) for r in rows}
     kept = [r for r in read_csv_rows(path, columns, "metrics file") if tuple(r[k] for k in key) not in new]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(kept + rows)
-    atomic_write_text(path, buf.getvalue())
+    if not (only_if_changed and path.is_file() and path.read_text() == buf.getvalue()):
+        atomic_write_text(path, buf.getvalue())
 
 
 def read_reference(path: Path, targets: list[str]) -> dict[str, dict[str, float]]:
@@ -155,7 +181,7 @@ def evaluate_all(tasks: Sequence[Task], gender_folds: int, attackers: Sequence[s
     calls = (delayed(_evaluate_in_worker)(factories, ev.name, ev.templates.path,
                                           (ev.issame, ev.id_labels, ev.gender_labels), load(), gender_folds, attackers,
                                           seed, bootstrap) for load, ev in tasks)
-    yield from Parallel(n_jobs=n_jobs, return_as="generator")(calls)
+    yield from parallel(n_jobs, return_as="generator")(calls)
 
 
 def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int,
@@ -180,7 +206,7 @@ def bare_backbone_attacks(path: Path, sets: list[EvalTemplates], attackers: tupl
                           seed: int, bootstrap: int, n_jobs: int) -> pd.DataFrame:
     """The bare backbone against every attacker (with intervals and the worst case), for the report's first row;
     kept in ``path`` and recomputed only for sets or attackers it lacks."""
-    columns = ["Dataset", *ATTACKER_COLUMNS[2:]]
+    columns = BARE_ATTACKER_COLUMNS
     rows = read_csv_rows(path, columns, "bare-backbone attackers file")
     have = {(r["Dataset"], r["Attacker"]) for r in rows}
     todo = [ev for ev in sets if len(ev.gender_labels) and any((ev.name, a) not in have for a in (*attackers, WORST))]
@@ -212,104 +238,220 @@ def _rows(step: int, ev: EvalTemplates, res: SetResult, ref: dict[str, float]) -
     return row, extra
 
 
-def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
-             force: bool = False) -> Path | None:
-    """Run the sweep; returns the output folder L/E (None in the torchrun processes other than 0, which only
-    extract their shares of the templates)."""
+@dataclass
+class Sweep:
+    """What pre-flight established: the runs and sets to evaluate, where results go, which attackers run."""
+    cfg: Config
+    out_dir: Path
+    reference: Path
+    runs: list[SweptRun]
+    targets: list[str]
+    backbone: BackboneSpec
+    attackers: tuple[str, ...]
+    beyond: bool        # attackers beyond the paper's: the attackers CSV (intervals, worst case) is written too
+    bootstrap: int
+    force: bool
+
+    def files(self, run: SweptRun) -> tuple[Path, Path, Path]:
+        """A run's metrics, attackers and score-diagnostics CSVs."""
+        return tuple(self.out_dir / f"{run.name}_{kind}.csv" for kind in ("metrics", "attackers", "diagnostics"))
+
+
+@dataclass
+class Job:
+    """One (checkpoint, set) to evaluate: in full, or (``scores_only``) only its score diagnostics, for a checkpoint
+    swept before the diagnostics existed."""
+    run: int
+    step: int
+    ckpt: Path
+    ev: EvalTemplates
+    scores_only: bool = False
+
+
+def preflight(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
+              force: bool) -> Sweep:
+    """Check names, evaluation files, weights, folders and every existing CSV before any compute."""
     check_names(cfg)
-    out_dir = Path(log_root) / experiment
-    reference = Path(reference)
+    cfg = embedding_size_for(cfg)   # the template size the backbone weights produce
+    out_dir, reference = Path(log_root) / experiment, Path(reference)
     runs = find_runs(Path(model_root) / experiment, cfg)
     targets = list(cfg.test_targets)
     if not targets:
         raise UserError("config option test_targets is empty: name at least one rec/<name>.bin to evaluate on.")
-    missing = [str(Path(cfg.rec) / f"{t}.bin") for t in targets if not (Path(cfg.rec) / f"{t}.bin").is_file()]
-    if missing:
-        raise UserError(f"evaluation file(s) {', '.join(missing)} not found (config options rec, test_targets). Put "
-                        f"the .bin files there, or choose targets with --set test_targets=\"['lfw']\".")
+    check_bins(cfg.rec, targets, "config options rec, test_targets",
+               "choose targets with --set test_targets=\"['lfw']\"")
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()
     check_writable(out_dir, "--log-root")
+    if reference.exists() and not reference.is_file():
+        raise UserError(f"--reference-pth '{reference}' is a folder, not a file: it names the CSV of the bare "
+                        f"backbone's results (read if it exists, else computed and written), e.g. "
+                        f"--reference-pth {reference / 'reference.csv'}.")
     if not reference.is_file():
         check_writable(reference.parent if str(reference.parent) else Path("."), "--reference-pth")
     attackers = expand_attackers(cfg.attackers)
-    # the second CSV (intervals, worst case) when attackers beyond the paper's run; the default sweep costs what the
-    # paper's protocol costs and writes exactly the authors' files
+    # the default sweep costs what the paper's protocol costs and writes the authors' files (and the diagnostics)
     beyond = set(attackers) != set(PAPER_ATTACKERS)
-    bootstrap = cfg.bootstrap if beyond else 0
-    read_csv_rows(out_dir / "bare_backbone_attackers.csv", ["Dataset", *ATTACKER_COLUMNS[2:]],
-                  "bare-backbone attackers file")
-    for run in runs:  # refuse foreign CSVs before any compute
-        read_csv_rows(out_dir / f"{run.name}_metrics.csv", CSV_COLUMNS, "metrics file")
-        read_csv_rows(out_dir / f"{run.name}_attackers.csv", ATTACKER_COLUMNS, "attackers file")
+    sweep = Sweep(cfg, out_dir, reference, runs, targets, backbone, attackers, beyond,
+                  cfg.bootstrap if beyond else 0, force)
+    refuse_foreign_files(sweep)
+    return sweep
+
+
+def refuse_foreign_files(sweep: Sweep) -> None:
+    """Every CSV the sweep would add rows to is one of ours (or absent); a foreign one is refused, not overwritten."""
+    read_csv_rows(sweep.out_dir / "bare_backbone_attackers.csv", BARE_ATTACKER_COLUMNS, "bare-backbone attackers file")
+    read_csv_rows(sweep.out_dir / "bare_backbone_diagnostics.csv", BARE_DIAGNOSTIC_COLUMNS,
+                  "bare-backbone diagnostics file")
+    for run in sweep.runs:
+        for path, columns in zip(sweep.files(run), (CSV_COLUMNS, ATTACKER_COLUMNS, DIAGNOSTIC_COLUMNS)):
+            read_csv_rows(path, columns, f"{path.stem.rsplit('_', 1)[1]} file")
+
+
+def reference_results(sweep: Sweep, sets: list[EvalTemplates], lg: logging.Logger
+                      ) -> tuple[dict[str, dict[str, float]], bool]:
+    """The bare backbone's protocol results: read from --reference-pth, or computed and written there (True)."""
+    if sweep.reference.is_file():
+        ref = read_reference(sweep.reference, sweep.targets)
+        lg.info("reference results read from %s", sweep.reference)
+        for name, m in ref.items():
+            warn_if_near_chance(name, m["EER"], lg)
+        return ref, False
+    ref = compute_reference(sweep.reference, sets, sweep.cfg.gender_folds, sweep.cfg.n_jobs)
+    lg.info("reference file %s did not exist: computed the bare backbone's results with the same protocol and "
+            "wrote them there", sweep.reference)
+    return ref, True
+
+
+def bare_backbone_scores(sweep: Sweep, sets: list[EvalTemplates], ref: dict[str, dict[str, float]],
+                         lg: logging.Logger) -> dict[str, ScoreDiagnostics]:
+    """The bare backbone's score diagnostics per set (cheap: verification only), logged, warned about and kept in
+    bare_backbone_diagnostics.csv (rewritten only when they change)."""
+    scores = {ev.name: bare_scores(ev) for ev in sets}
+    rows = [{"Dataset": name, **_diagnostic_cells(sc)} for name, sc in scores.items()]
+    for name, sc in scores.items():
+        lg.info("bare backbone on %s: threshold-free EER %.4f, AUC %.4f, spread (median impostor angle) %.1f "
+                "degrees", name, sc.eer_exact, sc.auc, sc.impostor_angle)
+        warn_if_below_grid(f"bare backbone on '{name}'", ref[name]["EER"], sc, lg)
+    write_rows(sweep.out_dir / "bare_backbone_diagnostics.csv", BARE_DIAGNOSTIC_COLUMNS, rows, ("Dataset",),
+               only_if_changed=True)
+    return scores
+
+
+def plan_jobs(sweep: Sweep, sets: list[EvalTemplates], lg: logging.Logger) -> list[Job]:
+    """Every (checkpoint, set) not yet in its run's CSVs (all of them with --force), in run and step order."""
+    jobs: list[Job] = []
+    for k, run in enumerate(sweep.runs):
+        csv_path, att_path, diag_path = sweep.files(run)
+        done = {(r["Step"], r["Dataset"]) for r in read_csv_rows(csv_path, CSV_COLUMNS, "metrics file")}
+        attacked = {(r["Step"], r["Dataset"], r["Attacker"])
+                    for r in read_csv_rows(att_path, ATTACKER_COLUMNS, "attackers file")}
+        diagnosed = {(r["Step"], r["Dataset"]) for r in read_csv_rows(diag_path, DIAGNOSTIC_COLUMNS,
+                                                                      "diagnostics file")}
+        lg.info("run %s: %s%s", run.name, run.settings, "" if run.described else " (no run.json: the paper's "
+                "method with this sweep's settings)")
+        for step, ckpt in run.checkpoints:
+            full = [ev for ev in sets if sweep.force or (str(step), ev.name) not in done
+                    or (sweep.beyond and any((str(step), ev.name, a) not in attacked
+                                             for a in (*sweep.attackers, WORST)))]
+            scores = [ev for ev in sets if ev not in full and (str(step), ev.name) not in diagnosed]
+            if not full and not scores:
+                lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
+                        csv_path.name)
+            jobs += [Job(k, step, ckpt, ev) for ev in full] + [Job(k, step, ckpt, ev, True) for ev in scores]
+    return jobs
+
+
+def run_jobs(sweep: Sweep, jobs: list[Job], ref: dict[str, dict[str, float]], bare: dict[str, ScoreDiagnostics],
+             device: torch.device, lg: logging.Logger) -> bool:
+    """Evaluate the jobs (the full ones on joblib workers when n_jobs > 1), writing each row as soon as it is done;
+    True when anything was written."""
+    cfg, runs = sweep.cfg, sweep.runs
+
+    @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
+    def load(k: int, ckpt: Path) -> nn.Module:
+        return runs[k].method.load_transform(ckpt).to(device)
+    for job in (j for j in jobs if j.scores_only):   # cheap: verification only, here
+        scores = transform_scores(job.ev, load(job.run, job.ckpt))
+        _write_diagnostics(sweep, job, scores, bare, lg)
+    full = [j for j in jobs if not j.scores_only]
+    results = evaluate_all([(functools.partial(load, j.run, j.ckpt), j.ev) for j in full], cfg.gender_folds,
+                           sweep.attackers, cfg.seed, sweep.bootstrap, cfg.n_jobs, device, cfg.plugins)
+    for job, res in zip(full, results):
+        csv_path, att_path, _ = sweep.files(runs[job.run])
+        row, extra = _rows(job.step, job.ev, res, ref[job.ev.name])
+        write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
+        if sweep.beyond and extra:
+            write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
+        lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", runs[job.run].name, job.step, job.ev.name,
+                res["EER"], res["TAR@FAR=0.1%"], _short(res["BACC-Gender-AVG"]),
+                _short(pic(res, ref[job.ev.name]) if ref[job.ev.name] else None))
+        _write_diagnostics(sweep, job, res.scores, bare, lg, res["EER"])
+    return bool(jobs)
+
+
+def _write_diagnostics(sweep: Sweep, job: Job, scores: ScoreDiagnostics, bare: dict[str, ScoreDiagnostics],
+                       lg: logging.Logger, eer: float | None = None) -> None:
+    """A job's row of <run>_diagnostics.csv, its log line, and the grid and collapse warnings."""
+    run = sweep.runs[job.run]
+    write_rows(sweep.files(run)[2], DIAGNOSTIC_COLUMNS,
+               [{"Step": str(job.step), "Dataset": job.ev.name, **_diagnostic_cells(scores)}], ("Step", "Dataset"))
+    name = job.ev.name
+    lg.info("%s step %d %s: threshold-free EER %.4f AUC %.4f, spread (median impostor angle) %.1f degrees (bare "
+            "backbone %.1f)", run.name, job.step, name, scores.eer_exact, scores.auc, scores.impostor_angle,
+            bare[name].impostor_angle)
+    where = f"{run.name} step {job.step} ({job.ckpt.name}) on '{name}'"
+    if eer is None:   # a scores-only job: the protocol's EER is the one already in the metrics CSV
+        rows = read_csv_rows(sweep.files(run)[0], CSV_COLUMNS, "metrics file")
+        eer = next((float(r["EER"]) for r in rows if (r["Step"], r["Dataset"]) == (str(job.step), name)), math.nan)
+    warn_if_below_grid(where, eer, scores, lg)
+    warn_if_collapsed(where, scores.impostor_angle, bare[name].impostor_angle, lg)
+
+
+def finish(sweep: Sweep, sets: list[EvalTemplates], ref: dict[str, dict[str, float]],
+           bare: dict[str, ScoreDiagnostics], changed: bool, lg: logging.Logger) -> None:
+    """The bare backbone against every attacker (attackers beyond the paper's), then report.md and the plots when
+    anything changed or the report is missing."""
+    cfg = sweep.cfg
+    bare_attacks = None
+    if sweep.beyond:
+        bare_attacks = bare_backbone_attacks(sweep.out_dir / "bare_backbone_attackers.csv", sets, sweep.attackers,
+                                             cfg.gender_folds, cfg.seed, sweep.bootstrap, cfg.n_jobs)
+    if changed or not (sweep.out_dir / "report.md").is_file():
+        report = write_report(sweep.out_dir, sweep.runs, ref, sets, cfg.gender_folds, bare_attacks, bare)
+        lg.info("report: %s", report)
+    else:
+        lg.info("nothing new: %s and the plots are up to date", sweep.out_dir / "report.md")
+
+
+def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
+             force: bool = False) -> Path | None:
+    """Run the sweep; returns the output folder L/E (None in the torchrun processes other than 0, which only
+    extract their shares of the templates)."""
+    sweep = preflight(cfg, log_root, model_root, experiment, reference, force)
+    cfg = sweep.cfg   # embedding_size as the backbone weights say
     device = select_device(cfg.device)
     with processes(device) as procs:
         device = procs.device(device)
-        cache = TemplateCache.from_config(cfg, device, procs, backbone)
+        cache = TemplateCache.from_config(cfg, device, procs, sweep.backbone)
         if not procs.main:   # the other processes extract their shares of the sets' templates, nothing else
-            for name in targets:
+            for name in sweep.targets:
                 open_eval_set(cache, cfg.rec, name)
             procs.leave()
             return None
-        with log_to(out_dir / "evaluate.log", log.name) as lg:
-            lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(runs), experiment, ", ".join(targets),
-                    ", ".join(attackers))
+        with log_to(sweep.out_dir / "evaluate.log", log.name) as lg:
+            lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(sweep.runs), experiment,
+                    ", ".join(sweep.targets), ", ".join(sweep.attackers))
             if procs.world > 1:
                 lg.info("torchrun: %d processes share the template extraction; process 0 then sweeps alone",
                         procs.world)
-            sets = [open_eval_set(cache, cfg.rec, name) for name in targets]
+            sets = [open_eval_set(cache, cfg.rec, name) for name in sweep.targets]
             procs.leave()   # the sweep runs in this process alone
-            changed = False
-            if reference.is_file():
-                ref = read_reference(reference, targets)
-                lg.info("reference results read from %s", reference)
-                for name, m in ref.items():
-                    warn_if_near_chance(name, m["EER"], lg)
-            else:
-                ref = compute_reference(reference, sets, cfg.gender_folds, cfg.n_jobs)
-                changed = True
-                lg.info("reference file %s did not exist: computed the bare backbone's results with the same protocol "
-                        "and wrote them there", reference)
-            todo: list[tuple[int, Path, Path, int, Path, EvalTemplates]] = []
-            for k, run in enumerate(runs):
-                csv_path, att_path = out_dir / f"{run.name}_metrics.csv", out_dir / f"{run.name}_attackers.csv"
-                done = {(r["Step"], r["Dataset"]) for r in read_csv_rows(csv_path, CSV_COLUMNS, "metrics file")}
-                attacked = {(r["Step"], r["Dataset"], r["Attacker"])
-                            for r in read_csv_rows(att_path, ATTACKER_COLUMNS, "attackers file")}
-                lg.info("run %s: %s%s", run.name, run.settings, "" if run.described else " (no run.json: the paper's "
-                        "method with this sweep's settings)")
-                for step, ckpt in run.checkpoints:
-                    sets_todo = [ev for ev in sets if force or (str(step), ev.name) not in done
-                                 or (beyond and any((str(step), ev.name, a) not in attacked
-                                                    for a in (*attackers, WORST)))]
-                    if not sets_todo:
-                        lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
-                                csv_path.name)
-                    todo += [(k, csv_path, att_path, step, ckpt, ev) for ev in sets_todo]
-
-            @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
-            def load(k: int, ckpt: Path) -> nn.Module:
-                return runs[k].method.load_transform(ckpt).to(device)
-            results = evaluate_all([(functools.partial(load, k, ckpt), ev) for k, _, _, _, ckpt, ev in todo],
-                                   cfg.gender_folds, attackers, cfg.seed, bootstrap, cfg.n_jobs, device, cfg.plugins)
-            for (k, csv_path, att_path, step, _, ev), res in zip(todo, results):
-                row, extra = _rows(step, ev, res, ref[ev.name])
-                write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
-                if beyond and extra:
-                    write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
-                changed = True
-                lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", runs[k].name, step, ev.name, res["EER"],
-                        res["TAR@FAR=0.1%"], row["BACC-Gender-AVG"] or "n/a", row["PIC"] or "n/a")
-            bare = None
-            if beyond:
-                bare = bare_backbone_attacks(out_dir / "bare_backbone_attackers.csv", sets, attackers, cfg.gender_folds,
-                                             cfg.seed, bootstrap, cfg.n_jobs)
-            if changed or not (out_dir / "report.md").is_file():
-                report = write_report(out_dir, runs, ref, sets, cfg.gender_folds, bare)
-                lg.info("report: %s", report)
-            else:
-                lg.info("nothing new: %s and the plots are up to date", out_dir / "report.md")
-    return out_dir
+            ref, changed = reference_results(sweep, sets, lg)
+            bare = bare_backbone_scores(sweep, sets, ref, lg)
+            changed |= run_jobs(sweep, plan_jobs(sweep, sets, lg), ref, bare, device, lg)
+            finish(sweep, sets, ref, bare, changed, lg)
+    return sweep.out_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -26,9 +26,10 @@ from typing import Iterator
 
 import torch
 
+from backbones import embedding_size_for
 from backbones.spec import BackboneSpec
 from config.config import Config
-from eval.evalset import EvalTemplates, check_bare_backbone, open_eval_set  # noqa: E501
+from eval.evalset import EvalTemplates, check_bare_backbone, check_bins, open_eval_set, warn_if_few_identities
 from eval.overlap import warn_overlap
 from privacy import FitContext, FitResult, PrivacyMethod, get_method
 from privacy.runs import RunFolders, append_config_row, check_names, plan_run_folders, write_run_description  # noqa: E501
@@ -68,6 +69,7 @@ class TrainResult(FitResult):
 def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
     """Check everything that can be checked before any compute: names, data, weights, validation files, folders."""
     check_names(cfg)
+    cfg = embedding_size_for(cfg)   # the template size the backbone weights produce
     method = get_method(cfg.method)(cfg)
     method.check()
     if not cfg.cache and not method.trains_in_loop:
@@ -84,10 +86,9 @@ def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
     if len(index) < cfg.batch_size:
         raise UserError(f"the training set {cfg.data_dir} has {len(index)} images, fewer than one batch (batch_size "
                         f"{cfg.batch_size}; incomplete batches are dropped); lower batch_size or add images.")
-    missing = [str(Path(cfg.rec) / f"{n}.bin") for n in cfg.val_targets if not (Path(cfg.rec) / f"{n}.bin").is_file()]
-    if cfg.eval_step and missing:
-        raise UserError(f"validation file(s) {', '.join(missing)} not found (config options rec, val_targets). Put "
-                        f"them there, or validate nothing with --set eval_step=0.")
+    if cfg.eval_step:
+        check_bins(cfg.rec, cfg.val_targets, "config options rec, val_targets",
+                   "validate nothing with --set eval_step=0", "validation")
     folders = None
     if procs.main:   # the other processes only extract: they neither choose nor touch the run folders
         folders = plan_run_folders(cfg, method)
@@ -141,6 +142,7 @@ def set_up(plan: Plan, callbacks: list[object]) -> Iterator[FitContext]:
         for ev in val_sets:
             log.info("bare backbone on %s: EER %.4f", ev.name, check_bare_backbone(ev, log))
         warn_overlap(log, index, templates, val_sets)
+        warn_if_few_identities(index.num_identities, cfg.embedding_size, plan.method.trains_in_loop, log)
         yield FitContext(cfg, index, templates, plan.device, folders.checkpoints, folders.resuming, log, val_sets,
                          plan.backbone.load, callbacks)
 

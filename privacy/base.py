@@ -59,7 +59,7 @@ class PrivacyMethod:
     name: ClassVar[str] = ""
     checkpoint_suffix: ClassVar[str] = "transform.pth"   # checkpoints are {step}{checkpoint_suffix}
     trains_in_loop: ClassVar[bool] = False               # True: cache=False runs the backbone in the loop
-    comparison: ClassVar[str] = "cosine"                 # how its templates are compared (the report says it)
+    comparison: ClassVar[str] = "squared Euclidean"      # how its templates are compared (the report says it)
     Options: ClassVar[type | None] = None                # the method's own options (a dataclass of option fields)
     settings_options: ClassVar[tuple[str, ...]] = ()     # core options that define a run (always in the report)
     varied_options: ClassVar[tuple[str, ...]] = ("seed",)  # core options the report names when not at their default

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 from torch import nn
 
 from eval.attackers import PAPER_ATTACKERS
-from eval.evalset import EvalTemplates, evaluate_set
+from eval.evalset import EvalTemplates, bare_scores, evaluate_set, warn_if_below_grid, warn_if_collapsed
 
 
 class CallBackLogging:
@@ -47,6 +47,7 @@ class CallBackVerification:
         self.frequent, self.sets, self.gender_folds, self.log = frequent, sets, gender_folds, logger
         self.attackers, self.seed = tuple(attackers), seed
         self.history: list[dict[str, float]] = []
+        self.bare_angle: dict[str, float] = {}   # the bare backbone's spread per set, computed on first use
 
     def due(self, step: int) -> bool:
         """Whether ``step`` validates (the loop checks its loss terms first)."""
@@ -63,4 +64,13 @@ class CallBackVerification:
             baccs = "  ".join(f"{k} {v:.4f}" for k, v in res.attacks.items())
             self.log.info("[%s][%d] EER %.4f  TAR@FAR=0.1%% %.4f  BACC-Gender %s", ev.name, step, res["EER"],
                           res["TAR@FAR=0.1%"], baccs or "n/a")
+            if ev.name not in self.bare_angle:
+                self.bare_angle[ev.name] = bare_scores(ev).impostor_angle
+            sc = res.scores
+            self.log.info("[%s][%d] spread: median impostor angle %.1f degrees (bare backbone %.1f); threshold-free "
+                          "EER %.4f, AUC %.4f", ev.name, step, sc.impostor_angle, self.bare_angle[ev.name],
+                          sc.eer_exact, sc.auc)
+            where = f"validation on '{ev.name}' at step {step}"
+            warn_if_collapsed(where, sc.impostor_angle, self.bare_angle[ev.name], self.log)
+            warn_if_below_grid(where, res["EER"], sc, self.log)
         transform.train(was_training)

@@ -111,15 +111,51 @@ def safe_torch_load(path: str | os.PathLike, what: str) -> Any:
 
 
 def extract_state_dict(obj: Any, path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """Return the tensor mapping held by a loaded checkpoint, unwrapping {'state_dict': ...} and 'module.'."""
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{what} '{path}' does not hold a state dict (a mapping of names to tensors) but "
-                        f"{type(obj).__name__}. Save the weights with torch.save(model.state_dict(), path).")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
+    """Return the tensor mapping held by a loaded checkpoint: the checkpoint itself, or the one under the container
+    keys people save with (``state_dict``, ``net_state_dict``, ``model_state_dict``, ``model``, ``backbone``, ``net``,
+    nested up to three deep; the key used is logged), with DataParallel's ``module.`` prefixes removed. Anything
+    else is refused with its top-level keys and their types listed."""
+    from runtime.logs import get_logger   # same rank; imported here to keep this module's imports minimal
+
+    containers = ("state_dict", "net_state_dict", "model_state_dict", "model", "backbone", "net")
+
+    def tensors(o: Any) -> bool:
+        return isinstance(o, Mapping) and bool(o) and all(isinstance(v, torch.Tensor) for v in o.values())
+
+    def describe(o: Any) -> str:
+        if tensors(o):
+            return f"{len(o)} tensors"
+        if isinstance(o, Mapping):
+            return f"dict of {len(o)}"
+        if isinstance(o, (list, tuple)):
+            return f"{type(o).__name__} of {len(o)}"
+        return f"{type(o).__name__}" + (f" {tuple(o.shape)}" if isinstance(o, torch.Tensor) else "")
+
+    found, keys = obj, []
+    while not tensors(found) and isinstance(found, Mapping) and len(keys) < 3:
+        key = next((k for k in containers if k in found and isinstance(found[k], Mapping)), None)
+        if key is None:
+            break
+        found = found[key]
+        keys.append(key)
+    if not tensors(found):
+        if isinstance(obj, Mapping) and obj:
+            items = list(obj.items())
+            listed = ", ".join(f"'{k}' ({describe(v)})" for k, v in items[:12])
+            more = f" and {len(items) - 12} more" if len(items) > 12 else ""
+            held = f"a dict whose top-level keys are {listed}{more}"
+        else:
+            held = "an empty dict" if isinstance(obj, Mapping) else describe(obj)
+        raise UserError(f"{what} '{path}' does not hold a state dict (a mapping of names to tensors), nor one under "
+                        f"the keys {', '.join(containers)}, but {held}. Save the weights with "
+                        f"torch.save(model.state_dict(), path), or re-save the entry that holds them.")
+    if keys:
+        get_logger("runtime.io").info("%s '%s': weights read from the checkpoint's entry %s", what, path,
+                                      "".join(f"['{k}']" for k in keys))
+    state = dict(found)
+    while state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
 
 
 def check_writable(folder: str | os.PathLike, option: str) -> None:

@@ -149,9 +149,10 @@ class TemplateCache:
         except BaseException:
             plan.close()
             raise
-        if len(plan.todo) < len(items):
-            log.info("%d of %d %s already extracted (row store %s)", len(items) - len(plan.todo), len(items), what,
-                     store.path)
+        distinct = len(set(plan.keys))    # an image listed twice (a .bin's pair and gender images) counts once
+        if len(plan.todo) < distinct:
+            log.info("%d of %d distinct %s already extracted (row store %s)", distinct - len(plan.todo), distinct,
+                     what, store.path)
         if self.processes.world > 1:
             log.info("%d %s to extract, shared by %d processes", len(plan.todo), what, self.processes.world)
         return plan

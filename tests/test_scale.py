@@ -33,7 +33,8 @@ def test_parallel_sweep_writes_the_same_bytes_as_one_job(world, tmp_path):
         files[jobs] = {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.csv"))}
         assert (folder / "report.md").is_file()
     assert set(files[1]) == {"reference.csv", "Exp/Synth/bare_backbone_attackers.csv",
-                             *(f"Exp/Synth/20L1_1L2_{k}.csv" for k in ("metrics", "attackers"))}
+                             "Exp/Synth/bare_backbone_diagnostics.csv",
+                             *(f"Exp/Synth/20L1_1L2_{k}.csv" for k in ("metrics", "attackers", "diagnostics"))}
     assert files[1] == files[2]
 
 
