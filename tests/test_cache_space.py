@@ -80,7 +80,7 @@ def test_a_full_cache_dir_is_named_keeps_entries_and_rows_and_leaves_no_partial_
     assert leftovers(cache) == [] and not list(cache.glob("all-*"))
     with caplog.at_level(logging.INFO):
         entry = get("all", paths)      # every row was kept: nothing is extracted again
-    assert "24 of 24 images already extracted" in caplog.text
+    assert "24 of 24 distinct images already extracted" in caplog.text
     np.testing.assert_array_equal(entry.templates[:8], small)
     np.testing.assert_array_equal(open_entry(next(cache.glob("small-*"))).templates, small)
 
