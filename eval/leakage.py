@@ -36,7 +36,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from eval.attackers import (ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, Attacker, expand_attackers,
                             make_attacker)
 from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text
+from runtime.io import atomic_write_text, free_path
 
 __all__ = ["LeakageResult", "leakage_report", "gender_leakage", "main"]
 
@@ -252,14 +252,6 @@ def _load_labels(path: Path, identity_column: str, attribute_column: str) -> tup
     return table[identity_column].str.strip().to_numpy(), table[attribute_column].str.strip().to_numpy()
 
 
-def _free_path(folder: Path, stem: str) -> Path:
-    """``folder/stem.csv``, or ``stem_2.csv``, ``stem_3.csv``... if taken: an earlier result is never replaced."""
-    path, k = folder / f"{stem}.csv", 2
-    while path.exists():
-        path, k = folder / f"{stem}_{k}.csv", k + 1
-    return path
-
-
 def _fmt(v: float) -> str:
     """A CSV cell: the full value, empty where undefined (as the sweep's CSVs)."""
     return "" if math.isnan(v) else repr(v)
@@ -326,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         widths = [max(len(c) for c in col) for col in zip(head, *table)]
         for line in [head, *table]:
             print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
-        path = _free_path(out, f"{templates.stem}_leakage")
+        path = free_path(out / f"{templates.stem}_leakage.csv")   # stem_2.csv... if taken
         text = io.StringIO()
         csv.writer(text, lineterminator="\n").writerows([CSV_COLUMNS, *rows])
         try:
