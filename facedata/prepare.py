@@ -51,6 +51,7 @@ from facedata.bin_builder import build_bin
 from facedata.dataset import IMAGE_EXTENSIONS, scan_dataset
 from runtime.errors import UserError, run_cli
 from runtime.io import atomic_write_text
+from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
 
 FORMATS = ("lfw", "agedb", "colorferet", "vggface2", "rec")
@@ -126,6 +127,9 @@ def _skipped_notes(skipped: Counter) -> list[str]:
 
 
 def _label_file(path: Path) -> Path:
+    if path.is_dir():
+        raise UserError(f"label file '{path}' (--labels) is a folder; name the label file(s) inside it (see "
+                        f"tools/prepare_dataset.py --help for each format's label files).")
     if not path.is_file():
         raise UserError(f"label file '{path}' (--labels) does not exist. Give the path of the dataset's label file "
                         f"(see tools/prepare_dataset.py --help for where each format's labels come from).")
@@ -216,7 +220,7 @@ def collect_lfw(images: Path, labels: list[Path]) -> Collected:
     identities = _directory_identities(images, skipped)
     mapping, notes = [], []
     for path in labels:
-        stem = path.name.lower()
+        stem = _label_file(path).name.lower()
         gender = FEMININE if "female" in stem else MASCULINE if "male" in stem else None
         if gender is None:
             raise UserError(f"label file '{path}': an LFW gender list must have 'female' or 'male' in its name "
@@ -387,21 +391,6 @@ def collect_vggface2(images: Path, labels: list[Path]) -> Collected:
     return Collected(identities, mapping, notes + _skipped_notes(skipped))
 
 
-def _image_extension(head: bytes) -> str | None:
-    """The file extension of an encoded image, from its first bytes (None if not a known image format)."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return ".jpg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return ".png"
-    if head.startswith(b"BM"):
-        return ".bmp"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return ".webp"
-    if head[:4] in (b"II*\0", b"MM\0*"):
-        return ".tif"
-    return None
-
-
 def _rec_paths(images: Path) -> tuple[Path, Path]:
     rec = images / "train.rec" if images.is_dir() else images
     if not rec.is_file():
@@ -411,50 +400,34 @@ def _rec_paths(images: Path) -> tuple[Path, Path]:
 
 
 def collect_rec(images: Path, labels: list[Path]) -> Collected:
-    """insightface train.rec + train.idx; identity label -> gender from a CSV with columns label,gender."""
+    """insightface train.rec + train.idx; identity label -> gender from CSVs with columns label,gender (read and
+    sorted as training on the .rec does: facedata/record_identities.py)."""
     rec = RecordFile(*_rec_paths(images))
-    values = {"female": FEMININE, "f": FEMININE, "1": FEMININE, "male": MASCULINE, "m": MASCULINE, "0": MASCULINE}
-    ranges = rec.identity_ranges()
+    found = record_identities(rec)
     # zero-padded to one width, so that the folders' sorted order (the training labels) is the records' label order
-    width = len(str(max(label for label, _ in ranges)))
-    identities = {f"{label:0{width}d}": Identity(images=list(keys)) for label, keys in ranges}
-    mapping, notes, extensions, unknown_type = [], [], {}, 0
+    width = label_width(found)
+    identities = {f"{i.label:0{width}d}": Identity(images=list(i.images)) for i in found}
+    mapping, notes, extensions = [], [], {}
     for path in labels:
-        expected = "a gender CSV with the columns label,gender (gender female/male, f/m or 1/0)"
-        columns, rows = _csv_rows(path)
-        l_col, g_col = _column(path, columns, ("label",), expected), _column(path, columns, ("gender",), expected)
+        rows = read_gender_csv(path, rec.rec_path, "--labels")
         mapping.append(f"{path.name}: gender female/f/1 -> 1, male/m/0 -> 0")
-        bad, absent = _BadLines(path, expected), 0
-        for n, row in rows:
-            value = row[g_col].lower() if len(row) > max(l_col, g_col) else ""
-            if value not in values or not re.fullmatch(r"\d+", row[l_col]):
-                bad.add(f"line {n}: {','.join(row)[:60]!r}")
-                continue
-            ident = identities.get(f"{int(row[l_col]):0{width}d}")
+        absent = 0
+        for label, given in rows.items():
+            ident = identities.get(f"{label:0{width}d}")
             if ident is None:
-                absent += 1
-            else:
-                ident.add(values[value], f"{path.name}: {row[g_col]}")
-        bad.raise_if_any()
+                absent += len(given)
+                continue
+            for gender, value in given:
+                ident.add(gender, f"{path.name}: {value}")
         if absent:
             notes.append(f"{absent} labels of {path.name} are not identities of '{rec.rec_path}'")
-    for label, ident in identities.items():
-        kept, wrong = [], Counter()
-        for key in ident.images:
-            record_labels, head = rec.read_head(key, 12)
-            if record_labels[0] != float(int(label)):
-                wrong[record_labels[0]] += 1
-                continue
-            ext = _image_extension(head)
-            if ext is None:
-                unknown_type += 1
-                continue
-            extensions[key] = ext
-            kept.append(key)
-        ident.images = kept
-        if wrong:
-            ident.conflict = (f"{sum(wrong.values())} of its image records carry another label "
-                              f"({', '.join(f'{v:g}' for v in sorted(wrong))}) than identity record {int(label)}")
+    for ident in found:
+        extensions.update(ident.images)
+        if ident.other_labels:
+            identities[f"{ident.label:0{width}d}"].conflict = (
+                f"{sum(ident.other_labels.values())} of its image records carry another label "
+                f"({', '.join(f'{v:g}' for v in sorted(ident.other_labels))}) than identity record {ident.label}")
+    unknown_type = sum(i.not_images for i in found)
     if unknown_type:
         notes.append(f"skipped {unknown_type} records whose bytes are not a JPEG/PNG/BMP/WebP/TIFF image")
     return Collected(identities, mapping, notes, rec=rec, extensions=extensions)
