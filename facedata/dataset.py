@@ -179,8 +179,26 @@ class TrainIndex:
         return "; ".join(s.summary() for s in self.sources)
 
 
-def _visible(entries: Sequence[os.DirEntry]) -> list[os.DirEntry]:
-    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+def visible_entries(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """The entries of ``folder`` in name order, hidden ones (a leading dot) left out."""
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def entry_kind(entry: os.DirEntry) -> str:
+    """'dir' or 'file' (a symbolic link counts as what it points to), 'broken' for a symbolic link that is
+    dangling or loops (or an entry that cannot be examined), 'other' for anything else (a pipe, a socket)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        return "broken" if entry.is_symlink() else "other"
+    except OSError:   # ELOOP: a link to itself, or links pointing at each other
+        return "broken"
+
+
+BROKEN_LINK = "a broken symbolic link (it points to nothing, or to itself through a loop of links)"
 
 
 def scan_training_data(data_dir: str | os.PathLike | Sequence[str | os.PathLike],
@@ -244,9 +262,9 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir", check_gender
         raise UserError(f"{what} '{root}' ({option}) does not exist. Point {option} to a folder holding "
                         f"one 'subjectid_gender' folder per identity (gender 0 or 1), e.g. 0001_1/, 0002_0/"
                         f"{' (or to an insightface .rec file)' if option == 'data_dir' else ''}.")
-    with os.scandir(root) as it:
-        entries = _visible(list(it))
-    subdirs = [e for e in entries if e.is_dir()]
+    entries = visible_entries(root)
+    subdirs = [e for e in entries if entry_kind(e) == "dir"]
+    problems: list[str] = [f"'{e.name}': {BROKEN_LINK}" for e in entries if entry_kind(e) == "broken"]
     if not subdirs:
         recs = [e.name for e in entries if e.name.endswith(".rec")]
         hint = (f" It holds the record file {recs[0]}: to train on it, set {option} to '{root / recs[0]}'."
@@ -254,7 +272,6 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir", check_gender
         raise UserError(f"{what} '{root}' ({option}) holds no identity folders. Expected one "
                         f"'subjectid_gender' folder per identity (e.g. 0001_1/, 0002_0/) with the face images "
                         f"inside.{hint}")
-    problems: list[str] = []
     paths: list[Path] = []
     labels: list[int] = []
     genders: list[int] = []
@@ -265,8 +282,9 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir", check_gender
             problems.append(f"folder '{folder.name}': name must end in _0 or _1 (the gender), got "
                             f"'{suffix if sep else folder.name}'")
             continue
-        with os.scandir(folder.path) as it:
-            files = [e for e in _visible(list(it)) if e.is_file()]
+        inside = visible_entries(folder.path)
+        files = [e for e in inside if entry_kind(e) == "file"]
+        problems += [f"file '{folder.name}/{e.name}': {BROKEN_LINK}" for e in inside if entry_kind(e) == "broken"]
         images = [e for e in files if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
         for other in files:
             if other not in images:

@@ -48,9 +48,9 @@ from typing import Iterator, Sequence, Union
 
 
 from facedata.bin_builder import build_bin
-from facedata.dataset import IMAGE_EXTENSIONS, scan_dataset
+from facedata.dataset import IMAGE_EXTENSIONS, entry_kind, scan_dataset, visible_entries
 from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text
+from runtime.io import atomic_write_text, check_creatable
 from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
 
@@ -59,6 +59,7 @@ REPORT_NAME = ".prepare_report.txt"
 LOG_NAME = ".prepare.log"
 FEMININE, MASCULINE = 1, 0
 MAX_LISTED = 20
+BROKEN_LINKS = "broken symbolic links (pointing to nothing, or looping)"   # skipped, counted in the log
 Source = Union[Path, int]   # an image file to link to, or a record key of a .rec
 
 
@@ -99,16 +100,14 @@ class Prepared:
 
 # ---------------------------------------------------------------- helpers shared by the formats
 
-def _visible(folder: Path) -> list[os.DirEntry]:
-    with os.scandir(folder) as it:
-        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-
-
 def _images_of(folder: Path, skipped: Counter) -> list[Path]:
     """Image files directly in ``folder``; other and empty files are counted in ``skipped``."""
     images = []
-    for e in _visible(folder):
-        if not e.is_file():
+    for e in visible_entries(folder):
+        kind = entry_kind(e)
+        if kind == "broken":
+            skipped[BROKEN_LINKS] += 1
+        if kind != "file":
             continue
         name = e.name.lower()
         if name.endswith(".bz2"):
@@ -201,9 +200,11 @@ def _column(path: Path, columns: list[str], names: Sequence[str], expected: str)
 def _directory_identities(images: Path, skipped: Counter) -> dict[str, Identity]:
     """One identity per visible sub-folder of ``images`` with that folder's image files."""
     identities = {}
-    for e in _visible(images):
-        if e.is_dir():
+    for e in visible_entries(images):
+        if entry_kind(e) == "dir":
             identities[e.name] = Identity(images=_images_of(Path(e.path), skipped))
+        elif entry_kind(e) == "broken":
+            skipped[BROKEN_LINKS] += 1
         else:
             skipped["files outside identity folders"] += 1
     return identities
@@ -266,7 +267,7 @@ def collect_agedb(images: Path, labels: list[Path]) -> Collected:
         ident.images.append(path)
         g = match["g"].lower()
         ident.add(FEMININE if g == "f" else MASCULINE, f"file names ending _{g}")
-    if any(e.is_dir() for e in _visible(images)):
+    if any(entry_kind(e) == "dir" for e in visible_entries(images)):
         skipped["sub-folders (AgeDB is one flat folder)"] += 1
     return Collected(identities, ["file name ending _f -> 1", "file name ending _m -> 0"],
                      _skipped_notes(skipped), unparsed)
@@ -292,10 +293,12 @@ def collect_colorferet(images: Path, labels: list[Path]) -> Collected:
     """ColorFERET: subject folders 00001/...; gender per <Subject id="cfrS00001"> in subjects.xml."""
     skipped: Counter = Counter()
     identities, unparsed = {}, []
-    for e in _visible(images):
-        if e.is_dir() and e.name.isdigit():
+    for e in visible_entries(images):
+        if entry_kind(e) == "dir" and e.name.isdigit():
             identities[e.name] = Identity(images=_images_of(Path(e.path), skipped))
-        elif e.is_dir():
+        elif entry_kind(e) == "broken":
+            skipped[BROKEN_LINKS] += 1
+        elif entry_kind(e) == "dir":
             unparsed.append((e.name + "/", "folder name is not a subject number (00001)"))
         else:
             skipped["files outside subject folders"] += 1
@@ -540,12 +543,12 @@ def check_existing(out: Path, plan: dict[str, dict[str, Source]], writer: _Write
         return done
     if not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a folder. Choose another --out.")
-    for e in _visible(out):
+    for e in visible_entries(out):
         files = plan.get(e.name)
-        if files is None or not e.is_dir() or e.is_symlink():
+        if files is None or e.is_symlink() or entry_kind(e) != "dir":
             conflicts.append(f"'{e.name}' (not part of this preparation)")
             continue
-        for f in _visible(Path(e.path)):
+        for f in visible_entries(Path(e.path)):
             path = Path(f.path)
             if f.name not in files:
                 conflicts.append(f"'{e.name}/{f.name}' (not part of this preparation)")
@@ -623,6 +626,12 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
         raise UserError(f"--link '{link}': choose symbolic or hard.")
     if min_images < 1:
         raise UserError(f"--min-images {min_images}: must be at least 1.")
+    if bin_path is not None and n_pairs < 1:
+        raise UserError(f"--pairs {n_pairs}: the number of verification pairs drawn for --bin must be at least 1 "
+                        f"(the paper's protocol uses 3000, the default).")
+    if bin_path is not None and n_gender < 2:
+        raise UserError(f"--n-gender {n_gender}: the gender test of --bin needs at least 2 images, one of each "
+                        f"gender (the default is 2000).")
     images, out = Path(images).resolve(), Path(out).resolve()
     label_paths = [Path(p).resolve() for p in labels]
     if not images.exists() or (fmt != "rec" and not images.is_dir()):
@@ -636,6 +645,9 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
         if path is not None and _inside(path, source_root):
             raise UserError(f"{what} '{path}' lies inside the source '{source_root}'; the source is never changed. "
                             f"Choose a path outside it.")
+    check_creatable(out, "--out")
+    if bin_path is not None:
+        check_creatable(bin_path, "--bin")
     if bin_path is not None and _inside(bin_path, out):
         raise UserError(f"--bin '{bin_path}' lies inside --out '{out}', which must hold identity folders only. "
                         f"Choose a path outside it.")
@@ -652,9 +664,12 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
     done = check_existing(out, plan, writer)
 
     created = 0
-    out.mkdir(parents=True, exist_ok=True)
     for folder, files in sorted(plan.items()):
-        (out / folder).mkdir(exist_ok=True)
+        try:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create '{out / folder}' (--out): {exc.strerror or exc}. Choose an --out you "
+                            f"can write to.") from None
         for name, source in sorted(files.items()):
             path = out / folder / name
             if path not in done:

@@ -168,3 +168,13 @@ def first_free_number(paths: Sequence[str | os.PathLike], folder: bool = False) 
 def free_path(path: str | os.PathLike, folder: bool = False) -> Path:
     """``path`` if it is free, else the first free ``_2``, ``_3``... sibling (an earlier result is never replaced)."""
     return numbered(path, first_free_number([path], folder), folder)
+
+
+def check_creatable(path: str | os.PathLike, option: str) -> None:
+    """Fail before any work when ``path`` cannot be created because one of its parents is a file, not a folder."""
+    for parent in Path(path).parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise UserError(f"{option} '{path}' cannot be created: '{parent}' is a file, not a folder. Choose a "
+                                f"path under a folder.")
+            return
