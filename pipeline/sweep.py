@@ -289,7 +289,9 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
 
             @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
             def load(k: int, ckpt: Path) -> nn.Module:
-                return runs[k].method.load_transform(ckpt).to(device)
+                transform = runs[k].method.load_transform(ckpt).to(device)
+                transform.checkpoint = ckpt   # named by evaluate_set's errors about its templates
+                return transform
             results = evaluate_all([(functools.partial(load, k, ckpt), ev) for k, _, _, _, ckpt, ev in todo],
                                    cfg.gender_folds, attackers, cfg.seed, bootstrap, cfg.n_jobs, device, cfg.plugins)
             for (k, csv_path, att_path, step, _, ev), res in zip(todo, results):
