@@ -185,7 +185,8 @@ def test_overlap_check_finds_planted_duplicates_and_nothing_in_disjoint_data(wor
     assert overlap_tool.main(["--set", f"data_dir={clean}", *world_settings(world, tmp_path)]) == 0
     mine = tmp_path / "pairs.csv"   # a file of the user's at the --csv path is kept; the pairs go to pairs_2.csv
     mine.write_text("my own notes\n")
-    assert overlap_tool.main(["--set", f"data_dir={planted}", *world_settings(world, tmp_path), "--csv", str(mine)]) == 1
+    argv = ["--set", f"data_dir={planted}", *world_settings(world, tmp_path), "--csv", str(mine)]
+    assert overlap_tool.main(argv) == 1
     assert mine.read_text() == "my own notes\n"
     out = tmp_path / "pairs_2.csv"
     with open(out, newline="") as fh:
