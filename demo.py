@@ -30,6 +30,7 @@ from facedata.bin_builder import build_bin
 from config.loading import load_config
 from privacy import METHODS
 from runtime.errors import UserError, run_cli
+from runtime.io import free_path
 from eval.evalset import METRIC_COLUMNS
 from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
 
@@ -53,11 +54,7 @@ COMPARISON_SETTINGS = ["eval_step=0", "checkpoint_every=8"]
 
 def free_folder(base: Path) -> Path:
     """``base``, or ``base_2``, ``base_3``... : an earlier demo is never overwritten."""
-    k, out = 1, base
-    while out.exists() and any(out.iterdir()):
-        k += 1
-        out = base.with_name(f"{base.name}_{k}")
-    return out
+    return free_path(base, folder=True)
 
 
 def make_data(out: Path, size: dict, seed: int) -> dict[str, Path]:

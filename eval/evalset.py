@@ -4,7 +4,8 @@ training, the evaluation sweep, the demo and the tests.
 The backbone's templates of a .bin come from the template cache (computed once); a method's transform is applied
 to them directly, which equals running transform(normalize(backbone(x))) on the images. Verification uses
 t(x) + t(flip(x)); the gender test uses t(x) alone; the bare backbone sums its raw outputs. A transform may bring
-its own comparison (``pair_distances``, ``similarity``): verification and comparison-based attacks then use it.
+its own comparison (``pair_distances``, ``similarity``): verification and comparison-based attacks then use it. A
+transform loaded from a checkpoint may carry ``checkpoint`` (its file), which errors about its templates name.
 """
 from __future__ import annotations
 
@@ -114,6 +115,8 @@ def evaluate_set(ev: EvalTemplates, transform: nn.Module | None, gender_folds: i
     """EER, TAR@FAR=0.1% and the attackers' gender balanced accuracies of ``transform`` (None: bare backbone);
     with ``bootstrap`` > 0 also identity-level intervals (eval/leakage.py)."""
     ver, gen = model_templates(ev, transform)
+    check_model_templates(ev.name, transform, (ver, gen),
+                          zero_rows_allowed=getattr(transform, "pair_distances", None) is not None)
     dist = _distances(ver, transform)
     res = verification_from_distances(dist, ev.issame, name=f"'{ev.name}'")
     metrics = {c: float("nan") for c in METRIC_COLUMNS}
@@ -187,6 +190,25 @@ def warn_if_few_identities(num_identities: int, embedding_size: int, trains_iden
                    "and watch the spread lines of validation and of the sweep.", num_identities, embedding_size,
                    num_identities, embedding_size)
     return True
+
+
+def check_model_templates(set_name: str, transform: nn.Module | None, templates: Sequence[np.ndarray],
+                          zero_rows_allowed: bool = False) -> None:
+    """Refuse a model's templates that hold NaN or infinite values or are zero (they would become NaN metrics), naming
+    the run and checkpoint file when the transform carries ``checkpoint`` (set by the sweep when it loads one)."""
+    source = getattr(transform, "checkpoint", None)
+    what = (f"checkpoint '{source}' of run '{Path(source).parent.name}'" if source is not None
+            else "the bare backbone" if transform is None else "the model")
+    for t in templates:
+        if not np.isfinite(t).all():
+            raise UserError(f"'{set_name}': the templates of {what} contain NaN or infinite values: its weights are "
+                            f"NaN or infinite (training diverged, or the file is damaged). Retrain the run, or "
+                            f"remove this checkpoint to evaluate the others.")
+        zero = ~(t != 0).any(axis=1) if t.ndim == 2 else np.zeros(0, bool)
+        if zero.any() and (zero.all() or not zero_rows_allowed):
+            raise UserError(f"'{set_name}': {int(zero.sum())} of the {len(t)} templates of {what} are zero (its "
+                            f"weights are all zero, or map these faces to zero): they have no direction to compare. "
+                            f"Retrain the run, or remove this checkpoint to evaluate the others.")
 
 
 def check_bare_backbone(ev: EvalTemplates, logger: logging.Logger) -> float:

@@ -36,7 +36,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from eval.attackers import (ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, Attacker, expand_attackers,
                             make_attacker)
 from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text
+from runtime.io import atomic_write_text, free_path
 from runtime.workers import parallel
 
 __all__ = ["LeakageResult", "leakage_report", "gender_leakage", "main"]
@@ -86,12 +86,13 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: in
         raise UserError(f"{name}: {x.shape[0] if x.ndim else 0} templates of shape {x.shape[1:]} but {len(y)} "
                         f"{attribute} labels and {len(groups)} identity labels: templates must be (N, D) with one "
                         f"label of each per row.")
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1) | (np.linalg.norm(x, axis=1) == 0))
-    if len(bad):
-        rows = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise UserError(f"{name}: {len(bad)} template row(s) hold NaN, infinite values or only zeros (rows {rows}, "
-                        f"counting from 0); they cannot be normalised. Remove them (and their labels) or fix how "
-                        f"they were computed.")
+    finite = np.isfinite(x).all(axis=1)
+    for bad, what in ((np.flatnonzero(~finite), "NaN or infinite values"),
+                      (np.flatnonzero(finite & ~(x != 0).any(axis=1)), "only zeros")):
+        if len(bad):
+            rows = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise UserError(f"{name}: {len(bad)} template row(s) hold {what} (rows {rows}, counting from 0); they "
+                            f"cannot be normalised. Remove them (and their labels) or fix how they were computed.")
     classes = np.unique(y)
     if len(classes) < 2:
         raise UserError(f"{name}: every template has {attribute} {classes[0]!r} (or there are none); leakage needs "
@@ -102,6 +103,17 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: in
         raise UserError(f"{name}: the {attribute} test needs at least {n_splits} identities of each {attribute} "
                         f"({n_splits}-fold grouped cross-validation); it has {counts}. Add identities of the short "
                         f"class(es), merge rare classes, or use fewer folds.")
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm; rows of extreme magnitude (finite values around 1e160 or 1e-170, whose squares
+    overflow or underflow) are first divided by their largest magnitude, so they normalise like any other."""
+    x = np.asarray(x, dtype=np.float64)
+    peak = np.max(np.abs(x), axis=1, keepdims=True) if x.size else np.ones((len(x), 1))
+    extreme = (peak > 1e100) | (peak < 1e-100)
+    if extreme.any():   # other rows are left bit for bit as before
+        x = np.where(extreme, x / np.where(peak == 0, 1.0, peak), x)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def _bootstrap(y: np.ndarray, groups: np.ndarray, fold: np.ndarray, correct: dict[str, np.ndarray],
@@ -158,7 +170,7 @@ def leakage_report(templates: np.ndarray, labels: np.ndarray, identities: np.nda
     groups = np.asarray(identities)
     attackers = tuple(attackers)
     _check_inputs(x, y, groups, n_splits, name, attribute)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    x = unit_rows(x)
     splits = list(StratifiedGroupKFold(n_splits=n_splits).split(x, y, groups))
     classes = np.unique(y)
     for train, _ in splits:
@@ -212,11 +224,15 @@ CSV_COLUMNS = ["Kind", "Attacker", "BACC", "CI_low", "CI_high"]   # Kind: paper,
 
 def _load_templates(path: Path) -> np.ndarray:
     """A (N, D) numeric array from a .npy file (no pickled objects), or a UserError naming the file."""
-    try:
-        x = np.load(path, allow_pickle=False)
+    try:   # memory-mapped first: a header claiming more data than the file holds fails here, before any allocation
+        x = np.load(path, allow_pickle=False, mmap_mode="r")
+        x = np.array(x) if isinstance(x, np.ndarray) else x
     except FileNotFoundError:
         raise UserError(f"templates file '{path}' does not exist; pass the .npy file of your templates "
                         f"(np.save(path, array) with one row per template).") from None
+    except MemoryError:
+        raise UserError(f"templates file '{path}' holds more data than fits in memory; evaluate a subset of its "
+                        f"rows (one .npy per subset).") from None
     except (ValueError, OSError, EOFError) as exc:
         raise UserError(f"templates file '{path}' could not be read as a .npy array ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}). It must be a numeric "
@@ -251,14 +267,6 @@ def _load_labels(path: Path, identity_column: str, attribute_column: str) -> tup
             raise UserError(f"labels file '{path}': column '{column}' is empty in {len(empty)} row(s) (first: data "
                             f"row {empty[0] + 1}); every template needs an identity and an attribute value.")
     return table[identity_column].str.strip().to_numpy(), table[attribute_column].str.strip().to_numpy()
-
-
-def _free_path(folder: Path, stem: str) -> Path:
-    """``folder/stem.csv``, or ``stem_2.csv``, ``stem_3.csv``... if taken: an earlier result is never replaced."""
-    path, k = folder / f"{stem}.csv", 2
-    while path.exists():
-        path, k = folder / f"{stem}_{k}.csv", k + 1
-    return path
 
 
 def _fmt(v: float) -> str:
@@ -304,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.folds < 2 or args.bootstrap < 0:
             raise UserError(f"--folds must be at least 2 and --bootstrap at least 0 (got {args.folds} and "
                             f"{args.bootstrap}).")
+        if args.n_jobs == 0:
+            raise UserError("--n-jobs 0: give the number of parallel fits (1 or more), or -1 for all cores.")
+        if not 0 <= args.seed < 2 ** 32:
+            raise UserError(f"--seed {args.seed}: a seed is a whole number from 0 to {2 ** 32 - 1}.")
         templates = Path(args.templates)
         x = _load_templates(templates)
         ids, attr = _load_labels(Path(args.labels), args.identity_column, args.attribute_column)
@@ -327,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         widths = [max(len(c) for c in col) for col in zip(head, *table)]
         for line in [head, *table]:
             print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
-        path = _free_path(out, f"{templates.stem}_leakage")
+        path = free_path(out / f"{templates.stem}_leakage.csv")   # stem_2.csv... if taken
         text = io.StringIO()
         csv.writer(text, lineterminator="\n").writerows([CSV_COLUMNS, *rows])
         try:

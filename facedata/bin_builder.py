@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import numpy as np
 from facedata.binfile import write_bin
 from facedata.dataset import TrainIndex, scan_dataset
 from runtime.errors import UserError, run_cli
+from runtime.io import check_creatable
 
 
 def draw_pairs(index: TrainIndex, n_pairs: int, rng: np.random.Generator) -> list[tuple[int, int, bool]]:
@@ -46,7 +48,7 @@ def draw_pairs(index: TrainIndex, n_pairs: int, rng: np.random.Generator) -> lis
 
 
 def draw_gender_subset(index: TrainIndex, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``n`` image indices, half of each gender (without replacement)."""
+    """``n // 2`` image indices of each gender (without replacement; fewer where a gender has fewer)."""
     picks = []
     for g in (0, 1):
         pool = np.flatnonzero(index.genders == g)
@@ -116,13 +118,27 @@ def build_bin(data_dir: str | Path, out: str | Path, pairs_file: str | Path | No
               n_gender: int = 2000, seed: int = 0, two_item: bool = False) -> Path:
     """Write a 5-item .bin for the images under ``data_dir``; returns its path."""
     out = Path(out)
-    if out.exists():
+    if os.path.lexists(out):
         raise UserError(f"'{out}' already exists; choose another --out (existing files are never overwritten).")
+    check_creatable(out, "--out")
+    if not pairs_file and n_pairs < 1:
+        raise UserError(f"--n-pairs {n_pairs}: the number of verification pairs to draw must be at least 1 (the "
+                        f"paper's protocol uses 3000, the default), or give a --pairs file.")
+    if not two_item and n_gender < 2:
+        raise UserError(f"--n-gender {n_gender}: the gender test needs at least 2 images (one of each gender; the "
+                        f"default is 2000); for verification pairs only, write the 2-item format with --two-item.")
     index = scan_dataset(data_dir, option="--data-dir")
     rng = np.random.default_rng(seed)
     pairs = read_pairs(Path(pairs_file), index) if pairs_file else draw_pairs(index, n_pairs, rng)
     if not pairs:
-        raise UserError(f"no pairs were read from '{pairs_file}'.")
+        raise UserError(f"no pairs were read from pairs file '{pairs_file}' (--pairs): it holds no pair lines. "
+                        f"Check the file, or leave --pairs out to draw --n-pairs pairs.")
+    if not two_item:
+        per_gender = {g: int(np.sum(index.genders == g)) for g in (0, 1)}
+        if n_gender // 2 > min(per_gender.values()):
+            raise UserError(f"--n-gender {n_gender} asks for {n_gender // 2} images of each gender, but "
+                            f"'{index.root}' holds {per_gender[0]} of gender 0 and {per_gender[1]} of gender 1. "
+                            f"Choose --n-gender {2 * min(per_gender.values())} or less.")
     gender_idx = draw_gender_subset(index, n_gender, rng)
     data = [p.read_bytes() for p in index.paths]
     pair_images = [data[i] for a, b, _ in pairs for i in (a, b)]

@@ -12,9 +12,7 @@ draws with replacement per epoch, as torch's WeightedRandomSampler in the author
 from __future__ import annotations
 
 import bisect
-import csv
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from runtime.errors import UserError
+from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
 from runtime.logs import get_logger
 
@@ -33,7 +32,6 @@ log = get_logger(__name__)
 IMAGE_SIZE = 112
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2"}
 MAX_LISTED = 20  # problems listed one by one in an error; the rest are counted
-GENDER_VALUES = {"female": 1, "f": 1, "1": 1, "male": 0, "m": 0, "0": 0}   # a .rec's gender CSV -> 1 feminine
 
 
 class DecodeError(ValueError):
@@ -181,8 +179,26 @@ class TrainIndex:
         return "; ".join(s.summary() for s in self.sources)
 
 
-def _visible(entries: Sequence[os.DirEntry]) -> list[os.DirEntry]:
-    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+def visible_entries(folder: str | os.PathLike) -> list[os.DirEntry]:
+    """The entries of ``folder`` in name order, hidden ones (a leading dot) left out."""
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def entry_kind(entry: os.DirEntry) -> str:
+    """'dir' or 'file' (a symbolic link counts as what it points to), 'broken' for a symbolic link that is
+    dangling or loops (or an entry that cannot be examined), 'other' for anything else (a pipe, a socket)."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+        return "broken" if entry.is_symlink() else "other"
+    except OSError:   # ELOOP: a link to itself, or links pointing at each other
+        return "broken"
+
+
+BROKEN_LINK = "a broken symbolic link (it points to nothing, or to itself through a loop of links)"
 
 
 def scan_training_data(data_dir: str | os.PathLike | Sequence[str | os.PathLike],
@@ -246,9 +262,9 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir", check_gender
         raise UserError(f"{what} '{root}' ({option}) does not exist. Point {option} to a folder holding "
                         f"one 'subjectid_gender' folder per identity (gender 0 or 1), e.g. 0001_1/, 0002_0/"
                         f"{' (or to an insightface .rec file)' if option == 'data_dir' else ''}.")
-    with os.scandir(root) as it:
-        entries = _visible(list(it))
-    subdirs = [e for e in entries if e.is_dir()]
+    entries = visible_entries(root)
+    subdirs = [e for e in entries if entry_kind(e) == "dir"]
+    problems: list[str] = [f"'{e.name}': {BROKEN_LINK}" for e in entries if entry_kind(e) == "broken"]
     if not subdirs:
         recs = [e.name for e in entries if e.name.endswith(".rec")]
         hint = (f" It holds the record file {recs[0]}: to train on it, set {option} to '{root / recs[0]}'."
@@ -256,7 +272,6 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir", check_gender
         raise UserError(f"{what} '{root}' ({option}) holds no identity folders. Expected one "
                         f"'subjectid_gender' folder per identity (e.g. 0001_1/, 0002_0/) with the face images "
                         f"inside.{hint}")
-    problems: list[str] = []
     paths: list[Path] = []
     labels: list[int] = []
     genders: list[int] = []
@@ -267,8 +282,9 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir", check_gender
             problems.append(f"folder '{folder.name}': name must end in _0 or _1 (the gender), got "
                             f"'{suffix if sep else folder.name}'")
             continue
-        with os.scandir(folder.path) as it:
-            files = [e for e in _visible(list(it)) if e.is_file()]
+        inside = visible_entries(folder.path)
+        files = [e for e in inside if entry_kind(e) == "file"]
+        problems += [f"file '{folder.name}/{e.name}': {BROKEN_LINK}" for e in inside if entry_kind(e) == "broken"]
         images = [e for e in files if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS]
         for other in files:
             if other not in images:
@@ -297,49 +313,6 @@ def scan_dataset(root: str | os.PathLike, option: str = "data_dir", check_gender
                       [DataSource(root, paths, len(identity_gender))])
 
 
-def read_gender_csv(path: Path, rec_path: Path) -> dict[int, set[int]]:
-    """identity label -> the genders a record file's gender CSV gives it (columns label and gender; gender
-    female/male, f/m or 1/0 in any case, as tools/prepare_dataset.py --format rec reads it)."""
-    expected = (f"gender CSV '{path}' of record file '{rec_path}' (data_dir, rec_genders) must have the columns "
-                f"label (the identity number the records carry) and gender (female/male, f/m, or 1/0 with 1 "
-                f"feminine)")
-    if not path.is_file():
-        raise UserError(f"{expected}, but it does not exist. Write it there, or name it with config option "
-                        f"rec_genders.")
-    bad: list[str] = []
-    n_bad = 0
-    genders: dict[int, set[int]] = {}
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.reader(fh, skipinitialspace=True)
-            rows = ([c.strip() for c in row] for row in reader if any(c.strip() for c in row))
-            header = [c.lower() for c in next(rows, [])]
-            if "label" not in header or "gender" not in header:
-                raise UserError(f"{expected}; its first row has the columns {header or 'nothing'}. Add the header "
-                                f"row label,gender.")
-            l_col, g_col = header.index("label"), header.index("gender")
-            for row in rows:
-                value = row[g_col].lower() if len(row) > max(l_col, g_col) else ""
-                if value not in GENDER_VALUES or not re.fullmatch(r"\d+", row[l_col]):
-                    n_bad += 1
-                    if len(bad) < 5:
-                        bad.append(f"line {reader.line_num}: {','.join(row)[:60]!r}")
-                    continue
-                genders.setdefault(int(row[l_col]), set()).add(GENDER_VALUES[value])
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise UserError(f"{expected}; it does not read as a UTF-8 CSV file ({exc}).") from None
-    if n_bad:
-        raise UserError(f"{expected}; {n_bad} row(s) do not: {'; '.join(bad)}{'; ...' if n_bad > len(bad) else ''}. "
-                        f"Fix those rows.")
-    return genders
-
-
-def _encoded_image(head: bytes) -> bool:
-    """Whether bytes start like a JPEG, PNG, BMP, WebP or TIFF file (the formats prepare_dataset writes out)."""
-    return (head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM")) or head[:4] in (b"II*\0", b"MM\0*")
-            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
-
-
 def _labels_text(labels: list[int]) -> str:
     return ", ".join(map(str, labels[:10])) + (f" and {len(labels) - 10} more" if len(labels) > 10 else "")
 
@@ -354,35 +327,29 @@ def scan_record_file(rec_path: str | os.PathLike, genders_csv: str | os.PathLike
     rec_path = Path(rec_path)
     csv_path = Path(genders_csv) if genders_csv is not None else rec_path.with_name(f"{rec_path.stem}_genders.csv")
     records = RecordFile(rec_path)
-    genders = read_gender_csv(csv_path, rec_path)
-    ranges = records.identity_ranges()
-    width = len(str(max((label for label, _ in ranges), default=0)))
+    genders = {label: {g for g, _ in rows} for label, rows in read_gender_csv(
+        csv_path, rec_path, "data_dir, rec_genders", "Write it there, or name it with config option rec_genders."
+    ).items()}
+    identities = record_identities(records, genders)
+    width = label_width(identities)
     unlabelled, conflicting, empty, not_image = [], [], [], 0
     keys, labels, identity_gender, folders = [], [], [], []
-    for label, image_keys in ranges:
-        given = genders.pop(label, None)
+    for ident in identities:
+        given = genders.pop(ident.label, None)
         if given is None:
-            unlabelled.append(label)
+            unlabelled.append(ident.label)
             continue
-        kept, wrong = [], 0
-        for key in sorted(image_keys):
-            record_labels, head = records.read_head(key, 12)
-            if record_labels[0] != float(label):
-                wrong += 1
-            elif _encoded_image(head):
-                kept.append(key)
-            else:
-                not_image += 1
-        if wrong or len(given) > 1:
-            conflicting.append(label)
-        elif not kept:
-            empty.append(label)
+        not_image += ident.not_images
+        if ident.other_labels or len(given) > 1:
+            conflicting.append(ident.label)
+        elif not ident.images:
+            empty.append(ident.label)
         else:
             gender = given.pop()
-            keys += kept
-            labels += [len(identity_gender)] * len(kept)
+            keys += list(ident.images)
+            labels += [len(identity_gender)] * len(ident.images)
             identity_gender.append(gender)
-            folders.append(f"{label:0{width}d}_{gender}")
+            folders.append(f"{ident.label:0{width}d}_{gender}")
     notes = [f"left out {len(found)} identities {why} (labels {_labels_text(found)})" for found, why in (
         (unlabelled, f"without a row in {csv_path.name}"),
         (conflicting, "with conflicting labels (two genders in the CSV, or image records labelled with another "

@@ -56,9 +56,10 @@ from facedata.align.cli import add_detector_options, spec_from
 from facedata.align.detectors import DetectorSpec
 from facedata.align.run import LOG_NAME as ALIGN_LOG_NAME, Job, align_images
 from facedata.bin_builder import build_bin
-from facedata.dataset import IMAGE_EXTENSIONS, scan_dataset
+from facedata.dataset import IMAGE_EXTENSIONS, entry_kind, scan_dataset, visible_entries
 from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text
+from runtime.io import atomic_write_text, check_creatable
+from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
 
 FORMATS = ("lfw", "agedb", "colorferet", "vggface2", "rec")
@@ -66,6 +67,7 @@ REPORT_NAME = ".prepare_report.txt"
 LOG_NAME = ".prepare.log"
 FEMININE, MASCULINE = 1, 0
 MAX_LISTED = 20
+BROKEN_LINKS = "broken symbolic links (pointing to nothing, or looping)"   # skipped, counted in the log
 Source = Union[Path, int]   # an image file to link to, or a record key of a .rec
 
 
@@ -106,16 +108,14 @@ class Prepared:
 
 # ---------------------------------------------------------------- helpers shared by the formats
 
-def _visible(folder: Path) -> list[os.DirEntry]:
-    with os.scandir(folder) as it:
-        return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
-
-
 def _images_of(folder: Path, skipped: Counter) -> list[Path]:
     """Image files directly in ``folder``; other and empty files are counted in ``skipped``."""
     images = []
-    for e in _visible(folder):
-        if not e.is_file():
+    for e in visible_entries(folder):
+        kind = entry_kind(e)
+        if kind == "broken":
+            skipped[BROKEN_LINKS] += 1
+        if kind != "file":
             continue
         name = e.name.lower()
         if name.endswith(".bz2"):
@@ -134,6 +134,9 @@ def _skipped_notes(skipped: Counter) -> list[str]:
 
 
 def _label_file(path: Path) -> Path:
+    if path.is_dir():
+        raise UserError(f"label file '{path}' (--labels) is a folder; name the label file(s) inside it (see "
+                        f"tools/prepare_dataset.py --help for each format's label files).")
     if not path.is_file():
         raise UserError(f"label file '{path}' (--labels) does not exist. Give the path of the dataset's label file "
                         f"(see tools/prepare_dataset.py --help for where each format's labels come from).")
@@ -205,9 +208,11 @@ def _column(path: Path, columns: list[str], names: Sequence[str], expected: str)
 def _directory_identities(images: Path, skipped: Counter) -> dict[str, Identity]:
     """One identity per visible sub-folder of ``images`` with that folder's image files."""
     identities = {}
-    for e in _visible(images):
-        if e.is_dir():
+    for e in visible_entries(images):
+        if entry_kind(e) == "dir":
             identities[e.name] = Identity(images=_images_of(Path(e.path), skipped))
+        elif entry_kind(e) == "broken":
+            skipped[BROKEN_LINKS] += 1
         else:
             skipped["files outside identity folders"] += 1
     return identities
@@ -224,7 +229,7 @@ def collect_lfw(images: Path, labels: list[Path]) -> Collected:
     identities = _directory_identities(images, skipped)
     mapping, notes = [], []
     for path in labels:
-        stem = path.name.lower()
+        stem = _label_file(path).name.lower()
         gender = FEMININE if "female" in stem else MASCULINE if "male" in stem else None
         if gender is None:
             raise UserError(f"label file '{path}': an LFW gender list must have 'female' or 'male' in its name "
@@ -270,7 +275,7 @@ def collect_agedb(images: Path, labels: list[Path]) -> Collected:
         ident.images.append(path)
         g = match["g"].lower()
         ident.add(FEMININE if g == "f" else MASCULINE, f"file names ending _{g}")
-    if any(e.is_dir() for e in _visible(images)):
+    if any(entry_kind(e) == "dir" for e in visible_entries(images)):
         skipped["sub-folders (AgeDB is one flat folder)"] += 1
     return Collected(identities, ["file name ending _f -> 1", "file name ending _m -> 0"],
                      _skipped_notes(skipped), unparsed)
@@ -296,10 +301,12 @@ def collect_colorferet(images: Path, labels: list[Path]) -> Collected:
     """ColorFERET: subject folders 00001/...; gender per <Subject id="cfrS00001"> in subjects.xml."""
     skipped: Counter = Counter()
     identities, unparsed = {}, []
-    for e in _visible(images):
-        if e.is_dir() and e.name.isdigit():
+    for e in visible_entries(images):
+        if entry_kind(e) == "dir" and e.name.isdigit():
             identities[e.name] = Identity(images=_images_of(Path(e.path), skipped))
-        elif e.is_dir():
+        elif entry_kind(e) == "broken":
+            skipped[BROKEN_LINKS] += 1
+        elif entry_kind(e) == "dir":
             unparsed.append((e.name + "/", "folder name is not a subject number (00001)"))
         else:
             skipped["files outside subject folders"] += 1
@@ -395,21 +402,6 @@ def collect_vggface2(images: Path, labels: list[Path]) -> Collected:
     return Collected(identities, mapping, notes + _skipped_notes(skipped))
 
 
-def _image_extension(head: bytes) -> str | None:
-    """The file extension of an encoded image, from its first bytes (None if not a known image format)."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return ".jpg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return ".png"
-    if head.startswith(b"BM"):
-        return ".bmp"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return ".webp"
-    if head[:4] in (b"II*\0", b"MM\0*"):
-        return ".tif"
-    return None
-
-
 def _rec_paths(images: Path) -> tuple[Path, Path]:
     rec = images / "train.rec" if images.is_dir() else images
     if not rec.is_file():
@@ -419,50 +411,34 @@ def _rec_paths(images: Path) -> tuple[Path, Path]:
 
 
 def collect_rec(images: Path, labels: list[Path]) -> Collected:
-    """insightface train.rec + train.idx; identity label -> gender from a CSV with columns label,gender."""
+    """insightface train.rec + train.idx; identity label -> gender from CSVs with columns label,gender (read and
+    sorted as training on the .rec does: facedata/record_identities.py)."""
     rec = RecordFile(*_rec_paths(images))
-    values = {"female": FEMININE, "f": FEMININE, "1": FEMININE, "male": MASCULINE, "m": MASCULINE, "0": MASCULINE}
-    ranges = rec.identity_ranges()
+    found = record_identities(rec)
     # zero-padded to one width, so that the folders' sorted order (the training labels) is the records' label order
-    width = len(str(max(label for label, _ in ranges)))
-    identities = {f"{label:0{width}d}": Identity(images=list(keys)) for label, keys in ranges}
-    mapping, notes, extensions, unknown_type = [], [], {}, 0
+    width = label_width(found)
+    identities = {f"{i.label:0{width}d}": Identity(images=list(i.images)) for i in found}
+    mapping, notes, extensions = [], [], {}
     for path in labels:
-        expected = "a gender CSV with the columns label,gender (gender female/male, f/m or 1/0)"
-        columns, rows = _csv_rows(path)
-        l_col, g_col = _column(path, columns, ("label",), expected), _column(path, columns, ("gender",), expected)
+        rows = read_gender_csv(path, rec.rec_path, "--labels")
         mapping.append(f"{path.name}: gender female/f/1 -> 1, male/m/0 -> 0")
-        bad, absent = _BadLines(path, expected), 0
-        for n, row in rows:
-            value = row[g_col].lower() if len(row) > max(l_col, g_col) else ""
-            if value not in values or not re.fullmatch(r"\d+", row[l_col]):
-                bad.add(f"line {n}: {','.join(row)[:60]!r}")
-                continue
-            ident = identities.get(f"{int(row[l_col]):0{width}d}")
+        absent = 0
+        for label, given in rows.items():
+            ident = identities.get(f"{label:0{width}d}")
             if ident is None:
-                absent += 1
-            else:
-                ident.add(values[value], f"{path.name}: {row[g_col]}")
-        bad.raise_if_any()
+                absent += len(given)
+                continue
+            for gender, value in given:
+                ident.add(gender, f"{path.name}: {value}")
         if absent:
             notes.append(f"{absent} labels of {path.name} are not identities of '{rec.rec_path}'")
-    for label, ident in identities.items():
-        kept, wrong = [], Counter()
-        for key in ident.images:
-            record_labels, head = rec.read_head(key, 12)
-            if record_labels[0] != float(int(label)):
-                wrong[record_labels[0]] += 1
-                continue
-            ext = _image_extension(head)
-            if ext is None:
-                unknown_type += 1
-                continue
-            extensions[key] = ext
-            kept.append(key)
-        ident.images = kept
-        if wrong:
-            ident.conflict = (f"{sum(wrong.values())} of its image records carry another label "
-                              f"({', '.join(f'{v:g}' for v in sorted(wrong))}) than identity record {int(label)}")
+    for ident in found:
+        extensions.update(ident.images)
+        if ident.other_labels:
+            identities[f"{ident.label:0{width}d}"].conflict = (
+                f"{sum(ident.other_labels.values())} of its image records carry another label "
+                f"({', '.join(f'{v:g}' for v in sorted(ident.other_labels))}) than identity record {ident.label}")
+    unknown_type = sum(i.not_images for i in found)
     if unknown_type:
         notes.append(f"skipped {unknown_type} records whose bytes are not a JPEG/PNG/BMP/WebP/TIFF image")
     return Collected(identities, mapping, notes, rec=rec, extensions=extensions)
@@ -575,12 +551,12 @@ def check_existing(out: Path, plan: dict[str, dict[str, Source]], writer: _Write
         return done
     if not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a folder. Choose another --out.")
-    for e in _visible(out):
+    for e in visible_entries(out):
         files = plan.get(e.name)
-        if files is None or not e.is_dir() or e.is_symlink():
+        if files is None or e.is_symlink() or entry_kind(e) != "dir":
             conflicts.append(f"'{e.name}' (not part of this preparation)")
             continue
-        for f in _visible(Path(e.path)):
+        for f in visible_entries(Path(e.path)):
             path = Path(f.path)
             if f.name not in files:
                 conflicts.append(f"'{e.name}/{f.name}' (not part of this preparation)")
@@ -661,6 +637,12 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
         raise UserError(f"--link '{link}': choose symbolic or hard.")
     if min_images < 1:
         raise UserError(f"--min-images {min_images}: must be at least 1.")
+    if bin_path is not None and n_pairs < 1:
+        raise UserError(f"--pairs {n_pairs}: the number of verification pairs drawn for --bin must be at least 1 "
+                        f"(the paper's protocol uses 3000, the default).")
+    if bin_path is not None and n_gender < 2:
+        raise UserError(f"--n-gender {n_gender}: the gender test of --bin needs at least 2 images, one of each "
+                        f"gender (the default is 2000).")
     images, out = Path(images).resolve(), Path(out).resolve()
     label_paths = [Path(p).resolve() for p in labels]
     if not images.exists() or (fmt != "rec" and not images.is_dir()):
@@ -677,6 +659,9 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
         if path is not None and _inside(path, source_root):
             raise UserError(f"{what} '{path}' lies inside the source '{source_root}'; the source is never changed. "
                             f"Choose a path outside it.")
+    check_creatable(out, "--out")
+    if bin_path is not None:
+        check_creatable(bin_path, "--bin")
     if bin_path is not None and _inside(bin_path, out):
         raise UserError(f"--bin '{bin_path}' lies inside --out '{out}', which must hold identity folders only. "
                         f"Choose a path outside it.")
@@ -697,9 +682,12 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
     done = check_existing(out, plan, writer)
 
     created = 0
-    out.mkdir(parents=True, exist_ok=True)
     for folder, files in sorted(plan.items()):
-        (out / folder).mkdir(exist_ok=True)
+        try:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create '{out / folder}' (--out): {exc.strerror or exc}. Choose an --out you "
+                            f"can write to.") from None
         for name, source in sorted(files.items()):
             path = out / folder / name
             if path not in done:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import math
 import numbers
 import os
 import struct
@@ -228,7 +229,7 @@ class RecordFile:
         labels, _ = self.read_head(0, 0)
         if len(labels) < 2:
             return None
-        start, end = int(labels[0]), int(labels[1])
+        start, end = (_integral(v, self, 0, "header record") for v in labels[:2])
         if not 1 <= start <= end:
             raise UserError(f"record file '{self.rec_path}': header record 0 gives identity records {start}..{end - 1}"
                             f"; expected 1 <= start <= end. The file is not in insightface's layout.")
@@ -251,16 +252,27 @@ class RecordFile:
                 raise UserError(f"record file '{self.rec_path}': identity record {rec_key} (named by the header "
                                 f"record) is not in its index '{self.idx_path}'; the files do not match.")
             labels, _ = self.read_head(rec_key, 0)
-            if len(labels) < 2 or not 1 <= int(labels[0]) <= int(labels[1]) <= start:
+            first, end_key = (_integral(v, self, rec_key, "identity record") for v in labels[:2]) \
+                if len(labels) >= 2 else (0, 0)
+            if not 1 <= first <= end_key <= start:
                 raise UserError(f"record file '{self.rec_path}': identity record {rec_key} has labels {labels}; "
-                                f"expected (first image key, end image key) within 1..{start - 1}.")
-            identities.append((k, list(range(int(labels[0]), int(labels[1])))))
+                                f"expected (first image key, end image key) within 1..{start - 1}. The file is damaged "
+                                f"or not in insightface's layout; copy it again.")
+            listed = int(np.searchsorted(self._sorted_keys, end_key) - np.searchsorted(self._sorted_keys, first))
+            if listed != end_key - first:
+                raise UserError(f"record file '{self.rec_path}': identity record {rec_key} names image records "
+                                f"{first}..{end_key - 1}, of which {end_key - first - listed} are not in its index "
+                                f"'{self.idx_path}'; the files do not match or are damaged. Copy both again.")
+            identities.append((k, list(range(first, end_key))))
         return identities
 
 
-def _integral(value: float, rec: RecordFile, key: int) -> int:
-    if not float(value).is_integer():
-        raise UserError(f"record file '{rec.rec_path}': record {key} has label {value}, not an identity number.")
+def _integral(value: float, rec: RecordFile, key: int, what: str = "record") -> int:
+    """A label that must be a whole number (an identity number or a record key), or a UserError naming it."""
+    if not math.isfinite(value) or not float(value).is_integer():
+        raise UserError(f"record file '{rec.rec_path}': {what} {key} has label {value}, not a whole number (an "
+                        f"identity number or record key). The file is damaged or not in insightface's layout; copy "
+                        f"it again.")
     return int(value)
 
 

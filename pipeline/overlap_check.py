@@ -7,7 +7,8 @@ and gender numbers optimistic (the layer has seen those people).
 (as is and mirrored) against every image of each evaluation set of test_targets (rec/<name>.bin), by the cosine
 of the backbone's normalised templates (from the template cache, computed once and shared with training). A
 training image whose best match reaches --threshold is reported with that match, per evaluation set, and counted
-by identity; --csv writes every such pair. Exit status 1 when any is found, 0 when none, 2 on bad input.
+by identity; --csv writes every such pair (to a new _2, _3... name if that file exists: never replaced). Exit
+status 1 when any is found, 0 when none, 2 on bad input.
 
 The default threshold 0.95 is one for the same photograph, not for the same person: a photograph re-encoded,
 resized or mirrored typically stays above it under a face-recognition backbone, while two different
@@ -22,6 +23,7 @@ import argparse
 import csv
 import io
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,16 +37,19 @@ from config.loading import OVERRIDE_HELP, load_config
 from facedata.dataset import TrainIndex, scan_training_data
 from runtime.device import select_device
 from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text
+from runtime.io import atomic_write_text, free_path
 
 
 def check_overlap(cfg: Config, threshold: float = DEFAULT_THRESHOLD, csv_path: str | Path | None = None
                   ) -> tuple[TrainIndex, list[tuple[EvalTemplates, Overlap]]]:
     """The training set of ``cfg`` (returned) against each of its test_targets; writes every near-duplicate pair
-    to ``csv_path`` (atomically) when given."""
+    to ``csv_path`` (atomically) when given, which must not exist (a user's file is never replaced)."""
     if not 0 < threshold <= 1:
         raise UserError(f"--threshold {threshold}: a cosine similarity threshold must be in (0, 1]; the default is "
                         f"{DEFAULT_THRESHOLD}.")
+    if csv_path is not None and os.path.lexists(csv_path):
+        raise UserError(f"--csv '{csv_path}' already exists; existing files are never overwritten. Choose another "
+                        f"path (the command line takes the next free _2, _3... name by itself).")
     if not cfg.test_targets:
         raise UserError("config option test_targets is empty: name the evaluation sets to check, e.g. "
                         "--set test_targets=\"['lfw']\".")
@@ -68,7 +73,11 @@ def check_overlap(cfg: Config, threshold: float = DEFAULT_THRESHOLD, csv_path: s
             for i, j, c in zip(overlap.train_images, overlap.eval_images, overlap.cosine):
                 writer.writerow([ev.name, str(index.paths[i]), index.folders[index.labels[i]],
                                  eval_image_name(ev, int(j)), f"{c:.6f}"])
-        atomic_write_text(csv_path, buf.getvalue())
+        try:
+            atomic_write_text(csv_path, buf.getvalue())
+        except OSError as exc:
+            raise UserError(f"cannot write the pairs to '{csv_path}' (--csv): {exc.strerror or exc}. Choose another "
+                            f"--csv path.") from None
     return index, found
 
 
@@ -87,12 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                             datefmt="%Y-%m-%d %H:%M:%S")
-        index, found = check_overlap(load_config(args.config, args.set), args.threshold, args.csv)
+        written = free_path(args.csv) if args.csv else None
+        index, found = check_overlap(load_config(args.config, args.set), args.threshold, written)
         for ev, overlap in found:
             print(describe(index, ev, overlap))
             found_any.append(len(overlap) > 0)
-        if args.csv:
-            print(f"pairs: {args.csv}")
+        if written is not None:
+            print(f"pairs: {written}")
     code = run_cli(body)
     return 1 if code == 0 and any(found_any) else code
 

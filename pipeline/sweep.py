@@ -370,7 +370,9 @@ def run_jobs(sweep: Sweep, jobs: list[Job], ref: dict[str, dict[str, float]], ba
 
     @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
     def load(k: int, ckpt: Path) -> nn.Module:
-        return runs[k].method.load_transform(ckpt).to(device)
+        transform = runs[k].method.load_transform(ckpt).to(device)
+        transform.checkpoint = ckpt   # named by evaluate_set's errors about its templates
+        return transform
     for job in (j for j in jobs if j.scores_only):   # cheap: verification only, here
         scores = transform_scores(job.ev, load(job.run, job.ckpt))
         _write_diagnostics(sweep, job, scores, bare, lg)

@@ -20,7 +20,7 @@ from privacy.layer_training import RESUME_FILE, RESUME_KEYS
 from config import options
 from config.loading import check_choice, config_from_dict, known_option
 from runtime.errors import UserError
-from runtime.io import atomic_write_text, safe_torch_load
+from runtime.io import atomic_write_text, first_free_number, numbered, safe_torch_load
 from runtime.logs import get_logger
 
 __all__ = ["RUN_FILE", "RunFolders", "check_names", "plan_run_folders", "write_run_description", "SweptRun",
@@ -48,10 +48,6 @@ class RunFolders:
     requested: Path          # the checkpoint folder the settings name (a new run moves to _2, _3... if it is used)
 
 
-def _occupied(folder: Path) -> bool:
-    return folder.exists() and any(folder.iterdir())
-
-
 def plan_run_folders(cfg: Config, method: PrivacyMethod) -> RunFolders:
     """The run's checkpoint and log folders. A new run never reuses an occupied folder: it takes the next free
     ``_2``, ``_3``... name. ``resume`` takes the latest folder of the series that holds a resume state."""
@@ -60,11 +56,8 @@ def plan_run_folders(cfg: Config, method: PrivacyMethod) -> RunFolders:
     base_log = Path(cfg.log_output) if cfg.log_output else Path(cfg.log_dir) / sub
 
     def named(k: int) -> tuple[Path, Path]:
-        suffix = "" if k == 1 else f"_{k}"
-        return base_ckpt.with_name(base_ckpt.name + suffix), base_log.with_name(base_log.name + suffix)
-    k = 1
-    while _occupied(named(k)[0]) or _occupied(named(k)[1]):
-        k += 1
+        return numbered(base_ckpt, k, folder=True), numbered(base_log, k, folder=True)
+    k = first_free_number([base_ckpt, base_log], folder=True)
     if cfg.resume:
         for j in range(k - 1, 0, -1):
             if (named(j)[0] / RESUME_FILE).is_file():
@@ -137,6 +130,8 @@ def read_run_config(folder: Path) -> Config | None:
     try:
         doc = json.loads(path.read_text())
         values = doc["config"]
+        if not isinstance(values, dict):
+            raise TypeError(f"its 'config' is a {type(values).__name__}, not a mapping of option names to values")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"run description '{path}' is not readable ({type(exc).__name__}: {exc}). It is written by "
                         f"finetune.py; restore it, or delete it to sweep the folder with the current config.") from None

@@ -1,4 +1,4 @@
-"""Atomic file writes, safe checkpoint loading, and pre-flight checks on output folders."""
+"""Atomic file writes, safe checkpoint loading, pre-flight checks on output folders, and free `_2` names."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -169,3 +169,48 @@ def check_writable(folder: str | os.PathLike, option: str) -> None:
     except OSError as exc:
         raise UserError(f"cannot write to '{folder}' ({option}): {exc.strerror or exc}. Choose a folder you can "
                         f"write to, or fix its permissions, before starting.") from None
+
+
+def in_use(path: str | os.PathLike, folder: bool = False) -> bool:
+    """Whether ``path`` is taken: anything there (a dangling link too); for a ``folder``, an empty folder is free."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return False
+    if folder and path.is_dir() and not path.is_symlink():
+        with os.scandir(path) as it:
+            return next(it, None) is not None
+    return True
+
+
+def numbered(path: str | os.PathLike, k: int, folder: bool = False) -> Path:
+    """``path`` for k = 1, else its k-th sibling name: ``name_k.ext`` for a file, ``name_k`` for a ``folder``
+    (whose name may hold dots: run names such as ``lr0.1``)."""
+    path = Path(path)
+    if k == 1:
+        return path
+    return path.with_name(f"{path.name}_{k}" if folder or not path.suffix else f"{path.stem}_{k}{path.suffix}")
+
+
+def first_free_number(paths: Sequence[str | os.PathLike], folder: bool = False) -> int:
+    """The smallest k >= 1 for which ``numbered(p, k, folder)`` is free (not ``in_use``) for every path of
+    ``paths``: the one rule by which results, runs and demos take ``_2``, ``_3``... names instead of replacing
+    earlier ones (several paths: a run's checkpoint and log folders share their number)."""
+    k = 1
+    while any(in_use(numbered(p, k, folder), folder) for p in paths):
+        k += 1
+    return k
+
+
+def free_path(path: str | os.PathLike, folder: bool = False) -> Path:
+    """``path`` if it is free, else the first free ``_2``, ``_3``... sibling (an earlier result is never replaced)."""
+    return numbered(path, first_free_number([path], folder), folder)
+
+
+def check_creatable(path: str | os.PathLike, option: str) -> None:
+    """Fail before any work when ``path`` cannot be created because one of its parents is a file, not a folder."""
+    for parent in Path(path).parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise UserError(f"{option} '{path}' cannot be created: '{parent}' is a file, not a folder. Choose a "
+                                f"path under a folder.")
+            return

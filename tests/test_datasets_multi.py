@@ -183,8 +183,12 @@ def test_overlap_check_finds_planted_duplicates_and_nothing_in_disjoint_data(wor
     cv2.imwrite(str(planted / "99999_1" / "reencoded.jpg"), image, [cv2.IMWRITE_JPEG_QUALITY, 90])
 
     assert overlap_tool.main(["--set", f"data_dir={clean}", *world_settings(world, tmp_path)]) == 0
-    out = tmp_path / "pairs.csv"
-    assert overlap_tool.main(["--set", f"data_dir={planted}", *world_settings(world, tmp_path), "--csv", str(out)]) == 1
+    mine = tmp_path / "pairs.csv"   # a file of the user's at the --csv path is kept; the pairs go to pairs_2.csv
+    mine.write_text("my own notes\n")
+    argv = ["--set", f"data_dir={planted}", *world_settings(world, tmp_path), "--csv", str(mine)]
+    assert overlap_tool.main(argv) == 1
+    assert mine.read_text() == "my own notes\n"
+    out = tmp_path / "pairs_2.csv"
     with open(out, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert sorted(Path(r["Training image"]).name for r in rows) == ["copy0.png", "copy1.png", "reencoded.jpg"]
