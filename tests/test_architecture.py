@@ -34,7 +34,7 @@ RANKS = {"runtime": 0, "config": 1, "facedata": 2, "backbones": 3, "losses": 3, 
          "eval": 5, "privacy": 6, "pipeline": 7}
 # command lines: thin files at the top that call a library's main()
 ENTRY_POINTS = ["finetune.py", "eval/evaluation.py", "tools/make_bin.py", "tools/prepare_dataset.py",
-                "tools/cross_dataset.py", "tools/check_overlap.py", "tools/identify_backbone.py"]
+                "tools/cross_dataset.py", "tools/check_overlap.py", "tools/identify_backbone.py", "reproduce.py"]
 SCAFFOLDING = ("synthetic", "demo", "bench", "tests", "helpers")
 
 
