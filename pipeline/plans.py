@@ -186,7 +186,8 @@ def load_namespace(name: str | Path, seen: tuple[Path, ...] = ()) -> tuple[Path,
 def load_plan(name: str | Path, overrides: Iterable[str] = (), extra: dict[str, Any] | None = None) -> Plan:
     """Load a plan, expand its experiments and resolve each one's configuration (every option checked)."""
     path, values = load_namespace(name)
-    ns = types.SimpleNamespace(**values, **(extra or {}))
+    ns = types.SimpleNamespace(**{"released_dir": None, "mapping": None, "results": "work_dirs/results",
+                                  **values, **(extra or {})})
     plan = Plan(Path(name).stem, path, ns)
     items = getattr(ns, "experiments", None)
     if callable(items):
@@ -195,6 +196,10 @@ def load_plan(name: str | Path, overrides: Iterable[str] = (), extra: dict[str, 
         items = getattr(ns, "EXPERIMENTS", None)
     if items is None:
         raise UserError(f"plan '{path}' defines neither EXPERIMENTS nor experiments(plan); see plans/paper.py.")
+    items = list(items)
+    if getattr(ns, "released_dir", None) and not any("released" in spec for spec in items if isinstance(spec, dict)):
+        from pipeline.released import released_experiments   # --released on any plan: their rows beside ours
+        items += released_experiments(ns)
     overrides = list(overrides)
     common = [_item(k, v) for k, v in ns.SET.items()]
     for k, spec in enumerate(items):
