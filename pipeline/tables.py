@@ -329,9 +329,9 @@ def write_outputs(plan: Plan, results: Path, paper_values: str | None = None) ->
     rows, bare, have = collect(plan, store)
     tables = build_tables(rows, bare)
     matched = add_paper_values(tables, Path(paper_values)) if paper_values else None
-    total = len({(e.key, e.sweep_key) for e in plan.experiments})
+    total = len({e.key for e in plan.experiments})
     lines = [f"# Plan '{plan.name}': tables", "",
-             f"{have} of {len(plan.experiments)} experiments have results ({total} distinct); rows: the last "
+             f"{have} of {len(plan.experiments)} experiments have results ({total} distinct trainings); rows: the last "
              f"checkpoint and the checkpoint with the best PIC of each. Numbers from the sweeps' CSVs under "
              f"{Path(results)}.", ""]
     if matched is not None:

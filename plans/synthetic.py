@@ -13,7 +13,7 @@ ROOT = "work_dirs/synthetic"           # where prepare() writes the synthetic wo
 GENERATED_ROOT = ROOT
 SEED = 0
 # size of the world: identities and images per training dataset, of each evaluation set, pairs and gender images
-SIZE = dict(train_ids=160, train_imgs=6, test_ids=60, test_imgs=5, pairs=300, gender=240)
+SIZE = dict(train_ids=100, train_imgs=6, test_ids=40, test_imgs=5, pairs=300, gender=200)
 DATASETS = ["SynthA", "SynthB", "SynthC"]               # stand for LFW, AgeDB, ColorFeret
 TARGETS = {"SynthA": "synth_a", "SynthB": "synth_b", "SynthC": "synth_c"}
 ALL_TARGET = "synth_all"                                 # stands for the VGGFace2 sample
@@ -24,7 +24,7 @@ CROSS_METHODS = ["angular", "leace"]
 ABLATION = dict(trained_on="SynthA", alphas=[0, 20], betas=[0, 1])
 BACKBONE = "Demo decoder"
 
-SET = {"plugins": ["synthetic"], "network": "demo_decoder", "pretrained": "Demo", "num_epoch": 12,
+SET = {"plugins": ["synthetic"], "network": "demo_decoder", "pretrained": "Demo", "num_epoch": 8,
        "batch_size": 64, "checkpoint_every": 4, "eval_step": 0, "log_every": 25, "num_workers": 0,
        "val_targets": []}
 
@@ -41,9 +41,13 @@ def prepare(plan) -> None:
     from facedata.bin_builder import build_bin
     from runtime.io import atomic_write_text
     from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
-    root, size = world(plan), plan.SIZE
-    if (root / "done").is_file():
+    import os
+    import shutil
+    final, size = world(plan), plan.SIZE
+    if (final / "done").is_file():
         return
+    # built aside, then renamed into place: processes starting together (shards) never see a half-made world
+    root = final.parent / f".building-{final.name}-{os.getpid()}"
     rng = np.random.default_rng(plan.SEED)
     direction = rng.normal(size=512)
     direction /= np.linalg.norm(direction)
@@ -59,6 +63,12 @@ def prepare(plan) -> None:
                   n_gender=size["gender"], seed=plan.SEED + k)
     save_demo_backbone(root / "backbone.pth", 512)
     atomic_write_text(root / "done", "complete\n")
+    try:
+        os.rename(root, final)
+    except OSError:
+        if not (final / "done").is_file():
+            raise
+        shutil.rmtree(root)   # another process made the same world first (it is seeded: the same files)
 
 
 def experiments(plan) -> list[dict]:
