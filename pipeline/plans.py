@@ -30,22 +30,10 @@ from typing import Any, Iterable
 
 from config.config import Config
 from config.loading import load_config
+from privacy import get_method   # importing the registry declares the built-in methods' options (ive.rounds, ...)
 from runtime.errors import UserError
 
-try:   # the options API (config/options.py): what changes results, runtime-only options excluded
-    from config.options import settings, settings_hash
-    if not settings(Config()):   # TEMPORARY: an options module that does not know this Config's options
-        raise ImportError
-except ImportError:   # TEMPORARY fallback until config/options.py lands on main; same names, same meaning
-    _RUNTIME_ONLY = {"device", "num_workers", "n_jobs", "extract_batch_size", "cache_dir", "log_every", "eval_step",
-                     "val_targets", "resume", "output", "log_output", "checkpoint_root", "log_dir"}
-
-    def settings(cfg: Config) -> dict[str, Any]:
-        """Every option that can change results (runtime-only ones left out)."""
-        return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_ONLY}
-
-    def settings_hash(cfg: Config) -> str:
-        return digest(settings(cfg))
+from config.options import settings, settings_hash   # runtime-only options (device, workers, ...) left out
 
 __all__ = ["PLANS_DIR", "Experiment", "Plan", "load_plan", "settings", "settings_hash", "digest", "training_key",
            "EVALUATION_ONLY", "SETTINGS"]
@@ -237,7 +225,6 @@ def _experiment(spec: dict, common: list[str], overrides: list[str], where: str)
 def _unique_run_names(experiments: list[Experiment]) -> None:
     """Two trainings of a plan that would share a run folder (same method name, other settings, e.g. seeds) each get
     their own name, so that no two experiments race for the same folder."""
-    from privacy import get_method   # the method registry, after the plug-ins the configs named were imported
     folders: dict[tuple, list[Experiment]] = {}
     for exp in experiments:
         if exp.released:

@@ -18,8 +18,8 @@ DATASETS = ["SynthA", "SynthB", "SynthC"]               # stand for LFW, AgeDB, 
 TARGETS = {"SynthA": "synth_a", "SynthB": "synth_b", "SynthC": "synth_c"}
 ALL_TARGET = "synth_all"                                 # stands for the VGGFace2 sample
 # the comparison methods at demo-sized settings (their defaults are sized for real training sets)
-METHODS = {"angular": {}, "ive": {"ive_estimators": 30, "ive_rounds": 5}, "inlp": {"inlp_iterations": 5},
-           "leace": {}, "pe_miu": {"pe_miu_block_size": 128}, "adversarial": {}}
+METHODS = {"angular": {}, "ive": {"ive.rounds": 5}, "inlp": {"inlp.iterations": 5}, "leace": {},
+           "pe_miu": {"pe_miu.block_size": 128}, "adversarial": {}}
 CROSS_METHODS = ["angular", "leace"]
 ABLATION = dict(trained_on="SynthA", alphas=[0, 20], betas=[0, 1])
 BACKBONE = "Demo decoder"
