@@ -19,19 +19,17 @@ evaluation set, the run folder, the final checkpoint's step and metrics (EER, TA
 the bare backbone's EER and BACC-Gender-AVG, and the number of training images that are near-duplicates of images
 of the evaluation set (tools/check_overlap.py; empty when cache=False).
 
-Resumable: each fold records its state in R/.folds/<fold>-<hash of its settings>.json once trained and again once
-evaluated. A finished fold is not redone (unless its run folder was deleted); a trained one is only evaluated (the
-sweep resumes per checkpoint); one interrupted in training starts again in a new run folder (the interrupted one is
-kept, as every run folder).
-Changed settings (alpha, seed, data, ...) are new folds; options that do not change results (device, workers,
-cache folder, logging, validation, sweep workers: the options marked runtime-only) are not part of the hash.
+Each fold is one experiment of the plan mechanism (pipeline/reproduce.py, as `python reproduce.py` runs them):
+resumable, its state in R/.folds/<fold>-<hash of its settings>.json. A finished fold is not redone (unless its run
+folder was deleted); a trained one is only evaluated (the sweep resumes per checkpoint); one interrupted in training
+resumes from its last resume state. A damaged state file is reported and its fold is done again. Changed settings
+(alpha, seed, data, ...) are new folds; runtime-only options (device, workers, n_jobs, cache folder, logging) never.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -40,14 +38,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import train as finetune
 from backbones.spec import BackboneSpec
-from config import options
 from config.config import Config
-from pipeline import sweep as evaluation
-from pipeline.overlap_check import check_overlap
 from config.loading import OVERRIDE_HELP, load_config
 from eval.evalset import check_bins
+from pipeline.overlap_check import check_overlap
+from pipeline.plans import Experiment
+from pipeline.reproduce import StateStore, run_experiment
 from runtime.errors import UserError, run_cli
 from runtime.io import atomic_write_text
 
@@ -96,6 +93,12 @@ def fold_config(cfg: Config, fold: Fold, datasets: dict[str, str], experiment: s
                                output=None, log_output=None, resume=False)
 
 
+def fold_experiment(cfg: Config, fold: Fold) -> Experiment:
+    """A fold as an experiment of the plan mechanism."""
+    return Experiment(backbone=cfg.pretrained, setting="CrossDataset", trained_on=fold.data, method=cfg.method,
+                      cfg=cfg, held_out=fold.held_out or "(none)")
+
+
 def _number(text: str | None) -> float | None:
     return float(text) if text not in (None, "") else None
 
@@ -117,25 +120,20 @@ def _reference_row(path: Path, target: str) -> dict[str, str]:
 
 def run_fold(cfg: Config, fold: Fold, results: Path) -> dict[str, object]:
     """Train and evaluate one fold unless its state says it was done; returns its table row."""
-    state_path = results / ".folds" / f"{fold.name}-{options.settings_hash(cfg)}.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state and not Path(state["run"]).is_dir():   # its run folder was deleted: the fold is done again
-        state = {}
+    exp = fold_experiment(cfg, fold)
+    store = StateStore(results / ".folds")
+    state = store.read(exp.key)
     what = f"{fold.name}: train on {' + '.join(fold.train_on)}, evaluate on {fold.target}"
-    if "row" in state:
+    if "row" in state and exp.sweep_key in state.get("swept", []):
         print(f"{what}: done earlier ({state['run']}), not redone", flush=True)
         return state["row"]
-    if "run" not in state:
-        print(f"{what}: training", flush=True)
-        trained = finetune.train(cfg)
-        state = {"fold": fold.name, "run": str(trained.checkpoint_dir), "logs": str(trained.log_dir),
-                 "config": dataclasses.asdict(cfg)}
-        atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
-    run = Path(state["run"])
-    print(f"{what}: evaluating {run}", flush=True)
+    if state.get("swept"):   # trained and swept, but its row was never written: evaluate (resumes) again
+        state["swept"] = []
+        store.write(exp.key, fold.name, state)
+    print(f"{what}: {'evaluating ' + state['run'] if state.get('trained') else 'training'}", flush=True)
     reference = results / f"reference_{fold.target}.csv"
-    out = evaluation.evaluate(cfg, results, Path(cfg.checkpoint_root) / cfg.pretrained / cfg.experiment, fold.data,
-                              reference)
+    state = run_experiment(exp, _Labelled(store, fold.name), results, lambda _: reference)
+    run, out = Path(state["run"]), Path(state["sweep_dir"])
     final, bare = _final_row(out / f"{run.name}_metrics.csv", fold.target), _reference_row(reference, fold.target)
     near = None
     if cfg.cache:   # the training templates are cached: the check costs only the similarities
@@ -145,8 +143,19 @@ def run_fold(cfg: Config, fold: Fold, results: Path) -> dict[str, object]:
                     "Dataset": fold.target, "Run": str(run), "Step": int(final["Step"]),
                     **{m: _number(final[m]) for m in METRICS}, "Backbone EER": _number(bare["EER"]),
                     "Backbone BACC-Gender-AVG": _number(bare["BACC-Gender-AVG"]), "Near-duplicates": near}
-    atomic_write_text(state_path, json.dumps(state, indent=1) + "\n")
+    store.write(exp.key, fold.name, state)
     return state["row"]
+
+
+class _Labelled(StateStore):
+    """The fold's state store, its files named after the fold (heldout-LFW-<hash>.json) as before."""
+
+    def __init__(self, store: StateStore, label: str):
+        super().__init__(store.folder, store.say)
+        self.label = label
+
+    def write(self, key: str, label: str, state: dict) -> None:
+        super().write(key, self.label, state)
 
 
 def cross_dataset(cfg: Config, datasets: dict[str, str] | None = None, targets: dict[str, str] | None = None,

@@ -252,3 +252,39 @@ def test_cross_dataset_runs_every_fold_and_a_rerun_redoes_nothing(tmp_path, monk
     assert cross_dataset.main(["--set", "plugins=['synthetic']", "--datasets", "A=x"]) == 2
     with pytest.raises(UserError, match="no evaluation set for C"):
         cross_dataset.plan_folds(datasets, {"A": "a", "B": "b"}, None)
+
+
+def test_cross_dataset_rerun_with_runtime_options_changed_or_a_damaged_state(tmp_path, monkeypatch, capsys):
+    """Another n_jobs or device retrains and re-evaluates nothing; a damaged fold state (not JSON, no 'run') is
+    reported and only that fold is done again."""
+    synthetic_world(tmp_path, n_train_ids=2, n_test_ids=8, test_imgs=4, pairs=40, gender=32, test_sets=("a", "b"))
+    calls = {"train": 0}
+    real = finetune.train
+
+    def counted(*args, **kwargs):
+        calls["train"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(finetune, "train", counted)
+    datasets = {"A": str(tmp_path / "test" / "a"), "B": str(tmp_path / "test" / "b")}
+    results = tmp_path / "results"
+
+    def run(*extra):
+        cfg = demo_cfg(tmp_path, "num_epoch=1", "batch_size=16", "eval_step=0", *extra)
+        return cross_dataset.cross_dataset(cfg, datasets, {"A": "a", "B": "b"}, None, "Cross", results)
+    table, path = run("n_jobs=1", "device=cpu")
+    first = path.read_text()
+    assert calls["train"] == 2
+    again, _ = run("n_jobs=2", "device=auto", "num_workers=1", "log_every=3")
+    assert calls["train"] == 2 and path.read_text() == first
+
+    folds = results / "Demo" / "Cross" / ".folds"
+    damaged = next(folds.glob("heldout-A-*.json"))
+    for text, why in (("{not json", "JSONDecodeError"), (json.dumps({"fold": "heldout-A"}), "'run' entry")):
+        damaged.write_text(text)
+        capsys.readouterr()
+        table3, _ = run()
+        said = capsys.readouterr().out
+        assert f"state file '{damaged}' is damaged" in said and why in said and "treated as not done" in said
+        assert json.loads(damaged.read_text())["run"]          # replaced by a sound state
+        assert table3["Step"].tolist() == table["Step"].tolist()
+    assert calls["train"] == 4                                  # the damaged fold only, twice

@@ -19,7 +19,7 @@ from eval import leakage
 from eval.leakage import leakage_report
 from facedata.bin_builder import build_bin
 from facedata.binfile import load_bin
-from facedata.dataset import ImageDataset, scan_dataset, scan_training_data
+from facedata.dataset import ImageDataset, scan_training_data
 from facedata.prepare import LOG_NAME, prepare
 from facedata.recordio import RecordWriter, write_identity_records
 from helpers import demo_cfg, synthetic_world

@@ -1,0 +1,265 @@
+"""reproduce.py: plans as files, resumable and shardable runs, the dry run, released layers, tables."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import plans, reproduce, sweep, tables, train
+from privacy import layer_training
+from runtime.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+# the synthetic plan's shape (one-dataset with the paper's method and a comparison method, the cross-dataset folds, an
+# ablation whose default point is the one-dataset training) on a small world
+TINY = '''
+INCLUDE = "synthetic"
+SIZE = dict(train_ids=12, train_imgs=4, test_ids=8, test_imgs=4, pairs=40, gender=32)
+DATASETS = ["SynthA", "SynthB"]
+TARGETS = {"SynthA": "synth_a", "SynthB": "synth_b"}
+METHODS = {"angular": {}, "leace": {}}
+CROSS_METHODS = ["angular"]
+ABLATION = dict(trained_on="SynthA", alphas=[20], betas=[0, 1])
+SET = {"num_epoch": 2, "batch_size": 16, "checkpoint_every": 1, "n_jobs": 1}
+'''
+
+
+def outputs(root: Path) -> dict[str, str]:
+    """tables.md and every table CSV of the tiny plan run under ``root``."""
+    out = root / "work_dirs" / "results" / "tiny"
+    files = {"tables.md": (out / "tables.md").read_text()}
+    files.update({p.name: p.read_text() for p in sorted((out / "tables").glob("*.csv"))})
+    return files
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The tiny plan run once, in one process, from a folder of its own (as from a fresh clone)."""
+    root = tmp_path_factory.mktemp("once")
+    (root / "tiny.py").write_text(TINY)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert reproduce.main(["tiny.py"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+class Interrupt(BaseException):
+    """Stands for a kill: nothing catches it."""
+
+
+def interrupt_at(monkeypatch, module, name: str, when: int) -> dict:
+    """Make ``module.name`` raise Interrupt on its ``when``-th call (earlier calls run as usual)."""
+    real, calls = getattr(module, name), {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == when:
+            raise Interrupt(f"{name} call {when}")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+def test_tables_figures_and_a_second_run_that_does_nothing(uninterrupted, monkeypatch, capsys):
+    files = outputs(uninterrupted)
+    text = files["tables.md"]
+    assert "9 of 9 experiments have results (8 distinct trainings)" in text
+    for table in ("Demo_decoder_synth_a.csv", "Demo_decoder_synth_b.csv", "Demo_decoder_synth_all.csv",
+                  "cross_dataset_Demo_decoder.csv", "ablation_Demo_decoder_SynthA.csv"):
+        assert table in files
+    rows = list(csv.DictReader(files["Demo_decoder_synth_a.csv"].splitlines()))
+    assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in rows][:3] == [
+        ("", "bare backbone", ""), ("SynthA", "angular", "last"), ("SynthA", "angular", "best PIC")]
+    assert {r["Method"] for r in rows} == {"bare backbone", "angular", "leace"}
+    # every number is the sweep's: the last checkpoint's row of the run's metrics CSV
+    store = reproduce.StateStore(uninterrupted / "work_dirs" / "results" / ".experiments")
+    os.chdir(uninterrupted)
+    plan = plans.load_plan("tiny.py")
+    first = plan.experiments[0]
+    state = store.read(first.key)
+    with open(state["metrics"], newline="") as fh:
+        swept = [r for r in csv.DictReader(fh) if r["Dataset"] == "synth_a"]
+    last = max(swept, key=lambda r: int(r["Step"]))
+    assert float(rows[1]["EER"]) == float(last["EER"]) and int(rows[1]["Step"]) == int(last["Step"]) == 6
+    cross = list(csv.DictReader(files["cross_dataset_Demo_decoder.csv"].splitlines()))
+    assert [(r["Held out"], r["Trained on"], r["Dataset"]) for r in cross if r["Checkpoint"] == "last"] == [
+        ("SynthA", "SynthB", "synth_a"), ("SynthB", "SynthA", "synth_b"), ("(none)", "SynthA+SynthB", "synth_all")]
+    ablation = list(csv.DictReader(files["ablation_Demo_decoder_SynthA.csv"].splitlines()))
+    assert {(r["alpha"], r["beta"]) for r in ablation} == {("20.0", "0.0"), ("20.0", "1.0")}
+    out = uninterrupted / "work_dirs" / "results" / "tiny"
+    assert {p.name for p in out.glob("*.png")} == {"tradeoff_Demo_decoder.png", "angles_Demo_decoder.png",
+                                                     "pic_alpha_beta.png"}
+    # the ablation's default point is the one-dataset training: one training, two sweeps
+    default = [e for e in plan.experiments if e.setting == "Ablation" and e.cfg.beta == 1][0]
+    assert default.key == first.key and store.read(default.key)["run"] == state["run"]
+
+    # a second run trains, sweeps and writes nothing
+    calls = interrupt_at(monkeypatch, train, "train", 1)
+    sweeps = interrupt_at(monkeypatch, sweep, "evaluate", 1)
+    stamp = (out / "tables.md").stat().st_mtime_ns
+    capsys.readouterr()
+    assert reproduce.main(["tiny.py"]) == 0
+    assert calls["n"] == sweeps["n"] == 0 and (out / "tables.md").stat().st_mtime_ns == stamp
+    assert "nothing new" in capsys.readouterr().out
+    # runtime-only options are the same experiments; a changed setting is a new one
+    again = plans.load_plan("tiny.py", ["n_jobs=2", "device=cpu", "num_workers=1", "log_every=7"])
+    assert [e.key for e in again.experiments] == [e.key for e in plan.experiments]
+    assert reproduce.main(["tiny.py", "--set", "n_jobs=2", "device=cpu"]) == 0 and calls["n"] == 0
+    changed = plans.load_plan("tiny.py", ["alpha=5"])
+    assert changed.experiments[0].key != first.key
+
+
+def test_killed_at_several_points_and_rerun_gives_the_same_tables(uninterrupted, tmp_path, monkeypatch):
+    (tmp_path / "tiny.py").write_text(TINY)
+    monkeypatch.chdir(tmp_path)
+    # killed in training (after the first checkpoint and resume state of a layer), in a sweep (after some rows),
+    # and while recording an experiment's state
+    for module, name, when in ((layer_training, "atomic_torch_save", 3), (sweep, "write_rows", 4),
+                               (reproduce.StateStore, "write", 9), (layer_training, "atomic_torch_save", 6)):
+        with monkeypatch.context() as m:
+            interrupt_at(m, module, name, when)
+            with pytest.raises(Interrupt):
+                reproduce.main(["tiny.py"])
+    resumed = list((tmp_path / "work_dirs" / "logs").rglob("training.log"))
+    assert any("resumed run" in p.read_text() for p in resumed)
+    assert reproduce.main(["tiny.py"]) == 0
+    assert outputs(tmp_path) == outputs(uninterrupted)
+
+
+def test_two_shards_in_two_processes_give_the_tables_of_one(uninterrupted, tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), "tiny.py", "--shard", f"{k}/2"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k in (1, 2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert outputs(tmp_path) == outputs(uninterrupted)
+    os.chdir(tmp_path)
+    plan = plans.load_plan("tiny.py")
+    shares = [reproduce.select_shard(reproduce.unique(plan.experiments), k, 2) for k in (1, 2)]
+    assert shares[0] and shares[1] and not {e.key for e in shares[0]} & {e.key for e in shares[1]}
+
+
+def test_dry_run_of_the_paper_plan_with_nothing_downloaded(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    calls = interrupt_at(monkeypatch, train, "train", 1)
+    sweeps = interrupt_at(monkeypatch, sweep, "evaluate", 1)
+    assert reproduce.main(["paper", "--dry-run"]) == 1
+    out = capsys.readouterr().out
+    assert calls["n"] == sweeps["n"] == 0 and not (tmp_path / "work_dirs").exists()
+    plan = plans.load_plan("paper")
+    assert len(plan.experiments) == 3 * (3 * 6 + 4 * 6) and f"{len(plan.experiments)} experiment(s)" in out
+    for path in ("work_dirs/checkpoints/ArcFace/reference/backbone.pth",
+                 "work_dirs/checkpoints/ElasticFace/reference/backbone.pth",
+                 "work_dirs/checkpoints/SphereFace/reference/backbone.pth", "data/train/LFW", "data/train/AgeDB",
+                 "data/train/ColorFeret", "data/eval/lfw.bin", "data/eval/agedb_30.bin", "data/eval/colorferet.bin",
+                 "data/eval/vggface2.bin"):
+        assert f": {path}  (README: '" in out, path
+    assert "MISSING INPUTS (10)" in out and "Preparing the datasets" in out
+    # the real run refuses before any compute, naming them all
+    assert reproduce.main(["paper"]) == 2
+    assert "lacks 10 input(s)" in capsys.readouterr().err and calls["n"] == 0
+
+
+def test_released_layers_in_an_unknown_layout_are_evaluated_with_the_mapping_file(uninterrupted, tmp_path,
+                                                                                   monkeypatch, capsys):
+    """Layers of the tiny world's one-dataset runs, copied into folders whose names say nothing, placed by the mapping
+    file and swept: their rows equal those of the runs they were copied from."""
+    monkeypatch.chdir(uninterrupted)
+    plan = plans.load_plan("tiny.py")
+    store = reproduce.StateStore(Path("work_dirs/results/.experiments"))
+    source = Path(store.read(plan.experiments[0].key)["run"])          # angular trained on SynthA
+    download = tmp_path / "download"
+    (download / "x1" / "deep").mkdir(parents=True)
+    (download / "x1" / "deep" / "layer_final.pth").write_bytes((source / "6ftn_layers.pth").read_bytes())
+    (download / "x1" / "notes.pth").write_bytes(b"not a checkpoint")
+    torch.save({"kernel": torch.zeros(2, 2)}, download / "x1" / "header.pth")
+    world = plans.load_namespace("tiny.py")[1]
+    root = Path(world["ROOT"]) / next(p.name for p in Path(world["ROOT"]).iterdir())
+    released_plan = uninterrupted / "rel.py"
+    released_plan.write_text(TINY + f'''
+from pipeline.released import released_experiments
+BACKBONES = {{"Demo decoder": {{"output_ori": "{root / 'backbone.pth'}", "rec": "{root / 'eval'}"}}}}
+EVAL_SETS = ["synth_a", "synth_b", "synth_all"]
+ALL_TARGET = "synth_all"
+def experiments(plan):
+    return released_experiments(plan)
+''')
+    assert reproduce.main(["rel.py", "--released", str(download)]) == 2
+    err = capsys.readouterr().err
+    template = Path("work_dirs/results/released_mapping.csv")
+    assert "1 released layer(s)" in err and "x1/deep/layer_final.pth" in err and str(template) in err
+    assert template.read_text() == "layer,backbone,setting,dataset\nx1/deep/layer_final.pth,,,\n"
+    template.write_text("layer,backbone,setting,dataset\nx1/deep/layer_final.pth,Demo decoder,OneDataset,SynthA\n")
+    assert reproduce.main(["rel.py", "--released", str(download), "--mapping", str(template)]) == 0
+    assert (download / "x1" / "deep" / "layer_final.pth").read_bytes() == (source / "6ftn_layers.pth").read_bytes()
+    table = "work_dirs/results/{}/tables/Demo_decoder_synth_b.csv"
+    ours = next(r for r in csv.DictReader((uninterrupted / table.format("tiny")).read_text().splitlines())
+                if (r["Trained on"], r["Method"], r["Checkpoint"]) == ("SynthA", "angular", "last"))
+    rows = list(csv.DictReader((uninterrupted / table.format("rel")).read_text().splitlines()))
+    assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in rows] == [
+        ("", "bare backbone", ""), ("SynthA", "released", "last"), ("SynthA", "released", "best PIC")][:len(rows)]
+    released = rows[1]
+    assert released["Step"] == "1"      # a file name without a step: the layer's position in its folder
+    metrics = ["EER", "TAR@FAR=0.1%", "BACC-Gender-LogReg", "BACC-Gender-SVM", "BACC-Gender-RBF", "BACC-Gender-AVG"]
+    assert [released[m] for m in metrics] == [ours[m] for m in metrics]
+
+
+def test_paper_values_add_the_papers_number_and_our_difference(uninterrupted, tmp_path, monkeypatch):
+    monkeypatch.chdir(uninterrupted)
+    rows = list(csv.DictReader(Path("work_dirs/results/tiny/tables/Demo_decoder_synth_a.csv").read_text()
+                               .splitlines()))
+    values = tmp_path / "paper.csv"
+    values.write_text("Backbone,Dataset,Trained on,Method,Metric,Value\n"
+                      "Demo decoder,synth_a,SynthA,angular,EER,0.25\n"
+                      "Demo decoder,synth_a,,bare backbone,BACC-Gender-AVG,0.5\n")
+    plan = plans.load_plan("tiny.py")
+    tables.write_outputs(plan, Path("work_dirs/results"), str(values))
+    new = list(csv.DictReader(Path("work_dirs/results/tiny/tables/Demo_decoder_synth_a.csv").read_text()
+                              .splitlines()))
+    angular_last = next(r for r in new if r["Method"] == "angular" and r["Checkpoint"] == "last" and
+                        r["Trained on"] == "SynthA")
+    assert float(angular_last["EER (paper)"]) == 0.25
+    assert float(angular_last["EER diff"]) == pytest.approx(float(angular_last["EER"]) - 0.25)
+    assert next(r for r in new if r["Method"] == "leace")["EER (paper)"] == ""      # no paper value: empty
+    bare = new[0]
+    assert float(bare["BACC-Gender-AVG diff"]) == pytest.approx(float(rows[0]["BACC-Gender-AVG"]) - 0.5)
+    values.write_text("Metric,Value\nAUC,1\n")
+    with pytest.raises(UserError, match="Metric 'AUC' is not one of"):
+        tables.write_outputs(plan, Path("work_dirs/results"), str(values))
+    tables.write_outputs(plan, Path("work_dirs/results"))   # restore the tables the other tests compare
+
+
+def test_plan_files_include_override_and_are_checked(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.py").write_text('INCLUDE = "b"\nSET = {"alpha": 5}\n')
+    (tmp_path / "b.py").write_text('SET = {"beta": 3, "alpha": 1}\nEXPERIMENTS = [dict(method="angular", '
+                                   'trained_on="X", options={"seed": 2})]\n')
+    plan = plans.load_plan(str(tmp_path / "a.py"), ["seed=4"])
+    cfg = plan.experiments[0].cfg
+    assert (cfg.alpha, cfg.beta, cfg.seed, cfg.data, cfg.experiment) == (5, 3, 4, "X", "OneDataset")
+    (tmp_path / "b.py").write_text('INCLUDE = "a"\n')
+    with pytest.raises(UserError, match="includes itself"):
+        plans.load_plan(str(tmp_path / "a.py"))
+    (tmp_path / "c.py").write_text('EXPERIMENTS = [dict(methd="angular")]\n')
+    with pytest.raises(UserError, match=r"unknown key\(s\) \['methd'\]"):
+        plans.load_plan(str(tmp_path / "c.py"))
+    (tmp_path / "d.py").write_text('EXPERIMENTS = [dict(options={"alpha": -1})]\n')
+    with pytest.raises(UserError, match="alpha"):
+        plans.load_plan(str(tmp_path / "d.py"))
+    with pytest.raises(UserError, match="no plan named 'nope'"):
+        plans.load_plan("nope")
+    for name in plans.known_plans():   # every shipped plan loads (released needs its folder)
+        if name != "released":
+            assert plans.load_plan(name).experiments
+    with pytest.raises(UserError, match="--shard 3/2"):
+        reproduce.parse_shard("3/2")
