@@ -43,7 +43,7 @@ QUICK = {"train_ids": 600, "train_imgs": 6, "test_ids": 120, "test_imgs": 5, "pa
 
 # demo-sized settings of the other methods (their defaults are sized for real training sets)
 METHOD_SETTINGS: dict[str, list[str]] = {
-    "ive": ["ive.estimators=30", "ive.rounds=5"],     # 5 rounds of 8 dimensions; smaller forests
+    "ive": ["ive.estimators=30", "ive.rounds=5"],     # 5 rounds of 5 dimensions
     "inlp": ["inlp.iterations=5"],
     "pe_miu": ["pe_miu.block_size=128"],              # the demo's noisy templates need large blocks (README)
 }
