@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from eval.evalset import COLLAPSE_SHARE, METRIC_COLUMNS, EvalTemplates
 from eval.leakage import WORST
 from eval.verification import FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics
+from runtime.errors import full_disk_named
 from runtime.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
@@ -36,9 +37,12 @@ LINEAR_ERASURE = ("leace", "inlp")
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
+    """Write a figure atomically; a full disk or a file-size limit names the results folder and leaves no file."""
+    try:
+        with full_disk_named(path.parent, "the sweep's results folder"), atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
 
 
 def read_results(out_dir: Path, runs: list["SweptRun"], suffix: str) -> pd.DataFrame:

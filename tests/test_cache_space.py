@@ -214,3 +214,20 @@ def test_prune_keeps_every_row_while_an_entry_does_not_say_which_it_holds(world)
 def test_status_of_a_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert space.main(["--status", "--cache-dir", str(tmp_path / "nowhere")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_plot_over_a_file_size_limit_names_the_results_folder_and_leaves_no_file(tmp_path, monkeypatch):
+    import errno
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from pipeline.report import _save
+
+    def too_large(self, *a, **k):
+        raise OSError(errno.EFBIG, "File too large")
+    monkeypatch.setattr(Figure, "savefig", too_large)
+    fig = plt.figure()
+    with pytest.raises(UserError, match=str(tmp_path)):
+        _save(fig, tmp_path / "tradeoff.png")
+    assert list(tmp_path.iterdir()) == []
