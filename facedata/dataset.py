@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from runtime.errors import UserError
+from runtime.errors import UserError, listing
 from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
 from runtime.logs import get_logger
@@ -31,7 +31,6 @@ log = get_logger(__name__)
 
 IMAGE_SIZE = 112
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jp2"}
-MAX_LISTED = 20  # problems listed one by one in an error; the rest are counted
 
 
 class DecodeError(ValueError):
@@ -375,9 +374,7 @@ def scan_record_file(rec_path: str | os.PathLike, genders_csv: str | os.PathLike
 
 
 def problem_report(where: str, problems: list[str], fix: str) -> str:
-    listed = "; ".join(problems[:MAX_LISTED])
-    more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return f"{where}: {len(problems)} problem(s): {listed}{more}. {fix}"
+    return f"{where}: {len(problems)} problem(s): {listing(problems)}. {fix}"
 
 
 class ImageDataset(Dataset):

@@ -57,7 +57,7 @@ from facedata.align.detectors import DetectorSpec
 from facedata.align.run import LOG_NAME as ALIGN_LOG_NAME, Job, align_images
 from facedata.bin_builder import build_bin
 from facedata.dataset import IMAGE_EXTENSIONS, entry_kind, scan_dataset, visible_entries
-from runtime.errors import UserError, run_cli
+from runtime.errors import UserError, listing, run_cli
 from runtime.io import atomic_write_text, check_creatable
 from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
@@ -66,7 +66,6 @@ FORMATS = ("lfw", "agedb", "colorferet", "vggface2", "rec")
 REPORT_NAME = ".prepare_report.txt"
 LOG_NAME = ".prepare.log"
 FEMININE, MASCULINE = 1, 0
-MAX_LISTED = 20
 BROKEN_LINKS = "broken symbolic links (pointing to nothing, or looping)"   # skipped, counted in the log
 Source = Union[Path, int]   # an image file to link to, or a record key of a .rec
 
@@ -565,11 +564,10 @@ def check_existing(out: Path, plan: dict[str, dict[str, Source]], writer: _Write
             else:
                 done.add(path)
     if conflicts:
-        listed = "; ".join(conflicts[:MAX_LISTED])
-        more = f"; and {len(conflicts) - MAX_LISTED} more" if len(conflicts) > MAX_LISTED else ""
         raise UserError(f"--out '{out}' already holds {len(conflicts)} entries that this preparation would not "
-                        f"create: {listed}{more}. Nothing was changed. Existing files are never overwritten: choose "
-                        f"a new --out, or remove these entries if they are left over from other inputs.")
+                        f"create: {listing(conflicts)}. Nothing was changed. Existing files are never "
+                        f"overwritten: choose a new --out, or remove these entries if they are left over from "
+                        f"other inputs.")
     return done
 
 

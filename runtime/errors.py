@@ -48,3 +48,12 @@ def full_disk_named(folder: str | os.PathLike, what: str) -> Iterator[None]:
         if is_disk_full(exc):
             raise disk_full_error(folder, what, exc) from None
         raise
+
+
+MAX_LISTED = 20   # problems listed one by one in an error message; the rest are counted
+
+
+def listing(items: list[str], limit: int = MAX_LISTED) -> str:
+    """``items`` joined for an error message: the first ``limit`` of them, then how many more there are."""
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more

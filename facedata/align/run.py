@@ -30,7 +30,7 @@ from tqdm import tqdm
 from facedata.align.detectors import DetectorSpec, build_detector
 from facedata.align.transform import ALIGNED_SIZE
 from facedata.align.worker import ALIGNED, CENTRE, REASONS, WRITTEN, Job, Record, process, worker_init, worker_task
-from runtime.errors import UserError
+from runtime.errors import UserError, listing
 from runtime.logs import get_logger
 # facedata.dataset and runtime.io are imported where they are used: they load torch, and every worker process
 # (started fresh) imports the main script's modules again, which should stay light
@@ -43,7 +43,6 @@ LOG_NAME = ".align.log"
 OWN_FILES = (LANDMARKS_NAME, REPORT_NAME, LOG_NAME)
 COLUMNS = ["path", "source_image", "status", "landmarks_from", "faces",
            "x1", "y1", "x2", "y2", "x3", "y3", "x4", "y4", "x5", "y5", "note"]
-MAX_LISTED = 20
 _TMP = re.compile(r"^\..+\.\d+\.tmp$")   # this module's temporary files (left by a killed run)
 
 
@@ -114,11 +113,9 @@ def _check_out(out: Path, jobs: dict[str, Job], records: dict[str, Record], sour
             if rec is None or rec.status not in WRITTEN:
                 conflicts.append(f"'{rel}' (not written by this alignment)")
     if conflicts:
-        listed = "; ".join(conflicts[:MAX_LISTED])
-        more = f"; and {len(conflicts) - MAX_LISTED} more" if len(conflicts) > MAX_LISTED else ""
         raise UserError(f"OUT '{out}' already holds {len(conflicts)} entries that this alignment would not create: "
-                        f"{listed}{more}. Nothing was changed. Existing files are never overwritten: choose a new "
-                        f"OUT, or remove these entries if they are left over from other inputs.")
+                        f"{listing(conflicts)}. Nothing was changed. Existing files are never overwritten: "
+                        f"choose a new OUT, or remove these entries if they are left over from other inputs.")
 
 
 def _write_crop(out: Path, rel: str, data: bytes) -> None:
