@@ -14,13 +14,14 @@ import difflib
 import hashlib
 import json
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from runtime.errors import UserError
 
 __all__ = ["Option", "option", "option_spec", "register_options", "OPTION_GROUPS", "check_option_value",
-           "group_field_types", "settings", "settings_hash", "is_runtime", "active_groups", "recorded", "flat"]
+           "group_field_types", "settings", "settings_hash", "active_groups", "recorded", "flat"]
 
 
 @dataclass(frozen=True)
@@ -92,16 +93,7 @@ def register_options(group: str, cls: type) -> type:
 
 def group_field_types(cls: type) -> dict[str, Any]:
     """The resolved type of each field of an options dataclass."""
-    import typing
     return typing.get_type_hints(cls)
-
-
-def is_runtime(cfg_cls: type, name: str) -> bool:
-    """Whether option ``name`` (core, or ``group.field``) only changes how a run executes."""
-    if "." in name:
-        group, field_name = name.split(".", 1)
-        return option_spec(OPTION_GROUPS[group], field_name).runtime
-    return option_spec(cfg_cls, name).runtime
 
 
 def active_groups(cfg: Any) -> list[str]:
