@@ -29,8 +29,8 @@ from pipeline.train import train
 from facedata.bin_builder import build_bin
 from config.loading import load_config
 from privacy import METHODS
-from runtime.errors import UserError, run_cli
-from runtime.io import free_path
+from utils.errors import UserError, run_cli
+from utils.io import free_path
 from eval.evalset import METRIC_COLUMNS
 from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
 

@@ -13,9 +13,9 @@ from torch import nn
 from backbones.iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
 from backbones.projection import FinetunedModel, FrozenBackbone, ProjectionLayer
 from backbones.sfnet import SFNET_LAYOUTS, sfnet20, sfnet20_deprecated, sfnet20_deprecated_v0
-from runtime.errors import UserError
-from runtime.io import extract_state_dict, safe_torch_load
-from runtime.logs import get_logger
+from utils.errors import UserError
+from utils.io import extract_state_dict, safe_torch_load
+from utils.logs import get_logger
 
 __all__ = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "sfnet20", "sfnet20_deprecated",
            "sfnet20_deprecated_v0", "SFNET_LAYOUTS", "architecture_shapes", "candidate_architectures",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from torch import nn
 
-from runtime.errors import UserError
-from runtime.io import sha256_file
+from utils.errors import UserError
+from utils.io import sha256_file
 
 
 @dataclass(frozen=True)

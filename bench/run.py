@@ -19,6 +19,11 @@
 Writes results.csv and results.md to --out and prints the table. Targets missed are reported, not hidden.
 """
 from __future__ import annotations
+import sys
+from pathlib import Path
+
+# the suite runs from its checkout: this script's folder is replaced by the checkout's root on the import path
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import csv
@@ -52,7 +57,7 @@ from templates.entry import EntryWriter, write_entry
 from templates.extraction import ExtractionSettings
 from config.loading import load_config
 from facedata.dataset import decode_image, scan_dataset, to_tensor
-from runtime.device import decode_workers, select_device
+from utils.device import decode_workers, select_device
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
     "full": {"align": 400, "train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,

@@ -4,6 +4,11 @@ process or under torchrun by bench/run.py to compare images/s. Process 0 prints 
     [torchrun --standalone --nproc_per_node=N] bench/shared_extraction.py KEY=VALUE ...
 """
 from __future__ import annotations
+import sys
+from pathlib import Path
+
+# the suite runs from its checkout: this script's folder is replaced by the checkout's root on the import path
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import json
 import sys
@@ -12,8 +17,8 @@ import time
 
 from pipeline import train as finetune
 from config.loading import load_config
-from runtime.device import select_device
-from runtime.distributed import processes
+from utils.device import select_device
+from utils.distributed import processes
 
 
 def main(overrides: list[str]) -> None:

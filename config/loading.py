@@ -15,8 +15,8 @@ from typing import Any, Iterable, Union, get_args, get_origin, get_type_hints
 
 from config.config import Config
 from config.options import OPTION_GROUPS, check_option_value, group_field_types, option_spec
-from runtime.errors import UserError
-from runtime.logs import get_logger
+from utils.errors import UserError
+from utils.logs import get_logger
 
 __all__ = ["Config", "load_config", "config_from_dict", "check_choice", "OVERRIDE_HELP", "option_names",
            "known_option"]

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from runtime.errors import UserError
+from utils.errors import UserError
 
 __all__ = ["Option", "option", "option_spec", "register_options", "OPTION_GROUPS", "check_option_value",
            "group_field_types", "settings", "settings_hash", "active_groups", "recorded", "flat"]

@@ -26,8 +26,8 @@ from eval.verification import (FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics, pair
 from facedata.binfile import load_bin
 from templates.cache import TemplateCache, bin_inputs
 from templates.entry import Templates
-from runtime.errors import UserError
-from runtime.logs import get_logger
+from utils.errors import UserError
+from utils.logs import get_logger
 
 log = get_logger(__name__)
 

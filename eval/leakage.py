@@ -35,9 +35,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from eval.attackers import (ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, Attacker, expand_attackers,
                             make_attacker)
-from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text, free_path
-from runtime.workers import parallel
+from utils.errors import UserError, run_cli
+from utils.io import atomic_write_text, free_path
+from utils.workers import parallel
 
 __all__ = ["LeakageResult", "leakage_report", "gender_leakage", "main"]
 

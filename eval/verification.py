@@ -14,7 +14,7 @@ import numpy as np
 from scipy.optimize import brentq
 from sklearn.model_selection import KFold
 
-from runtime.errors import UserError
+from utils.errors import UserError
 
 ROC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)

@@ -24,8 +24,8 @@ import numpy as np
 
 from facedata.binfile import write_bin
 from facedata.dataset import TrainIndex, scan_dataset
-from runtime.errors import UserError, run_cli
-from runtime.io import check_creatable
+from utils.errors import UserError, run_cli
+from utils.io import check_creatable
 
 
 def draw_pairs(index: TrainIndex, n_pairs: int, rng: np.random.Generator) -> list[tuple[int, int, bool]]:

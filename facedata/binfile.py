@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import UserError
-from runtime.io import atomic_path
-from runtime.logs import get_logger
+from utils.errors import UserError
+from utils.io import atomic_path
+from utils.logs import get_logger
 
 log = get_logger(__name__)
 

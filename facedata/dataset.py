@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from runtime.errors import UserError, listing
+from utils.errors import UserError, listing
 from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
-from runtime.logs import get_logger
+from utils.logs import get_logger
 
 log = get_logger(__name__)
 

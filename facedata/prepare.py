@@ -57,8 +57,8 @@ from facedata.align.detectors import DetectorSpec
 from facedata.align.run import LOG_NAME as ALIGN_LOG_NAME, Job, align_images
 from facedata.bin_builder import build_bin
 from facedata.dataset import IMAGE_EXTENSIONS, entry_kind, scan_dataset, visible_entries
-from runtime.errors import UserError, listing, run_cli
-from runtime.io import atomic_write_text, check_creatable
+from utils.errors import UserError, listing, run_cli
+from utils.io import atomic_write_text, check_creatable
 from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Container
 
 from facedata.recordio import RecordFile
-from runtime.errors import UserError
+from utils.errors import UserError
 
 GENDER_VALUES = {"female": 1, "f": 1, "1": 1, "male": 0, "m": 0, "0": 0}   # gender cell -> 1 feminine, 0 masculine
 _SHOWN_ROWS = 5   # bad rows quoted in an error; the rest are counted

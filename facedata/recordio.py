@@ -23,8 +23,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from runtime.errors import UserError
-from runtime.io import atomic_path
+from utils.errors import UserError
+from utils.io import atomic_path
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)

@@ -45,8 +45,8 @@ from eval.evalset import check_bins
 from pipeline.overlap_check import check_overlap
 from pipeline.plans import Experiment
 from pipeline.reproduce import StateStore, run_experiment
-from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text
+from utils.errors import UserError, run_cli
+from utils.io import atomic_write_text
 
 PAPER_DATASETS = {"LFW": "data/train/LFW", "AgeDB": "data/train/AgeDB", "ColorFeret": "data/train/ColorFeret"}
 PAPER_TARGETS = {"LFW": "lfw", "AgeDB": "agedb_30", "ColorFeret": "colorferet"}

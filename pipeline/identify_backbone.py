@@ -26,9 +26,9 @@ from eval.verification import evaluate_verification
 from facedata.binfile import load_bin
 from facedata.dataset import DecodeError, decode_image, normalize_images
 from config.loading import load_config
-from runtime.device import select_device
-from runtime.errors import UserError, run_cli
-from runtime.io import extract_state_dict, safe_torch_load
+from utils.device import select_device
+from utils.errors import UserError, run_cli
+from utils.io import extract_state_dict, safe_torch_load
 
 NEAR_CHANCE_EER = 0.2
 

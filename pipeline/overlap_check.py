@@ -35,9 +35,9 @@ from eval.overlap import CSV_COLUMNS, DEFAULT_THRESHOLD, Overlap, describe, eval
 from templates.cache import TemplateCache, index_inputs
 from config.loading import OVERRIDE_HELP, load_config
 from facedata.dataset import TrainIndex, scan_training_data
-from runtime.device import select_device
-from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text, free_path
+from utils.device import select_device
+from utils.errors import UserError, run_cli
+from utils.io import atomic_write_text, free_path
 
 
 def check_overlap(cfg: Config, threshold: float = DEFAULT_THRESHOLD, csv_path: str | Path | None = None

@@ -31,7 +31,7 @@ from typing import Any, Iterable
 from config.config import Config
 from config.loading import load_config
 from privacy import get_method   # importing the registry declares the built-in methods' options (ive.rounds, ...)
-from runtime.errors import UserError
+from utils.errors import UserError
 
 from config.options import settings, settings_hash   # runtime-only options (device, workers, ...) left out
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.plans import Experiment, safe_name
-from runtime.errors import UserError
-from runtime.io import atomic_write_text, extract_state_dict, safe_torch_load
+from utils.errors import UserError
+from utils.io import atomic_write_text, extract_state_dict, safe_torch_load
 
 MAPPING_COLUMNS = ["layer", "backbone", "setting", "dataset"]
 _STEP = re.compile(r"^(\d+)ftn_layers\.pth$")

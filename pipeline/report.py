@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from eval.evalset import COLLAPSE_SHARE, METRIC_COLUMNS, EvalTemplates
 from eval.leakage import WORST
 from eval.verification import FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics
-from runtime.errors import full_disk_named
-from runtime.io import atomic_path, atomic_write_text
+from utils.errors import full_disk_named
+from utils.io import atomic_path, atomic_write_text
 
 if TYPE_CHECKING:
     from privacy.runs import SweptRun

@@ -41,9 +41,9 @@ from pipeline.plans import Experiment, Plan, digest, inputs, load_plan, safe_nam
 from privacy import get_method
 from privacy.layer_training import RESUME_FILE
 from privacy.runs import plan_run_folders
-from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text
-from runtime.logs import get_logger
+from utils.errors import UserError, run_cli
+from utils.io import atomic_write_text
+from utils.logs import get_logger
 from templates.cache import ExtractionSettings, TemplateCache, index_inputs, open_entry
 
 log = get_logger("pipeline.reproduce")
@@ -288,7 +288,7 @@ def run_jobs(argv: list[str], jobs: int, devices: list[str], shard: tuple[int, i
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for j in range(jobs):
-        child = [sys.executable, "-m", "pipeline.reproduce", *argv, "--shard", f"{(k - 1) * jobs + j + 1}/{n * jobs}",
+        child = [sys.executable, str(Path(__file__).resolve().parents[1] / "reproduce.py"), *argv, "--shard", f"{(k - 1) * jobs + j + 1}/{n * jobs}",
                  "--jobs", "1", "--no-tables"]
         if devices:
             child += ["--set", f"device={devices[j % len(devices)]}"]

@@ -47,13 +47,13 @@ from pipeline.report import DIAGNOSTICS, write_report
 from privacy.runs import SweptRun, check_names, find_runs
 from templates.cache import TemplateCache
 from templates.entry import open_entry
-from runtime.distributed import processes
+from utils.distributed import processes
 from config.loading import OVERRIDE_HELP, load_config
-from runtime.device import select_device
-from runtime.errors import UserError, run_cli
-from runtime.io import atomic_write_text, check_writable
-from runtime.logs import get_logger, log_to
-from runtime.workers import parallel
+from utils.device import select_device
+from utils.errors import UserError, run_cli
+from utils.io import atomic_write_text, check_writable
+from utils.logs import get_logger, log_to
+from utils.workers import parallel
 
 CSV_COLUMNS = ["Step", "Dataset", *METRIC_COLUMNS, "PIC"]
 # <run>_attackers.csv, written when attackers beyond the paper's run: every attacker's balanced accuracy with its

@@ -28,8 +28,8 @@ from eval.leakage import WORST
 from pipeline.plans import Experiment, Plan, digest, safe_name
 from pipeline.reproduce import StateStore
 from privacy import get_method
-from runtime.errors import UserError
-from runtime.io import atomic_path, atomic_write_text
+from utils.errors import UserError
+from utils.io import atomic_path, atomic_write_text
 
 METRICS = [*METRIC_COLUMNS, "PIC"]
 WORST_COLUMNS = ["Worst-case BACC", "Worst CI-Low", "Worst CI-High", "Worst attacker"]

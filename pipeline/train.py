@@ -37,11 +37,11 @@ from templates.cache import TemplateCache, index_inputs
 from config.loading import OVERRIDE_HELP, load_config
 from templates.entry import Templates
 from facedata.dataset import TrainIndex, scan_training_data
-from runtime.device import select_device
-from runtime.distributed import Processes, processes
-from runtime.errors import UserError, run_cli
-from runtime.io import check_writable
-from runtime.logs import ROOT, log_to
+from utils.device import select_device
+from utils.distributed import Processes, processes
+from utils.errors import UserError, run_cli
+from utils.io import check_writable
+from utils.logs import ROOT, log_to
 
 LOGGER_NAME = ROOT
 

@@ -16,6 +16,6 @@ INCLUDE = "paper"
 
 def experiments(plan) -> list[dict]:
     if not plan.released_dir:
-        from runtime.errors import UserError
+        from utils.errors import UserError
         raise UserError("the released plan evaluates the authors' layers: give their folder with --released DIR.")
     return released_experiments(plan)

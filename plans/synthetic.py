@@ -39,7 +39,7 @@ def prepare(plan) -> None:
     """Write the synthetic datasets, .bin files and backbone (skipped when they are there)."""
     import numpy as np
     from facedata.bin_builder import build_bin
-    from runtime.io import atomic_write_text
+    from utils.io import atomic_write_text
     from synthetic.data import identity_basis, population, save_demo_backbone, write_identity_folders
     import os
     import shutil

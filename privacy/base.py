@@ -23,8 +23,8 @@ from eval.evalset import EvalTemplates
 from privacy.callbacks import CallBackVerification
 from templates.entry import Templates
 from facedata.dataset import TrainIndex
-from runtime.errors import UserError
-from runtime.io import atomic_torch_save, extract_state_dict, safe_torch_load
+from utils.errors import UserError
+from utils.io import atomic_torch_save, extract_state_dict, safe_torch_load
 
 __all__ = ["PrivacyMethod", "PathMethod", "FitContext", "FitResult", "training_templates", "checkpoint_tensor"]
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from config.options import option
 from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
-from runtime.errors import UserError
+from utils.errors import UserError
 
 __all__ = ["INLP", "INLPOptions", "Projection"]
 

@@ -31,9 +31,9 @@ from losses import get_header
 from privacy.base import FitContext, FitResult, PrivacyMethod
 from privacy.callbacks import CallBackLogging, CallBackVerification
 from facedata.dataset import ImageDataset, balanced_epoch, normalize_images, problem_report
-from runtime.device import decode_workers
-from runtime.errors import UserError
-from runtime.io import atomic_torch_save, safe_torch_load
+from utils.device import decode_workers
+from utils.errors import UserError
+from utils.io import atomic_torch_save, safe_torch_load
 
 RESUME_FILE = "resume.pth"
 RESUME_KEYS = ("step", "epoch", "layer", "objective", "optimizers", "generator", "torch_rng")

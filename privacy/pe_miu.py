@@ -30,7 +30,7 @@ from torch import nn
 
 from config.options import option
 from privacy.base import FitContext, PathMethod, checkpoint_tensor
-from runtime.errors import UserError
+from utils.errors import UserError
 
 __all__ = ["PEMIU", "PEMIUOptions", "BlockPermutation", "aligned_similarity"]
 

@@ -19,9 +19,9 @@ from privacy import METHODS, PrivacyMethod, get_method
 from privacy.layer_training import RESUME_FILE, RESUME_KEYS
 from config import options
 from config.loading import check_choice, config_from_dict, known_option
-from runtime.errors import UserError
-from runtime.io import atomic_write_text, first_free_number, numbered, safe_torch_load
-from runtime.logs import get_logger
+from utils.errors import UserError
+from utils.io import atomic_write_text, first_free_number, numbered, safe_torch_load
+from utils.logs import get_logger
 
 __all__ = ["RUN_FILE", "RunFolders", "check_names", "plan_run_folders", "write_run_description", "SweptRun",
            "find_runs", "append_config_row"]

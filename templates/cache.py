@@ -38,10 +38,10 @@ import numpy as np
 from backbones.spec import BackboneSpec
 from facedata.dataset import RecordImages, TrainIndex
 from facedata.recordio import RecordFile
-from runtime.distributed import Processes
-from runtime.errors import UserError, full_disk_named
-from runtime.io import sha256_file
-from runtime.logs import get_logger
+from utils.distributed import Processes
+from utils.errors import UserError, full_disk_named
+from utils.io import sha256_file
+from utils.logs import get_logger
 from templates.entry import CACHE_VERSION, Templates, open_entry, publish
 from templates.extraction import BackboneSource, ExtractionSettings, extract_rows, undecodable
 from templates.rowstore import RowStore, item_key

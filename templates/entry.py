@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.logs import get_logger
+from utils.logs import get_logger
 
 log = get_logger(__name__)
 

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from facedata.dataset import ImageDataset, normalize_images, problem_report
-from runtime.device import decode_workers
-from runtime.errors import UserError
+from utils.device import decode_workers
+from utils.errors import UserError
 from templates.rowstore import RowStore
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import UserError, run_cli
+from utils.errors import UserError, run_cli
 from templates.cache import BUILDING, OWNER
 from templates.entry import read_meta
 from templates.rowstore import RowStore

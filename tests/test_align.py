@@ -24,7 +24,7 @@ from facedata.align.detectors.landmark_file import read_landmarks
 from facedata.align.detectors.scrfd import decode, nms
 from facedata.align.run import LANDMARKS_NAME, LOG_NAME, REPORT_NAME, align_tree, read_journal
 from facedata.align.transform import REFERENCE_112, DegenerateLandmarks, estimate_norm, norm_crop
-from runtime.errors import UserError
+from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO.parent / "shared" / "golden" / "alignment.json"

@@ -4,7 +4,10 @@ import ast
 import csv
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from config import options
 from config.loading import load_config
 from config.options import OPTION_GROUPS
 from helpers import demo_cfg, registered, synthetic_world
-from runtime.errors import UserError
+from utils.errors import UserError
 from privacy import FitResult, PrivacyMethod, register_method
 from synthetic.data import save_demo_backbone
 
@@ -30,7 +33,7 @@ AUTHORS_COLUMNS = ["Step", "Dataset", "EER", "TAR@FAR=0.1%", "BACC-Gender-LogReg
 
 # Each package's rank, lowest first: a module imports its own package and lower-ranked ones only; two packages of
 # one rank never import each other (so there is no cycle).
-RANKS = {"runtime": 0, "config": 1, "facedata": 2, "backbones": 3, "losses": 3, "synthetic": 4, "templates": 4,
+RANKS = {"utils": 0, "config": 1, "facedata": 2, "backbones": 3, "losses": 3, "synthetic": 4, "templates": 4,
          "eval": 5, "privacy": 6, "pipeline": 7}
 # command lines: thin files at the top that call a library's main()
 ENTRY_POINTS = ["finetune.py", "eval/evaluation.py", "reproduce.py",
@@ -70,12 +73,61 @@ def library_files() -> dict[str, Path]:
     return out
 
 
-def test_every_package_has_a_rank_and_pyproject_installs_exactly_those():
+DESIGN_CARD = ["config", "backbones", "losses", "utils", "eval", "finetune.py", "requirements.txt", "README.md",
+               "LICENSE"]
+PROJECT_NAMES = sorted(RANKS) + ["plans", "tools", "bench", "tests", "helpers", "demo", "finetune", "reproduce"]
+
+
+def test_the_design_cards_top_level_and_every_package_has_a_rank():
+    missing = [name for name in DESIGN_CARD if not (REPO / name).exists()]
+    assert not missing, f"the design card's top level lacks {missing}"
     top = {p.name for p in REPO.iterdir() if (p / "__init__.py").is_file()} - {"tests", "bench"}
     assert top == set(RANKS), f"packages without a rank, or ranks without a package: {top ^ set(RANKS)}"
-    pyproject = (REPO / "pyproject.toml").read_text()
-    listed = ast.literal_eval(pyproject.split("include = ", 1)[1].split("]", 1)[0] + "]")
-    assert sorted(listed) == sorted(f"{p}*" for p in RANKS)     # each package with its subpackages
+    assert min(RANKS, key=RANKS.get) == "utils" and list(RANKS.values()).count(0) == 1
+
+
+def test_requirements_install_dependencies_only():
+    """No editable or path install: nothing of the checkout lands in site-packages (requirement lines are
+    ``name==version`` of third-party packages, or ``-r`` of another requirements file of the checkout)."""
+    for req in sorted(REPO.glob("requirements*.txt")):
+        for number, line in enumerate(req.read_text().splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line or line.startswith("-r "):
+                continue
+            name, _, version = line.partition("==")
+            assert version and name.replace("-", "").replace("_", "").replace(".", "").isalnum(), \
+                f"{req.name}:{number}: {line!r} is not a pinned third-party requirement"
+            assert name.lower() not in {n.lower() for n in PROJECT_NAMES} and not name.startswith("gender-privacy")
+    assert "[project]" not in (REPO / "pyproject.toml").read_text() and not (REPO / "setup.py").exists()
+
+
+def test_no_project_package_importable_from_another_folder(tmp_path):
+    """From a folder outside the checkout (and without PYTHONPATH) none of the project's packages resolves to this
+    checkout: nothing was installed into the environment."""
+    script = ("import importlib.util, json, sys\n"
+              f"names = {PROJECT_NAMES!r}\n"
+              "found = {}\n"
+              "for n in names:\n"
+              "    try:\n"
+              "        spec = importlib.util.find_spec(n)\n"
+              "    except (ImportError, ValueError):\n"
+              "        spec = None\n"
+              "    found[n] = spec.origin if spec is not None and spec.origin else None\n"
+              "print(json.dumps(found))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    found = json.loads(out.stdout)
+    ours = {n: o for n, o in found.items() if o and str(REPO) in str(Path(o).resolve())}
+    assert not ours, f"installed into the environment: {ours}"
+
+
+@pytest.mark.parametrize("entry", ["finetune.py", "reproduce.py", "eval/evaluation.py", "tools/cache.py"])
+def test_entry_scripts_run_from_any_folder(tmp_path, entry):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, str(REPO / entry), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr[-2000:]
 
 
 def test_packages_import_only_lower_ranks_and_never_the_scaffolding():
@@ -93,9 +145,19 @@ def test_packages_import_only_lower_ranks_and_never_the_scaffolding():
     assert checked > 60
 
 
+BOOTSTRAP = "sys.path[0] = str(Path(__file__).resolve().parents[1])"
+
+
 def test_no_library_module_manipulates_sys_path():
+    """Only the scripts in subfolders touch the import path, with the one line that puts the checkout's root first
+    (so they run from any folder without installing the project)."""
     offenders = [m for m, p in library_files().items() if "sys.path" in p.read_text()]
-    offenders += [e for e in ENTRY_POINTS if "sys.path" in (REPO / e).read_text()]
+    for entry in ENTRY_POINTS:
+        lines = [ln.strip() for ln in (REPO / entry).read_text().splitlines() if "sys.path" in ln and
+                 not ln.strip().startswith("#")]
+        expected = [BOOTSTRAP] if "/" in entry else []
+        if lines != expected:
+            offenders.append(entry)
     assert not offenders
 
 
@@ -103,7 +165,7 @@ def test_no_library_module_manipulates_sys_path():
 def test_entry_points_are_thin_command_lines(entry):
     """A command line only calls its library's main(); the code lives in the packages."""
     tree = ast.parse((REPO / entry).read_text())
-    imports = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
+    imports = [n for n in tree.body if isinstance(n, ast.ImportFrom) and n.module != "pathlib"]
     assert len(imports) == 1 and imports[0].names[0].name == "main" and package_of(imports[0].module) in RANKS
     assert len([n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]) == 0
 
@@ -324,7 +386,7 @@ def test_authors_released_layer_sweeps_to_the_same_numbers(legacy_world, tmp_pat
 
 def test_an_old_run_is_not_resumed_and_its_folder_is_left_alone(legacy_world, tmp_path):
     """resume=True on a run of the old code: a clear error before anything is written into its folders."""
-    from runtime.errors import UserError
+    from utils.errors import UserError
     ckpt = tmp_path / "ckpt" / "Demo" / "Exp" / "Synth" / "20L1_1L2"
     logs = tmp_path / "logs" / "Demo" / "Exp" / "Synth" / "20L1_1L2"
     shutil.copytree(LEGACY / "checkpoints" / "20L1_1L2", ckpt)

@@ -20,7 +20,7 @@ from helpers import registered
 from eval.attackers import ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, cosine_similarity, expand_attackers, \
     register_attacker
 from eval.leakage import gender_leakage, leakage_report
-from runtime.errors import UserError
+from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 EVERY = expand_attackers([ALL])

@@ -11,7 +11,7 @@ import torch
 
 from backbones import (FinetunedModel, FrozenBackbone, ProjectionLayer, get_backbone, iresnet18,
                        load_backbone, load_projection)
-from runtime.errors import UserError
+from utils.errors import UserError
 
 KEYS = json.loads((Path(__file__).parent / "data" / "state_dict_keys.json").read_text())
 JSON_NAME = {

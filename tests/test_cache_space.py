@@ -21,8 +21,8 @@ import templates.rowstore
 from config.loading import load_config
 from facedata.dataset import scan_dataset
 from helpers import TinyNet, template_cache, tiny_backbone_file, write_png
-from runtime.errors import UserError
-from runtime.io import atomic_torch_save
+from utils.errors import UserError
+from utils.io import atomic_torch_save
 from templates import space
 from templates.cache import folder_inputs
 from templates.entry import open_entry, write_entry
@@ -114,7 +114,7 @@ def test_a_full_checkpoint_folder_keeps_the_previous_checkpoint_and_no_temporary
 LOG_SCRIPT = """
 import resource, signal, sys
 from pathlib import Path
-from runtime.logs import log_to
+from utils.logs import log_to
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 with log_to(Path(sys.argv[1]) / "training.log") as log:

@@ -11,8 +11,8 @@ from backbones import (ARCHITECTURES, candidate_architectures, embedding_size_fo
                        template_size)
 from config.loading import load_config
 from pipeline import identify_backbone
-from runtime.errors import UserError
-from runtime.io import extract_state_dict
+from utils.errors import UserError
+from utils.io import extract_state_dict
 
 
 class MiniFaceNet(nn.Module):

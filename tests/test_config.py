@@ -7,7 +7,7 @@ from helpers import registered
 from privacy import get_method
 from privacy.runs import check_names, plan_run_folders
 from config.loading import load_config
-from runtime.errors import UserError
+from utils.errors import UserError
 
 
 def folders(cfg):

@@ -16,7 +16,7 @@ from pipeline import sweep, train
 from privacy import METHODS, get_method
 from privacy.base import PathMethod
 from privacy.layer_training import RESUME_FILE
-from runtime.errors import UserError
+from utils.errors import UserError
 
 # small settings so that each method fits in about a second on the tiny world; a method not named here is run
 # with its defaults plus the layer settings (a plug-in registered in the tests' imports is tested that way)

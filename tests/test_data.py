@@ -15,7 +15,7 @@ from facedata.binfile import load_bin
 from templates.cache import folder_inputs
 from config.loading import load_config
 from facedata.dataset import balanced_epoch, decode_image, scan_dataset, to_tensor
-from runtime.errors import UserError
+from utils.errors import UserError
 
 
 def rand_img(rng, h=112, w=112, c=3):

@@ -22,7 +22,7 @@ from pipeline import cross_dataset
 from facedata.prepare import prepare
 from facedata.binfile import load_bin
 from facedata.dataset import ImageDataset, RecordImage, scan_dataset, scan_training_data
-from runtime.errors import UserError
+from utils.errors import UserError
 from facedata.recordio import write_identity_records
 
 

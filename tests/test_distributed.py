@@ -231,8 +231,8 @@ class Peers:
 
 
 def test_processes_agree_on_a_failure_anywhere(monkeypatch):
-    from runtime.distributed import Processes
-    from runtime.errors import UserError
+    from utils.distributed import Processes
+    from utils.errors import UserError
     procs = Processes(rank=0, world=3)
     monkeypatch.setattr(Processes, "gather", lambda self, obj: Peers(0, [None, ("b", None), ("c", None)])(obj))
     assert procs.agree("a", None, "extracting") == ["a", "b", "c"]            # nobody failed: every value
@@ -250,8 +250,8 @@ def test_processes_agree_on_a_failure_anywhere(monkeypatch):
 
 def test_process_0s_failure_reaches_every_process(monkeypatch):
     import torch.distributed as dist
-    from runtime.distributed import Processes
-    from runtime.errors import UserError
+    from utils.distributed import Processes
+    from utils.errors import UserError
 
     def broadcast(box, src):   # what process 0 sent
         box[0] = ("plan", "OSError: cache_dir is full")

@@ -8,7 +8,7 @@ from pipeline import train as finetune
 from backbones import ProjectionLayer
 from pipeline import sweep as evaluation
 from helpers import demo_cfg, synthetic_world
-from runtime.errors import UserError
+from utils.errors import UserError
 
 COLUMNS = ["Step", "Dataset", "EER", "TAR@FAR=0.1%", "BACC-Gender-LogReg", "BACC-Gender-SVM", "BACC-Gender-RBF",
            "BACC-Gender-AVG", "PIC"]

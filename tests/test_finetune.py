@@ -14,7 +14,7 @@ from backbones import load_projection
 from helpers import TinyNet, demo_cfg, synthetic_world, tiny_backbone_file
 from losses import ArcFace
 from facedata.dataset import decode_image, scan_dataset, to_tensor
-from runtime.errors import UserError
+from utils.errors import UserError
 
 
 def tensors(path):

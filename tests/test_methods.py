@@ -24,7 +24,7 @@ from synthetic.data import identity_basis, population, sample_templates
 from templates.entry import write_entry
 from config.loading import config_from_dict
 from facedata.dataset import TrainIndex
-from runtime.errors import UserError
+from utils.errors import UserError
 
 LOG = logging.getLogger("test_methods")
 

@@ -7,7 +7,7 @@ from scipy.optimize import brentq
 from sklearn.metrics import roc_curve
 from sklearn.model_selection import KFold
 
-from runtime.errors import UserError
+from utils.errors import UserError
 from eval.evalset import pic
 from eval.leakage import gender_leakage
 from eval.verification import evaluate_verification

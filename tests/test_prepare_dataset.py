@@ -13,7 +13,7 @@ import pytest
 from facedata.prepare import LOG_NAME, REPORT_NAME, main, prepare
 from facedata.binfile import load_bin
 from facedata.dataset import scan_dataset
-from runtime.errors import UserError
+from utils.errors import UserError
 from facedata.recordio import MAGIC, RecordFile, RecordWriter, write_identity_records
 
 

@@ -26,8 +26,8 @@ from helpers import demo_cfg, synthetic_world
 from pipeline import sweep as evaluation
 from pipeline.overlap_check import check_overlap
 from privacy.runs import read_run_config
-from runtime.errors import UserError
-from runtime.io import first_free_number, free_path, numbered
+from utils.errors import UserError
+from utils.io import first_free_number, free_path, numbered
 
 
 def jpeg(seed: int, size: int = 16) -> bytes:

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import plans, reproduce, sweep, tables, train
 from privacy import layer_training
-from runtime.errors import UserError
+from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 # the synthetic plan's shape (one-dataset with the paper's method and a comparison method, the cross-dataset folds, an

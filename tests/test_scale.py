@@ -10,7 +10,7 @@ from pipeline import sweep as evaluation
 from helpers import demo_cfg, synthetic_world
 from synthetic.backbone import demo_decoder
 from templates.entry import open_entry
-from runtime.errors import UserError
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_an_undecodable_file_is_reported_and_no_image_is_extracted_twice(tmp_pat
 
 
 def test_auto_decoding_workers_share_the_cores_among_torchrun_processes(monkeypatch):
-    from runtime.device import MAX_AUTO_WORKERS, decode_workers
+    from utils.device import MAX_AUTO_WORKERS, decode_workers
     assert decode_workers(0) == 0 and decode_workers(5) == 5                 # an explicit number is kept
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

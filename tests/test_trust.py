@@ -24,7 +24,7 @@ from helpers import demo_cfg, synthetic_world, template_cache
 from eval.evalset import open_eval_set
 from pipeline import sweep as evaluation
 from pipeline import train as finetune
-from runtime.errors import UserError
+from utils.errors import UserError
 
 
 def sklearn_eer_auc(dist, issame):

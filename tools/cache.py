@@ -5,6 +5,10 @@ leftovers of killed runs (the command line; the code is templates/space.py).
     python tools/cache.py --prune  [--cache-dir DIR] [--grace-hours 24]
 """
 import sys
+from pathlib import Path
+
+# the suite runs from its checkout: this script's folder is replaced by the checkout's root on the import path
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from templates.space import main
 

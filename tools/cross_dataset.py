@@ -1,5 +1,9 @@
 """The paper's cross-dataset setting in one command (the command line; the code is pipeline/cross_dataset.py)."""
 import sys
+from pathlib import Path
+
+# the suite runs from its checkout: this script's folder is replaced by the checkout's root on the import path
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from pipeline.cross_dataset import main
 

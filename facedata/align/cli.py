@@ -22,7 +22,7 @@ import sys
 
 from facedata.align.detectors import DETECTORS, DetectorSpec
 from facedata.align.run import LANDMARKS_NAME, LOG_NAME, REPORT_NAME, align_tree, default_workers
-from runtime.errors import run_cli
+from utils.errors import run_cli
 
 
 def add_detector_options(parser: argparse.ArgumentParser, flag: str = "--detector", default: str | None = "dlib"

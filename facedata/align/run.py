@@ -30,9 +30,9 @@ from tqdm import tqdm
 from facedata.align.detectors import DetectorSpec, build_detector
 from facedata.align.transform import ALIGNED_SIZE
 from facedata.align.worker import ALIGNED, CENTRE, REASONS, WRITTEN, Job, Record, process, worker_init, worker_task
-from runtime.errors import UserError, listing
-from runtime.logs import get_logger
-# facedata.dataset and runtime.io are imported where they are used: they load torch, and every worker process
+from utils.errors import UserError, listing
+from utils.logs import get_logger
+# facedata.dataset and utils.io are imported where they are used: they load torch, and every worker process
 # (started fresh) imports the main script's modules again, which should stay light
 
 log = get_logger(__name__)
@@ -175,7 +175,7 @@ def _log_text(description: str, records: dict[str, Record], source: str, fallbac
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    from runtime.io import atomic_write_text
+    from utils.io import atomic_write_text
     if not path.is_file() or path.read_text() != text:
         atomic_write_text(path, text)
 

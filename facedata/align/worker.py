@@ -11,7 +11,7 @@ import numpy as np
 
 from facedata.align.detectors import DetectorSpec, build_detector, pick_face
 from facedata.align.transform import ALIGNED_SIZE, DegenerateLandmarks, centre_crop, norm_crop
-from runtime.errors import UserError
+from utils.errors import UserError
 
 ALIGNED, CENTRE = "aligned", "centre_crop"
 WRITTEN = (ALIGNED, CENTRE)                 # statuses with a crop under OUT

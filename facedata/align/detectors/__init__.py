@@ -12,7 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from runtime.errors import UserError
+from utils.errors import UserError
 
 
 @dataclass

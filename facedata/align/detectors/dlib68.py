@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from facedata.align.detectors import DetectorSpec, Face, register_detector
-from runtime.errors import UserError
+from utils.errors import UserError
 
 MODEL_NAME = "shape_predictor_68_face_landmarks.dat"
 INSTALL = "pip install -r requirements-align.txt"

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from facedata.align.detectors import DetectorSpec, Face, box_of, register_detector
-from runtime.errors import UserError
+from utils.errors import UserError
 
 COORDS = [f"{a}{i}" for i in range(1, 6) for a in ("x", "y")]
 CELEBA_HEADER = ["lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y", "leftmouth_x",

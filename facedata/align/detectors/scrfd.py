@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from facedata.align.detectors import DetectorSpec, Face, register_detector
-from runtime.errors import UserError
+from utils.errors import UserError
 
 INPUT_SIZE = 640
 SCORE_THRESHOLD = 0.5

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from runtime.errors import UserError
+from utils.errors import UserError
 
 
 def select_device(name: str = "auto") -> torch.device:

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import torch.distributed as dist
 
-from runtime.errors import UserError
+from utils.errors import UserError
 
 T = TypeVar("T")
 

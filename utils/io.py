@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from runtime.errors import UserError, full_disk_named
+from utils.errors import UserError, full_disk_named
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -115,7 +115,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike, what: str) -> dict[str
     keys people save with (``state_dict``, ``net_state_dict``, ``model_state_dict``, ``model``, ``backbone``, ``net``,
     nested up to three deep; the key used is logged), with DataParallel's ``module.`` prefixes removed. Anything
     else is refused with its top-level keys and their types listed."""
-    from runtime.logs import get_logger   # same rank; imported here to keep this module's imports minimal
+    from utils.logs import get_logger   # same rank; imported here to keep this module's imports minimal
 
     containers = ("state_dict", "net_state_dict", "model_state_dict", "model", "backbone", "net")
 
@@ -150,7 +150,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike, what: str) -> dict[str
                         f"the keys {', '.join(containers)}, but {held}. Save the weights with "
                         f"torch.save(model.state_dict(), path), or re-save the entry that holds them.")
     if keys:
-        get_logger("runtime.io").info("%s '%s': weights read from the checkpoint's entry %s", what, path,
+        get_logger("utils.io").info("%s '%s': weights read from the checkpoint's entry %s", what, path,
                                       "".join(f"['{k}']" for k in keys))
     state = dict(found)
     while state and all(isinstance(k, str) and k.startswith("module.") for k in state):
