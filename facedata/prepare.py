@@ -55,7 +55,7 @@ from typing import Iterator, Sequence, Union
 from facedata.align.cli import add_detector_options, spec_from
 from facedata.align.detectors import DetectorSpec
 from facedata.align.run import LOG_NAME as ALIGN_LOG_NAME, Job, align_images
-from facedata.bin_builder import build_bin
+from facedata.bin_builder import build_bin, sidecar_path
 from facedata.dataset import IMAGE_EXTENSIONS, entry_kind, scan_dataset, visible_entries
 from utils.errors import UserError, listing, run_cli
 from utils.io import atomic_write_text, check_creatable
@@ -612,7 +612,8 @@ def _log_text(fmt: str, images: Path, labels: list[Path], link: str, min_images:
 
 
 def _check_bin(out: Path, bin_path: Path, n_pairs: int, n_gender: int, seed: int) -> None:
-    """Build the .bin; if it exists, it must be byte-identical to what this run builds (then it is left alone)."""
+    """Build the .bin and its sidecar; if the .bin exists, it must be byte-identical to what this run builds (then
+    it is left alone, and a missing sidecar is added)."""
     if not bin_path.exists():
         build_bin(out, bin_path, None, n_pairs, n_gender, seed)
         return
@@ -621,6 +622,13 @@ def _check_bin(out: Path, bin_path: Path, n_pairs: int, n_gender: int, seed: int
         if fresh.read_bytes() != bin_path.read_bytes():
             raise UserError(f"--bin '{bin_path}' already exists and differs from the .bin these inputs give. "
                             f"Existing files are never overwritten: choose another --bin path.")
+        sidecar, fresh_sidecar = sidecar_path(bin_path), sidecar_path(fresh)
+        if not os.path.lexists(sidecar):
+            atomic_write_text(sidecar, fresh_sidecar.read_text())
+        elif not sidecar.is_file() or sidecar.read_bytes() != fresh_sidecar.read_bytes():
+            raise UserError(f"'{sidecar}' (the sidecar of --bin) already exists and differs from the one these "
+                            f"inputs give. Existing files are never overwritten: move it away or choose another "
+                            f"--bin path.")
 
 
 def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathLike], out: str | os.PathLike,
@@ -660,6 +668,8 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
     check_creatable(out, "--out")
     if bin_path is not None:
         check_creatable(bin_path, "--bin")
+    if bin_path is not None and bin_path.suffix.lower() != ".bin":
+        raise UserError(f"--bin '{bin_path}': name the file <name>.bin (its sidecar <name>.pairs.csv goes beside it).")
     if bin_path is not None and _inside(bin_path, out):
         raise UserError(f"--bin '{bin_path}' lies inside --out '{out}', which must hold identity folders only. "
                         f"Choose a path outside it.")
