@@ -13,10 +13,18 @@ Formats (--images, --labels):
   vggface2    n000001/... folders; identity_meta.csv (Class_ID, Gender m/f) or per-image attribute annotations
               (a CSV with the image path in a Filename column and a Male column in {-1, 0, 1}; 0 = undetermined,
               skipped and counted).
+  celeba      a flat folder of 000001.jpg... (img_align_celeba, or img_celeba with --align); two label files:
+              identity_CelebA.txt ('000001.jpg 2880': the identity of each image) and list_attr_celeba.txt (with
+              or without its count line, then the attribute names, then '000001.jpg -1 1 ...'; Male 1 masculine,
+              -1 feminine, per image). Files told apart by the attribute file's header row.
   rec         an insightface train.rec (or the folder holding train.rec and train.idx); a CSV with the columns
               label (the identity number the records carry) and gender (female/male, f/m, or 1/0 in this
               project's convention). Folders are <label>_<gender>, labels zero-padded to one width so that
               their sorted order (the training labels) is the records' label order.
+
+Per-image labels (celeba, vggface2's attribute CSV, lfw's lists) can disagree within an identity. --gender-rule
+unanimous (the default) leaves such an identity out; --gender-rule majority keeps it with the gender of at least
+--gender-min-share of its labels (default 0.8) and lists it with its counts in the report.
 
 Output: OUT/<identity>_<gender>/ folders, gender 1 feminine and 0 masculine whatever the source's convention,
 holding links to the source images (--link symbolic, the default, with absolute targets; or hard). Nothing is
@@ -31,6 +39,8 @@ other characters with '_' (a short hash tells apart names that would then coinci
 aligned 112x112 crop (facedata.align, as tools/align_faces.py: five landmarks, similarity onto insightface's
 reference points): images where no face is found are left out (OUT/.align_report.txt), every image's landmarks
 are in OUT/.align_landmarks.csv, and an identity none of whose images could be aligned is left out and listed.
+For CelebA's in-the-wild photos (img_celeba), its own landmarks: --align file --landmarks
+list_landmarks_celeba.txt (list_landmarks_align_celeba.txt for img_align_celeba).
 
 Running again with the same inputs changes nothing (same links, same report bytes, no file touched). An existing
 OUT holding anything this run would not create (another file, a link to another image) is an error, never
@@ -62,7 +72,9 @@ from utils.io import atomic_write_text, check_creatable
 from facedata.record_identities import label_width, read_gender_csv, record_identities
 from facedata.recordio import RecordFile
 
-FORMATS = ("lfw", "agedb", "colorferet", "vggface2", "rec")
+FORMATS = ("lfw", "agedb", "colorferet", "vggface2", "celeba", "rec")
+GENDER_RULES = ("unanimous", "majority")
+MIN_SHARE = 0.8   # --gender-min-share: the default share of its labels the majority gender needs
 REPORT_NAME = ".prepare_report.txt"
 LOG_NAME = ".prepare.log"
 FEMININE, MASCULINE = 1, 0
@@ -91,6 +103,8 @@ class Collected:
     unparsed: list[tuple[str, str]] = field(default_factory=list)  # (item, why) for the report
     rec: RecordFile | None = None
     extensions: dict[int, str] = field(default_factory=dict)     # rec: record key -> image file extension
+    rule: str = "unanimous"                                       # set by decide(): the gender rule, for the log
+    decided: list[tuple[str, str, int, str]] = field(default_factory=list)   # set by decide(): kept by majority
 
 
 @dataclass
@@ -443,8 +457,86 @@ def collect_rec(images: Path, labels: list[Path]) -> Collected:
     return Collected(identities, mapping, notes, rec=rec, extensions=extensions)
 
 
+def _celeba_table(path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """(attribute names or None, (line, cells) rows) of a CelebA text file: whitespace- or comma-separated, an
+    attribute file with or without its count line (a header row is one whose cells are not a file name's row)."""
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), start=1):
+        cells = [c.strip() for c in (line.split(",") if "," in line else line.split())]
+        if any(cells):
+            rows.append((n, cells))
+    if rows and len(rows[0][1]) == 1 and rows[0][1][0].isdigit():
+        rows = rows[1:]   # the attribute file's count line
+    if rows and any(c.lower() == "male" for c in rows[0][1]):
+        header = [c.lower() for c in rows[0][1]]
+        return (header[1:] if header[0] in ("image_id", "filename", "file", "image") else header), rows[1:]
+    return None, rows
+
+
+def collect_celeba(images: Path, labels: list[Path]) -> Collected:
+    """CelebA: a flat folder of 000001.jpg...; identity_CelebA.txt (file, identity) and list_attr_celeba.txt
+    (file, 40 attributes of -1/1; Male 1 masculine, -1 feminine), told apart by the attribute file's header."""
+    tables = {path: _celeba_table(path) for path in labels}
+    attrs = [p for p, (header, _) in tables.items() if header is not None]
+    ids = [p for p, (header, _) in tables.items() if header is None]
+    if len(attrs) != 1 or len(ids) != 1:
+        raise UserError(f"--format celeba needs two --labels: identity_CelebA.txt (lines '000001.jpg 2880') and "
+                        f"list_attr_celeba.txt (a header row of attribute names with Male, then '000001.jpg -1 1 "
+                        f"...'); got {len(ids)} identity file(s) and {len(attrs)} attribute file(s) among "
+                        f"{', '.join(p.name for p in labels)}.")
+    skipped: Counter = Counter()
+    on_disk = {p.name: p for p in _images_of(images, skipped)}
+    if any(entry_kind(e) == "dir" for e in visible_entries(images)):
+        skipped["sub-folders (CelebA's images are one flat folder)"] += 1
+    identities: dict[str, Identity] = {}
+    identity_of: dict[str, str] = {}
+    path = ids[0]
+    bad, absent = _BadLines(path, "CelebA's identity_CelebA.txt (an image file name and an identity number per "
+                                  "line)"), 0
+    for n, cells in tables[path][1]:
+        if len(cells) != 2 or not cells[1].isdigit():
+            bad.add(f"line {n}: {' '.join(cells)[:60]!r}")
+            continue
+        name, ident = cells[0], str(int(cells[1]))
+        if name in identity_of and identity_of[name] != ident:
+            identities[ident] = identities.get(ident) or Identity()
+            identities[ident].conflict = f"{name} is listed under identities {identity_of[name]} and {ident}"
+            continue
+        identity_of[name] = ident
+        if name not in on_disk:
+            absent += 1
+            continue
+        identities.setdefault(ident, Identity()).images.append(on_disk[name])
+    bad.raise_if_any()
+    path = attrs[0]
+    header, rows = tables[path]
+    col = header.index("male")
+    expected = "CelebA's list_attr_celeba.txt (an image file name and one -1/1 value per attribute)"
+    bad, unlabelled = _BadLines(path, expected), 0
+    for n, cells in rows:
+        if len(cells) != len(header) + 1 or cells[col + 1] not in ("1", "-1"):
+            bad.add(f"line {n}: {len(cells)} fields, Male {cells[col + 1] if len(cells) > col + 1 else None!r} "
+                    f"(expected {len(header) + 1} fields, Male 1 or -1)")
+            continue
+        ident = identities.get(identity_of.get(cells[0], ""))
+        if ident is None:
+            unlabelled += 1
+        elif on_disk.get(cells[0]) in ident.images:
+            ident.add(FEMININE if cells[col + 1] == "-1" else MASCULINE, f"{path.name}: Male {cells[col + 1]}")
+    bad.raise_if_any()
+    unparsed = [(name, f"not in {ids[0].name}") for name in sorted(set(on_disk) - set(identity_of))]
+    notes = _skipped_notes(skipped)
+    if absent:
+        notes.append(f"{absent} images of {ids[0].name} are not in '{images}'")
+    if unlabelled:
+        notes.append(f"{unlabelled} rows of {path.name} name images without a kept identity (not in '{images}' or "
+                     f"not in {ids[0].name})")
+    return Collected(identities, [f"{path.name}: Male -1 -> 1, Male 1 -> 0 (per image)"], notes, unparsed)
+
+
 COLLECTORS = {"lfw": collect_lfw, "agedb": collect_agedb, "colorferet": collect_colorferet,
-              "vggface2": collect_vggface2, "rec": collect_rec}
+              "vggface2": collect_vggface2, "rec": collect_rec,
+              "celeba": collect_celeba}
 
 
 # ---------------------------------------------------------------- deciding and writing
@@ -468,9 +560,19 @@ def _unique_names(originals: Sequence[str], files: bool) -> dict[str, str]:
     return safe
 
 
-def decide(collected: Collected, min_images: int) -> tuple[dict[str, int], list[tuple[str, str, int, str]]]:
-    """identity -> gender for the identities kept; (reason, identity, images, details) for those left out."""
+def _counts(ident: Identity) -> dict[int, int]:
+    return {g: sum(where.values()) for g, where in ident.evidence.items()}
+
+
+def decide(collected: Collected, min_images: int, rule: str = "unanimous", min_share: float = MIN_SHARE
+           ) -> tuple[dict[str, int], list[tuple[str, str, int, str]]]:
+    """identity -> gender for the identities kept; (reason, identity, images, details) for those left out.
+
+    ``rule`` unanimous: an identity whose labels disagree is left out. majority: it is kept with the gender of at
+    least ``min_share`` of its labels (one per image for per-image labels), and listed in ``collected.decided``."""
     kept, left_out = {}, []
+    collected.rule = "unanimous" if rule == "unanimous" else f"majority, minimum share {min_share:g}"
+    collected.decided = []
     for name in sorted(collected.identities):
         ident = collected.identities[name]
         n = len(ident.images)
@@ -478,17 +580,25 @@ def decide(collected: Collected, min_images: int) -> tuple[dict[str, int], list[
                             + ", ".join(f"{where} x{k}" if k > 1 else where
                                         for where, k in sorted(ident.evidence[g].items()))
                             for g in sorted(ident.evidence))
+        counts = _counts(ident)
+        top = max(counts, key=lambda g: (counts[g], g)) if counts else None
+        share = counts[top] / sum(counts.values()) if counts else 0.0
+        split = (f"{counts.get(FEMININE, 0)} feminine and {counts.get(MASCULINE, 0)} masculine labels, "
+                 f"{share:.0%} {'feminine' if top == FEMININE else 'masculine'}")
         if ident.conflict:
             left_out.append(("conflicting labels", name, n, ident.conflict))
-        elif len(ident.evidence) > 1:
-            left_out.append(("conflicting labels", name, n, sources))
+        elif len(ident.evidence) > 1 and (rule == "unanimous" or share < min_share):
+            why = "" if rule == "unanimous" else f" ({split}, under the --gender-min-share {min_share:g})"
+            left_out.append(("conflicting labels", name, n, sources + why))
         elif not ident.evidence:
             notes = "; ".join(ident.notes[:3]) + (f"; and {len(ident.notes) - 3} more" if len(ident.notes) > 3 else "")
             left_out.append(("no label", name, n, notes or "not in the label files"))
         elif n < min_images:
             left_out.append(("too few images", name, n, f"{n} image(s), --min-images {min_images}"))
         else:
-            kept[name] = next(iter(ident.evidence))
+            kept[name] = top
+            if len(ident.evidence) > 1:
+                collected.decided.append(("kept by majority", name, n, f"{split}: gender {top}; {sources}"))
     return kept, left_out
 
 
@@ -580,12 +690,16 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def _report_text(fmt: str, left_out: list[tuple[str, str, int, str]], unparsed: list[tuple[str, str]]) -> str:
-    lines = [f"# Left out by tools/prepare_dataset.py --format {fmt}: never guessed. Fix the labels (or add images) "
-             f"and run again.",
+def _report_text(fmt: str, left_out: list[tuple[str, str, int, str]], unparsed: list[tuple[str, str]],
+                 decided: Sequence[tuple[str, str, int, str]] = ()) -> str:
+    lines = [(f"# Left out by tools/prepare_dataset.py --format {fmt}: never guessed. Fix the labels (or add images) "
+              f"and run again."),
              "# reason\tidentity or file\timages\tdetails"]
     lines += [f"{reason}\t{name}\t{n}\t{details}" for reason, name, n, details in left_out]
     lines += [f"not in the format's layout\t{item}\t\t{why}" for item, why in sorted(unparsed)]
+    if decided:
+        lines += ["# Kept by --gender-rule majority although some of their labels disagree (the counts):"]
+        lines += [f"{reason}\t{name}\t{n}\t{details}" for reason, name, n, details in decided]
     return "\n".join(lines) + "\n"
 
 
@@ -600,6 +714,9 @@ def _log_text(fmt: str, images: Path, labels: list[Path], link: str, min_images:
              f"images: {collected.rec.rec_path if collected.rec is not None else images}",
              f"labels: {', '.join(str(p) for p in labels) or '(the file names)'}",
              f"output: {how}; --min-images {min_images}",
+             f"gender rule: {collected.rule}"
+             + (f" ({len(collected.decided)} identities kept by majority, listed in {REPORT_NAME})"
+                if collected.rule != "unanimous" else " (an identity whose labels disagree is left out)"),
              "gender mapping (this project: 1 feminine, 0 masculine):"]
     lines += [f"  {m}" for m in collected.mapping]
     lines += [f"kept: {len(kept)} identities ({sum(1 for g in kept.values() if g == FEMININE)} feminine, "
@@ -634,11 +751,19 @@ def _check_bin(out: Path, bin_path: Path, n_pairs: int, n_gender: int, seed: int
 def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathLike], out: str | os.PathLike,
             link: str = "symbolic", min_images: int = 1, bin_path: str | os.PathLike | None = None,
             n_pairs: int = 3000, n_gender: int = 2000, seed: int = 0, align: DetectorSpec | None = None,
-            workers: int | None = None, fallback: bool = False, progress: bool = True) -> Prepared:
+            workers: int | None = None, fallback: bool = False, progress: bool = True,
+            gender_rule: str = "unanimous", min_share: float = MIN_SHARE) -> Prepared:
     """Prepare ``out`` from a dataset as downloaded; see the module docstring for the formats and guarantees.
-    ``align``: write aligned crops found by that landmark source (with ``workers``, ``fallback``) instead of links."""
+    ``align``: write aligned crops found by that landmark source (with ``workers``, ``fallback``) instead of links.
+    ``gender_rule``, ``min_share``: how an identity whose labels disagree is decided (see decide())."""
     if fmt not in COLLECTORS:
         raise UserError(f"--format '{fmt}' is not known; choose one of {', '.join(FORMATS)}.")
+    if gender_rule not in GENDER_RULES:
+        raise UserError(f"--gender-rule '{gender_rule}': choose {' or '.join(GENDER_RULES)}.")
+    if not (isinstance(min_share, (int, float)) and 0.5 < min_share <= 1):
+        raise UserError(f"--gender-min-share {min_share}: the share of an identity's labels its majority gender needs "
+                        f"must be a number above 0.5 and at most 1 (the default is {MIN_SHARE:g}); a share of 0.5 or "
+                        f"less would let a tie decide.")
     if link not in ("symbolic", "hard"):
         raise UserError(f"--link '{link}': choose symbolic or hard.")
     if min_images < 1:
@@ -675,7 +800,7 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
                         f"Choose a path outside it.")
 
     collected = COLLECTORS[fmt](images, label_paths)
-    kept, left_out = decide(collected, min_images)
+    kept, left_out = decide(collected, min_images, gender_rule, min_share)
     if len(set(kept.values())) < 2:
         raise UserError(f"only {len(kept)} identities of '{images}' could be kept, of "
                         f"{'no gender' if not kept else 'one gender'}; the privacy constraints need identities of "
@@ -701,7 +826,7 @@ def prepare(fmt: str, images: str | os.PathLike, labels: Sequence[str | os.PathL
             if path not in done:
                 writer.create(path, source)
                 created += 1
-    _write_if_changed(report, _report_text(fmt, left_out, collected.unparsed))
+    _write_if_changed(report, _report_text(fmt, left_out, collected.unparsed, collected.decided))
     _write_if_changed(log, _log_text(fmt, images, label_paths, link, min_images, collected, kept, plan, left_out))
     scan_dataset(out, option="--out")   # the training code's own check of the result
     if bin_path is not None:
@@ -727,7 +852,7 @@ def _prepare_aligned(fmt: str, images: Path, label_paths: list[Path], out: Path,
             left_out.append(("no image aligned", folder, len(files),
                              f"none of its {len(files)} images could be aligned (see .align_report.txt)"))
     report, log = out / REPORT_NAME, out / LOG_NAME
-    _write_if_changed(report, _report_text(fmt, left_out, collected.unparsed))
+    _write_if_changed(report, _report_text(fmt, left_out, collected.unparsed, collected.decided))
     _write_if_changed(log, _log_text(fmt, images, label_paths, "", min_images, collected, kept, plan, left_out,
                                      aligned=f"--align {spec.name}, landmarks from {result.source}"))
     scan_dataset(out, option="--out")
@@ -739,31 +864,47 @@ def _prepare_aligned(fmt: str, images: Path, label_paths: list[Path], out: Path,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--format", required=True, choices=FORMATS, help="layout of the dataset as downloaded")
+    parser.add_argument("--format", required=True, choices=FORMATS,
+                        help="layout of the dataset as downloaded (no default)")
     parser.add_argument("--images", required=True,
-                        help="the dataset's image folder (for rec: train.rec or the folder holding it)")
-    parser.add_argument("--labels", nargs="+", default=[], help="the format's label file(s); none for agedb")
-    parser.add_argument("--out", required=True, help="the subjectid_gender folder to create")
-    parser.add_argument("--bin", default=None, help="also write an evaluation .bin (5 items) of the prepared images")
-    parser.add_argument("--pairs", type=int, default=3000, help="verification pairs drawn for --bin")
-    parser.add_argument("--n-gender", type=int, default=2000, help="images of the gender test in --bin")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --bin's drawn pairs and gender images")
-    parser.add_argument("--min-images", type=int, default=1, help="identities with fewer images are left out")
+                        help="the dataset's image folder (for rec: train.rec or the folder holding it; no default)")
+    parser.add_argument("--labels", nargs="+", default=[],
+                        help="the format's label file(s) (default: none, which only agedb takes)")
+    parser.add_argument("--out", required=True, help="the subjectid_gender folder to create (no default)")
+    parser.add_argument("--bin", default=None,
+                        help="also write an evaluation <name>.bin (5 items) of the prepared images, and its "
+                             "<name>.pairs.csv (default: none)")
+    parser.add_argument("--pairs", type=int, default=3000, help="verification pairs drawn for --bin (default 3000)")
+    parser.add_argument("--n-gender", type=int, default=2000,
+                        help="images of the gender test in --bin (default 2000)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of --bin's drawn pairs and gender images (default 0)")
+    parser.add_argument("--min-images", type=int, default=1,
+                        help="identities with fewer images are left out (default 1)")
     parser.add_argument("--link", choices=("symbolic", "hard"), default="symbolic",
-                        help="kind of link to the source images (rec: files are written instead)")
-    align = parser.add_argument_group("alignment (--align DETECTOR: write aligned 112x112 crops instead of links)")
+                        help="kind of link to the source images (rec: files are written instead; default symbolic)")
+    parser.add_argument("--gender-rule", choices=GENDER_RULES, default="unanimous",
+                        help="an identity whose labels disagree (per-image labels: celeba, vggface2's attribute CSV, "
+                             "lfw's lists): left out (unanimous, the default) or kept with the gender of at least "
+                             "--gender-min-share of its labels (majority), listed in the report with its counts")
+    parser.add_argument("--gender-min-share", type=float, default=MIN_SHARE,
+                        help=f"the share of its labels the majority gender needs under --gender-rule majority, "
+                             f"above 0.5 and at most 1 (default {MIN_SHARE:g})")
+    align = parser.add_argument_group("alignment (--align DETECTOR: write aligned 112x112 crops instead of links; "
+                                      "default: no alignment, links to the images)")
     add_detector_options(align, flag="--align", default=None)
     args = parser.parse_args(argv)
 
     def body() -> None:
         spec = spec_from(args, args.align) if args.align else None
         result = prepare(args.format, args.images, args.labels, args.out, args.link, args.min_images, args.bin,
-                         args.pairs, args.n_gender, args.seed, spec, args.workers, args.fallback == "centre")
+                         args.pairs, args.n_gender, args.seed, spec, args.workers, args.fallback == "centre",
+                         gender_rule=args.gender_rule, min_share=args.gender_min_share)
         print(result.log.read_text(), end="")
         print(f"{result.created} new entries in {result.out}" + (" (nothing changed)" if not result.created else ""))
         print(f"log: {result.log}\nreport of what was left out: {result.report}")
         if result.bin is not None:
-            print(f"evaluation file: {result.bin}")
+            print(f"evaluation file: {result.bin} (its pairs' images and genders: {sidecar_path(result.bin)})")
     return run_cli(body)
 
 

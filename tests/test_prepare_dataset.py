@@ -389,3 +389,107 @@ def test_rec_format_writes_the_record_images(tmp_path):
         bad = tmp_path / "bad_gender.csv"
         bad.write_text("label,gender\n0,unknown\n")
         prepare("rec", src, [bad], tmp_path / "o2")
+
+
+# ------------------------------------------------------------------------------------------------ CelebA
+
+CELEBA = {10: "FFF", 20: "MMFM", 30: "MM", 40: "FFMFF"}   # identity: per-image Male labels (F = -1, M = 1)
+ATTRS = "5_o_Clock_Shadow Arched_Eyebrows Male Young"
+
+
+def celeba(tmp_path: Path, count_line: bool = True) -> dict:
+    """img_align_celeba as downloaded (flat, 000001.jpg...), identity_CelebA.txt and list_attr_celeba.txt; identity
+    20 has one dissenting image of four (75% masculine), identity 40 one of five (80% feminine)."""
+    root = tmp_path / "img_align_celeba"
+    files, ident_lines, attr_lines = [], [], []
+    for ident, genders in CELEBA.items():
+        for g in genders:
+            name = f"{len(files) + 1:06d}.jpg"
+            files.append(name)
+            ident_lines.append(f"{name} {ident}")
+            attr_lines.append(f"{name} -1  1 {'1' if g == 'M' else '-1'}  1")
+    write_images(root, files + ["999999.jpg"])   # the last one is in no label file
+    identity = tmp_path / "identity_CelebA.txt"
+    identity.write_text("\n".join(ident_lines) + "\n")
+    attrs = tmp_path / "list_attr_celeba.txt"
+    attrs.write_text((f"{len(attr_lines)}\n" if count_line else "") + ATTRS + " \n" + "\n".join(attr_lines) + "\n")
+    return {"root": root, "labels": [identity, attrs], "files": files}
+
+
+def test_celeba_unanimous_leaves_out_identities_with_a_dissenting_image(tmp_path):
+    data = celeba(tmp_path)
+    out = tmp_path / "unanimous"
+    result = prepare("celeba", data["root"], data["labels"], out)
+    assert result.kept == {"10_1": 1, "30_0": 0}
+    check_links(out, {"10_1": [data["root"] / f for f in data["files"][:3]],
+                      "30_0": [data["root"] / f for f in data["files"][7:9]]})
+    left = report_rows(out)
+    assert left["20"][0] == left["40"][0] == "conflicting labels"
+    assert "Male -1" in left["40"][1] and "Male 1" in left["40"][1]
+    assert left["999999.jpg"] == ("not in the format's layout", "not in identity_CelebA.txt")
+    log = (out / LOG_NAME).read_text()
+    assert "gender rule: unanimous" in log and "Male -1 -> 1, Male 1 -> 0" in log
+    # the attribute file without its count line reads the same
+    other = celeba(tmp_path / "no_count", count_line=False)
+    assert prepare("celeba", other["root"], other["labels"], tmp_path / "o2").kept == result.kept
+
+
+def test_celeba_majority_keeps_identities_above_the_share_and_lists_them_with_counts(tmp_path):
+    data = celeba(tmp_path)
+    out = tmp_path / "majority"
+    result = prepare("celeba", data["root"], data["labels"], out, gender_rule="majority")   # default share 0.8
+    assert result.kept == {"10_1": 1, "30_0": 0, "40_1": 1}
+    rows = report_rows(out)
+    assert rows["40"][0] == "kept by majority"
+    assert rows["40"][1].startswith("4 feminine and 1 masculine labels, 80% feminine: gender 1")
+    assert rows["20"][0] == "conflicting labels" and "75% masculine" in rows["20"][1]
+    assert "gender rule: majority, minimum share 0.8 (1 identities kept by majority" in (out / LOG_NAME).read_text()
+    assert sorted(p.name for p in (out / "40_1").iterdir()) == data["files"][9:14]
+
+    low = prepare("celeba", data["root"], data["labels"], tmp_path / "low", gender_rule="majority", min_share=0.7)
+    assert low.kept == {"10_1": 1, "20_0": 0, "30_0": 0, "40_1": 1}
+    assert report_rows(tmp_path / "low")["20"] == ("kept by majority", report_rows(tmp_path / "low")["20"][1])
+    assert report_rows(tmp_path / "low")["20"][1].startswith("1 feminine and 3 masculine labels, 75% masculine")
+    for share in (0.5, 1.5, float("nan")):
+        with pytest.raises(UserError, match="--gender-min-share"):
+            prepare("celeba", data["root"], data["labels"], tmp_path / "bad", gender_rule="majority", min_share=share)
+
+
+def test_celeba_cli_and_label_file_errors(tmp_path, capsys):
+    data = celeba(tmp_path)
+    out = tmp_path / "cli"
+    assert main(["--format", "celeba", "--images", str(data["root"]), "--labels", *map(str, data["labels"]),
+                 "--out", str(out), "--gender-rule", "majority", "--gender-min-share", "0.7"]) == 0
+    assert "kept: 4 identities" in capsys.readouterr().out
+    with pytest.raises(UserError, match="two --labels"):
+        prepare("celeba", data["root"], data["labels"][:1], tmp_path / "x")
+    bad = tmp_path / "list_attr_bad.txt"
+    bad.write_text(ATTRS + "\n000001.jpg -1 1 0 1\n")
+    with pytest.raises(UserError, match="line 2.*Male '0'"):
+        prepare("celeba", data["root"], [data["labels"][0], bad], tmp_path / "x")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default 3000)", "(default 2000)", "(default 0)", "(default 1)", "default symbolic",
+                    "(unanimous, the default)", "(default 0.8)"):
+        assert default in text
+
+
+def test_celeba_in_the_wild_aligned_with_its_landmark_file(tmp_path):
+    from facedata.align.detectors import DetectorSpec
+    from facedata.align.transform import REFERENCE_112
+    data = celeba(tmp_path)
+    points = tmp_path / "list_landmarks_celeba.txt"   # the reference points shifted into a 160x160 photo
+    lines = [f"{name} " + " ".join(str(int(round(v))) for v in (REFERENCE_112 + 24).ravel()) for name in data["files"]]
+    points.write_text(f"{len(lines)}\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x "
+                      f"leftmouth_y rightmouth_x rightmouth_y\n" + "\n".join(lines) + "\n")
+    for name in data["files"]:
+        img = np.random.default_rng(len(name)).integers(0, 256, (160, 160, 3), dtype=np.uint8)
+        assert cv2.imwrite(str(data["root"] / name), img)
+    out = tmp_path / "aligned"
+    result = prepare("celeba", data["root"], data["labels"], out, align=DetectorSpec("file", landmarks=(str(points),)),
+                     workers=1, progress=False, gender_rule="majority")
+    assert result.kept == {"10_1": 1, "30_0": 0, "40_1": 1}
+    crops = sorted((out / "10_1").iterdir())
+    assert len(crops) == 3 and not crops[0].is_symlink()
+    assert cv2.imread(str(crops[0])).shape == (112, 112, 3)
