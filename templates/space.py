@@ -15,6 +15,13 @@ In use, and never touched by ``prune``:
 ``prune`` removes the build folders not in use, the ``.tmp`` chunks of stores not in use, and the rows of stores
 not in use that no entry holds (entries record their images' row keys). An entry written before entries recorded
 their keys keeps every row of every store (its store cannot be told). Entries themselves are never removed.
+
+Only what the cache made is ever removed: a build folder is the cache's when its name has the cache's pattern
+(``.building-<entry>-<pid>-<6 hex digits>``) and it holds the cache's owner.json; anything else in the folder (a
+user's ``.building-notes``, a link) is listed as not the cache's and left alone. Damaged files (a row chunk that
+does not read, an owner.json or link that is broken) are reported by name, never a traceback; a store with a
+damaged chunk is not pruned unless ``--remove-damaged`` is given, which removes those chunks (their images are
+extracted again when next needed).
 """
 from __future__ import annotations
 
@@ -23,10 +30,14 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
+import pickle
+import re
 import shutil
 import socket
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +49,9 @@ from templates.entry import read_meta
 from templates.rowstore import RowStore
 
 GRACE_HOURS = 24.0
+# the name templates.cache gives a build folder: BUILDING + "<entry>-<pid>-<6 hex digits>" (TemplateCache._start_build)
+BUILD_NAME = re.compile(re.escape(BUILDING) + r".+-\d+-[0-9a-f]{6}")
+UNREADABLE_CHUNK = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError)
 
 
 @dataclass
@@ -58,6 +72,7 @@ class Build:
     owner: dict
     in_use: bool
     why: str
+    damaged: list[str] = field(default_factory=list)   # broken links, an unreadable owner.json
 
 
 @dataclass
@@ -70,6 +85,7 @@ class Store:
     tmp: list[Path]
     tmp_size: int
     in_use: bool
+    damaged: list[tuple[Path, str]] = field(default_factory=list)   # chunks that do not read, and why
 
 
 @dataclass
@@ -79,22 +95,34 @@ class Space:
     builds: list[Build]
     stores: list[Store]
     aside: list[tuple[Path, int]]
+    foreign: list[Path] = field(default_factory=list)   # names like a build folder's that the cache did not make
 
     @property
     def unknown_rows(self) -> bool:
         return any(e.rows is None for e in self.entries)
 
 
+def check_grace(grace_hours: float) -> None:
+    """Refuse a grace that is not a finite number of hours, 0 or more (NaN would make every build look old)."""
+    if not isinstance(grace_hours, (int, float)) or not math.isfinite(grace_hours) or grace_hours < 0:
+        raise UserError(f"--grace-hours {grace_hours}: must be a finite number of hours, 0 or more (the default is "
+                        f"{GRACE_HOURS:g}); a build folder of another machine counts as in use while younger.")
+
+
 def survey(folder: str | os.PathLike, grace_hours: float = GRACE_HOURS) -> Space:
     """What the cache folder ``folder`` holds, with sizes and what is in use (module docstring)."""
+    check_grace(grace_hours)
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"template cache folder '{folder}' does not exist (config option cache_dir, or --cache-dir): "
                         f"name the folder the cache was written to.")
-    entries, builds, aside = [], [], []
+    entries, builds, aside, foreign = [], [], [], []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(BUILDING) and path.is_dir():
-            builds.append(_build(path, grace_hours))
+        if path.name.startswith(BUILDING):
+            if _is_build(path):
+                builds.append(_build(path, grace_hours))
+            else:
+                foreign.append(path)
         elif ".unreadable-" in path.name:
             aside.append((path, _size(path)))
         elif not path.name.startswith(".") and path.is_dir() and (meta := read_meta(path)) is not None:
@@ -105,13 +133,25 @@ def survey(folder: str | os.PathLike, grace_hours: float = GRACE_HOURS) -> Space
     for path in sorted(p for p in rows_root.iterdir() if p.is_dir()) if rows_root.is_dir() else []:
         store = RowStore(path)
         needed = set().union(*(e.keys for e in entries if e.rows == store.name))
-        keys = [k for chunk in store.chunks() for k in _chunk_keys(chunk)]
+        keys, damaged = [], []
+        for chunk in store.chunks():
+            try:
+                keys += _chunk_keys(chunk)
+            except UNREADABLE_CHUNK as exc:
+                damaged.append((chunk, _why(chunk, exc)))
         tmp = sorted(path.glob("*.tmp"))
         in_use = store.name in building or None in building or _locked(store.lock_path)
         unneeded = 0 if any(e.rows is None for e in entries) else sum(k not in needed for k in keys)
         stores.append(Store(store, _size(path), len(store.chunks()), len(keys), unneeded, tmp,
-                            sum(_file_size(p) for p in tmp), in_use))
-    return Space(folder, entries, builds, stores, aside)
+                            sum(_file_size(p) for p in tmp), in_use, damaged))
+    return Space(folder, entries, builds, stores, aside, foreign)
+
+
+def _why(chunk: Path, exc: BaseException) -> str:
+    size = _file_size(chunk)
+    if chunk.is_symlink() and not chunk.exists():
+        return "a broken symbolic link"
+    return "empty (0 bytes)" if size == 0 else f"not a readable row chunk ({type(exc).__name__}: {str(exc)[:80]})"
 
 
 @dataclass
@@ -121,13 +161,18 @@ class Pruned:
     rows: int = 0
     freed: int = 0
     skipped: list[str] = field(default_factory=list)
+    damaged: list[Path] = field(default_factory=list)   # damaged chunks removed (--remove-damaged)
 
 
-def prune(folder: str | os.PathLike, grace_hours: float = GRACE_HOURS) -> Pruned:
+def prune(folder: str | os.PathLike, grace_hours: float = GRACE_HOURS, remove_damaged: bool = False) -> Pruned:
     """Reclaim what no one needs: build folders not in use, and in the stores not in use their ``.tmp`` chunks and
-    the rows no entry holds. A store is pruned under its exclusive lock, so a command starting meanwhile waits."""
+    the rows no entry holds. A store is pruned under its exclusive lock, so a command starting meanwhile waits. A
+    store with damaged chunks is left as it is, unless ``remove_damaged``: then those chunks go first."""
     space = survey(folder, grace_hours)
     done = Pruned()
+    for path in space.foreign:
+        done.skipped.append(f"{path.name}: not a build folder of the cache (its name or owner.json is not the "
+                            f"cache's); never removed")
     for b in space.builds:
         if b.in_use:
             done.skipped.append(f"{b.path.name}: {b.why}")
@@ -141,10 +186,25 @@ def prune(folder: str | os.PathLike, grace_hours: float = GRACE_HOURS) -> Pruned
             if s.in_use or got is False:
                 done.skipped.append(f"row store {s.store.name}: in use (an entry is being built from it)")
                 continue
+            if s.damaged and not remove_damaged:
+                done.skipped.append(f"row store {s.store.name}: {len(s.damaged)} damaged chunk(s) (listed below); "
+                                    f"run --prune --remove-damaged to remove them (their images are extracted again "
+                                    f"when next needed), then the store is pruned")
+                continue
+            for chunk, _ in s.damaged:
+                done.freed += _file_size(chunk)
+                chunk.unlink()
+                done.damaged.append(chunk)
             keep = ({k for c in s.store.chunks() for k in _chunk_keys(c)} if keep_all else
                     set().union(*(e.keys for e in space.entries if e.rows == s.store.name)))
+            try:
+                dropped, freed = s.store.prune(keep)
+            except UNREADABLE_CHUNK as exc:   # damaged beyond its keys; each chunk's rewrite is atomic, so what
+                # was done before is whole and the rest is as it was
+                done.skipped.append(f"row store {s.store.name}: stopped, a file did not read while pruning "
+                                    f"({type(exc).__name__}: {str(exc)[:100]}); the rest of the store was kept")
+                continue
             done.tmp += len(s.tmp)
-            dropped, freed = s.store.prune(keep)
             done.rows += dropped
             done.freed += freed
     return done
@@ -161,12 +221,21 @@ def describe(space: Space) -> str:
         lines.append(f"build folders (entries being built, or left by killed runs): {len(space.builds)}")
         for b in space.builds:
             lines.append(f"  {b.path.name}  {_human(b.size)}  {'in use' if b.in_use else 'leftover'}: {b.why}")
+            lines += [f"    damaged: {d}" for d in b.damaged]
+    if space.foreign:
+        lines.append(f"not made by the cache (a build folder's name prefix, but not its name pattern and owner.json; "
+                     f"never removed): {len(space.foreign)}")
+        lines += [f"  {p.name}" for p in space.foreign]
     rows = sum(s.size for s in space.stores)
     lines.append(f"row store: {len(space.stores)} store(s), {_human(rows)}")
     for s in space.stores:
         lines.append(f"  {s.store.name}  {_human(s.size)}  {s.rows} rows in {s.chunks} chunks, {s.unneeded} held by no "
                      f"entry" + (f", {len(s.tmp)} temporary chunk(s) of killed runs ({_human(s.tmp_size)})"
                                  if s.tmp else "") + ("  in use" if s.in_use else ""))
+        if s.damaged:
+            lines.append(f"    {len(s.damaged)} damaged chunk(s), whose rows cannot be used (--prune --remove-damaged "
+                         f"removes them; their images are extracted again when next needed):")
+            lines += [f"    damaged: {c.name}: {why}" for c, why in s.damaged]
     if space.unknown_rows:
         lines.append("  (entries written before entries recorded their rows: --prune keeps every row)")
     if space.aside:
@@ -184,22 +253,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="the cache folder (default: config option cache_dir)")
     parser.add_argument("--config", default=None, help="config module (default: config/config.py)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override config options")
+    parser.add_argument("--remove-damaged", action="store_true",
+                        help="with --prune: remove the row chunks that do not read (default: off, they are reported "
+                             "and their store is left as it is)")
     parser.add_argument("--grace-hours", type=float, default=GRACE_HOURS,
                         help=f"a build folder of another machine, or naming no process, counts as in use while "
                              f"younger than this (default {GRACE_HOURS:g})")
     args = parser.parse_args(argv)
 
     def body() -> None:
-        if args.grace_hours < 0:
-            raise UserError(f"--grace-hours {args.grace_hours}: must be 0 or more (hours).")
+        check_grace(args.grace_hours)
+        if args.remove_damaged and not args.prune:
+            raise UserError("--remove-damaged goes with --prune (it removes the damaged row chunks --status lists).")
         folder = args.cache_dir
         if folder is None:
             from config.loading import load_config
             folder = load_config(args.config, args.set).cache_dir
         if args.prune:
-            done = prune(folder, args.grace_hours)
+            done = prune(folder, args.grace_hours, args.remove_damaged)
             print(f"pruned '{folder}': {len(done.builds)} build folder(s), {done.tmp} temporary chunk(s), "
-                  f"{done.rows} row(s) no entry holds; {_human(done.freed)} freed")
+                  f"{done.rows} row(s) no entry holds" + (f", {len(done.damaged)} damaged chunk(s)" if done.damaged
+                                                           else "") + f"; {_human(done.freed)} freed")
             for s in done.skipped:
                 print(f"  kept {s}")
         print(describe(survey(folder, args.grace_hours)))
@@ -212,29 +286,53 @@ def _entry(path: Path, meta: dict) -> Entry:
     if rows is not None:
         try:
             keys = set(np.load(path / "keys.npy").tolist())
-        except (OSError, ValueError):
+        except UNREADABLE_CHUNK:
             rows = None
     return Entry(path, _size(path), int(meta.get("count", 0)), _locked(path / "meta.json"), rows, keys)
 
 
+def _is_build(path: Path) -> bool:
+    """Whether ``path`` is a build folder the cache made: its name pattern and its owner.json (a real folder)."""
+    return (BUILD_NAME.fullmatch(path.name) is not None and not path.is_symlink() and path.is_dir()
+            and os.path.lexists(path / OWNER))
+
+
 def _build(path: Path, grace_hours: float) -> Build:
     """A build folder, and whether it is in use (module docstring)."""
-    age = time.time() - max([path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir())])
+    damaged = [f"{p.relative_to(path)}: a broken symbolic link" for p in _files(path)
+               if p.is_symlink() and not p.exists()]
+    age = time.time() - max([path.lstat().st_mtime, *(_mtime(p) for p in path.iterdir())])
     try:
         owner = json.loads((path / OWNER).read_text())
         owner = owner if isinstance(owner, dict) else {}
     except (OSError, ValueError):
         owner = {}
+    if not owner:
+        damaged.append(f"{OWNER}: not the cache's owner record (unreadable, or not a JSON object)")
     pid, host = owner.get("pid"), owner.get("host")
     if isinstance(pid, int) and host == socket.gethostname():
         alive = _alive(pid)
         why = f"process {pid} of this machine {'is running' if alive else 'has ended'}"
-        return Build(path, _size(path), age, owner, alive, why)
+        return Build(path, _size(path), age, owner, alive, why, damaged)
     young = age < grace_hours * 3600
     whose = f"process {pid} of {host}" if host else "no recorded process"
     return Build(path, _size(path), age, owner, young,
                  f"{whose}, last written {age / 3600:.1f} h ago ({'within' if young else 'beyond'} the "
-                 f"{grace_hours:g} h grace)")
+                 f"{grace_hours:g} h grace)", damaged)
+
+
+def _mtime(path: Path) -> float:
+    """The modification time of ``path`` itself (a link's own, even a broken one's)."""
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _files(folder: Path) -> list[Path]:
+    """Every entry under ``folder`` that is not a folder (links not followed)."""
+    return [Path(d) / f for d, dirs, files in os.walk(folder) for f in files + [x for x in dirs
+                                                                                  if os.path.islink(Path(d) / x)]]
 
 
 def _alive(pid: int) -> bool:
@@ -274,7 +372,11 @@ def _exclusive(path: Path, create: bool = True):
 
 
 def _chunk_keys(chunk: Path) -> list[bytes]:
+    """The row keys of a chunk; a file that is not a whole chunk (all four arrays) raises one of UNREADABLE_CHUNK."""
     with np.load(chunk) as z:
+        missing = {"keys", "templates", "norms", "resized"} - set(z.files)
+        if missing:
+            raise KeyError(f"no {', '.join(sorted(missing))}")
         return z["keys"].tolist()
 
 
@@ -286,7 +388,10 @@ def _file_size(path: Path) -> int:
 
 
 def _size(path: Path) -> int:
-    return _file_size(path) if path.is_file() else sum(_file_size(p) for p in path.rglob("*") if p.is_file())
+    """Bytes of a file, or of the files under a folder (links neither followed nor counted)."""
+    if path.is_symlink():
+        return 0
+    return _file_size(path) if path.is_file() else sum(_file_size(p) for p in _files(path) if not p.is_symlink())
 
 
 def _human(n: int) -> str:

@@ -140,7 +140,8 @@ def dead_pid() -> int:
 
 
 def fake_build(cache: Path, name: str, **owner) -> Path:
-    folder = cache / f".building-{name}"
+    """A build folder as templates.cache names it (.building-<entry>-<pid>-<6 hex>), with its owner.json."""
+    folder = cache / f".building-{name}-0f1e2d3c-{owner.get('pid', 0)}-a1b2c3"
     folder.mkdir()
     (folder / "templates.npy").write_bytes(b"\0" * 5000)   # a half-assembled entry
     (folder / "owner.json").write_text(json.dumps(owner))
@@ -231,3 +232,121 @@ def test_a_plot_over_a_file_size_limit_names_the_results_folder_and_leaves_no_fi
     with pytest.raises(UserError, match=str(tmp_path)):
         _save(fig, tmp_path / "tradeoff.png")
     assert list(tmp_path.iterdir()) == []
+
+
+def tree_bytes(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root`` (links not followed): kind, size and content or link target, byte for byte."""
+    state = {".": ("dir",)}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            kind = "link" if p.is_symlink() else "dir" if p.is_dir() else "file"
+            state[str(p.relative_to(root))] = (kind, os.readlink(p) if kind == "link" else
+                                               p.read_bytes() if kind == "file" else None)
+    return state
+
+
+def test_prune_removes_only_the_caches_build_folders_and_a_users_stay_byte_for_byte(world, tmp_path, capsys):
+    cache, paths, get = world
+    get("kept", paths[:4])
+    store = the_store(cache)
+    dead = fake_build(cache, "dead", host=socket.gethostname(), pid=dead_pid(), rows=store.name)
+    users = {}
+    mine = cache / ".building-x"                   # a user's folder with the prefix, no owner.json
+    (mine / "sub").mkdir(parents=True)
+    (mine / "notes.txt").write_bytes(b"my notes\n")
+    (mine / "sub" / "data.bin").write_bytes(bytes(range(256)))
+    users[mine] = None
+    lookalike = cache / ".building-plan-7-abcdef"   # the cache's name pattern, but no owner.json
+    lookalike.mkdir()
+    (lookalike / "draft.md").write_text("draft")
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (elsewhere / "owner.json").write_text("{}")
+    (elsewhere / "thesis.tex").write_text("chapter 1")
+    link = cache / ".building-link-7-abcdef"       # a link to a user's folder that even holds an owner.json
+    link.symlink_to(elsewhere, target_is_directory=True)
+    before = {p: tree_bytes(p) for p in (mine, lookalike, elsewhere)}
+
+    assert space.main(["--status", "--cache-dir", str(cache)]) == 0
+    report = capsys.readouterr().out
+    assert "not made by the cache" in report and ".building-x" in report and ".building-link-7-abcdef" in report
+    assert space.main(["--prune", "--cache-dir", str(cache), "--grace-hours", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "kept .building-x: not a build folder of the cache" in out
+    assert not dead.exists()
+    assert link.is_symlink() and os.readlink(link) == str(elsewhere)
+    assert {p: tree_bytes(p) for p in (mine, lookalike, elsewhere)} == before
+
+
+def test_a_build_folder_the_cache_really_leaves_is_recognised(world, monkeypatch):
+    """The name pattern matches what templates.cache writes (an extraction killed before publishing)."""
+    cache, paths, get = world
+    from templates import cache as cache_module
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def close_as_a_killed_process(plan):   # the lock goes with the process; the build folder stays
+        plan.lock.close()
+    monkeypatch.setattr(cache_module.TemplateCache, "_publish", killed)
+    monkeypatch.setattr(cache_module._Plan, "close", close_as_a_killed_process)
+    with pytest.raises(KeyboardInterrupt):
+        get("killed", paths[:4])
+    left = space.survey(cache)
+    assert len(left.builds) == 1 and not left.foreign
+    assert left.builds[0].in_use and "is running" in left.builds[0].why   # this process made it
+
+
+@pytest.mark.parametrize("grace", ["nan", "inf", "-1", "-inf"])
+def test_a_grace_that_is_not_a_finite_non_negative_number_is_refused(world, grace, capsys):
+    cache, paths, get = world
+    get("kept", paths[:4])
+    remote = fake_build(cache, "remote", host="another-machine", pid=1, rows="another-store")
+    before = tree_bytes(remote)
+    assert space.main(["--prune", "--cache-dir", str(cache), f"--grace-hours={grace}"]) == 2
+    assert "--grace-hours" in capsys.readouterr().err
+    assert tree_bytes(remote) == before
+    with pytest.raises(UserError, match="finite"):
+        space.prune(cache, float(grace))
+
+
+def test_damaged_chunks_and_broken_links_are_reported_never_a_traceback(world, tmp_path, capsys):
+    cache, paths, get = world
+    kept = get("kept", paths[:8])
+    kept_templates = np.array(kept.templates)
+    gone = get("gone", paths[8:12]).path
+    for f in gone.iterdir():
+        f.unlink()
+    gone.rmdir()
+    store = the_store(cache)
+    (store.path / "chunk-zero.npz").write_bytes(b"")
+    (store.path / "chunk-garbage.npz").write_bytes(b"PK\x03\x04 this is not a zip archive" * 10)
+    (store.path / "chunk-dangling.npz").symlink_to(tmp_path / "nowhere.npz")
+    np.savez(store.path / "chunk-partial.npz", keys=np.array([b"k"]))   # a zip without the templates
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+    dead = fake_build(cache, "dead", host=socket.gethostname(), pid=dead_pid(), rows=store.name)
+    (dead / "broken").symlink_to(tmp_path / "nothing-here")
+    (dead / "to-a-users-file").symlink_to(precious)
+    store_before = tree_bytes(store.path)
+
+    assert space.main(["--status", "--cache-dir", str(cache)]) == 0
+    report = capsys.readouterr().out
+    for line in ("damaged: chunk-zero.npz: empty (0 bytes)", "damaged: chunk-dangling.npz: a broken symbolic link",
+                 "damaged: chunk-garbage.npz: not a readable row chunk", "damaged: chunk-partial.npz: not a readable",
+                 "damaged: broken: a broken symbolic link", "4 damaged chunk(s)"):
+        assert line in report
+    # --prune without the flag: the leftover build goes, the damaged store is left as it is and named
+    assert space.main(["--prune", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "4 damaged chunk(s)" in out and "--remove-damaged" in out
+    assert not dead.exists() and precious.read_text() == "keep me"
+    assert tree_bytes(store.path) == store_before
+    # with it: the damaged chunks go, then the store is pruned as usual; the entry's rows stay
+    assert space.main(["--prune", "--remove-damaged", "--cache-dir", str(cache)]) == 0
+    assert "4 damaged chunk(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in store.path.iterdir() if "chunk-" in p.name and not p.name[6:7].isdigit()) == []
+    assert store_keys(store) == set(np.load(kept.path / "keys.npy").tolist())
+    np.testing.assert_array_equal(open_entry(kept.path).templates, kept_templates)
+    assert space.main(["--status", "--remove-damaged", "--cache-dir", str(cache)]) == 2

@@ -2,7 +2,7 @@
 leftovers of killed runs (the command line; the code is templates/space.py).
 
     python tools/cache.py --status [--cache-dir DIR | --set cache_dir=DIR]
-    python tools/cache.py --prune  [--cache-dir DIR] [--grace-hours 24]
+    python tools/cache.py --prune  [--cache-dir DIR] [--grace-hours 24] [--remove-damaged]
 """
 import sys
 from pathlib import Path
