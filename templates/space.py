@@ -281,14 +281,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _entry(path: Path, meta: dict) -> Entry:
+    """An entry; one whose keys.npy does not read counts as of an unknown store (every row is then kept)."""
     keys: set[bytes] = set()
     rows = meta.get("rows") if (path / "keys.npy").is_file() else None
     if rows is not None:
         try:
             keys = set(np.load(path / "keys.npy").tolist())
-        except UNREADABLE_CHUNK:
+        except (*UNREADABLE_CHUNK, TypeError):   # TypeError: an array of unhashable objects
             rows = None
-    return Entry(path, _size(path), int(meta.get("count", 0)), _locked(path / "meta.json"), rows, keys)
+    rows = rows if isinstance(rows, str) or rows is None else None
+    count = meta.get("count", 0)
+    return Entry(path, _size(path), count if isinstance(count, int) else 0, _locked(path / "meta.json"), rows, keys)
 
 
 def _is_build(path: Path) -> bool:
@@ -307,8 +310,9 @@ def _build(path: Path, grace_hours: float) -> Build:
         owner = owner if isinstance(owner, dict) else {}
     except (OSError, ValueError):
         owner = {}
-    if not owner:
-        damaged.append(f"{OWNER}: not the cache's owner record (unreadable, or not a JSON object)")
+    if not owner or not isinstance(owner.get("rows", ""), str):
+        damaged.append(f"{OWNER}: not the cache's owner record (unreadable, or not a JSON object of its fields)")
+        owner = {k: v for k, v in owner.items() if k != "rows"}   # a store it cannot name: see survey()
     pid, host = owner.get("pid"), owner.get("host")
     if isinstance(pid, int) and host == socket.gethostname():
         alive = _alive(pid)
@@ -338,7 +342,7 @@ def _files(folder: Path) -> list[Path]:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):   # OverflowError: no process has such a number
         return False
     except PermissionError:   # another user's process
         return True

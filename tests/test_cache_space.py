@@ -329,6 +329,9 @@ def test_damaged_chunks_and_broken_links_are_reported_never_a_traceback(world, t
     dead = fake_build(cache, "dead", host=socket.gethostname(), pid=dead_pid(), rows=store.name)
     (dead / "broken").symlink_to(tmp_path / "nothing-here")
     (dead / "to-a-users-file").symlink_to(precious)
+    odd = fake_build(cache, "odd", host=socket.gethostname(), pid=10 ** 30, rows=[1])
+    empty = fake_build(cache, "empty")
+    (empty / "owner.json").write_bytes(b"")
     store_before = tree_bytes(store.path)
 
     assert space.main(["--status", "--cache-dir", str(cache)]) == 0
@@ -337,14 +340,18 @@ def test_damaged_chunks_and_broken_links_are_reported_never_a_traceback(world, t
                  "damaged: chunk-garbage.npz: not a readable row chunk", "damaged: chunk-partial.npz: not a readable",
                  "damaged: broken: a broken symbolic link", "4 damaged chunk(s)"):
         assert line in report
+    assert report.count("damaged: owner.json: not the cache's owner record") == 2
+    assert f"process {10 ** 30} of this machine has ended" in report
     # --prune without the flag: the leftover build goes, the damaged store is left as it is and named
     assert space.main(["--prune", "--cache-dir", str(cache)]) == 0
     out = capsys.readouterr().out
     assert "4 damaged chunk(s)" in out and "--remove-damaged" in out
-    assert not dead.exists() and precious.read_text() == "keep me"
+    assert not dead.exists() and not odd.exists() and precious.read_text() == "keep me"
+    assert empty.exists()   # no recorded process: kept within the grace
     assert tree_bytes(store.path) == store_before
     # with it: the damaged chunks go, then the store is pruned as usual; the entry's rows stay
-    assert space.main(["--prune", "--remove-damaged", "--cache-dir", str(cache)]) == 0
+    # (a build naming no store protects every store while within the grace: grace 0 lets it go too)
+    assert space.main(["--prune", "--remove-damaged", "--cache-dir", str(cache), "--grace-hours", "0"]) == 0
     assert "4 damaged chunk(s)" in capsys.readouterr().out
     assert sorted(p.name for p in store.path.iterdir() if "chunk-" in p.name and not p.name[6:7].isdigit()) == []
     assert store_keys(store) == set(np.load(kept.path / "keys.npy").tolist())
