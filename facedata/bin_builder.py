@@ -114,6 +114,7 @@ class BuiltBin:
     gender_counts: dict[int, int]
     dropped: int = 0
     notes: list[str] = field(default_factory=list)
+    dropped_per_fold: str = ""
 
     def summary(self) -> str:
         """The lines tools/make_bin.py prints."""
@@ -122,7 +123,8 @@ class BuiltBin:
                  f"{self.gender_counts.get(0, 0)} masculine)"),
                  f"pairs with their images' subjects and genders: {self.sidecar}"]
         if self.report is not None:
-            lines.append(f"{self.dropped} pairs left out (missing images, --allow-missing): listed in {self.report}")
+            lines.append(f"{self.dropped} pairs left out for missing images (--allow-missing; per fold: "
+                         f"{self.dropped_per_fold}): listed in {self.report}")
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
@@ -361,7 +363,7 @@ def make_bin(data_dir: str | os.PathLike, out: str | os.PathLike, pairs_file: st
                             f"'{index.root}' holds {per_gender[0]} of gender 0 and {per_gender[1]} of gender 1. "
                             f"Choose --n-gender {2 * min(per_gender.values())} or less.")
     pairs = [p for p in listed if p.usable]
-    report = None
+    report, per_fold = None, ""
     stale = missing_report_path(out)
     if len(pairs) == len(listed) and os.path.lexists(stale):
         _write_report(stale, "")   # refuses a user's file of that name; a report of an earlier refused run goes
@@ -371,18 +373,18 @@ def make_bin(data_dir: str | os.PathLike, out: str | os.PathLike, pairs_file: st
         _write_report(report, _missing_report(listed, Path(pairs_file), index.root, out))
         dropped = len(listed) - len(pairs)
         images = len({m for p in listed for m in p.missing})
-        folds = ", ".join(str(c) for c in _fold_counts(listed))
+        per_fold = folds = ", ".join(str(c) for c in _fold_counts(listed))
         if not allow_missing:
             raise UserError(f"{dropped} of the {len(listed)} pairs of pairs file '{pairs_file}' (--pairs) name "
                             f"{images} images that are not in '{index.root}' (per fold: {folds}); they are listed "
                             f"with their line numbers in '{report}'. No .bin was written: an image is never replaced "
                             f"by another. Add the missing images (e.g. align them with another detector), or pass "
-                            f"--allow-missing to build the .bin without these pairs.")
+                            f"--allow-missing to build the .bin without these pairs."
+                            + "".join(f" Note: {n}." for n in notes))
         if not pairs:
             raise UserError(f"none of the {len(listed)} pairs of pairs file '{pairs_file}' (--pairs) has both its "
                             f"images in '{index.root}' (listed in '{report}'); no .bin was written. Check that "
                             f"--data-dir is the folder the pairs file describes.")
-        notes.append(f"{dropped} pairs left out for missing images (per fold: {folds}); listed in {report}")
     gender_idx = draw_gender_subset(index, n_gender, rng)
     sidecar = sidecar_path(out)
     _write_new(sidecar, _sidecar_text(index, pairs), "the sidecar of the pairs' images and genders")
@@ -392,9 +394,10 @@ def make_bin(data_dir: str | os.PathLike, out: str | os.PathLike, pairs_file: st
               index.labels[gender_idx].tolist(), index.genders[gender_idx].tolist(), two_item=two_item)
     counts = {g: int(np.sum(index.genders[gender_idx] == g)) for g in (0, 1)} if not two_item else {}
     for note in notes:
-        log.warning("%s", note)
+        log.info("%s", note)
     return BuiltBin(out, sidecar, report, len(pairs), sum(p.same for p in pairs),
-                    0 if two_item else len(gender_idx), counts, len(listed) - len(pairs), notes)
+                    0 if two_item else len(gender_idx), counts, len(listed) - len(pairs), notes,
+                    per_fold)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
