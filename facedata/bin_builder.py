@@ -227,7 +227,7 @@ def read_pairs(path: Path, index: TrainIndex) -> PairsRead:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"pairs file '{path}' (--pairs) is not UTF-8 text; check that it is a pairs.txt.") from None
-    folders, pairs, header = _Folders(index), [], []
+    folders, pairs, header = _Folders(index), [], []   # type: tuple[_Folders, list[Pair], list[int]]
     for n, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         where = f"pairs file '{path}' line {n}"
@@ -274,7 +274,8 @@ def _missing_report(pairs: list[Pair], pairs_file: Path, data_dir: Path, out: Pa
 
 def _sidecar_text(index: TrainIndex, pairs: list[Pair]) -> str:
     """The rows of ``<name>.pairs.csv`` (module docstring)."""
-    def subject(i: int) -> tuple[str, str, str]:
+    def subject(i: int | None) -> tuple[str, str, str]:
+        assert i is not None, "only usable pairs are written"
         folder = index.folders[int(index.labels[i])]
         name, _, suffix = folder.rpartition("_")
         gender = GENDER_LETTER.get(int(suffix), "") if suffix in ("0", "1") else ""
@@ -370,7 +371,7 @@ def make_bin(data_dir: str | os.PathLike, out: str | os.PathLike, pairs_file: st
         stale.unlink()
     if len(pairs) < len(listed):
         report = missing_report_path(out)
-        _write_report(report, _missing_report(listed, Path(pairs_file), index.root, out))
+        _write_report(report, _missing_report(listed, Path(str(pairs_file)), index.root, out))
         dropped = len(listed) - len(pairs)
         images = len({m for p in listed for m in p.missing})
         per_fold = folds = ", ".join(str(c) for c in _fold_counts(listed))
@@ -389,7 +390,7 @@ def make_bin(data_dir: str | os.PathLike, out: str | os.PathLike, pairs_file: st
     sidecar = sidecar_path(out)
     _write_new(sidecar, _sidecar_text(index, pairs), "the sidecar of the pairs' images and genders")
     data = [Path(p).read_bytes() for p in index.paths]
-    pair_images = [data[i] for p in pairs for i in (p.a, p.b)]
+    pair_images = [data[i] for p in pairs for i in (p.a, p.b) if i is not None]   # all usable: both set
     write_bin(out, pair_images, [p.same for p in pairs], [data[i] for i in gender_idx],
               index.labels[gender_idx].tolist(), index.genders[gender_idx].tolist(), two_item=two_item)
     counts = {g: int(np.sum(index.genders[gender_idx] == g)) for g in (0, 1)} if not two_item else {}

@@ -509,7 +509,7 @@ def collect_celeba(images: Path, labels: list[Path]) -> Collected:
         identities.setdefault(ident, Identity()).images.append(on_disk[name])
     bad.raise_if_any()
     path = attrs[0]
-    header, rows = tables[path]
+    header, rows = tables[path][0] or [], tables[path][1]   # attrs: the tables with a header
     col = header.index("male")
     expected = "CelebA's list_attr_celeba.txt (an image file name and one -1/1 value per attribute)"
     bad, unlabelled = _BadLines(path, expected), 0
@@ -518,11 +518,11 @@ def collect_celeba(images: Path, labels: list[Path]) -> Collected:
             bad.add(f"line {n}: {len(cells)} fields, Male {cells[col + 1] if len(cells) > col + 1 else None!r} "
                     f"(expected {len(header) + 1} fields, Male 1 or -1)")
             continue
-        ident = identities.get(identity_of.get(cells[0], ""))
-        if ident is None:
+        labelled = identities.get(identity_of.get(cells[0], ""))
+        if labelled is None:
             unlabelled += 1
-        elif on_disk.get(cells[0]) in ident.images:
-            ident.add(FEMININE if cells[col + 1] == "-1" else MASCULINE, f"{path.name}: Male {cells[col + 1]}")
+        elif on_disk.get(cells[0]) in labelled.images:
+            labelled.add(FEMININE if cells[col + 1] == "-1" else MASCULINE, f"{path.name}: Male {cells[col + 1]}")
     bad.raise_if_any()
     unparsed = [(name, f"not in {ids[0].name}") for name in sorted(set(on_disk) - set(identity_of))]
     notes = _skipped_notes(skipped)
@@ -581,7 +581,7 @@ def decide(collected: Collected, min_images: int, rule: str = "unanimous", min_s
                                         for where, k in sorted(ident.evidence[g].items()))
                             for g in sorted(ident.evidence))
         counts = _counts(ident)
-        top = max(counts, key=lambda g: (counts[g], g)) if counts else None
+        top = max(counts, key=lambda g: (counts[g], g)) if counts else -1
         share = counts[top] / sum(counts.values()) if counts else 0.0
         split = (f"{counts.get(FEMININE, 0)} feminine and {counts.get(MASCULINE, 0)} masculine labels, "
                  f"{share:.0%} {'feminine' if top == FEMININE else 'masculine'}")
