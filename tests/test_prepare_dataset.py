@@ -493,3 +493,35 @@ def test_celeba_in_the_wild_aligned_with_its_landmark_file(tmp_path):
     crops = sorted((out / "10_1").iterdir())
     assert len(crops) == 3 and not crops[0].is_symlink()
     assert cv2.imread(str(crops[0])).shape == (112, 112, 3)
+
+
+def test_vggface2_attribute_rows_follow_the_gender_rule(tmp_path):
+    root = tmp_path / "train"
+    vggface2_images(root)
+    write_images(root / "n000003", ["0003_01.jpg"], 9)
+    attrs = tmp_path / "attributes.csv"
+    attrs.write_text("Filename,Male\nn000001/0001_01.jpg,-1\nn000002/0001_01.jpg,1\n"
+                     "n000003/0001_01.jpg,1\nn000003/0002_01.jpg,-1\nn000003/0003_01.jpg,1\n")   # 2 of 3 masculine
+    assert "n000003_0" not in prepare("vggface2", root, [attrs], tmp_path / "u").kept
+    assert "n000003_0" not in prepare("vggface2", root, [attrs], tmp_path / "m", gender_rule="majority").kept
+    assert "67% masculine, under the --gender-min-share 0.8" in report_rows(tmp_path / "m")["n000003"][1]
+    kept = prepare("vggface2", root, [attrs], tmp_path / "m6", gender_rule="majority", min_share=0.6).kept
+    assert kept["n000003_0"] == 0
+    assert report_rows(tmp_path / "m6")["n000003"][0] == "kept by majority"
+
+
+def test_the_bins_sidecar_is_written_kept_and_never_overwritten(lfw):
+    tmp = lfw["tmp"]
+    bin_path = tmp / "eval" / "lfw_prep.bin"
+    prepare("lfw", lfw["root"], lfw["labels"], tmp / "p", bin_path=bin_path, n_pairs=20, n_gender=6)
+    sidecar = bin_path.with_suffix(".pairs.csv")
+    first = sidecar.read_bytes()
+    assert first.startswith(b"pair,image_a,image_b,subject_a,subject_b,gender_a,gender_b\n")
+    assert len(first.splitlines()) == 21
+    sidecar.unlink()   # a rerun with the .bin unchanged adds the missing sidecar
+    prepare("lfw", lfw["root"], lfw["labels"], tmp / "p", bin_path=bin_path, n_pairs=20, n_gender=6)
+    assert sidecar.read_bytes() == first
+    sidecar.write_bytes(b"mine")
+    with pytest.raises(UserError, match="never overwritten"):
+        prepare("lfw", lfw["root"], lfw["labels"], tmp / "p", bin_path=bin_path, n_pairs=20, n_gender=6)
+    assert sidecar.read_bytes() == b"mine"
