@@ -510,7 +510,7 @@ def plot_det(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str, p
     ax.plot(norm.ppf(DET_RANGE), norm.ppf(DET_RANGE), ls=":", c="gray", lw=0.8)   # FMR = FNMR: the EER line
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="lower left")   # DET curves run from upper left to lower right
     try:
         with full_disk_named(path.parent, "the results folder"), atomic_path(path, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
@@ -672,11 +672,12 @@ def cross_gender_warnings(bare: pd.Series, table: pd.DataFrame, run: str, datase
     if worse.empty:
         return []
     w = worse.loc[worse["cross"].idxmax()]
-    n = int(_num(w["Impostor-Cross-Gender"]))
+    n, n_bare = int(_num(w["Impostor-Cross-Gender"])), int(_num(bare["Impostor-Cross-Gender"]))
     return [(f"- **Warning** ({run} on {dataset}): the layer raises cross-gender false matches. At the global "
             f"threshold of FMR={_pct(_num(w['Differential-FMR']))}, step {w['Step']} falsely matches "
             f"{round(w['cross'] * n)} of {n} impostor pairs of different genders ({_pct(w['cross'])}), the bare "
-            f"backbone {_pct(before)}; {len(worse)} of the run's {len(rows)} checkpoints raise it.")]
+            f"backbone {round(before * n_bare)} of {n_bare} ({_pct(before)}); {len(worse)} of the run's {len(rows)} "
+            f"checkpoints raise it.")]
 
 
 def verification_section(out_dir: Path, metrics: pd.DataFrame, runs: Sequence[str]) -> list[str]:
@@ -814,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fmr", type=float, nargs="+", default=list(FMR_TARGETS), help="FMR targets of FNMR@FMR")
     parser.add_argument("--differential-fmr", type=float, default=DIFFERENTIAL_FMR,
                         help="global FMR whose threshold the gender differentials use")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates of the EER interval (0: none)")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap replicates of the EER interval (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--out", default=".", help="folder for <templates>_verification.csv, _scores.csv, _det.png")
     args = parser.parse_args(argv)

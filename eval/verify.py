@@ -1,4 +1,4 @@
-"""Verification of anyone's templates as ISO/IEC 19795-1 and -10 ask: python eval/verify.py --templates T.npy --pairs P.csv [...] (the command line; the code is eval/biometrics.py)."""
+"""Verification of anyone's templates as ISO/IEC 19795-1/-10 ask (the command line; the code is eval/biometrics.py)."""
 import sys
 from pathlib import Path
 

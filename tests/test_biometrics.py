@@ -380,3 +380,71 @@ def test_fmr_threshold_counts_false_matches_exactly():
     assert bm.fmr_threshold(imp, 0.29) == pytest.approx(7.0)   # 29 allowed: 9.9 ... 7.1 match, 7.0 does not
     assert bm.fmr_threshold(imp, 0.999) == 0.0                 # 99 allowed: all but the lowest
     assert bm.fmr_threshold(imp, 0.001) == pytest.approx(9.9)  # none allowed: nothing above the highest matches
+
+
+# ---- in the sweep ----------------------------------------------------------------------------------------------------
+
+def synthetic_sidecar(root, name="synth_a", n_pairs=600, seed=0):
+    """The sidecar of a synthetic world's .bin: its pairs drawn again as build_bin drew them (same seed), each image's
+    subject and gender read from its subjectid_gender folder (1 feminine, 0 masculine). Left alone where the .bin's
+    builder wrote one already."""
+    from facedata.bin_builder import draw_pairs
+    from facedata.dataset import scan_dataset
+    path = root / "rec" / f"{name}.pairs.csv"
+    if path.exists():
+        return path
+    index = scan_dataset(root / "test" / name)
+    pairs = draw_pairs(index, n_pairs, np.random.default_rng(seed))
+    lines = []
+    for p, (a, b, _) in enumerate(pairs):
+        sides = [(index.paths[i].parent.name.rpartition("_"), index.paths[i]) for i in (a, b)]
+        lines.append([p, *(f"{f.parent.name}/{f.name}" for _, f in sides), *(s[0] for s, _ in sides),
+                      *("f" if s[2] == "1" else "m" for s, _ in sides)])
+    with open(path, "w", newline="") as fh:
+        csv.writer(fh).writerows([bm.SIDECAR_COLUMNS, *lines])
+    return path
+
+
+def test_sweep_writes_the_verification_csv_score_files_and_report(tmp_path):
+    from helpers import demo_cfg, synthetic_world
+    from pipeline import sweep as evaluation
+    from pipeline import train as finetune
+    root = tmp_path / "world"
+    synthetic_world(root, n_train_ids=40, imgs=4, pairs=600, gender=96)
+    synthetic_sidecar(root)
+    finetune.train(demo_cfg(root, "num_epoch=4", "checkpoint_every=2"))
+    cfg = demo_cfg(root, "bootstrap=200")
+    out = evaluation.evaluate(cfg, tmp_path / "res", root / "ckpt" / "Demo", "Exp/Synth", tmp_path / "ref.csv")
+    (run,) = [p.name.removesuffix("_metrics.csv") for p in out.glob("*_metrics.csv")]
+    with open(out / f"{run}_verification.csv", newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == bm.VERIFICATION_COLUMNS
+    with open(out / f"{run}_metrics.csv", newline="") as fh:
+        assert [(r["Step"], r["Dataset"]) for r in rows] == [(r["Step"], r["Dataset"]) for r in csv.DictReader(fh)]
+    for r in rows:
+        assert int(r["Genuine"]) + int(r["Impostor"]) == 600 and int(r["Impostor"]) == 300
+        assert r["FNMR@FMR=1%"] != "" and r["FNMR@FMR=0.1%"] == "" and "rule of three" in r["Note"]
+        assert r["Bootstrap-Unit"] == "subjects" and float(r["EER-CI-Low"]) <= float(r["EER-Pooled"])
+        assert int(r["Genuine-f"]) + int(r["Genuine-m"]) == 300 and r["FMR-Cross-Gender"] != ""
+        assert int(r["Impostor-Same-Gender"]) + int(r["Impostor-Cross-Gender"]) == 300
+        assert bm.score_path(out, run, "synth_a", int(r["Step"])).is_file()
+    # the bare backbone's pooled EER is the diagnostics' threshold-free EER, and its score file recomputes it
+    with open(out / "bare_backbone_verification.csv", newline="") as fh:
+        bare = next(csv.DictReader(fh))
+    with open(out / "bare_backbone_diagnostics.csv", newline="") as fh:
+        diag = next(csv.DictReader(fh))
+    assert float(bare["EER-Pooled"]) == pytest.approx(float(diag["EER-Threshold-Free"]), abs=1e-9)
+    s, g = bm.read_score_file(bm.score_path(out, None, "synth_a"))
+    assert sk_eer(s, g) == pytest.approx(float(bare["EER-Pooled"]), abs=1e-12)
+    report = (out / "report.md").read_text()
+    assert "## Verification as ISO/IEC 19795-1" in report and "det_synth_a.png" in report
+    assert (out / "det_synth_a.png").read_bytes()[:4] == b"\x89PNG"
+    # a second sweep changes nothing, and a foreign file where a verification CSV goes is refused, not replaced
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "evaluate.log"}
+    evaluation.evaluate(cfg, tmp_path / "res", root / "ckpt" / "Demo", "Exp/Synth", tmp_path / "ref.csv")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "evaluate.log"} == before
+    (out / f"{run}_verification.csv").write_text("mine,not,yours\n")
+    with pytest.raises(UserError, match="not one of this tool's files"):
+        evaluation.evaluate(cfg, tmp_path / "res", root / "ckpt" / "Demo", "Exp/Synth", tmp_path / "ref.csv")
+    assert (out / f"{run}_verification.csv").read_text() == "mine,not,yours\n"
