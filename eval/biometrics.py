@@ -284,21 +284,22 @@ def _weighted_eer(scores: np.ndarray, genuine: np.ndarray, weights: np.ndarray) 
     no genuine or no impostor weight."""
     order = np.argsort(-scores, kind="stable")
     s = scores[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])        # ties form one ROC step
+    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]   # a ROC point after each group of tied scores
     w = weights[:, order]
-    g = np.add.reduceat(w * genuine[order], starts, axis=1)
-    i = np.add.reduceat(w * ~genuine[order], starts, axis=1)
+    gen = np.cumsum(w * genuine[order], axis=1)[:, ends]
+    imp = np.cumsum(w, axis=1)[:, ends] - gen
     with np.errstate(invalid="ignore", divide="ignore"):
-        tpr = np.c_[np.zeros(len(w)), np.cumsum(g, axis=1) / g.sum(axis=1, keepdims=True)]
-        fpr = np.c_[np.zeros(len(w)), np.cumsum(i, axis=1) / i.sum(axis=1, keepdims=True)]
-    gap = fpr + tpr - 1.0
-    k = np.argmax(gap >= 0, axis=1)
+        tpr, fpr = gen / gen[:, -1:], imp / imp[:, -1:]
+    gap = fpr + tpr - 1.0                 # from -1 at the origin (before the first point) to +1 at the last
     rows = np.arange(len(w))
-    prev = np.maximum(k - 1, 0)
+    k = np.argmax(gap >= 0, axis=1)
+    first = k == 0
+    prev_fpr = np.where(first, 0.0, fpr[rows, k - 1])
+    prev_gap = np.where(first, -1.0, gap[rows, k - 1])
     with np.errstate(invalid="ignore", divide="ignore"):
-        t = np.where((k == 0) | (gap[rows, k] == 0), 1.0, -gap[rows, prev] / (gap[rows, k] - gap[rows, prev]))
-    eer = fpr[rows, prev] + t * (fpr[rows, k] - fpr[rows, prev])
-    return np.where(np.isfinite(gap).all(axis=1), eer, np.nan)
+        t = np.where(gap[rows, k] == 0, 1.0, -prev_gap / (gap[rows, k] - prev_gap))
+    eer = prev_fpr + t * (fpr[rows, k] - prev_fpr)
+    return np.where(np.isfinite(gap[:, -1]), eer, np.nan)
 
 
 def bootstrap_eer(scores: np.ndarray, genuine: np.ndarray, subjects: np.ndarray | None, n_bootstrap: int,
@@ -717,7 +718,7 @@ def verification_section(out_dir: Path, metrics: pd.DataFrame, runs: Sequence[st
             curves.append((f"{run} (step {step})", score_path(out_dir, run, ds, step)))
             if len(b):
                 warnings += cross_gender_warnings(b.iloc[0], table, run, ds)
-        lines += [f"### {ds}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += [f"### Verification on {ds}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         drawn = [(label, *read_score_file(p)) for label, p in curves if p.is_file()]
         if drawn:

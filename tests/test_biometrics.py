@@ -122,6 +122,16 @@ def test_eer_interval_is_a_subject_bootstrap_recomputed_independently():
     assert again.eer_ci == unknown.eer_ci   # seeded
 
 
+def test_weighted_eer_equals_the_eer_of_the_repeated_pairs_with_ties():
+    scores, genuine = random_scores(4, n_gen=60, n_imp=200)
+    scores = scores.round(1)   # many ties, across genuine and impostor pairs
+    weights = np.random.default_rng(5).integers(0, 3, size=(6, len(scores))).astype(float)
+    got = bm._weighted_eer(scores, genuine, weights)
+    for w, eer in zip(weights, got):
+        reps = np.repeat(np.arange(len(scores)), w.astype(int))
+        assert eer == pytest.approx(sk_eer(scores[reps], genuine[reps]), abs=1e-12)
+
+
 def test_bad_scores_and_fmrs_are_refused():
     scores, genuine = random_scores(0, 20, 40)
     with pytest.raises(UserError, match="NaN or infinite"):
