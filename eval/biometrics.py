@@ -134,12 +134,7 @@ def read_pairs_sidecar(path: str | Path, issame: np.ndarray) -> PairMeta:
     the line."""
     path, issame = Path(path), np.asarray(issame, dtype=bool)
     n = len(issame)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"pairs sidecar '{path}' could not be read ({type(exc).__name__}: {exc}); it must be a "
-                        f"UTF-8 CSV with the columns {', '.join(SIDECAR_COLUMNS)}. Fix or remove it.") from None
-    rows = csv.reader(io.StringIO(text))
+    rows = csv.reader(io.StringIO(_text(path, "pairs sidecar")))
     header = [h.strip() for h in next(rows, [])]
     missing = [c for c in SIDECAR_COLUMNS if c not in header]
     if missing:
@@ -179,9 +174,19 @@ def read_pairs_sidecar(path: str | Path, issame: np.ndarray) -> PairMeta:
     return PairMeta(images, subjects, genders, str(path))
 
 
+def _text(path: Path, what: str) -> str:
+    """A text file's content, or a UserError naming it as ``what``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{what} '{path}' could not be read as text ({type(exc).__name__}: {exc}). Fix or remove "
+                        f"it.") from None
+
+
 def _lfw_names(path: Path) -> set[str]:
     """Image names (``Name_0001``) of an LFW gender list (one image file name per line)."""
-    return {Path(line.strip().replace("\\", "/")).stem for line in path.read_text().splitlines() if line.strip()}
+    return {Path(line.strip().replace("\\", "/")).stem for line in _text(path, "LFW gender list").splitlines()
+            if line.strip()}
 
 
 def read_lfw_pairs(path: str | Path, issame: np.ndarray, female: Path | None = None,
@@ -192,8 +197,10 @@ def read_lfw_pairs(path: str | Path, issame: np.ndarray, female: Path | None = N
     path, issame = Path(path), np.asarray(issame, dtype=bool)
     females = _lfw_names(female) if female else set()
     males = _lfw_names(male) if male else set()
-    images, subjects, genders = [], [], []
-    for line, text in enumerate(path.read_text().splitlines(), start=1):
+    images: list[list[str]] = []
+    subjects: list[list[str]] = []
+    genders: list[list[str]] = []
+    for line, text in enumerate(_text(path, "LFW pairs file").splitlines(), start=1):
         parts = text.split()
         if not parts or (line == 1 and all(p.isdigit() for p in parts)):
             continue
@@ -627,7 +634,8 @@ def sweep_verification(out_dir: Path, rec: str | Path, sets: Sequence[EvalTempla
 
 # ---- in the report -------------------------------------------------------------------------------------------------
 
-def _num(v: object) -> float:
+def _num(v: str | float | None) -> float:
+    """A cell of our CSVs as a number (NaN where empty)."""
     try:
         return float(v) if v not in ("", None) else math.nan
     except (TypeError, ValueError):
