@@ -728,6 +728,10 @@ def verification_section(out_dir: Path, metrics: pd.DataFrame, runs: Sequence[st
                 warnings += cross_gender_warnings(b.iloc[0], table, run, ds)
         lines += [f"### Verification on {ds}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+        if len(b) and not b.iloc[0]["Differential-FMR"]:
+            lines += ["", (f"The genders of {ds}'s pair images are unknown, so there are no differentials: give the "
+                           f".bin a sidecar `{ds}.pairs.csv` (README 'Verification as biometrics standards report "
+                           f"it').")]
         drawn = [(label, *read_score_file(p)) for label, p in curves if p.is_file()]
         if drawn:
             plot_det(drawn, f"DET on {ds}", out_dir / f"det_{ds}.png")

@@ -1,9 +1,9 @@
 """Verification as ISO/IEC 19795-1 / -10 ask (eval/biometrics.py): FNMR@FMR, the pooled EER and its bootstrap
 interval, score files, demographic differentials, the pairs sidecar, the command line and the sweep's files."""
 import csv
-import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_curve
 
@@ -198,7 +198,7 @@ def test_report_warns_when_the_layer_raises_cross_gender_false_matches(tmp_path)
                ["Step", "Dataset"])
     bm.write_score_file(bm.score_path(tmp_path, None, "set"), before, genuine, meta)
     bm.write_score_file(bm.score_path(tmp_path, "run", "set", 20), scores, genuine, meta)
-    lines = bm.verification_section(tmp_path, __import__("pandas").DataFrame(), ["run"])
+    lines = bm.verification_section(tmp_path, pd.DataFrame(), ["run"])
     text = "\n".join(lines)
     warning = [ln for ln in lines if ln.startswith("- **Warning** (run on set)")]
     assert len(warning) == 1 and "step 20" in warning[0] and "15 of 1000" in warning[0]
@@ -208,7 +208,7 @@ def test_report_warns_when_the_layer_raises_cross_gender_false_matches(tmp_path)
     # a layer that does not raise them: no warning
     bm._upsert(tmp_path / "run_verification.csv", bm.VERIFICATION_COLUMNS,
                [{"Step": "20", "Dataset": "set", **bare.cells()}], ["Step", "Dataset"])
-    assert not [ln for ln in bm.verification_section(tmp_path, __import__("pandas").DataFrame(), ["run"])
+    assert not [ln for ln in bm.verification_section(tmp_path, pd.DataFrame(), ["run"])
                 if "Warning" in ln]
 
 
@@ -269,7 +269,7 @@ def test_pairs_sidecar_is_read_and_a_missing_one_means_unknown(tmp_path):
     (["0,a,a2,a,a,f,f", "1,a,b,a,b,f", "2,c,c2,c,c,m,m"], "line 3: 6 fields, the header has 7"),
 ])
 def test_malformed_sidecar_names_file_and_line(tmp_path, rows, message):
-    path = write_sidecar(tmp_path / "x.pairs.csv", rows)
+    write_sidecar(tmp_path / "x.pairs.csv", rows)
     with pytest.raises(UserError, match="x.pairs.csv") as err:
         bm.pair_meta_for_bin(tmp_path / "x.bin", np.array([True, False, True]))
     assert message in str(err.value)
