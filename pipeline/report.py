@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from eval.biometrics import verification_section
 from eval.evalset import COLLAPSE_SHARE, METRIC_COLUMNS, EvalTemplates
 from eval.leakage import WORST
 from eval.verification import FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics
@@ -298,6 +299,7 @@ def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str,
             bare_worst = b.iloc[0] if len(b) else None
         lines += [f"### {ds}", ""] + comparison_table(ds, metrics, worst, runs, ref.get(ds), bare_worst, diag,
                                                       bare_scores.get(ds)) + [""]
+    lines += verification_section(out_dir, metrics, [run.name for run in runs])
     methods = {run.method.name for run in runs}
     if methods & set(LINEAR_ERASURE):
         lines += ["**Linear erasure.** `leace` and `inlp` remove the linearly decodable gender information from "

@@ -38,6 +38,7 @@ from backbones import embedding_size_for
 from backbones.spec import BackboneSpec
 from config.config import Config
 from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers
+from eval.biometrics import RunCheckpoints, check_verification_files, sweep_verification
 from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, bare_scores, check_bins, evaluate_set,
                           open_eval_set, pic, transform_scores, warn_if_below_grid, warn_if_collapsed,
                           warn_if_near_chance)
@@ -306,6 +307,7 @@ def refuse_foreign_files(sweep: Sweep) -> None:
     for run in sweep.runs:
         for path, columns in zip(sweep.files(run), (CSV_COLUMNS, ATTACKER_COLUMNS, DIAGNOSTIC_COLUMNS)):
             read_csv_rows(path, columns, f"{path.stem.rsplit('_', 1)[1]} file")
+    check_verification_files(sweep.out_dir, [run.name for run in sweep.runs])
 
 
 def reference_results(sweep: Sweep, sets: list[EvalTemplates], lg: logging.Logger
@@ -452,6 +454,9 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
             ref, changed = reference_results(sweep, sets, lg)
             bare = bare_backbone_scores(sweep, sets, ref, lg)
             changed |= run_jobs(sweep, plan_jobs(sweep, sets, lg), ref, bare, device, lg)
+            changed |= sweep_verification(sweep.out_dir, cfg.rec, sets, [RunCheckpoints(
+                run.name, run.checkpoints, run.method.load_transform) for run in sweep.runs], sweep.force, cfg.seed,
+                cfg.bootstrap, lg)
             finish(sweep, sets, ref, bare, changed, lg)
     return sweep.out_dir
 
