@@ -21,6 +21,16 @@ class Face:
     box: np.ndarray
     points: np.ndarray
     score: float = 1.0
+    found_by: str = ""   # which of a source's detectors found it (dlib: "hog" or "mmod"), for the journal
+
+
+class LeftOut(Exception):
+    """Raised by a source's ``faces`` to leave an image out with a stated reason instead of guessing (e.g. a
+    landmark file giving two different rows for it); ``status`` is the journal's status, the message its note."""
+
+    def __init__(self, status: str, note: str):
+        super().__init__(note)
+        self.status, self.note = status, note
 
 
 class Detector(Protocol):

@@ -13,12 +13,13 @@ Points are in the order left eye, right eye, nose tip, left mouth corner, right 
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from facedata.align.detectors import DetectorSpec, Face, box_of, register_detector
+from facedata.align.detectors import DetectorSpec, Face, LeftOut, box_of, register_detector
 from utils.errors import UserError
 
 COORDS = [f"{a}{i}" for i in range(1, 6) for a in ("x", "y")]
@@ -27,15 +28,61 @@ CELEBA_HEADER = ["lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x",
 VGG_HEADER = ["name_id"] + [f"p{i}{a}" for i in range(1, 6) for a in ("x", "y")]
 
 
-def _points(values: list[str], path: Path, line: int) -> np.ndarray:
-    try:
-        pts = np.array([float(v) for v in values], dtype=np.float64).reshape(5, 2)
-    except ValueError:
-        raise UserError(f"landmark file '{path}', line {line}: {' '.join(values)[:80]!r} is not ten numbers "
-                        f"(x1 y1 ... x5 y5). Check that it is the right file and not damaged.") from None
-    if not np.isfinite(pts).all():
-        raise UserError(f"landmark file '{path}', line {line}: landmarks are not finite numbers.")
-    return pts
+class Table:
+    """One landmark file read once: key -> row of a (N, 5, 2) array, and the keys it gives two different rows for
+    (never guessed: those images are left out and listed)."""
+
+    def __init__(self, path: Path, kind: str):
+        self.path, self.kind = path, kind
+        self.index: dict[str, int] = {}
+        self.lines: list[int] = []
+        self.values: list[str] = []
+        self.ambiguous: dict[str, tuple[int, int]] = {}
+        self.points = np.zeros((0, 5, 2))
+
+    def add(self, key: str, values: list[str], line: int) -> None:
+        row = self.index.get(key)
+        if row is None:
+            self.index[key] = len(self.lines)
+            self.lines.append(line)
+            self.values.extend(values)
+        elif key not in self.ambiguous and self.values[10 * row:10 * row + 10] != values:
+            first = self.lines[row]
+            if self._numbers(self.values[10 * row:10 * row + 10], first) != self._numbers(values, line):
+                self.ambiguous[key] = (first, line)
+
+    def _numbers(self, cells: list[str], line: int) -> list[float]:
+        try:
+            return [float(v) for v in cells]
+        except ValueError:
+            raise UserError(f"landmark file '{self.path}', line {line}: {' '.join(cells)[:80]!r} is not ten numbers "
+                            f"(x1 y1 ... x5 y5). Check that it is the right file and not damaged.") from None
+
+    def finish(self) -> "Table":
+        """Convert the collected text to numbers (one pass, one array), naming the first bad row."""
+        try:
+            self.points = np.array(self.values, dtype=np.float64).reshape(-1, 5, 2)
+        except ValueError:   # find the row to name (and accept what Python's float reads, e.g. "1_000")
+            self.points = np.array([self._numbers(self.values[10 * row:10 * row + 10], line)
+                                    for row, line in enumerate(self.lines)], dtype=np.float64).reshape(-1, 5, 2)
+        bad = ~np.isfinite(self.points).all(axis=(1, 2))
+        if bad.any():
+            raise UserError(f"landmark file '{self.path}', line {self.lines[int(np.argmax(bad))]}: landmarks are not "
+                            f"finite numbers (nan or inf). Correct or remove that row.")
+        self.values = []
+        return self
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get(self, rel: str) -> np.ndarray | None:
+        key = _key(rel, self.kind)
+        if key in self.ambiguous:
+            a, b = self.ambiguous[key]
+            raise LeftOut("ambiguous", f"landmark file '{self.path.name}' gives two different rows for it (lines "
+                                       f"{a} and {b}): never guessed")
+        row = self.index.get(key)
+        return None if row is None else self.points[row].copy()
 
 
 def _key(rel: str, kind: str) -> str:
@@ -48,18 +95,28 @@ def _key(rel: str, kind: str) -> str:
 
 
 def read_landmarks(path: Path) -> tuple[str, dict[str, np.ndarray]]:
-    """(format, key -> 5x2 points) of one landmark file."""
+    """(format, key -> 5x2 points) of one landmark file (keys given two different rows are left out)."""
+    table = read_table(path)
+    return table.kind, {key: table.points[row] for key, row in table.index.items() if key not in table.ambiguous}
+
+
+def read_table(path: Path) -> Table:
+    """One landmark file as a Table (streamed: a file of millions of rows is read once, into one array)."""
     if not path.is_file():
-        raise UserError(f"landmark file '{path}' (--landmarks) does not exist. Give the path of VGGFace2's "
-                        f"loose_landmark_*.csv, CelebA's list_landmarks_*celeba.txt or a CSV path,x1,y1,...,x5,y5.")
+        raise UserError(f"landmark file '{path}' (--landmarks) does not exist or is not a file. Give the path of "
+                        f"VGGFace2's loose_landmark_*.csv, CelebA's list_landmarks_*celeba.txt or a CSV "
+                        f"path,x1,y1,...,x5,y5.")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"landmark file '{path}' is not UTF-8 text; it is damaged or not a landmark file.") from None
+    except OSError as exc:
+        raise UserError(f"landmark file '{path}' cannot be read ({exc.strerror or exc}).") from None
+    if "\0" in text:
+        raise UserError(f"landmark file '{path}' holds NUL bytes; it is damaged or not a landmark file.")
     lines = text.splitlines()
-    out: dict[str, np.ndarray] = {}
     if len(lines) >= 2 and lines[0].strip().isdigit() and lines[1].split() == CELEBA_HEADER:
-        kind = "celeba"
+        table = Table(path, "celeba")
         for n, line in enumerate(lines[2:], start=3):
             cells = line.split()
             if not cells:
@@ -67,54 +124,58 @@ def read_landmarks(path: Path) -> tuple[str, dict[str, np.ndarray]]:
             if len(cells) != 11:
                 raise UserError(f"landmark file '{path}', line {n}: expected a file name and ten numbers (CelebA's "
                                 f"list_landmarks format), got {len(cells)} fields.")
-            out[_key(cells[0], kind)] = _points(cells[1:], path, n)
-        return kind, out
-    rows = list(csv.reader(lines, skipinitialspace=True))
-    rows = [(n, [c.strip() for c in r]) for n, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
-    if not rows:
+            table.add(_key(cells[0], "celeba"), cells[1:], n)
+        return table.finish()
+    rows = ((n, [c.strip() for c in r]) for n, r in enumerate(csv.reader(lines, skipinitialspace=True), start=1))
+    rows = ((n, r) for n, r in rows if any(r))
+    first = next(rows, None)
+    if first is None:
         raise UserError(f"landmark file '{path}' is empty.")
-    header = [c.lower() for c in rows[0][1]]
+    header = [c.lower() for c in first[1]]
     if header[:11] == VGG_HEADER:
-        kind, name_col, cols, body = "vggface2", 0, list(range(1, 11)), rows[1:]
+        kind, name_col, cols, body = "vggface2", 0, list(range(1, 11)), rows
     elif "path" in header and all(c in header for c in COORDS):
-        kind, name_col, cols, body = "csv", header.index("path"), [header.index(c) for c in COORDS], rows[1:]
+        kind, name_col, cols, body = "csv", header.index("path"), [header.index(c) for c in COORDS], rows
     else:
-        kind, name_col, cols, body = "csv", 0, list(range(1, 11)), rows
-        if len(rows[0][1]) == 11 and not re.fullmatch(r"-?[\d.eE+-]+", rows[0][1][1]):
-            body = rows[1:]   # an unnamed header row
+        kind, name_col, cols = "csv", 0, list(range(1, 11))
+        unnamed_header = len(first[1]) == 11 and not re.fullmatch(r"-?[\d.eE+-]+", first[1][1])
+        body = rows if unnamed_header else itertools.chain([first], rows)
+    table = Table(path, kind)
+    width = max(cols + [name_col])
     for n, row in body:
-        if len(row) <= max(cols + [name_col]):
+        if len(row) <= width:
             raise UserError(f"landmark file '{path}', line {n}: {len(row)} fields; expected a path and ten numbers "
                             f"(path,x1,y1,...,x5,y5).")
         values = [row[c] for c in cols]
         if all(v == "" for v in values):
             continue   # a row of a landmarks CSV for an image without points (no face)
-        out[_key(row[name_col], kind)] = _points(values, path, n)
-    return kind, out
+        if not row[name_col]:
+            raise UserError(f"landmark file '{path}', line {n}: the image path is empty.")
+        table.add(_key(row[name_col], kind), values, n)
+    return table.finish()
 
 
 class LandmarkFile:
-    """Landmarks looked up by the image's path relative to SRC."""
+    """Landmarks looked up by the image's path relative to SRC (the files are read once, by the process that
+    builds this source; the aligner passes each worker only the points of its images)."""
     needs_pixels = False
 
     def __init__(self, spec: DetectorSpec):
         if not spec.landmarks:
             raise UserError("--detector file needs --landmarks FILE (VGGFace2's loose_landmark_*.csv, CelebA's "
                             "list_landmarks_*celeba.txt, or a CSV path,x1,y1,...,x5,y5).")
-        self.tables: list[tuple[str, dict[str, np.ndarray]]] = []
-        for name in spec.landmarks:
-            self.tables.append(read_landmarks(Path(name)))
+        self.tables: list[Table] = [read_table(Path(name)) for name in spec.landmarks]
         self.source = "file:" + ",".join(Path(p).name for p in spec.landmarks)
 
     def faces(self, image: np.ndarray | None, rel: str) -> list[Face]:
-        for kind, table in self.tables:
-            pts = table.get(_key(rel, kind))
+        for table in self.tables:   # the first file that names the image gives its points
+            pts = table.get(rel)
             if pts is not None:
-                return [Face(box_of(pts), pts.copy())]
+                return [Face(box_of(pts), pts)]
         return []
 
     def __len__(self) -> int:
-        return sum(len(t) for _, t in self.tables)
+        return sum(len(t) for t in self.tables)
 
 
 @register_detector("file", "landmarks read from --landmarks files (VGGFace2 loose_landmark CSV, CelebA "
