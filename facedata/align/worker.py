@@ -4,6 +4,7 @@ a fork of a process whose OpenCV or torch threads hold locks can hang).
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,8 +82,8 @@ def _encode(crop: np.ndarray, rel: str) -> bytes:
     return buf.tobytes()
 
 
-def header_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) as the file's header declares them, read without decoding the pixels (Pillow reads the
+def header_pixels(path: Path) -> tuple[int, str] | None:
+    """(pixels, "WxH") as the file's header declares them, read without decoding the pixels (Pillow reads the
     header only: PNG's IHDR, JPEG's SOF, ...); None when the header is not one Pillow knows."""
     try:
         from PIL import Image
@@ -92,19 +93,21 @@ def header_size(path: Path) -> tuple[int, int] | None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # Pillow's decompression-bomb warning: the limit here is ours
             with Image.open(path) as im:
-                return im.size
-    except Image.DecompressionBombError:
-        return (1 << 20, 1 << 20)   # Pillow's own limit (about 179 megapixels) is above ours: refuse as too large
+                w, h = im.size
+                return w * h, f"{w}x{h}"
+    except Image.DecompressionBombError as exc:   # above Pillow's own limit (about 179 megapixels): its count
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        return (int(found[1]), "") if found else (1 << 40, "")
     except Exception:   # noqa: BLE001 - a damaged or unknown header: the decoder decides
         return None
 
 
 def decode(path: Path, max_pixels: float) -> tuple[np.ndarray | None, str, str]:
     """(image, status, note): the BGR pixels, or None with the reason ('unreadable' or 'too_large')."""
-    size = header_size(path)
-    if size is not None and size[0] * size[1] > max_pixels:
-        return None, "too_large", (f"{size[0]}x{size[1]} = {size[0] * size[1] / 1e6:.0f} megapixels, above the limit "
-                                   f"of {max_pixels / 1e6:g} (--max-megapixels)")
+    size = header_pixels(path)
+    if size is not None and size[0] > max_pixels:
+        return None, "too_large", (f"{size[1] + ' = ' if size[1] else ''}{size[0] / 1e6:.0f} megapixels (as its header "
+                                   f"declares), above the limit of {max_pixels / 1e6:g} (--max-megapixels)")
     try:
         data = np.fromfile(path, dtype=np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
