@@ -19,7 +19,7 @@ import pytest
 
 from facedata.align import run as align_run
 from facedata.align.detectors import DetectorSpec
-from facedata.align.run import LANDMARKS_NAME, LOG_NAME, REPORT_NAME, Progress, align_tree, read_journal
+from facedata.align.run import LANDMARKS_NAME, LOG_NAME, REPORT_NAME, Progress, align_tree
 from facedata.align.transform import estimate_norm
 from facedata.align.worker import Record, header_pixels
 from test_align import constant_onnx, make_tree, scrfd_outputs, snapshot
@@ -306,7 +306,8 @@ def test_images_above_the_pixel_limit_are_listed_without_decoding(tmp_path):
     assert "900 megapixels (as its header declares), above the limit of 100" in result.records["Person_0/big.png"].note
     small_header = png_header_only(tmp_path / "declared.png", 12000, 10000)   # below Pillow's own limit
     assert header_pixels(small_header) == (120_000_000, "12000x10000")
-    assert "more pixels than --max-megapixels allows (not decoded)\tPerson_0/huge.png" in (out / REPORT_NAME).read_text()
+    report = (out / REPORT_NAME).read_text()
+    assert "more pixels than --max-megapixels allows (not decoded)\tPerson_0/huge.png" in report
     assert result.records["Person_0/Person_0_0001.png"].status == "aligned"
     # the limit is an option: a 250x250 photo is above 0.05 megapixels
     small = align_tree(src, tmp_path / "small", file_spec(points), workers=1, progress=False, max_megapixels=0.05)

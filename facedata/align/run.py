@@ -508,7 +508,8 @@ def align_images(jobs: Iterable[Job], out: str | os.PathLike, spec: DetectorSpec
                          sum(1 for r in records.values() if r.faces > 1 and r.status == ALIGNED), detector.source,
                          n_workers if tasks else 0)
     if tasks:
-        log.info("aligned %d images in %.1f s (%.1f images/s): %s", len(tasks), seconds, len(tasks) / max(seconds, 1e-9),
+        log.info("aligned %d images in %.1f s (%.1f images/s): %s", len(tasks), seconds,
+                 len(tasks) / max(seconds, 1e-9),
                  ", ".join(f"{s} {k}" for s, k in sorted(counts.items())))
     return result
 

@@ -115,7 +115,8 @@ class Scrfd:
         layouts = {9: ([8, 16, 32], 2), 15: ([8, 16, 32, 64, 128], 1)}
         if n not in layouts:
             raise UserError(f"--detector-model '{model}' has {n} outputs; an insightface detector with five-point "
-                            f"landmarks has 9 (3 strides) or 15 (5 strides). Use a *_kps / *bnkps model or det_10g.onnx.")
+                            f"landmarks has 9 (3 strides) or 15 (5 strides). Use a *_kps / *bnkps model or "
+                            f"det_10g.onnx.")
         self.strides, self.num_anchors = layouts[n]
         k = len(self.strides)
         for i, out in enumerate(outputs):   # scores (N, 1), boxes (N, 4), landmarks (N, 10) per stride
