@@ -123,7 +123,7 @@ def load_journal(path: Path) -> Journal:
     first = data.split(b"\n", 1)[0]
     try:
         header = next(csv.reader([first.decode("utf-8")]), [])
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, csv.Error):
         header = None
     if header not in (COLUMNS, LEGACY_COLUMNS) or b"\n" not in data:
         shown = header[:4] if header else repr(first[:40])
@@ -137,10 +137,13 @@ def load_journal(path: Path) -> Journal:
     except UnicodeDecodeError:
         raise UserError(f"'{path}' is not UTF-8 text; the journal was damaged. Restore it, or align into a new "
                         f"OUT.") from None
-    reader = csv.reader(io.StringIO(text))
-    next(reader)
+    try:
+        rows = list(csv.reader(io.StringIO(text)))[1:]
+    except csv.Error as exc:
+        raise UserError(f"'{path}' is not a readable CSV ({exc}); the journal was edited or damaged. Restore it, or "
+                        f"align into a new OUT.") from None
     width = len(header)
-    for n, row in enumerate(reader, start=2):
+    for n, row in enumerate(rows, start=2):
         if len(row) != width:
             raise UserError(f"'{path}', line {n}: {len(row)} fields instead of {width}; the journal was edited or "
                             f"damaged. Restore it, or align into a new OUT.")
@@ -156,8 +159,11 @@ def load_journal(path: Path) -> Journal:
             try:
                 points = np.array([float(v) for v in row[5:15]]).reshape(5, 2)
             except ValueError:
-                raise UserError(f"'{path}', line {n}: the points {','.join(row[5:15])[:80]!r} are not ten numbers; "
-                                f"the journal was edited or damaged. Restore it, or align into a new OUT.") from None
+                points = None
+            if points is None or not np.isfinite(points).all():
+                raise UserError(f"'{path}', line {n}: the points {','.join(row[5:15])[:80]!r} are not ten finite "
+                                f"numbers; the journal was edited or damaged. Restore it, or align into a new "
+                                f"OUT.")
         elif row[2] == ALIGNED:
             raise UserError(f"'{path}', line {n}: an aligned image without points; the journal was edited or "
                             f"damaged. Restore it, or align into a new OUT.")
