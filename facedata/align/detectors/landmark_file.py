@@ -12,10 +12,13 @@ Points are in the order left eye, right eye, nose tip, left mouth corner, right 
 """
 from __future__ import annotations
 
+import array
 import csv
 import itertools
+import math
 import re
 from pathlib import Path, PurePosixPath
+from typing import Iterable
 
 import numpy as np
 
@@ -30,46 +33,41 @@ VGG_HEADER = ["name_id"] + [f"p{i}{a}" for i in range(1, 6) for a in ("x", "y")]
 
 class Table:
     """One landmark file read once: key -> row of a (N, 5, 2) array, and the keys it gives two different rows for
-    (never guessed: those images are left out and listed)."""
+    (never guessed: those images are left out and listed). Numbers are collected in a flat array of doubles (8
+    bytes each): millions of rows fit in memory."""
 
     def __init__(self, path: Path, kind: str):
         self.path, self.kind = path, kind
         self.index: dict[str, int] = {}
-        self.lines: list[int] = []
-        self.values: list[str] = []
+        self.lines = array.array("q")
+        self.values = array.array("d")
         self.ambiguous: dict[str, tuple[int, int]] = {}
         self.points = np.zeros((0, 5, 2))
 
-    def add(self, key: str, values: list[str], line: int) -> None:
+    def _numbers(self, cells: list[str], line: int) -> list[float]:
+        try:
+            numbers = [float(v) for v in cells]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 10 or not all(math.isfinite(v) for v in numbers):
+            what = "not ten numbers (x1 y1 ... x5 y5)" if len(numbers) != 10 else "not finite numbers (nan or inf)"
+            raise UserError(f"landmark file '{self.path}', line {line}: {' '.join(cells)[:80]!r} is {what}. Check "
+                            f"that it is the right file and not damaged, or correct that row.")
+        return numbers
+
+    def add(self, key: str, cells: list[str], line: int) -> None:
+        numbers = self._numbers(cells, line)
         row = self.index.get(key)
         if row is None:
             self.index[key] = len(self.lines)
             self.lines.append(line)
-            self.values.extend(values)
-        elif key not in self.ambiguous and self.values[10 * row:10 * row + 10] != values:
-            first = self.lines[row]
-            if self._numbers(self.values[10 * row:10 * row + 10], first) != self._numbers(values, line):
-                self.ambiguous[key] = (first, line)
+            self.values.extend(numbers)
+        elif key not in self.ambiguous and list(self.values[10 * row:10 * row + 10]) != numbers:
+            self.ambiguous[key] = (self.lines[row], line)
 
-    def _numbers(self, cells: list[str], line: int) -> list[float]:
-        try:
-            return [float(v) for v in cells]
-        except ValueError:
-            raise UserError(f"landmark file '{self.path}', line {line}: {' '.join(cells)[:80]!r} is not ten numbers "
-                            f"(x1 y1 ... x5 y5). Check that it is the right file and not damaged.") from None
-
-    def finish(self) -> "Table":
-        """Convert the collected text to numbers (one pass, one array), naming the first bad row."""
-        try:
-            self.points = np.array(self.values, dtype=np.float64).reshape(-1, 5, 2)
-        except ValueError:   # find the row to name (and accept what Python's float reads, e.g. "1_000")
-            self.points = np.array([self._numbers(self.values[10 * row:10 * row + 10], line)
-                                    for row, line in enumerate(self.lines)], dtype=np.float64).reshape(-1, 5, 2)
-        bad = ~np.isfinite(self.points).all(axis=(1, 2))
-        if bad.any():
-            raise UserError(f"landmark file '{self.path}', line {self.lines[int(np.argmax(bad))]}: landmarks are not "
-                            f"finite numbers (nan or inf). Correct or remove that row.")
-        self.values = []
+    def finish(self) -> Table:
+        """The collected numbers as one (N, 5, 2) array."""
+        self.points = np.frombuffer(self.values, dtype=np.float64).reshape(-1, 5, 2)
         return self
 
     def __len__(self) -> int:
@@ -101,23 +99,30 @@ def read_landmarks(path: Path) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def read_table(path: Path) -> Table:
-    """One landmark file as a Table (streamed: a file of millions of rows is read once, into one array)."""
+    """One landmark file as a Table, streamed line by line: a file of millions of rows is read once, into one
+    array (the text is never held whole)."""
     if not path.is_file():
         raise UserError(f"landmark file '{path}' (--landmarks) does not exist or is not a file. Give the path of "
                         f"VGGFace2's loose_landmark_*.csv, CelebA's list_landmarks_*celeba.txt or a CSV "
                         f"path,x1,y1,...,x5,y5.")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        with open(path, encoding="utf-8-sig") as fh:   # universal newlines: \n, \r\n and \r alike
+            return _parse(path, fh)
     except UnicodeDecodeError:
         raise UserError(f"landmark file '{path}' is not UTF-8 text; it is damaged or not a landmark file.") from None
+    except csv.Error as exc:   # a NUL byte, a field beyond csv's size limit
+        raise UserError(f"landmark file '{path}' is not a readable CSV ({exc}); it is damaged or not a landmark "
+                        f"file.") from None
     except OSError as exc:
         raise UserError(f"landmark file '{path}' cannot be read ({exc.strerror or exc}).") from None
-    if "\0" in text:
-        raise UserError(f"landmark file '{path}' holds NUL bytes; it is damaged or not a landmark file.")
-    lines = text.splitlines()
-    if len(lines) >= 2 and lines[0].strip().isdigit() and lines[1].split() == CELEBA_HEADER:
+
+
+def _parse(path: Path, fh: Iterable[str]) -> Table:
+    lines = iter(fh)
+    head = list(itertools.islice(lines, 2))
+    if len(head) == 2 and head[0].strip().isdigit() and head[1].split() == CELEBA_HEADER:
         table = Table(path, "celeba")
-        for n, line in enumerate(lines[2:], start=3):
+        for n, line in enumerate(lines, start=3):
             cells = line.split()
             if not cells:
                 continue
@@ -126,7 +131,8 @@ def read_table(path: Path) -> Table:
                                 f"list_landmarks format), got {len(cells)} fields.")
             table.add(_key(cells[0], "celeba"), cells[1:], n)
         return table.finish()
-    rows = ((n, [c.strip() for c in r]) for n, r in enumerate(csv.reader(lines, skipinitialspace=True), start=1))
+    reader = csv.reader(itertools.chain(head, lines), skipinitialspace=True)
+    rows = ((n, [c.strip() for c in r]) for n, r in enumerate(reader, start=1))
     rows = ((n, r) for n, r in rows if any(r))
     first = next(rows, None)
     if first is None:
