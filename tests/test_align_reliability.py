@@ -130,7 +130,7 @@ def test_a_users_log_or_report_is_refused_unless_the_journal_shows_the_tool_wrot
     assert (out / name).read_text() == text and (out / LANDMARKS_NAME).read_bytes() == journal
 
 
-def test_a_journal_of_the_earlier_layout_is_continued(tmp_path):
+def test_a_journal_of_the_earlier_layout_is_continued(tmp_path, monkeypatch):
     """OUTs aligned before the journal recorded sizes and hashes: their rows, report and log are taken as they are."""
     src, points, table = make_tree(tmp_path, n_people=1, per=3)
     out = tmp_path / "aligned"
@@ -139,8 +139,20 @@ def test_a_journal_of_the_earlier_layout_is_continued(tmp_path):
     with open(out / LANDMARKS_NAME, "w", newline="") as fh:
         csv.writer(fh, lineterminator="\n").writerows([r[:16] for r in rows[:-1]])   # the last image not yet done
     (out / rows[-1][0]).unlink()
+    real = align_run._atomic_write
+
+    def crops_fail(path, data):   # killed (here: a full disk) after the first new row was appended
+        if path.suffix == ".png":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(align_run, "_atomic_write", crops_fail)
+    with pytest.raises(UserError, match="disk is full"):
+        align_tree(src, out, file_spec(points), workers=1, progress=False)
+    monkeypatch.setattr(align_run, "_atomic_write", real)
     result = align_tree(src, out, file_spec(points), workers=1, progress=False)
     assert result.processed == 1 and sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == sorted(table)
+    assert align_tree(src, out, file_spec(points), workers=1, progress=False).processed == 0
 
 
 # ---------------------------------------------------------------- landmarks that are no face of the image (29.7)

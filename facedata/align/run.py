@@ -462,6 +462,11 @@ def align_images(jobs: Iterable[Job], out: str | os.PathLike, spec: DetectorSpec
         if journal.cut:
             with open(journal_path, "r+b") as fh:   # append after the last whole row from now on
                 fh.truncate(journal.whole)
+        if journal.legacy and tasks:   # rows of the new layout are appended below: the journal takes it first,
+            for name in HASHED:        # with the hashes of the report and log that passed the check
+                if (out / name).is_file():
+                    own[name] = [_sha((out / name).read_bytes())]
+            _atomic_write(journal_path, _journal_text(records, own).encode())
         if tasks:
             if n_workers < workers:
                 log.info("--workers %d: %d worker process(es), at most one per image to align (%d) and per core "
