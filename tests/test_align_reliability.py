@@ -128,6 +128,12 @@ def test_a_users_log_or_report_is_refused_unless_the_journal_shows_the_tool_wrot
     with pytest.raises(UserError, match=f"'{name}' \\(not written by this tool"):
         align_tree(src, out, file_spec(points), workers=1, progress=False)
     assert (out / name).read_text() == text and (out / LANDMARKS_NAME).read_bytes() == journal
+    (out / name).unlink()
+    (out / name).mkdir()   # a folder of that name: refused before any work, not met at the end
+    (out / name / "inside.txt").write_text("mine")
+    with pytest.raises(UserError, match=f"'{name}' \\(a folder where this tool writes its file"):
+        align_tree(src, out, file_spec(points), workers=1, progress=False)
+    assert (out / name / "inside.txt").read_text() == "mine"
 
 
 def test_a_journal_of_the_earlier_layout_is_continued(tmp_path, monkeypatch):

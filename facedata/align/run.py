@@ -208,6 +208,8 @@ def _check_out(out: Path, jobs: dict[str, Job], journal: Journal, source: str, k
             conflicts.append(f"'{rel}' (landmarks from {rec.landmarks_from}, this run uses {source})")
     for folder, dirs, files in os.walk(out):
         top = folder == str(out)
+        if top:
+            conflicts += [f"'{d}' (a folder where this tool writes its file)" for d in dirs if d in HASHED]
         for name in files + [d for d in dirs if os.path.islink(os.path.join(folder, d))]:
             path = Path(folder) / name
             rel = path.relative_to(out).as_posix()
