@@ -292,7 +292,7 @@ def test_two_different_rows_for_one_image_are_never_guessed(tmp_path):
     rows = [(rels[0], table[rels[0]]), (rels[1], table[rels[1]]), (rels[0], table[rels[0]] + 3),
             (rels[2], table[rels[2]]), (rels[2], table[rels[2]])]       # the same row twice: not ambiguous
     points = write_points(tmp_path / "p.csv", rows)
-    result = align_tree(src, tmp_path / "aligned", file_spec(points), workers=1, progress=False)
+    result = align_tree(src, tmp_path / "aligned", file_spec(points), workers=2, progress=False)   # sent to workers
     assert {rel: r.status for rel, r in result.records.items()} == {rels[0]: "ambiguous", rels[1]: "aligned",
                                                                       rels[2]: "aligned"}
     assert "(lines 2 and 4)" in result.records[rels[0]].note

@@ -32,6 +32,9 @@ class LeftOut(Exception):
         super().__init__(note)
         self.status, self.note = status, note
 
+    def __reduce__(self):   # sent to worker processes inside a task
+        return LeftOut, (self.status, self.note)
+
 
 class Detector(Protocol):
     """What a landmark source provides to the aligner."""
