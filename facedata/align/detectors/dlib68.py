@@ -5,7 +5,8 @@ Faces are searched by the HOG detector first and, on the images where it finds n
 ``mmod_human_face_detector.dat``: slower, but it finds turned, tilted and small faces HOG misses). Photographs
 whose short side is above DETECT_SIDE pixels are searched on a copy shrunk to it (HOG's and MMOD's cost grows with
 the pixels, and their windows find faces from about 80 px: 12% of that side); the landmarks are always placed on
-the full image. Installs from the package index and runs offline (requirements-align.txt: dlib-bin,
+the full image. The 68-point model is made for upright faces: on a face MMOD found, the points are placed again on
+copies of the image turned about the face until its eye line is level (HOG's faces are kept as placed). Installs from the package index and runs offline (requirements-align.txt: dlib-bin,
 face-recognition-models, which ships both model files); ``--detector-model`` may name another 68-point file.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ MODEL_NAME = "shape_predictor_68_face_landmarks.dat"
 MMOD_NAME = "mmod_human_face_detector.dat"
 INSTALL = "pip install -r requirements-align.txt"
 DETECT_SIDE = 640   # photographs with a longer short side are searched on a copy shrunk to this
+TILT_LEVEL, TILT_ROUNDS = 3.0, 3   # MMOD's faces: placed again (3 rounds at most) until level within 3 deg
 
 
 def packaged_model(name: str = MODEL_NAME) -> Path | None:
@@ -100,6 +102,32 @@ class Dlib68:
             found, by = [d.rect for d in self.mmod(rgb, times)], "mmod"
         return [tuple(v / scale for v in (r.left(), r.top(), r.right(), r.bottom())) for r in found], by
 
+    def five(self, rgb: np.ndarray, rect) -> np.ndarray:
+        """The five points of the 68 the model places in ``rect`` of ``rgb``."""
+        shape = self.predictor(rgb, rect)
+        if shape.num_parts != 68:
+            raise UserError(f"--detector-model '{self.model}' predicts {shape.num_parts} points; the five-point "
+                            f"mapping needs dlib's 68-point model ({MODEL_NAME}).")
+        pts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+        return np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48], pts[54]])
+
+    def upright(self, image: np.ndarray, rect, five: np.ndarray) -> np.ndarray:
+        """The five points of a tilted face placed again on copies of the image turned about the face until its
+        eye line is level (the 68-point model is made for upright faces; MMOD finds tilted ones)."""
+        centre = ((rect.left() + rect.right()) / 2, (rect.top() + rect.bottom()) / 2)
+        applied = 0.0   # the turn of the copy the current points were placed on
+        for _ in range(TILT_ROUNDS):
+            eyes = five[1] - five[0]
+            tilt = float(np.degrees(np.arctan2(eyes[1], eyes[0])))
+            if abs(tilt - applied) < TILT_LEVEL:   # placed on a copy where the face was level: done
+                break
+            turn = cv2.getRotationMatrix2D(centre, tilt, 1.0)
+            level = cv2.warpAffine(image, turn, (image.shape[1], image.shape[0]), borderMode=cv2.BORDER_REFLECT)
+            back = cv2.invertAffineTransform(turn)
+            five = self.five(np.ascontiguousarray(level[:, :, ::-1]), rect) @ back[:, :2].T + back[:, 2]
+            applied = tilt
+        return five
+
     def faces(self, image: np.ndarray | None, rel: str) -> list[Face]:
         import dlib
         if self.predictor is None:
@@ -109,12 +137,9 @@ class Dlib68:
         out = []
         for box in boxes:
             rect = dlib.rectangle(*(int(round(v)) for v in box))
-            shape = self.predictor(rgb, rect)   # on the full image: the landmarks keep its resolution
-            if shape.num_parts != 68:
-                raise UserError(f"--detector-model '{self.model}' predicts {shape.num_parts} points; the five-point "
-                                f"mapping needs dlib's 68-point model ({MODEL_NAME}).")
-            pts = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-            five = np.stack([pts[36:42].mean(0), pts[42:48].mean(0), pts[30], pts[48], pts[54]])
+            five = self.five(rgb, rect)   # on the full image: the landmarks keep its resolution
+            if by == "mmod":
+                five = self.upright(image, rect, five)
             out.append(Face(np.array(box, dtype=np.float64), five, found_by=by))
         return out
 
