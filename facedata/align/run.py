@@ -153,7 +153,7 @@ def load_journal(path: Path) -> Journal:
         if row[2] not in STATUSES:
             raise UserError(f"'{path}', line {n}: status {row[2]!r} is not one of {', '.join(STATUSES)}; the journal "
                             f"was edited or damaged. Restore it, or align into a new OUT.")
-        faces = _int(row[4], "face count", path, n)
+        faces = _int(row[4], "face count", path, n) or 0
         points = None
         if any(row[5:15]):
             try:
@@ -226,8 +226,8 @@ def _check_out(out: Path, jobs: dict[str, Job], journal: Journal, source: str, k
                 if target in records or (top and tmp["name"] in OWN_FILES):
                     stale.append(path)   # a crop or own file a killed run had not yet renamed into place
                     continue
-            rec = records.get(rel)
-            if rec is None or rec.status not in WRITTEN or path.is_symlink():
+            written = records.get(rel)
+            if written is None or written.status not in WRITTEN or path.is_symlink():
                 conflicts.append(f"'{rel}' (not written by this alignment)")
     if conflicts:
         raise UserError(f"OUT '{out}' already holds {len(conflicts)} entries that this alignment would not create: "
@@ -462,8 +462,8 @@ def align_images(jobs: Iterable[Job], out: str | os.PathLike, spec: DetectorSpec
         for path in stale:
             path.unlink()
         if journal.cut:
-            with open(journal_path, "r+b") as fh:   # append after the last whole row from now on
-                fh.truncate(journal.whole)
+            with open(journal_path, "r+b") as cut:   # append after the last whole row from now on
+                cut.truncate(journal.whole)
         if journal.legacy and tasks:   # rows of the new layout are appended below: the journal takes it first,
             for name in HASHED:        # with the hashes of the report and log that passed the check
                 if (out / name).is_file():
@@ -572,9 +572,11 @@ def tree_jobs(src: str | os.PathLike, out: str | os.PathLike | None = None
     from facedata.dataset import BROKEN_LINK, IMAGE_EXTENSIONS, entry_kind, visible_entries
     src = Path(src)
     out = Path(out).resolve() if out is not None else None
-    jobs, others, skipped = [], Counter(), []
+    jobs: list[Job] = []
+    others: Counter = Counter()
+    skipped: list[tuple[str, str]] = []
     st = os.stat(src)
-    stack = [(src, "", ((st.st_dev, st.st_ino),))]
+    stack: list[tuple[Path, str, tuple[tuple[int, int], ...]]] = [(src, "", ((st.st_dev, st.st_ino),))]
     while stack:
         folder, prefix, above = stack.pop()
         try:

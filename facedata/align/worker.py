@@ -137,11 +137,13 @@ def _plausible(faces: list[Face], shape: tuple[int, ...]) -> tuple[list[tuple[Fa
 def process(detector, task: Task) -> tuple[Record, bytes | None]:
     """Align one image (see Task)."""
     job, source = task.job, task.source
+    size: int | None = None
+    mtime: int | None = None
     try:
         st = os.stat(job.src)
         size, mtime = st.st_size, st.st_mtime_ns
     except OSError:
-        size = mtime = None
+        pass   # a link gone since the scan: unreadable
 
     def record(status: str, faces: int = 0, points=None, note: str = "", by: str = "") -> Record:
         return Record(job.rel, str(job.src), status, source, faces, points, note, by, size, mtime)
@@ -158,7 +160,7 @@ def process(detector, task: Task) -> tuple[Record, bytes | None]:
         elif task.mode == "given":
             if isinstance(task.given, LeftOut):
                 raise task.given
-            found = list(task.given)
+            found = list(task.given)  # type: ignore[call-overload]  # the faces a landmark file gives
         else:   # warp: the journal's points
             found = [Face(np.zeros(4), np.asarray(task.given, dtype=np.float64))]
     except LeftOut as exc:
