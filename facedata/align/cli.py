@@ -60,8 +60,9 @@ def spec_from(args: argparse.Namespace, name: str) -> DetectorSpec:
 
 
 @contextlib.contextmanager
-def _log_to_stderr() -> Iterator[None]:
-    """The library's log lines (progress, workers) on stderr while the command runs."""
+def log_to_stderr() -> Iterator[None]:
+    """The library's log lines (progress, workers) on stderr while the command runs (prepare_dataset.py --align
+    can wrap its body in it too)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger(ROOT)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        with _log_to_stderr():
+        with log_to_stderr():
             result = align_tree(args.src, args.out, spec_from(args, args.detector), args.workers,
                                 args.fallback == "centre", max_megapixels=args.max_megapixels,
                                 progress_seconds=args.progress_seconds)
