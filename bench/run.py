@@ -270,8 +270,10 @@ def bench_parallel_sweep(work: Path, device: torch.device, gender: int) -> tuple
 
 def bench_alignment(work: Path, n_images: int) -> tuple | None:
     """tools/align_faces.py's work (dlib detection, warp, JPEG writing) on ``n_images`` LFW-sized photographs made of
-    scikit-image's astronaut (moved, scaled, turned), one worker per core against one worker; and decoding alone."""
-    from facedata.align.detectors import dlib68
+    scikit-image's astronaut (moved, scaled, turned), one worker per core against one worker; and decoding alone.
+    Large photographs (CelebA's largest, 1200x1805): the command's speed, and the search on the shrunk copy against
+    the same search at full resolution (time per image, landmarks compared)."""
+    from facedata.align.detectors import DetectorSpec, build_detector, dlib68
     from facedata.align.run import LANDMARKS_NAME, default_workers, read_journal
     try:
         from skimage.data import astronaut
@@ -294,21 +296,54 @@ def bench_alignment(work: Path, n_images: int) -> tuple | None:
         cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
     decode_s = (time.perf_counter() - t0) / len(files)
     workers = max(2, default_workers())
+    script = str(Path(__file__).resolve().parent.parent / "tools" / "align_faces.py")
     seconds, aligned = {}, {}
     for n in (1, workers):   # the command line as a user runs it (its workers import the light CLI, not this file)
         out = work / f"align_out_{n}"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "align_faces.py"),
-                        str(src), str(out), "--detector", "dlib", "--workers", str(n)], check=True,
-                       capture_output=True)
+        subprocess.run([sys.executable, script, str(src), str(out), "--detector", "dlib", "--workers", str(n)],
+                       check=True, capture_output=True)
         seconds[n] = time.perf_counter() - t0
         aligned[n] = sum(1 for r in read_journal(out / LANDMARKS_NAME).values() if r.status == "aligned")
     per_image = seconds[1] / len(files)
+    # large photographs: the astronaut's face at about 500 px in a 1200x1805 frame
+    whole = np.ascontiguousarray(astronaut()[:, :, ::-1])
+    large_src, large = work / "align_large", []
+    for i in range(max(4, n_images // 8)):
+        m = cv2.getRotationMatrix2D((256, 256), rng.uniform(-10, 10), rng.uniform(2.0, 2.4))
+        m[:, 2] += [600 - 256 + rng.uniform(-80, 80), 900 - 256 + rng.uniform(-120, 120)]
+        large.append(cv2.warpAffine(whole, m, (1200, 1805), borderMode=cv2.BORDER_REFLECT))
+        path = large_src / "Large" / f"Large_{i + 1:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), large[-1])
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, script, str(large_src), str(work / "align_large_out"), "--detector", "dlib",
+                    "--workers", str(workers)], check=True, capture_output=True)
+    large_cmd = time.perf_counter() - t0
+    large_aligned = sum(1 for r in read_journal(work / "align_large_out" / LANDMARKS_NAME).values()
+                        if r.status == "aligned")
+    detector = build_detector(DetectorSpec("dlib"))
+    detector.faces(large[0], "warm-up")   # loads the models
+    search, points = {}, {}
+    for side in (dlib68.DETECT_SIDE, 10 ** 6):   # shrunk copy (the tool) against full resolution
+        saved, dlib68.DETECT_SIDE = dlib68.DETECT_SIDE, side
+        try:
+            t0 = time.perf_counter()
+            points[side] = [detector.faces(image, "large") for image in large]
+            search[side] = (time.perf_counter() - t0) / len(large)
+        finally:
+            dlib68.DETECT_SIDE = saved
+    pairs = [(a[0].points, b[0].points) for a, b in zip(points[dlib68.DETECT_SIDE], points[10 ** 6]) if a and b]
+    gap = max((float(np.abs(a - b).max()) for a, b in pairs), default=float("nan"))
     return (f"face alignment, {workers} workers vs 1", seconds[workers], seconds[1], 1.7,
             f"{len(files)} photos 250x250, dlib 68-point, JPEG out: {len(files) / seconds[workers]:.0f} vs "
-            f"{len(files) / seconds[1]:.0f} images/s (whole command, worker start included), {aligned[1]} and {aligned[workers]} "
-            f"aligned; one worker: {per_image * 1000:.1f} ms per image = {per_image / decode_s:.0f}x decoding alone "
-            f"({decode_s * 1000:.2f} ms)")
+            f"{len(files) / seconds[1]:.0f} images/s (whole command, worker start included), {aligned[1]} and "
+            f"{aligned[workers]} aligned; one worker: {per_image * 1000:.1f} ms per image = "
+            f"{per_image / decode_s:.0f}x decoding alone ({decode_s * 1000:.2f} ms); large photos 1200x1805: "
+            f"{len(large) / large_cmd:.1f} images/s with {workers} workers ({large_aligned} of {len(large)} aligned), "
+            f"search on a {dlib68.DETECT_SIDE} px copy {search[dlib68.DETECT_SIDE] * 1000:.0f} ms against "
+            f"{search[10 ** 6] * 1000:.0f} ms at full resolution per image, landmarks within {gap:.1f} px "
+            f"({len(pairs)} faces found by both)")
 
 
 def bench_leakage(size: dict) -> dict:

@@ -146,32 +146,44 @@ def test_scrfd_decoding_of_a_hand_made_output():
     assert nms(boxes_nms, np.array([0.8, 0.9, 0.7])) == [1, 2]
 
 
-def test_scrfd_detector_runs_an_onnx_model_of_insightface_s_layout(tmp_path):
-    """A hand-made model with SCRFD's nine outputs (constants: one face, and a weaker duplicate that NMS removes)
-    checks the input scaling, the output order, the decoding and the mapping back to image pixels."""
-    onnx = pytest.importorskip("onnx")
-    pytest.importorskip("onnxruntime")
-    from onnx import TensorProto, helper, numpy_helper
-    from facedata.align.detectors import build_detector
+SCRFD_KPS = np.array([[-1, -1], [1, -1], [0, 0.5], [-0.8, 1.5], [0.8, 1.5]], np.float32)
+
+
+def scrfd_outputs() -> dict[str, np.ndarray]:
+    """SCRFD's nine outputs for a 640x640 input: one face (and a weaker duplicate that NMS removes) at the stride-16
+    anchor centred on (320, 240), box (288, 192)-(352, 288), landmarks SCRFD_KPS in strides from the centre."""
     outputs = {}
-    for stride in (8, 16, 32):
-        n = (640 // stride) ** 2 * 2
-        outputs[f"score_{stride}"] = np.zeros((n, 1), np.float32)
-        outputs[f"bbox_{stride}"] = np.zeros((n, 4), np.float32)
-        outputs[f"kps_{stride}"] = np.zeros((n, 10), np.float32)
+    for kind, width in (("score", 1), ("bbox", 4), ("kps", 10)):   # insightface's order: by kind, then stride
+        for stride in (8, 16, 32):
+            outputs[f"{kind}_{stride}"] = np.zeros(((640 // stride) ** 2 * 2, width), np.float32)
     i = (15 * 40 + 20) * 2                      # stride 16, cell x 20, y 15: anchor centre (320, 240)
     outputs["score_16"][[i, i + 1]] = [[0.9], [0.6]]
     outputs["bbox_16"][[i, i + 1]] = [2, 3, 2, 3]   # box (288, 192)-(352, 288) in input pixels
-    kps = np.array([[-1, -1], [1, -1], [0, 0.5], [-0.8, 1.5], [0.8, 1.5]], np.float32)
-    outputs["kps_16"][[i, i + 1]] = kps.reshape(-1)
-    names = [f"{kind}_{s}" for kind in ("score", "bbox", "kps") for s in (8, 16, 32)]
+    outputs["kps_16"][[i, i + 1]] = SCRFD_KPS.reshape(-1)
+    return outputs
+
+
+def constant_onnx(path: Path, outputs: dict[str, np.ndarray], input_shape: list | None = None) -> Path:
+    """An ONNX model whose outputs are the given constants (in order), whatever its input (of ``input_shape``)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+    names = list(outputs)
     nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(outputs[name])) for name in names]
-    graph = helper.make_graph(nodes, "fake_scrfd", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT,
-                                                                                  [1, 3, None, None])],
+    shape = input_shape if input_shape is not None else [1, 3, None, None]
+    graph = helper.make_graph(nodes, "fake_scrfd", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, shape)],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(outputs[n].shape))
                                for n in names])
-    model = tmp_path / "fake_scrfd.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(model))
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
+
+
+def test_scrfd_detector_runs_an_onnx_model_of_insightface_s_layout(tmp_path):
+    """A hand-made model with SCRFD's nine outputs (constants: one face, and a weaker duplicate that NMS removes)
+    checks the input scaling, the output order, the decoding and the mapping back to image pixels."""
+    from facedata.align.detectors import build_detector
+    model = constant_onnx(tmp_path / "fake_scrfd.onnx", scrfd_outputs())
+    kps = SCRFD_KPS
     det = build_detector(DetectorSpec("scrfd", str(model)))
     faces = det.faces(np.zeros((240, 320, 3), np.uint8), "x.jpg")   # scaled by 2 into the 640x640 input
     assert len(faces) == 1 and faces[0].score == pytest.approx(0.9)
@@ -298,7 +310,8 @@ def test_no_landmarks_unreadable_and_fallback(tmp_path):
     assert not (out / missing).exists() and not (out / "Person_1/broken.jpg").exists()
     assert {r.rel: r.status for r in result.left_out} == {missing: "no_face", "Person_1/broken.jpg": "unreadable"}
     report = (out / REPORT_NAME).read_text()
-    assert f"no face found\t{missing}" in report and "the file does not decode as an image\tPerson_1/broken.jpg" in report
+    assert f"no face found\t{missing}" in report
+    assert "the file does not decode as an image\tPerson_1/broken.jpg" in report
     assert "left out 2" in (out / LOG_NAME).read_text()
     # asked again with the fallback: the image without landmarks gets a centred crop, marked as such
     result = align_tree(src, out, DetectorSpec("file", landmarks=(str(points),)), workers=1, fallback=True,
@@ -344,6 +357,8 @@ def test_killed_run_continues_without_redoing_images(tmp_path):
         from facedata.align.run import align_tree
 
         class Slow(LandmarkFile):
+            needs_pixels = True   # looked up per image while the run goes (not once before it, as a file is)
+
             def faces(self, image, rel):
                 time.sleep(float(sys.argv[1]))
                 return super().faces(image, rel)
@@ -373,7 +388,7 @@ def test_killed_run_continues_without_redoing_images(tmp_path):
     for rel, (mtime, ino, data) in crops_before.items():
         assert after[rel] == (mtime, ino, data)           # not rewritten
     assert sorted(k for k in after if k.endswith(".png")) == sorted(table)
-    final = list(csv.reader((out / LANDMARKS_NAME).read_text().splitlines()))
+    final = [r for r in csv.reader((out / LANDMARKS_NAME).read_text().splitlines()) if r[2] != "own_file"]
     assert len(final) == 1 + len(table) and len({r[0] for r in final[1:]}) == len(table)   # one row per image
 
 
@@ -383,14 +398,19 @@ def test_cut_off_journal_line_is_dropped_and_redone(tmp_path):
     spec = DetectorSpec("file", landmarks=(str(points),))
     align_tree(src, out, spec, workers=1, progress=False)
     rel = sorted(table)[-1]
-    lines = (out / LANDMARKS_NAME).read_text().splitlines(keepends=True)
+    # as a run killed before its end left them: image rows only (the report and log are written at the end)
+    lines = [line for line in (out / LANDMARKS_NAME).read_text().splitlines(keepends=True) if ",own_file," not in line]
+    (out / REPORT_NAME).unlink()
+    (out / LOG_NAME).unlink()
     assert lines[-1].startswith(rel)
     (out / LANDMARKS_NAME).write_text("".join(lines[:-1]) + lines[-1][:25])   # killed while writing that row
     (out / rel).unlink()
-    (out / Path(rel).parent / f".{Path(rel).name}.123.tmp").write_bytes(b"half a crop")
+    other = sorted(table)[0]   # killed while renaming this one's crop into place (its row was whole)
+    (out / other).unlink()
+    (out / Path(other).parent / f".{Path(other).name}.123.align-tmp").write_bytes(b"half a crop")
     result = align_tree(src, out, spec, workers=1, progress=False)
-    assert result.processed == 1 and (out / rel).is_file()
-    assert not list(out.rglob("*.tmp"))
+    assert result.processed == 2 and (out / rel).is_file() and (out / other).is_file()
+    assert not list(out.rglob("*tmp"))
 
 
 # ---------------------------------------------------------------- dlib on real photographs

@@ -18,8 +18,19 @@ REFERENCE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7
 POINT_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
 
 
+# Landmarks further outside the image than this share of its width (height) are not a face of the image: a
+# detector's overflow (1e30), a landmark file's wrong row or units. A face cut by the frame stays within it.
+OUTSIDE_MARGIN = 0.25
+# A crop magnifying the photograph more than this (the eyes less than about 2 px apart) shows no face.
+MAX_SCALE = 16.0
+
+
 class DegenerateLandmarks(ValueError):
     """Landmarks that fix no similarity (all points equal, or not finite)."""
+
+
+class ImplausibleLandmarks(ValueError):
+    """Landmarks that fix a similarity but not a face of the image: outside it, or an absurd scale."""
 
 
 def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -50,7 +61,8 @@ def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def estimate_norm(landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
     """The 2x3 matrix taking five (x, y) landmarks of an image onto the reference points of a ``size`` crop
-    (insightface's rule for other sizes: reference scaled by size/112, or size/128 with 8 px shift for 128 multiples)."""
+    (insightface's rule for other sizes: reference scaled by size/112, or size/128 with 8 px shift for 128
+    multiples)."""
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (5, 2):
         raise ValueError(f"need five (x, y) landmarks, got an array of shape {landmarks.shape}")
@@ -65,14 +77,39 @@ def estimate_norm(landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray
     return umeyama_similarity(landmarks, dst)
 
 
+def check_landmarks(landmarks: np.ndarray, shape: tuple[int, ...], size: int = ALIGNED_SIZE) -> np.ndarray:
+    """The alignment matrix of five landmarks of an image of ``shape``, or DegenerateLandmarks (they fix no
+    similarity) / ImplausibleLandmarks (a point more than OUTSIDE_MARGIN of the image's size outside it, or a
+    scale above MAX_SCALE): a black or flat crop is never written as if aligned."""
+    points = np.asarray(landmarks, dtype=np.float64)
+    if points.shape != (5, 2):
+        raise DegenerateLandmarks(f"need five (x, y) landmarks, got an array of shape {points.shape}")
+    if not np.isfinite(points).all():
+        raise DegenerateLandmarks("landmarks are not finite numbers")
+    h, w = shape[:2]
+    low = -OUTSIDE_MARGIN * np.array([w, h])
+    high = (1 + OUTSIDE_MARGIN) * np.array([w, h])
+    outside = ((points < low) | (points > high)).any(axis=1)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise ImplausibleLandmarks(f"landmark {POINT_NAMES[i]} at ({points[i, 0]:.4g}, {points[i, 1]:.4g}) lies "
+                                   f"outside the {w}x{h} image (by more than {OUTSIDE_MARGIN:.0%} of its size)")
+    matrix = estimate_norm(points, size)
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    if not np.isfinite(matrix).all() or scale > MAX_SCALE * size / ALIGNED_SIZE:
+        raise ImplausibleLandmarks(f"the landmarks are too close together (the crop would magnify the photograph "
+                                   f"{scale:.3g} times, above {MAX_SCALE:g})")
+    return matrix
+
+
 def warp(image: np.ndarray, matrix: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
     """The ``size`` x ``size`` crop of ``image`` under ``matrix`` (bilinear, black outside the image)."""
     return cv2.warpAffine(image, np.asarray(matrix, dtype=np.float64), (size, size), borderValue=0.0)
 
 
 def norm_crop(image: np.ndarray, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
-    """The aligned crop of the face whose five landmarks are given."""
-    return warp(image, estimate_norm(landmarks, size), size)
+    """The aligned crop of the face whose five landmarks are given (checked by ``check_landmarks``)."""
+    return warp(image, check_landmarks(landmarks, image.shape, size), size)
 
 
 def centre_crop(image: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:

@@ -21,6 +21,19 @@ class Face:
     box: np.ndarray
     points: np.ndarray
     score: float = 1.0
+    found_by: str = ""   # which of a source's detectors found it (dlib: "hog" or "mmod"), for the journal
+
+
+class LeftOut(Exception):
+    """Raised by a source's ``faces`` to leave an image out with a stated reason instead of guessing (e.g. a
+    landmark file giving two different rows for it); ``status`` is the journal's status, the message its note."""
+
+    def __init__(self, status: str, note: str):
+        super().__init__(note)
+        self.status, self.note = status, note
+
+    def __reduce__(self):   # sent to worker processes inside a task
+        return LeftOut, (self.status, self.note)
 
 
 class Detector(Protocol):

@@ -35,20 +35,30 @@ def decode(scores: list[np.ndarray], boxes: list[np.ndarray], kps: list[np.ndarr
     """(scores (K,), boxes (K, 4), landmarks (K, 5, 2)) in input pixels of the anchors scoring >= ``threshold``."""
     out_s, out_b, out_k = [], [], []
     for s, b, k, stride in zip(scores, boxes, kps, strides):
-        s, b, k = s.reshape(-1), b.reshape(-1, 4) * stride, k.reshape(-1, 10) * stride
+        s, b, k = np.asarray(s), np.asarray(b), np.asarray(k)
+        if b.size != 4 * s.size or k.size != 10 * s.size:
+            raise ValueError(f"stride {stride}: {s.size} scores, {b.size} box values and {k.size} landmark values")
+        with np.errstate(over="ignore", invalid="ignore"):   # an overflowing output becomes inf, left out later
+            s, b, k = s.reshape(-1), b.reshape(-1, 4) * stride, k.reshape(-1, 10) * stride
         centres = anchor_centres(input_hw[0] // stride, input_hw[1] // stride, stride, num_anchors)
         if len(centres) != len(s):
             raise ValueError(f"stride {stride}: {len(s)} scores for {len(centres)} anchors")
         keep = s >= threshold
         c = centres[keep]
         out_s.append(s[keep])
-        out_b.append(np.concatenate([c - b[keep, :2], c + b[keep, 2:]], axis=1))
-        out_k.append((np.tile(c, 5) + k[keep]).reshape(-1, 5, 2))
+        with np.errstate(over="ignore", invalid="ignore"):
+            out_b.append(np.concatenate([c - b[keep, :2], c + b[keep, 2:]], axis=1))
+            out_k.append((np.tile(c, 5) + k[keep]).reshape(-1, 5, 2))
     return np.concatenate(out_s), np.concatenate(out_b), np.concatenate(out_k)
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float = NMS_THRESHOLD) -> list[int]:
     """Indices kept by greedy non-maximum suppression, highest score first (insightface's +1 pixel box areas)."""
+    with np.errstate(over="ignore", invalid="ignore"):   # boxes of an overflowing output: dropped by the aligner
+        return _nms(boxes, scores, iou)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
     x1, y1, x2, y2 = boxes.T
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
     order = np.argsort(-scores, kind="stable")
@@ -87,17 +97,38 @@ class Scrfd:
         except Exception as exc:   # onnxruntime raises its own exception types for unreadable models
             raise UserError(f"--detector-model '{model}' could not be loaded by onnxruntime "
                             f"({type(exc).__name__}: {str(exc)[:200]}). Give an insightface SCRFD/RetinaFace .onnx.")
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        h, w = inp.shape[2:4]
+        self.model = model
+        inputs = self.session.get_inputs()
+        shape = list(inputs[0].shape) if inputs else []
+        if len(inputs) != 1 or len(shape) != 4 or shape[1] not in (3, "3") and isinstance(shape[1], int):
+            raise UserError(f"--detector-model '{model}' takes {len(inputs)} input(s) of shape {shape}; an insightface "
+                            f"detector takes one image batch (1, 3, height, width). Use det_10g.onnx or a *_kps / "
+                            f"*bnkps model.")
+        self.input_name = inputs[0].name
+        h, w = shape[2:4]
         self.input_hw = (h, w) if isinstance(h, int) and isinstance(w, int) else (INPUT_SIZE, INPUT_SIZE)
-        n = len(self.session.get_outputs())
+        if min(self.input_hw) < 32:
+            raise UserError(f"--detector-model '{model}' takes {self.input_hw[0]}x{self.input_hw[1]} images; an "
+                            f"insightface detector takes at least 32x32 (640x640 by default).")
+        outputs = self.session.get_outputs()
+        n = len(outputs)
         layouts = {9: ([8, 16, 32], 2), 15: ([8, 16, 32, 64, 128], 1)}
         if n not in layouts:
             raise UserError(f"--detector-model '{model}' has {n} outputs; an insightface detector with five-point "
-                            f"landmarks has 9 (3 strides) or 15 (5 strides). Use a *_kps / *bnkps model or det_10g.onnx.")
+                            f"landmarks has 9 (3 strides) or 15 (5 strides). Use a *_kps / *bnkps model or "
+                            f"det_10g.onnx.")
         self.strides, self.num_anchors = layouts[n]
+        k = len(self.strides)
+        for i, out in enumerate(outputs):   # scores (N, 1), boxes (N, 4), landmarks (N, 10) per stride
+            want, last = (1, 4, 10)[i // k], out.shape[-1] if out.shape else None
+            if isinstance(last, int) and last != want:
+                raise UserError(self._layout_error(f"output {i} ('{out.name}') has shape {out.shape}"))
         self.source = f"{spec.name}:{model.name}"
+
+    def _layout_error(self, what: str) -> str:
+        return (f"--detector-model '{self.model}': {what}, not insightface's layout (per stride: scores (N, 1), "
+                f"boxes (N, 4), five landmarks (N, 10), N anchors of the input's grid). Use det_10g.onnx or a "
+                f"*_kps / *bnkps model.")
 
     def faces(self, image: np.ndarray | None, rel: str) -> list[Face]:
         h, w = image.shape[:2]
@@ -107,9 +138,17 @@ class Scrfd:
         canvas = np.zeros((ih, iw, 3), dtype=np.uint8)
         canvas[:nh, :nw] = cv2.resize(image, (nw, nh))
         blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128, (iw, ih), (127.5, 127.5, 127.5), swapRB=True)
-        outs = self.session.run(None, {self.input_name: blob})
+        try:
+            outs = self.session.run(None, {self.input_name: blob})
+        except Exception as exc:   # noqa: BLE001 - onnxruntime's own exception types (a shape the model refuses)
+            raise UserError(self._layout_error(f"running it on a (1, 3, {ih}, {iw}) input failed "
+                                               f"({type(exc).__name__}: {str(exc)[:200]})")) from None
         k = len(self.strides)
-        s, b, p = decode(outs[:k], outs[k:2 * k], outs[2 * k:3 * k], self.strides, self.num_anchors, (ih, iw))
+        try:
+            s, b, p = decode(outs[:k], outs[k:2 * k], outs[2 * k:3 * k], self.strides, self.num_anchors, (ih, iw))
+        except ValueError as exc:
+            raise UserError(self._layout_error(f"its outputs do not decode ({exc}; shapes "
+                                               f"{[np.shape(o) for o in outs]})")) from None
         keep = nms(b, s)
         return [Face(b[i] / scale, p[i] / scale, float(s[i])) for i in keep]
 
