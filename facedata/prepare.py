@@ -62,7 +62,7 @@ from pathlib import Path
 from typing import Iterator, Sequence, Union
 
 
-from facedata.align.cli import add_detector_options, spec_from
+from facedata.align.cli import add_detector_options, log_to_stderr, spec_from
 from facedata.align.detectors import DetectorSpec
 from facedata.align.run import LOG_NAME as ALIGN_LOG_NAME, Job, align_images
 from facedata.bin_builder import build_bin, sidecar_path
@@ -897,9 +897,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         spec = spec_from(args, args.align) if args.align else None
-        result = prepare(args.format, args.images, args.labels, args.out, args.link, args.min_images, args.bin,
-                         args.pairs, args.n_gender, args.seed, spec, args.workers, args.fallback == "centre",
-                         gender_rule=args.gender_rule, min_share=args.gender_min_share)
+        with log_to_stderr():   # the alignment's progress lines are seen in a job's output too
+            result = prepare(args.format, args.images, args.labels, args.out, args.link, args.min_images, args.bin,
+                             args.pairs, args.n_gender, args.seed, spec, args.workers, args.fallback == "centre",
+                             gender_rule=args.gender_rule, min_share=args.gender_min_share)
         print(result.log.read_text(), end="")
         print(f"{result.created} new entries in {result.out}" + (" (nothing changed)" if not result.created else ""))
         print(f"log: {result.log}\nreport of what was left out: {result.report}")
