@@ -18,7 +18,7 @@ from config.options import OPTION_GROUPS, check_option_value, group_field_types,
 from utils.errors import UserError
 from utils.logs import get_logger
 
-__all__ = ["Config", "load_config", "config_from_dict", "check_choice", "OVERRIDE_HELP", "option_names",
+__all__ = ["Config", "load_config", "config_from_dict", "OVERRIDE_HELP", "option_names",
            "known_option"]
 
 OVERRIDE_HELP = ("--config PATH loads another module of the same form as config/config.py (options it leaves out keep "
@@ -139,16 +139,6 @@ def _coerce(value: Any, raw: str | None, tp: Any) -> Any:
     if get_origin(tp) is list and isinstance(value, str) and value.strip():
         return [v.strip() for v in value.split(",") if v.strip()]
     return value
-
-
-def check_choice(key: str, value: str, allowed: Iterable[str]) -> None:
-    """A name option (network, method, loss, attackers, ...) must be one of ``allowed``."""
-    allowed = list(allowed)
-    if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"config option '{key}' is {value!r}; choose one of {', '.join(allowed)}.{hint} (A plug-in "
-                        f"registers more names: --set plugins=\"['my_module']\".)")
 
 
 def parse_override(item: str) -> tuple[str, Any, str]:
