@@ -168,7 +168,11 @@ def import_plugins(plugins: Iterable[str]) -> None:
                 spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
-                spec.loader.exec_module(module)
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:   # a plug-in that failed is not loaded: a later load runs it again
+                    sys.modules.pop(name, None)
+                    raise
             else:
                 importlib.import_module(item)
         except UserError:

@@ -28,8 +28,8 @@ DIM = 512
 @contextlib.contextmanager
 def registered() -> Iterator[None]:
     """Whatever the block registers (methods, attackers, backbones, headers, detectors, option groups, plug-in
-    modules) is forgotten
-    after it, so that no test's entries reach a later test's ``attackers=['all']`` or sweep workers."""
+    modules) is forgotten after it, so that no test's entries reach a later test's ``attackers=['all']`` or sweep
+    workers."""
     registries = (METHODS, ATTACKERS, ARCHITECTURES, HEADERS, DETECTORS)
     saved = [r.snapshot() for r in registries]
     groups = dict(OPTION_GROUPS)

@@ -118,8 +118,11 @@ class Registry(MutableMapping, Generic[T]):
         """Every registered name, in registration order."""
         return list(self._entries)
 
-    def get(self, name: str) -> T:  # type: ignore[override]   # no default: an unknown name is the user's error
-        """The component ``name``, or a UserError listing the names and the closest one."""
+    def get(self, name: str, *default: Any) -> T:  # type: ignore[override]
+        """The component ``name``, or a UserError listing the names and the closest one (with a ``default``, the
+        mapping's get: the default for an unknown name)."""
+        if default and name not in self._entries:
+            return default[0]
         return self.entry(name).component
 
     def entry(self, name: str) -> Entry[T]:
