@@ -20,7 +20,7 @@ from torch import nn
 from config.config import Config
 from config.options import register_options
 from eval.evalset import EvalTemplates
-from privacy.callbacks import CallBackVerification
+from privacy.callbacks import CallBackVerification, TrainingCallback
 from templates.entry import Templates
 from facedata.dataset import TrainIndex
 from utils.errors import UserError, listing
@@ -43,7 +43,7 @@ class FitContext:
     log: logging.Logger
     val_sets: list[EvalTemplates] = field(default_factory=list)
     backbone: Callable[[], nn.Module] | None = None   # the frozen backbone, for the in-the-loop mode
-    callbacks: list[object] = field(default_factory=list)  # extra step/epoch callbacks (benchmarks, research)
+    callbacks: list[TrainingCallback] = field(default_factory=list)  # epoch callbacks (benchmarks, research)
 
 
 @dataclass
