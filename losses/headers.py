@@ -82,7 +82,7 @@ class _Elastic:
 
     @classmethod
     def from_settings(cls, embedding_size: int, n_identities: int, s: float, m: float, sigma: float) -> "Header":
-        return cls(embedding_size, n_identities, s, m, sigma)
+        return cls(embedding_size, n_identities, s, m, sigma)  # type: ignore[return-value]   # mixed into a Header
 
     def margins(self, labels, generator, dtype=torch.float32):
         """Per-sample margin drawn from N(m, sigma) (ElasticFace), on the generator's device (a CUDA generator: no

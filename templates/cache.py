@@ -165,7 +165,7 @@ class TemplateCache:
             with full_disk_named(self.folder, "cache_dir"):
                 build.lock = contextlib.ExitStack()
                 build.lock.enter_context(store.in_use())
-                build.work = self._start_build(final, store, len(items), what)
+                build.work = self._make_build_folder(final, store, len(items), what)
             build.keys = [item_key(item) for item in items]
             build.todo = np.asarray(store.missing(build.keys), dtype=np.int64)
         except BaseException:
@@ -179,7 +179,7 @@ class TemplateCache:
             log.info("%d %s to extract, shared by %d processes", len(build.todo), what, self.processes.world)
         return build
 
-    def _start_build(self, final: Path, store: RowStore, count: int, what: str) -> Path:
+    def _make_build_folder(self, final: Path, store: RowStore, count: int, what: str) -> Path:
         """Move an unreadable entry aside (never deleted) and make the hidden folder the new entry is built in,
         with a note of who builds it (templates.space reads it)."""
         if final.exists():

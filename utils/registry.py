@@ -163,8 +163,10 @@ class Registry(MutableMapping, Generic[T]):
 
     def __setitem__(self, name: str, component: T) -> None:
         old = self._entries.get(name)
-        keep = old is not None and old.component is component
-        self.add(name, component, old.options if keep else None, old.help if keep else "")
+        if old is not None and old.component is component:   # the same entry again: keep its options and help
+            self.add(name, component, old.options, old.help)
+        else:
+            self.add(name, component)
 
     def __delitem__(self, name: str) -> None:
         del self._entries[name]
