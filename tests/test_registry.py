@@ -60,16 +60,21 @@ OLD_STYLE_METHOD_AS_ANGULAR = ("from privacy import register_method\n"
                                "class Mine(Angular):\n    name = 'angular'\n")
 
 
-@pytest.mark.parametrize("code, registry, name, builtin_file", [
-    (ATTACKER_AS_LOGREG, ATTACKERS, "LogReg", "eval/attackers.py"),
-    (METHOD_AS_ANGULAR, METHODS, "angular", "privacy/angular.py"),
-    (OLD_STYLE_METHOD_AS_ANGULAR, METHODS, "angular", "privacy/angular.py")])
-def test_a_plugin_taking_a_built_in_name_is_refused_naming_both_files(tmp_path, code, registry, name, builtin_file):
+ANOTHER_BUILT_IN_AS_LOGREG = ("from eval.attackers import ATTACKERS\n"
+                              "ATTACKERS.add('LogReg', ATTACKERS['RBF'])\n")
+
+
+@pytest.mark.parametrize("code, registry, name, named", [
+    (ATTACKER_AS_LOGREG, ATTACKERS, "LogReg", ["eval/attackers.py (_logreg)", "takeover.py (fake)"]),
+    (ANOTHER_BUILT_IN_AS_LOGREG, ATTACKERS, "LogReg", ["eval/attackers.py (_logreg)", "eval/attackers.py (_rbf_svm)"]),
+    (METHOD_AS_ANGULAR, METHODS, "angular", ["privacy/angular.py (Angular)", "takeover.py (Mine)"]),
+    (OLD_STYLE_METHOD_AS_ANGULAR, METHODS, "angular", ["privacy/angular.py (Angular)", "takeover.py (Mine)"])])
+def test_a_plugin_taking_a_built_in_name_is_refused_naming_both_files(tmp_path, code, registry, name, named):
     path = plugin(tmp_path, "takeover.py", code)
     before = registry[name]
     with registered(), pytest.raises(UserError) as err:
         load_config(None, [f"plugins=[{str(path)!r}]"])
-    assert builtin_file in str(err.value) and str(path) in str(err.value) and f"'{name}'" in str(err.value)
+    assert all(n in str(err.value) for n in named) and f"'{name}'" in str(err.value), str(err.value)
     assert registry[name] is before and registry.entry(name).builtin
     if registry is METHODS:
         assert before.name == "angular" and before.__name__ == "Angular"   # the refused class touched nothing

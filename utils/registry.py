@@ -2,10 +2,10 @@
 detectors, identity headers): a decorator that takes the name, the component's options dataclass and a help line;
 ``names()`` and ``get()`` with a "did you mean" error; the file each entry was registered from.
 
-Duplicate names: a component registered again from the same file replaces itself (a module imported twice); a
-built-in name (registered by a module of this checkout) cannot be taken by another file, which is refused naming
-both files; a plug-in (a file loaded through the ``plugins`` option, or any file outside the checkout) that takes
-another plug-in's name wins, with a warning naming both files.
+Duplicate names: the same definition registered again (the same class or function of the same file: a module
+imported twice) replaces itself; a built-in name (registered by a module of this checkout) cannot be taken by any
+other definition, which is refused naming both files; a plug-in (a file loaded through the ``plugins`` option, or
+any file outside the checkout) that takes another plug-in's name wins, with a warning naming both files.
 
 A registry is also a read-only-looking mapping name -> component (``name in METHODS``, ``METHODS[name]``,
 ``list(METHODS)``); item assignment goes through the same duplicate rule as the decorator.
@@ -71,10 +71,17 @@ def _is_builtin(component: Any, origin: str) -> bool:
     return path.is_relative_to(CHECKOUT) and not path.is_relative_to(CHECKOUT / "tests")
 
 
-def _shown(origin: str) -> str:
-    """A file named relative to the checkout where it lies inside it (shorter messages)."""
+def _definition(component: Any, origin: str) -> tuple[str, str]:
+    """What makes two registrations the same one: the file and the class or function's qualified name (a module
+    imported twice defines new objects of the same names)."""
+    return origin, getattr(component, "__qualname__", None) or repr(component)
+
+
+def _shown(origin: str, component: Any) -> str:
+    """A definition in messages: its file (relative to the checkout where it lies inside it) and its name."""
     path = Path(origin)
-    return str(path.relative_to(CHECKOUT)) if path.is_relative_to(CHECKOUT) else origin
+    where = str(path.relative_to(CHECKOUT)) if path.is_relative_to(CHECKOUT) else origin
+    return f"{where} ({getattr(component, '__qualname__', None) or type(component).__name__})"
 
 
 class Registry(MutableMapping, Generic[T]):
@@ -102,13 +109,14 @@ class Registry(MutableMapping, Generic[T]):
             raise ValueError(f"a {self.kind} needs a non-empty name, got {name!r}")
         origin = origin_of(component)
         old = self._entries.get(name)
-        if old is not None and old.origin != origin:
+        if old is not None and _definition(old.component, old.origin) != _definition(component, origin):
+            before, after = _shown(old.origin, old.component), _shown(origin, component)
             if old.builtin:
-                raise UserError(f"{self.kind} '{name}' is built in ({_shown(old.origin)}) and cannot be replaced by "
-                                f"{_shown(origin)}: a plug-in would silently change what '{name}' computes. Register "
-                                f"the plug-in's {self.kind} under a name of its own.")
+                raise UserError(f"{self.kind} '{name}' is built in ({before}) and cannot be replaced by {after}: a "
+                                f"plug-in would silently change what '{name}' computes. Register the plug-in's "
+                                f"{self.kind} under a name of its own.")
             log.warning("%s '%s' of %s is replaced by the one of %s (the plug-in loaded last wins); give one of them "
-                        "another name to keep both.", self.kind, name, _shown(old.origin), _shown(origin))
+                        "another name to keep both.", self.kind, name, before, after)
         if options is not None and self.on_options is not None:
             self.on_options(name, options)
         self._entries[name] = Entry(name, component, options, help, origin)
