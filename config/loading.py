@@ -24,8 +24,8 @@ __all__ = ["Config", "load_config", "config_from_dict", "OVERRIDE_HELP", "option
 OVERRIDE_HELP = ("--config PATH loads another module of the same form as config/config.py (options it leaves out keep "
                  "their defaults); --set KEY=VALUE [KEY=VALUE ...] overrides single options, values read as Python "
                  "literals when they parse (5, 0.01, True, ['lfw','agedb_30']) and as text otherwise; a list option "
-                 "also takes comma-separated names (val_targets=lfw,agedb_30). A component's own options are reached by its name: "
-                 "--set ive.rounds=20.")
+                 "also takes comma-separated names (val_targets=lfw,agedb_30). A component's own options are reached "
+                 "by its name: --set ive.rounds=20.")
 
 _TYPES = {k: v for k, v in get_type_hints(Config).items() if k != "groups"}
 _DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
