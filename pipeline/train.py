@@ -33,7 +33,7 @@ from eval.evalset import EvalTemplates, check_bare_backbone, check_bins, open_ev
 from eval.overlap import warn_overlap
 from privacy import FitContext, FitResult, PrivacyMethod, get_method
 from privacy.callbacks import TrainingCallback
-from privacy.runs import RunFolders, append_config_row, check_names, plan_run_folders, write_run_description  # noqa: E501
+from privacy.runs import RunFolders, append_config_row, check_names, choose_run_folders, write_run_description
 from templates.cache import TemplateCache, index_inputs
 from config.loading import OVERRIDE_HELP, load_config
 from templates.entry import Templates
@@ -93,7 +93,7 @@ def check_run(cfg: Config, device: torch.device, procs: Processes = Processes())
                    "validate nothing with --set eval_step=0", "validation")
     folders = None
     if procs.main:   # the other processes only extract: they neither choose nor touch the run folders
-        folders = plan_run_folders(cfg, method)
+        folders = choose_run_folders(cfg, method)
         check_writable(folders.checkpoints, "output / checkpoint_root")
         check_writable(folders.logs, "log_output / log_dir")
     check_writable(cfg.cache_dir, "cache_dir")

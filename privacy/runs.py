@@ -23,7 +23,7 @@ from utils.errors import UserError
 from utils.io import atomic_write_text, first_free_number, numbered, safe_torch_load
 from utils.logs import get_logger
 
-__all__ = ["RUN_FILE", "RunFolders", "check_names", "plan_run_folders", "write_run_description", "SweptRun",
+__all__ = ["RUN_FILE", "RunFolders", "check_names", "choose_run_folders", "write_run_description", "SweptRun",
            "find_runs", "append_config_row"]
 
 RUN_FILE = "run.json"
@@ -50,7 +50,7 @@ class RunFolders:
     requested: Path          # the checkpoint folder the settings name (a new run moves to _2, _3... if it is used)
 
 
-def plan_run_folders(cfg: Config, method: PrivacyMethod) -> RunFolders:
+def choose_run_folders(cfg: Config, method: PrivacyMethod) -> RunFolders:
     """The run's checkpoint and log folders. A new run never reuses an occupied folder: it takes the next free
     ``_2``, ``_3``... name. ``resume`` takes the latest folder of the series that holds a resume state."""
     sub = Path(cfg.pretrained) / cfg.experiment / cfg.data / (cfg.run_name or method.run_name())

@@ -7,13 +7,13 @@ from eval.attackers import ATTACKERS
 from helpers import registered
 from losses import HEADERS
 from privacy import METHODS, get_method
-from privacy.runs import check_names, plan_run_folders
+from privacy.runs import check_names, choose_run_folders
 from config.loading import load_config
 from utils.errors import UserError
 
 
 def folders(cfg):
-    return plan_run_folders(cfg, get_method(cfg.method)(cfg))
+    return choose_run_folders(cfg, get_method(cfg.method)(cfg))
 
 
 def test_defaults_match_the_authors_and_derive_paths():
