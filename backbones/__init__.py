@@ -13,6 +13,7 @@ from torch import nn
 from backbones.iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
 from backbones.projection import FinetunedModel, FrozenBackbone, ProjectionLayer
 from backbones.sfnet import SFNET_LAYOUTS, sfnet20, sfnet20_deprecated, sfnet20_deprecated_v0
+from backbones.spec import ARCHITECTURES, register_architecture
 from utils.errors import UserError
 from utils.io import extract_state_dict, safe_torch_load
 from utils.logs import get_logger
@@ -25,24 +26,9 @@ __all__ = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "s
 
 log = get_logger(__name__)
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
-    "iresnet18": iresnet18, "iresnet34": iresnet34, "iresnet50": iresnet50, "iresnet100": iresnet100,
-    "iresnet200": iresnet200, "sfnet20": sfnet20, "sfnet20_deprecated": sfnet20_deprecated,
-    "sfnet20_deprecated_v0": sfnet20_deprecated_v0,
-}
-
-
-def register_architecture(name: str, builder: Callable[..., nn.Module]) -> None:
-    """Make ``builder(num_features=..., use_se=...)`` available as config.network ``name`` (plug-ins, tests)."""
-    ARCHITECTURES[name] = builder
-
-
 def get_backbone(name: str, num_features: int = 512, use_se: bool = False) -> nn.Module:
     """Build an architecture by name (config.network), randomly initialised."""
-    if name not in ARCHITECTURES:
-        raise UserError(f"unknown backbone '{name}' (config option 'network'); choose one of "
-                        f"{', '.join(ARCHITECTURES)}.")
-    return ARCHITECTURES[name](num_features=num_features, use_se=use_se)
+    return ARCHITECTURES.get(name)(num_features=num_features, use_se=use_se)
 
 
 def architecture_shapes(name: str, num_features: int = 512, use_se: bool = False
@@ -166,20 +152,21 @@ def _same_keys_warning(path: str | os.PathLike, chosen: str, others: list[str]) 
 def load_backbone(name: str, path: str | os.PathLike, num_features: int = 512, use_se: bool = False) -> nn.Module:
     """Load pretrained weights strictly into architecture ``name``; a mismatch is one clear error.
 
-    Safe (weights_only), strips a DataParallel ``module.`` prefix. ``name`` is used whenever the keys fit it
-    (one warning line if they fit another layout too); an SFNet-20 file whose keys fit exactly one other SFNet-20
-    layout is loaded into that one, with a warning line.
+    Safe (weights_only), strips a DataParallel ``module.`` prefix. Only ``name`` is built while its keys fit the
+    file (one warning line when another SFNet-20 layout, whose keys are the same by design, fits too); the
+    architectures the file could hold are looked for only when it does not fit. An SFNet-20 file whose keys fit
+    exactly one other SFNet-20 layout is loaded into that one, with a warning line.
     """
     state = extract_state_dict(safe_torch_load(path, "backbone weights"), path, "backbone weights")
-    if name not in ARCHITECTURES:
-        get_backbone(name)  # raises the unknown-name error
+    ARCHITECTURES.get(name)   # an unknown name: the error with the closest one
     have = {k: tuple(v.shape) for k, v in state.items()}
-    fits = candidate_architectures(state)
     if architecture_shapes(name, num_features, use_se) == have:
-        others = [n for n, _, nf in fits if n != name and nf == num_features]
-        if others:
-            log.warning(_same_keys_warning(path, name, others))
+        twins = [n for n in SFNET_LAYOUTS if name in SFNET_LAYOUTS and n != name and n in ARCHITECTURES
+                 and architecture_shapes(n, num_features, False) == have]
+        if twins:
+            log.warning(_same_keys_warning(path, name, twins))
     else:
+        fits = candidate_architectures(state)
         layouts = [n for n, _, nf in fits if n in SFNET_LAYOUTS and nf == num_features]
         if name not in SFNET_LAYOUTS or len(layouts) != 1:
             raise _mismatch_error(name, path, num_features, use_se, have, fits)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from backbones.spec import register_architecture
+
 __all__ = ["IResNet", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"]
 
 
@@ -110,21 +112,26 @@ def _iresnet(layers: list[int], num_features: int = 512, use_se: bool = False, d
     return IResNet(layers, dropout=dropout, num_features=num_features, use_se=use_se)
 
 
+@register_architecture("iresnet18", help="IResNet-18 (arcface_torch)")
 def iresnet18(num_features: int = 512, use_se: bool = False, dropout: float = 0.0, **kw) -> IResNet:
     return _iresnet([2, 2, 2, 2], num_features, use_se, dropout, **kw)
 
 
+@register_architecture("iresnet34", help="IResNet-34 (arcface_torch)")
 def iresnet34(num_features: int = 512, use_se: bool = False, dropout: float = 0.0, **kw) -> IResNet:
     return _iresnet([3, 4, 6, 3], num_features, use_se, dropout, **kw)
 
 
+@register_architecture("iresnet50", help="IResNet-50 (arcface_torch)")
 def iresnet50(num_features: int = 512, use_se: bool = False, dropout: float = 0.0, **kw) -> IResNet:
     return _iresnet([3, 4, 14, 3], num_features, use_se, dropout, **kw)
 
 
+@register_architecture("iresnet100", help="IResNet-100 (arcface_torch)")
 def iresnet100(num_features: int = 512, use_se: bool = False, dropout: float = 0.0, **kw) -> IResNet:
     return _iresnet([3, 13, 30, 3], num_features, use_se, dropout, **kw)
 
 
+@register_architecture("iresnet200", help="IResNet-200 (arcface_torch)")
 def iresnet200(num_features: int = 512, use_se: bool = False, dropout: float = 0.0, **kw) -> IResNet:
     return _iresnet([6, 26, 60, 6], num_features, use_se, dropout, **kw)

@@ -20,7 +20,16 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from backbones.spec import register_architecture
+
 __all__ = ["SFNet", "SFNET_LAYOUTS", "sfnet20", "sfnet20_deprecated", "sfnet20_deprecated_v0"]
+
+
+SFNET_LAYOUTS: dict[str, str] = {
+    "sfnet20": "current OpenSphere; ReLU after the residual add",
+    "sfnet20_deprecated": "OpenSphere's SphereFace2_ICLR21 branch; stage opener named 'conv'",
+    "sfnet20_deprecated_v0": "OpenSphere v0's sfnet20_deprecated; ReLU before the residual add",
+}
 
 
 class _Opener(nn.Module):
@@ -67,23 +76,19 @@ class SFNet(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
+@register_architecture("sfnet20", help=SFNET_LAYOUTS["sfnet20"])
 def sfnet20(num_features: int = 512, **_: object) -> SFNet:
     """Current OpenSphere ``sfnet20`` (no BN): opener ``conv1``, ReLU after the residual add."""
     return SFNet(num_features=num_features, opener="conv1", relu_after_add=True)
 
 
+@register_architecture("sfnet20_deprecated", help=SFNET_LAYOUTS["sfnet20_deprecated"])
 def sfnet20_deprecated(num_features: int = 512, **_: object) -> SFNet:
     """OpenSphere SphereFace2_ICLR21 branch's ``sfnet20_deprecated``: opener ``conv``, ReLU before the add."""
     return SFNet(num_features=num_features, opener="conv", relu_after_add=False)
 
 
+@register_architecture("sfnet20_deprecated_v0", help=SFNET_LAYOUTS["sfnet20_deprecated_v0"])
 def sfnet20_deprecated_v0(num_features: int = 512, **_: object) -> SFNet:
     """OpenSphere v0's ``sfnet20_deprecated``: opener ``conv1`` (sfnet20's very keys), ReLU before the add."""
     return SFNet(num_features=num_features, opener="conv1", relu_after_add=False)
-
-
-SFNET_LAYOUTS: dict[str, str] = {
-    "sfnet20": "current OpenSphere; ReLU after the residual add",
-    "sfnet20_deprecated": "OpenSphere's SphereFace2_ICLR21 branch; stage opener named 'conv'",
-    "sfnet20_deprecated_v0": "OpenSphere v0's sfnet20_deprecated; ReLU before the residual add",
-}

@@ -1,14 +1,32 @@
 """The one description of a backbone (architecture, weights file, SE option, template size) that both the loader
-and the template cache's key use, so the two can never drift apart."""
+and the template cache's key use, so the two can never drift apart; and the registry of architectures."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Callable
+
 from torch import nn
 
+from config.options import register_options
 from utils.errors import UserError
 from utils.io import sha256_file
+from utils.registry import Registry
+
+# config option ``network``: every architecture, by name: ``builder(num_features=..., use_se=...) -> nn.Module``
+Builder = Callable[..., nn.Module]
+ARCHITECTURES: Registry[Builder] = Registry("backbone", "network", on_options=register_options)
+
+
+def register_architecture(name: str, builder: Builder | None = None, *, options: type | None = None,
+                          help: str = "") -> Callable[[Builder], Builder] | Builder:
+    """Decorator: make ``builder(num_features=..., use_se=...)`` the architecture ``name`` (config option
+    network). ``register_architecture(name, builder)``, the call of earlier versions, registers at once."""
+    if builder is not None:
+        ARCHITECTURES.add(name, builder, options, help)
+        return builder
+    return ARCHITECTURES.register(name, options, help)
 
 
 @dataclass(frozen=True)

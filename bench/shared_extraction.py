@@ -23,11 +23,12 @@ from utils.distributed import processes
 
 def main(overrides: list[str]) -> None:
     cfg = load_config(None, overrides)
-    with processes(select_device(cfg.device)) as procs:
-        plan = finetune.preflight(cfg, procs)
+    device = select_device(cfg.device)
+    with processes(device) as procs:
+        run = finetune.check_run(cfg, device, procs)
         procs.barrier()
         t0 = time.perf_counter()
-        templates, _ = finetune.get_templates(plan)
+        templates, _ = finetune.get_templates(run)
         seconds = time.perf_counter() - t0
         if procs.main:
             print(json.dumps({"images": len(templates), "seconds": seconds, "processes": procs.world}))

@@ -47,7 +47,9 @@ class Config:
     num_epoch: int = option(100, "epochs; one epoch = N weighted draws with replacement", ge=1)
     global_step: int = option(0, "step counter at the start of training", ge=0)
     grad_clip: float = option(5.0, "gradient-norm clipping over the privacy layer's parameters", gt=0)
-    seed: int = option(0, "seeds weights, sampling and flips: same seed, same run on CPU", ge=0)
+    # at most 2**31 - 1: numpy's generators take seeds below 2**32, and the seeds derived from this one (seed + 1,
+    # seed + round) must stay below it too
+    seed: int = option(0, "seeds weights, sampling and flips: same seed, same run on CPU", ge=0, le=2**31 - 1)
     checkpoint_every: int = option(10, "epochs between saved checkpoints (the last epoch is always saved)", ge=1)
     log_every: int = option(50, "steps between log lines", ge=1, runtime=True)
     resume: bool = option(False, "continue the latest checkpoint of the run folder instead of a new run", runtime=True)
@@ -68,8 +70,8 @@ class Config:
                                        "backbone weights; None: checkpoint_root/pretrained/reference/backbone.pth")
 
     # ---- evaluation --------------------------------------------------------------------------------------------
-    val_targets: list[str] = option(["lfw", "agedb_30"], "validated in training", runtime=True)
-    test_targets: list[str] = option(["vggface2", "lfw", "agedb_30", "colorferet"], "swept")
+    val_targets: list[str] = option(["lfw", "agedb_30"], "validated in training", runtime=True, unique=True)
+    test_targets: list[str] = option(["vggface2", "lfw", "agedb_30", "colorferet"], "swept", unique=True)
     eval_step: int = option(1000, "steps between validations (0: no validation during training)", ge=0, runtime=True)
     gender_folds: int = option(3, "StratifiedGroupKFold splits of the gender-leakage test (authors: 3)", ge=2)
     attackers: list[str] = option(["LogReg", "SVM", "RBF"], "gender attackers; 'all': every one")

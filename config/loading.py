@@ -18,14 +18,14 @@ from config.options import OPTION_GROUPS, check_option_value, group_field_types,
 from utils.errors import UserError
 from utils.logs import get_logger
 
-__all__ = ["Config", "load_config", "config_from_dict", "check_choice", "OVERRIDE_HELP", "option_names",
+__all__ = ["Config", "load_config", "config_from_dict", "OVERRIDE_HELP", "option_names",
            "known_option"]
 
 OVERRIDE_HELP = ("--config PATH loads another module of the same form as config/config.py (options it leaves out keep "
                  "their defaults); --set KEY=VALUE [KEY=VALUE ...] overrides single options, values read as Python "
                  "literals when they parse (5, 0.01, True, ['lfw','agedb_30']) and as text otherwise; a list option "
-                 "also takes comma-separated names (val_targets=lfw,agedb_30). A component's own options are reached by its name: "
-                 "--set ive.rounds=20.")
+                 "also takes comma-separated names (val_targets=lfw,agedb_30). A component's own options are reached "
+                 "by its name: --set ive.rounds=20.")
 
 _TYPES = {k: v for k, v in get_type_hints(Config).items() if k != "groups"}
 _DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
@@ -141,16 +141,6 @@ def _coerce(value: Any, raw: str | None, tp: Any) -> Any:
     return value
 
 
-def check_choice(key: str, value: str, allowed: Iterable[str]) -> None:
-    """A name option (network, method, loss, attackers, ...) must be one of ``allowed``."""
-    allowed = list(allowed)
-    if value not in allowed:
-        close = difflib.get_close_matches(value, allowed, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"config option '{key}' is {value!r}; choose one of {', '.join(allowed)}.{hint} (A plug-in "
-                        f"registers more names: --set plugins=\"['my_module']\".)")
-
-
 def parse_override(item: str) -> tuple[str, Any, str]:
     """Split ``KEY=VALUE`` and read VALUE as a Python literal when it parses, else as text (the raw text too)."""
     if "=" not in item:
@@ -178,7 +168,11 @@ def import_plugins(plugins: Iterable[str]) -> None:
                 spec = importlib.util.spec_from_file_location(name, path)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
-                spec.loader.exec_module(module)
+                try:
+                    spec.loader.exec_module(module)
+                except BaseException:   # a plug-in that failed is not loaded: a later load runs it again
+                    sys.modules.pop(name, None)
+                    raise
             else:
                 importlib.import_module(item)
         except UserError:

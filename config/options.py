@@ -33,20 +33,27 @@ class Option:
     le: float | None = None          # highest allowed value, included
     choices: tuple[str, ...] | None = None
     runtime: bool = False            # True: changes how a run executes, never its results
+    unique: bool = False             # a list option whose items must all differ (e.g. the sets of test_targets)
 
     def allowed(self) -> str:
         """The allowed values in words, for error messages and the documentation."""
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
-        parts = [f">= {self.ge:g}" if self.ge is not None else "", f"> {self.gt:g}" if self.gt is not None else "",
-                 f"<= {self.le:g}" if self.le is not None else ""]
+        parts = [f">= {_number(self.ge)}" if self.ge is not None else "",
+                 f"> {_number(self.gt)}" if self.gt is not None else "",
+                 f"<= {_number(self.le)}" if self.le is not None else ""]
         return " and ".join(p for p in parts if p) or "any value of its type"
 
 
+def _number(x: float) -> str:
+    """A bound as written: whole numbers in full (4294967295, not 4.29497e+09)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def option(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           choices: Iterable[str] | None = None, runtime: bool = False) -> Any:
+           choices: Iterable[str] | None = None, runtime: bool = False, unique: bool = False) -> Any:
     """A dataclass field with its default and its metadata (lists are copied per instance)."""
-    meta = {"option": Option(doc, ge, gt, le, tuple(choices) if choices is not None else None, runtime)}
+    meta = {"option": Option(doc, ge, gt, le, tuple(choices) if choices is not None else None, runtime, unique)}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -72,6 +79,11 @@ def check_option_value(qualified: str, value: Any, spec: Option) -> None:
         if bad:
             raise UserError(f"config option '{qualified}' is {value!r}; it must be {spec.allowed()}. Set it with "
                             f"--set {qualified}=VALUE.")
+    if spec.unique and isinstance(value, list):
+        twice = sorted({str(v) for v in value if value.count(v) > 1})
+        if twice:
+            raise UserError(f"config option '{qualified}' names {', '.join(repr(v) for v in twice)} more than once "
+                            f"({value!r}); list each only once.")
 
 
 # component name -> its options dataclass (a method registers its own under its name)

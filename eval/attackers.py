@@ -4,7 +4,7 @@ The paper's protocol is its three attackers at scikit-learn defaults: ``LogReg``
 ``SVM`` (SVC(kernel='linear')) and ``RBF`` (SVC(kernel='rbf')); their mean is BACC-Gender-AVG and enters PIC.
 Any other registered attacker is reported apart from them. A new attacker is one function and one decorator:
 
-    @register_attacker("MyAttack")
+    @register_attacker("MyAttack", help="one line for listings")
     def my_attack(ctx: AttackContext):
         return SomeClassifier(random_state=ctx.seed)      # anything with fit(X, y) and predict(X)
 
@@ -33,6 +33,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from config.options import register_options
+from utils.registry import Registry
+
 __all__ = ["PAPER_ATTACKERS", "ALL", "ATTACKERS", "AttackContext", "Attacker", "register_attacker", "make_attacker",
            "expand_attackers", "cosine_similarity", "CosineKNN", "ComparisonAttack"]
 
@@ -55,20 +58,14 @@ class AttackContext:
 
 
 Factory = Callable[[AttackContext], Attacker]
-ATTACKERS: dict[str, Factory] = {}
-
-
-def register_attacker(name: str) -> Callable[[Factory], Factory]:
-    """Decorator: make ``factory(ctx) -> classifier`` available as attacker ``name`` (config option attackers)."""
-    def add(factory: Factory) -> Factory:
-        ATTACKERS[name] = factory
-        return factory
-    return add
+# config option ``attackers``: every attacker, by name (``register_attacker`` is its decorator)
+ATTACKERS: Registry[Factory] = Registry("attacker", "attackers", on_options=register_options)
+register_attacker = ATTACKERS.register
 
 
 def make_attacker(name: str, ctx: AttackContext | None = None) -> Attacker:
     """A fresh, unfitted classifier of attacker ``name``."""
-    return ATTACKERS[name](ctx or AttackContext())
+    return ATTACKERS.get(name)(ctx or AttackContext())
 
 
 def expand_attackers(names: Iterable[str]) -> tuple[str, ...]:
@@ -183,38 +180,38 @@ class ComparisonAttack(ClassifierMixin, BaseEstimator):
         return self.model_.predict(self._summaries(np.asarray(x), None))
 
 
-@register_attacker("LogReg")
+@register_attacker("LogReg", help="the paper's: LogisticRegression() at scikit-learn defaults")
 def _logreg(ctx: AttackContext) -> Attacker:
     return LogisticRegression()
 
 
-@register_attacker("SVM")
+@register_attacker("SVM", help="the paper's: SVC(kernel='linear')")
 def _linear_svm(ctx: AttackContext) -> Attacker:
     return SVC(kernel="linear")
 
 
-@register_attacker("RBF")
+@register_attacker("RBF", help="the paper's: SVC(kernel='rbf')")
 def _rbf_svm(ctx: AttackContext) -> Attacker:
     return SVC(kernel="rbf")
 
 
-@register_attacker("MLP")
+@register_attacker("MLP", help="a small multi-layer perceptron (128 hidden units) with early stopping")
 def _mlp(ctx: AttackContext) -> Attacker:
     return MLPClassifier(hidden_layer_sizes=(128,), learning_rate_init=1e-2, early_stopping=True, max_iter=500,
                          random_state=ctx.seed)
 
 
-@register_attacker("kNN")
+@register_attacker("kNN", help="cosine k-nearest neighbours, k chosen by identity-grouped inner cross-validation")
 def _knn(ctx: AttackContext) -> Attacker:
     return CosineKNN()
 
 
-@register_attacker("GBDT")
+@register_attacker("GBDT", help="histogram gradient boosting")
 def _gbdt(ctx: AttackContext) -> Attacker:
     # early stopping is scikit-learn's default from 10,000 samples on; below, it cuts the cost several-fold
     return HistGradientBoostingClassifier(early_stopping=True, random_state=ctx.seed)
 
 
-@register_attacker("Similarity")
+@register_attacker("Similarity", help="the comparison-based attack of Osorio-Roig et al. (TBIOM 2022)")
 def _similarity(ctx: AttackContext) -> Attacker:
     return ComparisonAttack(similarity=ctx.similarity)

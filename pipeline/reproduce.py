@@ -40,7 +40,7 @@ from pipeline import train as train_mod
 from pipeline.plans import Experiment, Plan, digest, inputs, load_plan, safe_name, settings
 from privacy import get_method
 from privacy.layer_training import RESUME_FILE
-from privacy.runs import plan_run_folders
+from privacy.runs import choose_run_folders
 from utils.errors import UserError, run_cli
 from utils.io import atomic_write_text
 from utils.logs import get_logger
@@ -117,7 +117,7 @@ def run_experiment(exp: Experiment, store: StateStore, log_root: Path,
         if run is not None and (run / RESUME_FILE).is_file():
             run_cfg = dataclasses.replace(cfg, output=str(run), log_output=state["logs"], resume=True)
         else:   # a new run folder (a fit interrupted without a resume state is started again, beside the old one)
-            folders = plan_run_folders(dataclasses.replace(cfg, resume=False), get_method(cfg.method)(cfg))
+            folders = choose_run_folders(dataclasses.replace(cfg, resume=False), get_method(cfg.method)(cfg))
             run_cfg = dataclasses.replace(cfg, output=str(folders.checkpoints), log_output=str(folders.logs),
                                           resume=False)
             state = {"label": label, "run": str(folders.checkpoints), "logs": str(folders.logs), "trained": False}

@@ -3,7 +3,7 @@ trained with CE + alpha * P1 + beta * P2).
 
     python finetune.py [--config PATH] [--set KEY=VALUE ...]
 
-The stages read top to bottom: pre-flight (every option, name, file and folder checked before any compute),
+The stages read top to bottom: the pre-flight check (every option, name, file and folder checked before any compute),
 set-up (run folders, log, run.json, the backbone's templates of the training set and of the validation sets, from
 the template cache), fit (the method writes its checkpoints). ``--set cache=False`` runs the backbone in the loop
 as the authors did (methods that train a layer); both modes share the same step code.
@@ -32,7 +32,8 @@ from config.config import Config
 from eval.evalset import EvalTemplates, check_bare_backbone, check_bins, open_eval_set, warn_if_few_identities
 from eval.overlap import warn_overlap
 from privacy import FitContext, FitResult, PrivacyMethod, get_method
-from privacy.runs import RunFolders, append_config_row, check_names, plan_run_folders, write_run_description  # noqa: E501
+from privacy.callbacks import TrainingCallback
+from privacy.runs import RunFolders, append_config_row, check_names, choose_run_folders, write_run_description
 from templates.cache import TemplateCache, index_inputs
 from config.loading import OVERRIDE_HELP, load_config
 from templates.entry import Templates
@@ -47,9 +48,9 @@ LOGGER_NAME = ROOT
 
 
 @dataclass
-class Plan:
-    """What pre-flight established: the method, the data, the backbone, the device, the run folders (process 0's
-    alone) and the command's processes."""
+class CheckedRun:
+    """What the pre-flight check established: the method, the data, the backbone, the device, the run folders
+    (process 0's alone) and the command's processes."""
     cfg: Config
     method: PrivacyMethod
     index: TrainIndex
@@ -66,8 +67,9 @@ class TrainResult(FitResult):
     log_dir: Path = Path()
 
 
-def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
-    """Check everything that can be checked before any compute: names, data, weights, validation files, folders."""
+def check_run(cfg: Config, device: torch.device, procs: Processes = Processes()) -> CheckedRun:
+    """Check everything that can be checked before any compute: names, data, weights, validation files, folders.
+    ``device``: the one chosen for the command (select_device); each process takes its own GPU of it."""
     check_names(cfg)
     cfg = embedding_size_for(cfg)   # the template size the backbone weights produce
     method = get_method(cfg.method)(cfg)
@@ -79,7 +81,7 @@ def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
         raise UserError("torchrun shares the backbone's template extraction among processes, and cache=False has "
                         "none (the backbone runs in the training loop of one process): run 'python finetune.py' "
                         "with cache=False, or torchrun with cache=True.")
-    device = procs.device(select_device(cfg.device))
+    device = procs.device(device)
     index = scan_training_data(cfg.data_dir, cfg.rec_genders)
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()
@@ -91,41 +93,41 @@ def preflight(cfg: Config, procs: Processes = Processes()) -> Plan:
                    "validate nothing with --set eval_step=0", "validation")
     folders = None
     if procs.main:   # the other processes only extract: they neither choose nor touch the run folders
-        folders = plan_run_folders(cfg, method)
+        folders = choose_run_folders(cfg, method)
         check_writable(folders.checkpoints, "output / checkpoint_root")
         check_writable(folders.logs, "log_output / log_dir")
     check_writable(cfg.cache_dir, "cache_dir")
-    return Plan(cfg, method, index, backbone, device, folders, procs)
+    return CheckedRun(cfg, method, index, backbone, device, folders, procs)
 
 
-def get_templates(plan: Plan) -> tuple[Templates | None, list[EvalTemplates]]:
+def get_templates(run: CheckedRun) -> tuple[Templates | None, list[EvalTemplates]]:
     """The backbone's templates of the training set (cache=True) and of the validation sets, from the template
     cache. Under torchrun every process calls this, in this order: each extracts its share of a miss; then they
     leave the process group."""
-    cfg = plan.cfg
-    cache = TemplateCache.from_config(cfg, plan.device, plan.procs, plan.backbone)
+    cfg = run.cfg
+    cache = TemplateCache.from_config(cfg, run.device, run.procs, run.backbone)
     templates = None
     if cfg.cache:
-        templates = cache.get(f"train-{plan.index.name}", index_inputs(plan.index), plan.index.paths,
-                              lambda i: str(plan.index.paths[i]), what=f"training images of {plan.index.where}")
+        templates = cache.get(f"train-{run.index.name}", index_inputs(run.index), run.index.paths,
+                              lambda i: str(run.index.paths[i]), what=f"training images of {run.index.where}")
     val_sets = [open_eval_set(cache, cfg.rec, name) for name in cfg.val_targets] if cfg.eval_step else []
-    plan.procs.leave()
+    run.procs.leave()
     return templates, val_sets
 
 
 @contextlib.contextmanager
-def set_up(plan: Plan, callbacks: list[object]) -> Iterator[FitContext]:
+def set_up(run: CheckedRun, callbacks: list[TrainingCallback]) -> Iterator[FitContext]:
     """Open the run's log, describe the run (config.csv, run.json) and get the templates the method is fit on."""
-    cfg, index, folders = plan.cfg, plan.index, plan.folders
+    cfg, index, folders = run.cfg, run.index, run.folders
     with log_to(folders.logs / "training.log", LOGGER_NAME) as log:
         if not folders.resuming and folders.checkpoints != folders.requested:
             log.info("run folder %s is already used: this run writes to %s (earlier runs are never overwritten)",
                      folders.requested, folders.checkpoints)
         log.info("%s run of method '%s': checkpoints -> %s, logs -> %s, device %s",
-                 "resumed" if folders.resuming else "new", cfg.method, folders.checkpoints, folders.logs, plan.device)
-        if plan.procs.world > 1:
+                 "resumed" if folders.resuming else "new", cfg.method, folders.checkpoints, folders.logs, run.device)
+        if run.procs.world > 1:
             log.info("torchrun: %d processes share the template extraction; process 0 then fits the method alone",
-                     plan.procs.world)
+                     run.procs.world)
         log.info("training set %s: %d images of %d identities (%d of gender 0, %d of gender 1)", cfg.data_dir,
                  len(index), index.num_identities, int((index.genders == 0).sum()), int((index.genders == 1).sum()))
         for source in index.sources:
@@ -138,28 +140,29 @@ def set_up(plan: Plan, callbacks: list[object]) -> Iterator[FitContext]:
                                                              "resumed": folders.resuming,
                                                              "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                                              "data_sources": index.summary()})
-        templates, val_sets = get_templates(plan)
+        templates, val_sets = get_templates(run)
         for ev in val_sets:
             log.info("bare backbone on %s: EER %.4f", ev.name, check_bare_backbone(ev, log))
         warn_overlap(log, index, templates, val_sets)
-        warn_if_few_identities(index.num_identities, cfg.embedding_size, plan.method.trains_in_loop, log)
-        yield FitContext(cfg, index, templates, plan.device, folders.checkpoints, folders.resuming, log, val_sets,
-                         plan.backbone.load, callbacks)
+        warn_if_few_identities(index.num_identities, cfg.embedding_size, run.method.trains_in_loop, log)
+        yield FitContext(cfg, index, templates, run.device, folders.checkpoints, folders.resuming, log, val_sets,
+                         run.backbone.load, callbacks)
 
 
-def train(cfg: Config, callbacks: list[object] | None = None) -> TrainResult | None:
+def train(cfg: Config, callbacks: list[TrainingCallback] | None = None) -> TrainResult | None:
     """Run one fit as configured; returns the folders written, the final step and the method's record. Under
     torchrun the processes other than 0 extract their shares of the templates and return None."""
-    with processes(select_device(cfg.device)) as procs:
-        plan = preflight(cfg, procs)
+    device = select_device(cfg.device)   # chosen once: the process group's backend and the run's device
+    with processes(device) as procs:
+        run = check_run(cfg, device, procs)
         if not procs.main:
-            get_templates(plan)
+            get_templates(run)
             return None
-        with set_up(plan, callbacks or []) as ctx:
-            fit = plan.method.fit(ctx)
+        with set_up(run, callbacks or []) as ctx:
+            fit = run.method.fit(ctx)
             ctx.log.info("finished at step %d; %d checkpoint(s) in %s", fit.step, len(fit.checkpoints),
-                         plan.folders.checkpoints)
-    return TrainResult(**vars(fit), checkpoint_dir=plan.folders.checkpoints, log_dir=plan.folders.logs)
+                         run.folders.checkpoints)
+    return TrainResult(**vars(fit), checkpoint_dir=run.folders.checkpoints, log_dir=run.folders.logs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from config.config import Config
 from config.options import option
-from privacy.base import FitContext
+from privacy.base import register_method, FitContext
 from privacy.layer_training import IdentityObjective, LayerMethod, Objective
 
 __all__ = ["Adversarial", "AdversarialOptions", "AdversarialObjective", "reverse_gradient"]
@@ -72,10 +72,9 @@ class AdversarialObjective(IdentityObjective):
                 f"{100 * terms['adv_acc']:.1f}% (chance 50%)  loss {terms['loss']:.4f}")
 
 
+@register_method("adversarial", options=AdversarialOptions,
+                 help="the privacy layer trained against a gender adversary by gradient reversal")
 class Adversarial(LayerMethod):
-    name = "adversarial"
-    Options = AdversarialOptions
-
     def run_name(self) -> str:
         return f"adversarial_{self.opts.weight}w_{self.opts.hidden}h"
 

@@ -12,7 +12,7 @@ import torch
 
 from config.config import Config
 from losses import privacy_terms
-from privacy.base import FitContext
+from privacy.base import register_method, FitContext
 from privacy.layer_training import IdentityObjective, LayerMethod, Objective
 
 
@@ -35,8 +35,9 @@ class AngularObjective(IdentityObjective):
                 f"loss {terms['loss']:.4f}  single-gender batches {100 * terms['single_gender']:.1f}%")
 
 
+@register_method("angular",
+                 help="the paper's privacy layer: identity loss + alpha * P1 + beta * P2 (angular constraints)")
 class Angular(LayerMethod):
-    name = "angular"
     settings_options = ("alpha", "beta")
 
     def run_name(self) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Iterator
@@ -19,14 +18,17 @@ import torch
 from torch import nn
 
 from config.config import Config
+from config.options import register_options
 from eval.evalset import EvalTemplates
-from privacy.callbacks import CallBackVerification
+from privacy.callbacks import CallBackVerification, TrainingCallback
 from templates.entry import Templates
 from facedata.dataset import TrainIndex
-from utils.errors import UserError
+from utils.errors import UserError, listing
 from utils.io import atomic_torch_save, extract_state_dict, safe_torch_load
+from utils.registry import Registry
 
-__all__ = ["PrivacyMethod", "PathMethod", "FitContext", "FitResult", "training_templates", "checkpoint_tensor"]
+__all__ = ["METHODS", "register_method", "PrivacyMethod", "PathMethod", "FitContext", "FitResult",
+           "training_templates", "checkpoint_tensor"]
 
 
 @dataclass
@@ -41,7 +43,7 @@ class FitContext:
     log: logging.Logger
     val_sets: list[EvalTemplates] = field(default_factory=list)
     backbone: Callable[[], nn.Module] | None = None   # the frozen backbone, for the in-the-loop mode
-    callbacks: list[object] = field(default_factory=list)  # extra step/epoch callbacks (benchmarks, research)
+    callbacks: list[TrainingCallback] = field(default_factory=list)  # epoch callbacks (benchmarks, research)
 
 
 @dataclass
@@ -55,7 +57,8 @@ class FitResult:
 
 
 class PrivacyMethod:
-    """Base of the privacy methods (see privacy/__init__.py for the registry)."""
+    """Base of the privacy methods (see privacy/__init__.py). ``name`` and ``Options`` are set by
+    ``register_method``."""
     name: ClassVar[str] = ""
     checkpoint_suffix: ClassVar[str] = "transform.pth"   # checkpoints are {step}{checkpoint_suffix}
     trains_in_loop: ClassVar[bool] = False               # True: cache=False runs the backbone in the loop
@@ -108,10 +111,29 @@ class PrivacyMethod:
         return path
 
     def list_checkpoints(self, folder: Path) -> list[tuple[int, Path]]:
-        """(step, path) of the method's checkpoints in ``folder``, in step order; other names are ignored."""
-        pattern = re.compile(r"^(\d+)" + re.escape(self.checkpoint_suffix) + "$")
-        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name))]
-        return sorted(found)
+        """(step, path) of the method's checkpoints ``{step}{suffix}`` in ``folder``, in step order; files with other
+        suffixes are not the method's. A name with the suffix whose prefix is not a step, or a step written twice
+        (``0006ftn_layers.pth`` beside ``6ftn_layers.pth``), is refused naming the files: never silently dropped
+        or merged."""
+        suffix = self.checkpoint_suffix
+        by_step: dict[int, list[Path]] = {}
+        strange = []
+        for p in sorted(folder.iterdir()):
+            if not p.name.endswith(suffix) or p.name.startswith("."):
+                continue
+            prefix = p.name[:-len(suffix)]
+            if prefix.isascii() and prefix.isdigit():
+                by_step.setdefault(int(prefix), []).append(p)
+            else:
+                strange.append(p.name)
+        twice = [" and ".join(p.name for p in paths) for paths in by_step.values() if len(paths) > 1]
+        problems = [*(f"'{n}' (not a step number before '{suffix}')" for n in strange),
+                    *(f"{names} (the same step)" for names in twice)]
+        if problems:
+            raise UserError(f"run folder '{folder}' holds checkpoint names that do not each name one step: "
+                            f"{listing(problems)}. A {self.name} checkpoint is named {{step}}{suffix} (e.g. "
+                            f"12{suffix}); rename or move the other files out of the folder, then run again.")
+        return sorted((step, paths[0]) for step, paths in by_step.items())
 
     def load_transform(self, path: Path) -> nn.Module:
         """Load a checkpoint safely (weights only) into the method's transform, in eval mode. A method implements
@@ -119,6 +141,31 @@ class PrivacyMethod:
         what = f"{self.name} checkpoint"
         state = extract_state_dict(safe_torch_load(path, what), path, what)
         return self.build_transform(state, path).eval()
+
+
+# config option ``method``: every privacy method, by name; a method's options are reached with --set NAME.OPTION=
+METHODS: Registry[type[PrivacyMethod]] = Registry("privacy method", "method", on_options=register_options)
+
+
+def register_method(name: str | type[PrivacyMethod], options: type | None = None, help: str = ""
+                    ) -> Callable[[type[PrivacyMethod]], type[PrivacyMethod]] | type[PrivacyMethod]:
+    """Class decorator: make the class the privacy method ``name`` (config option method), with its ``options``
+    dataclass (``--set NAME.OPTION=``) and a help line; the class then knows its ``name`` and ``Options``.
+
+    ``@register_method`` without arguments, on a class that sets ``name`` (and ``Options``) itself, is the form of
+    earlier versions, still accepted."""
+    if isinstance(name, type):
+        cls = name
+        if not cls.name:
+            raise ValueError(f"{cls.__name__} needs a class attribute 'name'")
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return register_method(cls.name, cls.Options, doc[0] if doc else "")(cls)
+
+    def add(cls: type[PrivacyMethod]) -> type[PrivacyMethod]:
+        METHODS.add(name, cls, options, help)   # refused before the class is touched
+        cls.name, cls.Options = name, options
+        return cls
+    return add
 
 
 def training_templates(ctx: FitContext) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,25 @@
-"""Training callbacks: periodic log lines of the method's own loss terms, and validation on .bin files with the
-evaluation's own functions."""
+"""Training callbacks: periodic log lines of the method's own loss terms, validation on .bin files with the
+evaluation's own functions, and the interface of the callbacks a caller passes to training (benchmarks, research
+code)."""
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from torch import nn
 
 from eval.attackers import PAPER_ATTACKERS
 from eval.evalset import EvalTemplates, bare_scores, evaluate_set, warn_if_below_grid, warn_if_collapsed
+
+
+class TrainingCallback(Protocol):
+    """What a callback passed to ``finetune.train(cfg, callbacks=[...])`` defines: called as each epoch of a layer
+    method's training starts and ends (epochs counted from 0). A hook with nothing to do is ``pass``."""
+
+    def on_epoch_start(self, epoch: int) -> None: ...
+
+    def on_epoch_end(self, epoch: int) -> None: ...
 
 
 class CallBackLogging:

@@ -24,7 +24,7 @@ from sklearn.svm import LinearSVC
 from torch import nn
 
 from config.options import option
-from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
+from privacy.base import register_method, FitContext, PathMethod, checkpoint_tensor, training_templates
 from utils.errors import UserError
 
 __all__ = ["INLP", "INLPOptions", "Projection"]
@@ -50,10 +50,9 @@ class INLPOptions:
                                choices=("none", "balanced"))
 
 
+@register_method("inlp", options=INLPOptions,
+                 help="iterative nullspace projection of linear gender classifiers (Ravfogel et al.)")
 class INLP(PathMethod):
-    name = "inlp"
-    Options = INLPOptions
-
     def run_name(self) -> str:
         return f"inlp_{self.opts.iterations}it"
 

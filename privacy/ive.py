@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from config.options import option
-from privacy.base import FitContext, PathMethod, checkpoint_tensor, training_templates
+from privacy.base import register_method, FitContext, PathMethod, checkpoint_tensor, training_templates
 from utils.errors import UserError
 
 __all__ = ["IVE", "IVEOptions", "KeepDimensions"]
@@ -48,10 +48,9 @@ class KeepDimensions(nn.Module):
         return x.index_select(1, self.kept)
 
 
+@register_method("ive", options=IVEOptions,
+                 help="Incremental Variable Elimination: gender-predictive dimensions dropped (Terhörst et al.)")
 class IVE(PathMethod):
-    name = "ive"
-    Options = IVEOptions
-
     def run_name(self) -> str:
         o = self.opts
         return f"ive_{o.dims_per_round}x{o.rounds}_{o.estimators}trees"

@@ -273,20 +273,6 @@ class TermSums:
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints and resume
 # ---------------------------------------------------------------------------------------------------------------
-def save_checkpoint(method: PrivacyMethod, folder: Path, step: int, epoch: int, layer: nn.Module,
-                    objective: Objective, opts: tuple[torch.optim.Optimizer, ...],
-                    generator: torch.Generator) -> Path:
-    """The layer as ``{step}ftn_layers.pth``, the objective's extra files, and the resume state; each atomic."""
-    path = method.save_checkpoint(folder, step, layer)
-    for suffix, state in objective.checkpoint_files().items():
-        atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, folder / f"{step}{suffix}")
-    state = {"step": step, "epoch": epoch, "layer": layer.state_dict(), "objective": objective.state_dict(),
-             "optimizers": [o.state_dict() for o in opts], "generator": generator.get_state(),
-             "torch_rng": torch.get_rng_state()}
-    atomic_torch_save(state, folder / RESUME_FILE)
-    return path
-
-
 def load_resume(folder: Path, layer: nn.Module, objective: Objective, opts: tuple[torch.optim.Optimizer, ...],
                 generator: torch.Generator, log: logging.Logger | None = None) -> tuple[int, int]:
     """Restore everything a run needs to continue exactly; returns (step, epoch).
@@ -317,79 +303,112 @@ def load_resume(folder: Path, layer: nn.Module, objective: Objective, opts: tupl
 def train_layer(method: PrivacyMethod, ctx: FitContext, make_objective: Callable[[], Objective]) -> FitResult:
     """Train ProjectionLayer + the objective (built after the layer, from the same seed) for cfg.num_epoch
     gender-balanced epochs; checkpoints every cfg.checkpoint_every epochs and at the end."""
-    cfg, device, log = ctx.cfg, ctx.device, ctx.log
-    source = cached_source(ctx) if cfg.cache else in_loop_source(ctx)
-    torch.manual_seed(cfg.seed)
-    layer = ProjectionLayer(cfg.embedding_size, cfg.embedding_size, cfg.n_hidden).to(device)
-    objective = make_objective().to(device)
-    opts = (torch.optim.Adam(layer.parameters(), lr=cfg.lr),)
-    if any(True for _ in objective.parameters()):
-        opts += (torch.optim.Adam(objective.parameters(), lr=cfg.headid_lr),)
-    # the ElasticFace margin noise is drawn where it is used (a CPU generator elsewhere than on CUDA)
-    generator = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(cfg.seed + 1)
-    step, start_epoch = cfg.global_step, 0
-    if ctx.resuming:
-        step, start_epoch = load_resume(ctx.checkpoint_dir, layer, objective, opts, generator, log)
-        log.info("resumed from %s at step %d (epoch %d)", ctx.checkpoint_dir / RESUME_FILE, step, start_epoch)
+    run = LayerTraining(method, ctx, make_objective)
+    try:
+        for epoch in range(run.start_epoch, ctx.cfg.num_epoch):
+            run.epoch(epoch)
+            if (epoch + 1) % ctx.cfg.checkpoint_every == 0 or epoch + 1 == ctx.cfg.num_epoch:
+                run.checkpoint(epoch + 1)
+    finally:
+        run.bar.close()
+    run.result.step = run.step
+    run.result.history = run.val_cb.history
+    return run.result
 
-    labels = torch.as_tensor(ctx.index.labels).to(device)     # on the device for the whole run
-    genders = torch.as_tensor(ctx.index.genders).to(device)
-    steps_per_epoch = len(ctx.index) // cfg.batch_size
-    log_cb = CallBackLogging(cfg.log_every, cfg.batch_size, log, objective.describe)
-    val_cb = CallBackVerification(cfg.eval_step, ctx.val_sets, cfg.gender_folds, log, cfg.attackers, cfg.seed)
-    terms = TermSums(device, step)
-    result = FitResult(step)
-    layer.train()
-    objective.train()
-    bar = tqdm(total=(cfg.num_epoch - start_epoch) * steps_per_epoch, desc=f"finetune ({method.name})", unit="step",
-               dynamic_ncols=True, disable=None, leave=False)
 
-    def stop(reason: str) -> UserError:
-        last = method.list_checkpoints(ctx.checkpoint_dir)
-        keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
-        log.error("training stopped: %s; %s", reason, keep)
-        return UserError(f"training stopped: {reason}; {keep}. Lower lr/headid_lr or the weights of the method's "
-                         f"terms, or check the training data, then resume or start again.")
+class LayerTraining:
+    """One training of a layer method, in three steps: set-up (``__init__``: template source, seeded layer and
+    objective, optimisers, resume state, callbacks), ``epoch`` (its steps, logged and validated) and
+    ``checkpoint`` (the layer, the objective's files and the resume state, written only from finite weights)."""
 
-    def fetch(epoch: int) -> Fetched:
+    def __init__(self, method: PrivacyMethod, ctx: FitContext, make_objective: Callable[[], Objective]):
+        cfg, device = ctx.cfg, ctx.device
+        self.method, self.ctx, self.cfg, self.device, self.log = method, ctx, cfg, device, ctx.log
+        self.source = cached_source(ctx) if cfg.cache else in_loop_source(ctx)
+        torch.manual_seed(cfg.seed)
+        self.layer = ProjectionLayer(cfg.embedding_size, cfg.embedding_size, cfg.n_hidden).to(device)
+        self.objective = make_objective().to(device)
+        self.opts: tuple[torch.optim.Optimizer, ...] = (torch.optim.Adam(self.layer.parameters(), lr=cfg.lr),)
+        if any(True for _ in self.objective.parameters()):
+            self.opts += (torch.optim.Adam(self.objective.parameters(), lr=cfg.headid_lr),)
+        # the ElasticFace margin noise is drawn where it is used (a CPU generator elsewhere than on CUDA)
+        self.generator = torch.Generator(device if device.type == "cuda" else "cpu").manual_seed(cfg.seed + 1)
+        self.step, self.start_epoch = cfg.global_step, 0
+        if ctx.resuming:
+            self.step, self.start_epoch = load_resume(ctx.checkpoint_dir, self.layer, self.objective, self.opts,
+                                                      self.generator, self.log)
+            self.log.info("resumed from %s at step %d (epoch %d)", ctx.checkpoint_dir / RESUME_FILE, self.step,
+                          self.start_epoch)
+        self.labels = torch.as_tensor(ctx.index.labels).to(device)     # on the device for the whole run
+        self.genders = torch.as_tensor(ctx.index.genders).to(device)
+        self.steps_per_epoch = len(ctx.index) // cfg.batch_size
+        self.log_cb = CallBackLogging(cfg.log_every, cfg.batch_size, self.log, self.objective.describe)
+        self.val_cb = CallBackVerification(cfg.eval_step, ctx.val_sets, cfg.gender_folds, self.log, cfg.attackers,
+                                           cfg.seed)
+        self.terms = TermSums(device, self.step)
+        self.result = FitResult(self.step)
+        self.layer.train()
+        self.objective.train()
+        self.bar = tqdm(total=(cfg.num_epoch - self.start_epoch) * self.steps_per_epoch,
+                        desc=f"finetune ({method.name})", unit="step", dynamic_ncols=True, disable=None, leave=False)
+
+    def epoch(self, epoch: int) -> None:
+        """One gender-balanced epoch of steps; its mean loss terms are recorded (the callbacks frame it)."""
+        cfg = self.cfg
+        draws = EpochDraws.draw(self.ctx.index.genders, cfg.seed, epoch, self.device)
+        self.terms.new_epoch()
+        for cb in self.ctx.callbacks:
+            cb.on_epoch_start(epoch)
+        for b, x in enumerate(self.source(draws, self.steps_per_epoch, cfg.batch_size)):
+            idx = draws.device_indices[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            self.terms.add(train_step(x, self.labels[idx], self.genders[idx], self.layer, self.objective, self.opts,
+                                      cfg.grad_clip, self.generator))
+            self.step += 1
+            self.bar.update(1)
+            if self.step % cfg.log_every == 0 or self.val_cb.due(self.step):
+                self.fetch(epoch)    # validation runs on a model whose terms were all finite
+            self.val_cb(self.step, self.layer)
+        got = self.fetch(epoch)      # before the checkpoint: none is written from a model gone non-finite
+        self.result.epoch_losses.append({k: v / got.epoch_steps for k, v in got.epoch_sums.items()})
+        for cb in self.ctx.callbacks:
+            cb.on_epoch_end(epoch)
+
+    def checkpoint(self, epochs_done: int) -> Path:
+        """The layer as the method's ``{step}ftn_layers.pth``, the objective's extra files (``{step}header.pth``)
+        and the resume state, each atomic; refused (the run stops) when a weight is not finite."""
+        weights = [*self.layer.named_parameters(), *self.objective.named_parameters()]
+        finite = torch.stack([torch.isfinite(w).all() for _, w in weights]).tolist()   # one read
+        broken = [name for (name, _), ok in zip(weights, finite) if not ok]   # finite terms, non-finite update
+        if broken:
+            raise self.stop(f"at step {self.step} the weights {', '.join(broken)} are non-finite (the loss terms "
+                            f"were finite)")
+        folder, step = self.ctx.checkpoint_dir, self.step
+        path = self.method.save_checkpoint(folder, step, self.layer)
+        for suffix, state in self.objective.checkpoint_files().items():
+            atomic_torch_save({k: v.detach().cpu() for k, v in state.items()}, folder / f"{step}{suffix}")
+        resume = {"step": step, "epoch": epochs_done, "layer": self.layer.state_dict(),
+                  "objective": self.objective.state_dict(), "optimizers": [o.state_dict() for o in self.opts],
+                  "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        atomic_torch_save(resume, folder / RESUME_FILE)
+        self.result.checkpoints.append(path)
+        self.log.info("epoch %d done: saved %s", epochs_done, path)
+        return path
+
+    def fetch(self, epoch: int) -> Fetched:
         """The host's one read of the terms: checked (a non-finite one stops the run), logged, shown."""
         try:
-            got = terms.fetch()
+            got = self.terms.fetch()
         except FloatingPointError as exc:
-            raise stop(str(exc)) from None
+            raise self.stop(str(exc)) from None
         if got.steps:
-            log_cb(step, epoch, got.sums, got.steps)
-            bar.set_postfix_str(objective.describe(got.mean()))
+            self.log_cb(self.step, epoch, got.sums, got.steps)
+            self.bar.set_postfix_str(self.objective.describe(got.mean()))
         return got
 
-    for epoch in range(start_epoch, cfg.num_epoch):
-        draws = EpochDraws.draw(ctx.index.genders, cfg.seed, epoch, device)
-        terms.new_epoch()
-        for cb in ctx.callbacks:
-            getattr(cb, "on_epoch_start", lambda e: None)(epoch)
-        for b, x in enumerate(source(draws, steps_per_epoch, cfg.batch_size)):
-            idx = draws.device_indices[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            terms.add(train_step(x, labels[idx], genders[idx], layer, objective, opts, cfg.grad_clip, generator))
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or val_cb.due(step):
-                fetch(epoch)         # validation runs on a model whose terms were all finite
-            val_cb(step, layer)
-        got = fetch(epoch)           # before the checkpoint: none is written from a model gone non-finite
-        result.epoch_losses.append({k: v / got.epoch_steps for k, v in got.epoch_sums.items()})
-        for cb in ctx.callbacks:
-            getattr(cb, "on_epoch_end", lambda e: None)(epoch)
-        if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.num_epoch:
-            weights = [*layer.named_parameters(), *objective.named_parameters()]
-            finite = torch.stack([torch.isfinite(w).all() for _, w in weights]).tolist()   # one read
-            broken = [name for (name, _), ok in zip(weights, finite) if not ok]   # finite terms, non-finite update
-            if broken:
-                raise stop(f"at step {step} the weights {', '.join(broken)} are non-finite (the loss terms were "
-                           f"finite)")
-            result.checkpoints.append(save_checkpoint(method, ctx.checkpoint_dir, step, epoch + 1, layer, objective,
-                                                      opts, generator))
-            log.info("epoch %d done: saved %s", epoch + 1, result.checkpoints[-1])
-    bar.close()
-    result.step = step
-    result.history = val_cb.history
-    return result
+    def stop(self, reason: str) -> UserError:
+        """The error that ends a run gone non-finite, naming the last good checkpoint (also logged)."""
+        last = self.method.list_checkpoints(self.ctx.checkpoint_dir)
+        keep = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
+        self.log.error("training stopped: %s; %s", reason, keep)
+        return UserError(f"training stopped: {reason}; {keep}. Lower lr/headid_lr or the weights of the method's "
+                         f"terms, or check the training data, then resume or start again.")

@@ -21,7 +21,7 @@ from concept_erasure import LeaceFitter
 from torch import nn
 
 from config.options import option
-from privacy.base import FitContext, PathMethod, checkpoint_tensor
+from privacy.base import register_method, FitContext, PathMethod, checkpoint_tensor
 from utils.errors import UserError
 
 __all__ = ["LEACE", "LEACEOptions", "AffineErasure"]
@@ -47,10 +47,9 @@ class LEACEOptions:
     shrinkage: bool = option(True, "shrink the covariance estimate (concept-erasure's default)")
 
 
+@register_method("leace", options=LEACEOptions,
+                 help="LEACE: closed-form least-squares concept erasure of gender (Belrose et al.)")
 class LEACE(PathMethod):
-    name = "leace"
-    Options = LEACEOptions
-
     def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
         templates, genders = ctx.templates, torch.as_tensor(ctx.index.genders, dtype=torch.float64)
         fitter = LeaceFitter(templates.templates.shape[2], 1, dtype=torch.float64, shrinkage=self.opts.shrinkage)

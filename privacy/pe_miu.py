@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from config.options import option
-from privacy.base import FitContext, PathMethod, checkpoint_tensor
+from privacy.base import register_method, FitContext, PathMethod, checkpoint_tensor
 from utils.errors import UserError
 
 __all__ = ["PEMIU", "PEMIUOptions", "BlockPermutation", "aligned_similarity"]
@@ -100,10 +100,10 @@ class PEMIUOptions:
                        choices=COSTS)
 
 
+@register_method("pe_miu", options=PEMIUOptions,
+                 help="PE-MIU: training-free permutation of minimum information units (Terhörst et al.)")
 class PEMIU(PathMethod):
-    name = "pe_miu"
     comparison = "PE-MIU block assignment"
-    Options = PEMIUOptions
 
     def run_name(self) -> str:
         return f"pe_miu_{self.opts.block_size}b"

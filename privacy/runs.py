@@ -18,12 +18,12 @@ from losses import HEADERS
 from privacy import METHODS, PrivacyMethod, get_method
 from privacy.layer_training import RESUME_FILE, RESUME_KEYS
 from config import options
-from config.loading import check_choice, config_from_dict, known_option
+from config.loading import config_from_dict, known_option
 from utils.errors import UserError
 from utils.io import atomic_write_text, first_free_number, numbered, safe_torch_load
 from utils.logs import get_logger
 
-__all__ = ["RUN_FILE", "RunFolders", "check_names", "plan_run_folders", "write_run_description", "SweptRun",
+__all__ = ["RUN_FILE", "RunFolders", "check_names", "choose_run_folders", "write_run_description", "SweptRun",
            "find_runs", "append_config_row"]
 
 RUN_FILE = "run.json"
@@ -32,12 +32,14 @@ log = get_logger(__name__)
 
 
 def check_names(cfg: Config) -> None:
-    """Every name option is a registered entry (backbone, header, method, attackers): refused before any compute."""
-    check_choice("network", cfg.network, ARCHITECTURES)
-    check_choice("loss", cfg.loss, HEADERS)
-    check_choice("method", cfg.method, METHODS)
+    """Every name option is a registered entry (backbone, header, method, attackers): refused before any compute,
+    with the closest registered name."""
+    ARCHITECTURES.get(cfg.network)
+    HEADERS.get(cfg.loss)
+    METHODS.get(cfg.method)
     for name in cfg.attackers:
-        check_choice("attackers", name, [*ATTACKERS, ALL])
+        if name != ALL and name not in ATTACKERS:
+            raise ATTACKERS.unknown(name, extra=(ALL,))
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ class RunFolders:
     requested: Path          # the checkpoint folder the settings name (a new run moves to _2, _3... if it is used)
 
 
-def plan_run_folders(cfg: Config, method: PrivacyMethod) -> RunFolders:
+def choose_run_folders(cfg: Config, method: PrivacyMethod) -> RunFolders:
     """The run's checkpoint and log folders. A new run never reuses an occupied folder: it takes the next free
     ``_2``, ``_3``... name. ``resume`` takes the latest folder of the series that holds a resume state."""
     sub = Path(cfg.pretrained) / cfg.experiment / cfg.data / (cfg.run_name or method.run_name())
@@ -141,7 +143,7 @@ def read_run_config(folder: Path) -> Config | None:
                         f"the folder with the current config.")
     values = {k: v for k, v in values.items() if known_option(k)}   # options of other versions are left out
     cfg = config_from_dict(values, f"run description '{path}'")
-    check_choice("method", cfg.method, METHODS)
+    METHODS.get(cfg.method)
     return cfg
 
 

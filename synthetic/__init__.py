@@ -6,4 +6,5 @@ Importing this package registers the ``demo_decoder`` architecture; commands loa
 from backbones import register_architecture
 from synthetic.backbone import demo_decoder
 
-register_architecture("demo_decoder", demo_decoder)
+register_architecture("demo_decoder", demo_decoder,
+                      help="reads the identity and gender drawn into a synthetic face (demo, tests)")

@@ -11,10 +11,11 @@ No extracted row is thrown away: rows are also kept in the row store (templates.
 undecodable file, a killed process, a full disk) or a training set that changes reruns only the images not yet
 stored.
 
-Under torchrun the processes share a miss: process 0 lists the images not yet in the store, each process extracts
-its contiguous share into the store, and once all shares are in, process 0 assembles and publishes the entry (the
-same rename); one process is the same protocol alone. A killed process stops them all; the rerun finds the finished
-rows in the store and extracts the rest.
+One process reads a miss as: start the build (the images not yet in the row store), extract them into the store,
+publish the entry (assembled from the store, renamed into place). Under torchrun the same steps are wrapped in the
+collective protocol: process 0 starts the build, each process extracts its contiguous share into the store, and once
+all shares are in, process 0 publishes. A killed process stops them all; the rerun finds the finished rows in the
+store and extracts the rest.
 
 Modules: templates.entry (an entry's files, reader, writer), templates.rowstore (the row store),
 templates.extraction (the backbone pass), templates.space (what the cache folder holds, and pruning it), this one
@@ -53,10 +54,11 @@ OWNER = "owner.json"      # in a build folder: the machine and process building 
 
 
 @dataclass
-class _Plan:
-    """Process 0's plan, sent to every process: the hidden folder the entry is built in (None on a hit) and the
-    positions of the images not yet in the row store. Process 0 keeps what it alone needs: every image's row key
-    (the others compute their share's) and the row store's lock, held until the entry is published or abandoned."""
+class _Build:
+    """An entry being built, started by process 0 and sent to every process: the hidden folder the entry is built in
+    (None on a hit) and the positions of the images not yet in the row store. Process 0 keeps what it alone needs:
+    every image's row key (the others compute their share's) and the row store's lock, held until the entry is
+    published or abandoned."""
     work: Path | None
     todo: np.ndarray
     keys: list[bytes] | None = None
@@ -107,57 +109,77 @@ class TemplateCache:
         """The cached templates of ``items`` (image files, record images or encoded images); extracted (once) with
         the backbone on a miss. ``on_batch``: called with the number of images done as the pass goes (timing).
 
-        Under torchrun every process calls this, in the same order; each step is collective, so a failure anywhere
-        stops them all. A single process runs the same steps, each collective one a no-op."""
+        Under torchrun every process calls this, in the same order (``_get_shared``)."""
         describe = describe or (lambda i: str(items[i]) if isinstance(items[i], Path) else f"image {i}")
         final = self.folder / f"{name}-{self.key(inputs)}"
+        if self.processes.world > 1:
+            return self._get_shared(final, items, describe, what, on_batch)
+        build = self._start(final, items, what)
+        if build.work is not None:
+            try:
+                problems, written = self._extract(build, build.todo.tolist(), items, describe, what, on_batch)
+                if problems:
+                    raise undecodable(what, problems)
+                self._publish(build, written, final, what)
+            finally:
+                build.close()
+        return open_entry(final)
+
+    def _get_shared(self, final: Path, items: Sequence, describe: Callable[[int], str], what: str,
+                    on_batch: Callable[[int], object] | None) -> Templates:
+        """``get``'s steps as the collective protocol of several processes: each step is collective, so a failure
+        anywhere stops them all."""
         procs = self.processes
-        # 1. process 0: a hit, or the images missing from the row store
-        plan = procs.decide(lambda: self._plan(final, items, what), f"planning the extraction of the {what}")
-        if plan.work is not None:
+        # 1. process 0: a hit, or the build of a miss (the images missing from the row store)
+        build = procs.decide(lambda: self._start(final, items, what), f"planning the extraction of the {what}")
+        if build.work is not None:
             try:
                 # 2. every process: its share of the missing images, into the row store
-                shares = procs.each(lambda: self._extract_share(plan, items, describe, what, on_batch),
-                                    f"extracting its share of the {what}")
+                def share() -> tuple[list[str], list[str]]:
+                    self._check_visible(build.work)
+                    mine = build.todo[procs.share(len(build.todo), self.settings.batch_size)].tolist()
+                    return self._extract(build, mine, items, describe, what, on_batch)
+                shares = procs.each(share, f"extracting its share of the {what}")
                 # 3. the images that did not decode, of all shares, stop every process
                 self._refuse_undecodable([p for problems, _ in shares for p in problems], what)
                 # 4. process 0: the entry assembled from the store and renamed into place
-                procs.each(lambda: self._publish(plan, [f for _, files in shares for f in files], final, what),
+                written = [f for _, files in shares for f in files]
+                procs.each(lambda: self._publish(build, written, final, what) if procs.main else None,
                            f"publishing the cache entry of the {what}")
             finally:
                 if procs.main:
-                    plan.close()
+                    build.close()
         # 5. every process: the published entry
         procs.each(lambda: self._check_readable(final), f"opening the cache entry of the {what}")
         return open_entry(final)
 
-    def _plan(self, final: Path, items: Sequence, what: str) -> _Plan:
-        """Process 0: a hit (no build folder) or the plan of a miss (the build folder made, the store locked)."""
+    def _start(self, final: Path, items: Sequence, what: str) -> _Build:
+        """Process 0: a hit (no build folder) or the build of a miss (the build folder made, the store locked)."""
         entry = open_entry(final)
         if entry is not None and len(entry) == len(items):
             log.info("template cache hit: %s (%d %s)", final, len(entry), what)
-            return _Plan(None, np.zeros(0, np.int64))
+            return _Build(None, np.zeros(0, np.int64))
         store = self.store()
-        plan = _Plan(None, np.zeros(0, np.int64))
+        build = _Build(None, np.zeros(0, np.int64))
         try:
             with full_disk_named(self.folder, "cache_dir"):
-                plan.lock = contextlib.ExitStack()
-                plan.lock.enter_context(store.in_use())
-                plan.work = self._start_build(final, store, len(items), what)
-            plan.keys = [item_key(item) for item in items]
-            plan.todo = np.asarray(store.missing(plan.keys), dtype=np.int64)
+                build.lock = contextlib.ExitStack()
+                build.lock.enter_context(store.in_use())
+                build.work = self._make_build_folder(final, store, len(items), what)
+            build.keys = [item_key(item) for item in items]
+            build.todo = np.asarray(store.missing(build.keys), dtype=np.int64)
         except BaseException:
-            plan.close()
+            build.close()
             raise
-        distinct = len(set(plan.keys))    # an image listed twice (a .bin's pair and gender images) counts once
-        if len(plan.todo) < distinct:
-            log.info("%d of %d distinct %s already extracted (row store %s)", distinct - len(plan.todo), distinct,
+        distinct = len(set(build.keys))    # an image listed twice (a .bin's pair and gender images) counts once
+        if len(build.todo) < distinct:
+            log.info("%d of %d distinct %s already extracted (row store %s)", distinct - len(build.todo), distinct,
                      what, store.path)
         if self.processes.world > 1:
-            log.info("%d %s to extract, shared by %d processes", len(plan.todo), what, self.processes.world)
-        return plan
+            log.info("%d %s to extract, shared by %d processes", len(build.todo), what, self.processes.world)
+        return build
 
-    def _start_build(self, final: Path, store: RowStore, count: int, what: str) -> Path:
+    def _make_build_folder(self, final: Path, store: RowStore, count: int, what: str) -> Path:
         """Move an unreadable entry aside (never deleted) and make the hidden folder the new entry is built in,
         with a note of who builds it (templates.space reads it)."""
         if final.exists():
@@ -171,20 +193,14 @@ class TemplateCache:
                                               "started": time.time()}))
         return work
 
-    def _extract_share(self, plan: _Plan, items: Sequence, describe: Callable[[int], str], what: str,
-                       on_batch: Callable[[int], object] | None) -> tuple[list[str], list[str]]:
-        """Every process: the backbone pass over its share of the missing images; returns the share's decoding
-        problems and the store's files it wrote."""
+    def _extract(self, build: _Build, mine: list[int], items: Sequence, describe: Callable[[int], str], what: str,
+                 on_batch: Callable[[int], object] | None) -> tuple[list[str], list[str]]:
+        """The backbone pass over the images at positions ``mine`` (this process's share of the missing ones), into
+        the row store; returns their decoding problems and the store's files it wrote."""
         procs = self.processes
-        if not plan.work.is_dir():
-            raise UserError(f"process {procs.rank} cannot see the folder '{plan.work}' that process 0 made in "
-                            f"cache_dir '{self.folder}': with torchrun on several machines, cache_dir (and the data) "
-                            f"must be on a file system all machines share, under the same path. Set --set "
-                            f"cache_dir=<shared folder>.")
-        mine = plan.todo[procs.share(len(plan.todo), self.settings.batch_size)].tolist()
         if not mine:
             return [], []
-        keys = [plan.keys[i] for i in mine] if plan.keys else [item_key(items[i]) for i in mine]
+        keys = [build.keys[i] for i in mine] if build.keys else [item_key(items[i]) for i in mine]
         with full_disk_named(self.folder, "cache_dir"):
             done = extract_rows(self.backbone.load(), [items[i] for i in mine], keys, self.store(), self.settings,
                                 lambda j: describe(mine[j]), what, on_batch)
@@ -192,6 +208,14 @@ class TemplateCache:
                  f"process {procs.rank} " if procs.world > 1 else "", len(mine), what, done.seconds,
                  len(mine) / done.seconds)
         return done.problems, [str(p) for p in done.written]
+
+    def _check_visible(self, work: Path) -> None:
+        """Every process sees the build folder process 0 made (a file system all machines share)."""
+        if not work.is_dir():
+            raise UserError(f"process {self.processes.rank} cannot see the folder '{work}' that process 0 made in "
+                            f"cache_dir '{self.folder}': with torchrun on several machines, cache_dir (and the data) "
+                            f"must be on a file system all machines share, under the same path. Set --set "
+                            f"cache_dir=<shared folder>.")
 
     def _refuse_undecodable(self, problems: list[str], what: str) -> None:
         """Every process: stop if an image of any share did not decode (process 0's error lists them all)."""
@@ -201,18 +225,16 @@ class TemplateCache:
             raise UserError(f"process {self.processes.rank}: {len(problems)} of the {what} do not decode; process "
                             f"0's message lists them.")
 
-    def _publish(self, plan: _Plan, written: list[str], final: Path, what: str) -> None:
+    def _publish(self, build: _Build, written: list[str], final: Path, what: str) -> None:
         """Process 0: assemble the entry in the build folder from the row store (``written``: the chunk files the
         shares wrote, which a network file system may not list yet) and rename it into place."""
-        if not self.processes.main:
-            return
         with full_disk_named(self.folder, "cache_dir"):
-            meta = self.store().assemble(plan.keys, plan.work, self.settings.dtype, also=[Path(f) for f in written])
-            (plan.work / OWNER).unlink()   # an entry's folder holds the entry alone
-            publish(plan.work, final)
+            meta = self.store().assemble(build.keys, build.work, self.settings.dtype, also=[Path(f) for f in written])
+            (build.work / OWNER).unlink()   # an entry's folder holds the entry alone
+            publish(build.work, final)
         if meta["resized"]:
             log.warning("%d of %d %s were not 112x112: short side resized to 112 (bicubic) and centre-cropped",
-                        meta["resized"], len(plan.keys), what)
+                        meta["resized"], len(build.keys), what)
 
     def _check_readable(self, final: Path) -> None:
         if open_entry(final) is None:

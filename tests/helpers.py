@@ -14,6 +14,8 @@ from torch import nn
 from backbones import ARCHITECTURES
 from config.options import OPTION_GROUPS
 from eval.attackers import ATTACKERS
+from facedata.align.detectors import DETECTORS
+from losses import HEADERS
 from privacy import METHODS
 from facedata.bin_builder import build_bin
 from templates.cache import TemplateCache
@@ -25,17 +27,20 @@ DIM = 512
 
 @contextlib.contextmanager
 def registered() -> Iterator[None]:
-    """Whatever the block registers (methods, attackers, backbones, option groups, plug-in modules) is forgotten
-    after it, so that no test's entries reach a later test's ``attackers=['all']`` or sweep workers."""
-    registries = (METHODS, ATTACKERS, ARCHITECTURES, OPTION_GROUPS)
-    saved = [dict(r) for r in registries]
+    """Whatever the block registers (methods, attackers, backbones, headers, detectors, option groups, plug-in
+    modules) is forgotten after it, so that no test's entries reach a later test's ``attackers=['all']`` or sweep
+    workers."""
+    registries = (METHODS, ATTACKERS, ARCHITECTURES, HEADERS, DETECTORS)
+    saved = [r.snapshot() for r in registries]
+    groups = dict(OPTION_GROUPS)
     modules = set(sys.modules)
     try:
         yield
     finally:
         for registry, before in zip(registries, saved):
-            registry.clear()
-            registry.update(before)
+            registry.restore(before)
+        OPTION_GROUPS.clear()
+        OPTION_GROUPS.update(groups)
         for name in set(sys.modules) - modules:
             if name.startswith("_plugin_"):
                 del sys.modules[name]

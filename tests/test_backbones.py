@@ -329,3 +329,26 @@ def test_identify_backbone_flags_near_chance_eer_of_a_misaligned_two_item_bin(tm
     rows = report(path, bad, device="cpu")
     assert [r[:3] for r in rows] == [("poolnet", False, 512)] and rows[0][3] > 0.2
     assert "near chance" in capsys.readouterr().out
+
+
+def test_load_backbone_builds_only_the_requested_architecture_while_the_keys_fit(tmp_path):
+    """Other architectures are built (to say what the file holds) only when the file does not fit the requested
+    one; a spy architecture counts its builds."""
+    from helpers import registered
+    from backbones import register_architecture
+    built = []
+
+    def spy(num_features=512, **_):
+        built.append(num_features)
+        return torch.nn.Linear(3, num_features)
+    state = iresnet18(num_features=64).state_dict()
+    torch.save(state, tmp_path / "r18.pth")
+    state.pop("fc.bias")
+    torch.save(state, tmp_path / "partial.pth")
+    with registered():
+        register_architecture("spy_test", help="counts its builds")(spy)
+        load_backbone("iresnet18", tmp_path / "r18.pth", num_features=64)
+        assert built == []
+        with pytest.raises(UserError, match="partial.pth"):
+            load_backbone("iresnet18", tmp_path / "partial.pth", num_features=64)
+        assert built   # the candidates were looked for, the spy among them

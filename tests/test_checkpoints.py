@@ -11,6 +11,7 @@ from backbones import (ARCHITECTURES, candidate_architectures, embedding_size_fo
                        template_size)
 from config.loading import load_config
 from pipeline import identify_backbone
+from helpers import registered
 from utils.errors import UserError
 from utils.io import extract_state_dict
 
@@ -126,27 +127,55 @@ register_architecture("mfn_plugin", PluginNet)
 """
 
 
-def test_identify_backbone_sees_plugins_and_offers_a_closest_layout_only_when_it_is_close(tmp_path, capsys,
-                                                                                       monkeypatch):
+def test_identify_backbone_sees_plugins_and_offers_a_closest_layout_only_when_it_is_close(tmp_path, capsys):
     plugin = tmp_path / "mfn_plugin.py"
     plugin.write_text(PLUGIN)
-    monkeypatch.setitem(ARCHITECTURES, "mfn_plugin", None)   # removed again after the test
-    weights = {"stem.weight": torch.zeros(8, 3, 7, 7), "stem.bias": torch.zeros(8),
-               "head.1.weight": torch.zeros(128, 32)}
-    assert identify_backbone.main([str(_save(tmp_path / "mfn.pth", {"net_state_dict": weights})), "--set",
-                                   f"plugins=['{plugin}']"]) == 0
-    out = capsys.readouterr().out
-    assert "mfn_plugin" in out and "network=mfn_plugin SE=False embedding_size=128" in out
-    # a file sharing no key with any layout: no "closest" offered
-    with pytest.raises(UserError, match="no registered architecture shares even 50%"):
-        identify_backbone.identify(_save(tmp_path / "odd.pth", {"a.weight": torch.zeros(2)}))
-    # an iresnet18 missing one tensor: most keys fit, the closest is offered
-    state = iresnet18().state_dict()
-    state.pop("fc.bias")
-    with pytest.raises(UserError, match="the closest is iresnet18 "):
-        identify_backbone.identify(_save(tmp_path / "r18.pth", state))
+    with registered():   # the plug-in's architecture is forgotten after the test
+        weights = {"stem.weight": torch.zeros(8, 3, 7, 7), "stem.bias": torch.zeros(8),
+                   "head.1.weight": torch.zeros(128, 32)}
+        assert identify_backbone.main([str(_save(tmp_path / "mfn.pth", {"net_state_dict": weights})), "--set",
+                                       f"plugins=['{plugin}']"]) == 0
+        out = capsys.readouterr().out
+        assert "mfn_plugin" in out and "network=mfn_plugin SE=False embedding_size=128" in out
+        # a file sharing no key with any layout: no "closest" offered
+        with pytest.raises(UserError, match="no registered architecture shares even 50%"):
+            identify_backbone.identify(_save(tmp_path / "odd.pth", {"a.weight": torch.zeros(2)}))
+        # an iresnet18 missing one tensor: most keys fit, the closest is offered
+        state = iresnet18().state_dict()
+        state.pop("fc.bias")
+        with pytest.raises(UserError, match="the closest is iresnet18 "):
+            identify_backbone.identify(_save(tmp_path / "r18.pth", state))
+    assert "mfn_plugin" not in ARCHITECTURES
 
 
 def _save(path, obj):
     torch.save(obj, path)
     return path
+
+
+@pytest.mark.parametrize("names, named", [
+    (["6ftn_layers.pth", "0006ftn_layers.pth", "12ftn_layers.pth"], ["0006ftn_layers.pth and 6ftn_layers.pth"]),
+    (["abcftn_layers.pth", "12ftn_layers.pth"], ["'abcftn_layers.pth'"]),
+    (["ftn_layers.pth", "1_ftn_layers.pth", "6ftn_layers.pth", "06ftn_layers.pth"],
+     ["'ftn_layers.pth'", "'1_ftn_layers.pth'", "06ftn_layers.pth and 6ftn_layers.pth"])])
+def test_checkpoint_names_that_are_not_one_step_each_are_refused_naming_them(tmp_path, names, named):
+    from config.loading import config_from_dict
+    from privacy import get_method
+    method = get_method("angular")(config_from_dict({}, "test"))
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(UserError, match="run folder") as err:
+        method.list_checkpoints(tmp_path)
+    assert all(n in str(err.value) for n in named), str(err.value)
+
+
+def test_checkpoints_are_listed_in_step_order_with_other_files_left_alone(tmp_path):
+    from config.loading import config_from_dict
+    from privacy import get_method
+    method = get_method("angular")(config_from_dict({}, "test"))
+    for name in ["24ftn_layers.pth", "0006ftn_layers.pth", "12ftn_layers.pth", "12header.pth", "resume.pth",
+                 "run.json", ".12ftn_layers.pth.tmp"]:
+        (tmp_path / name).write_bytes(b"")
+    assert method.list_checkpoints(tmp_path) == [(6, tmp_path / "0006ftn_layers.pth"),
+                                                 (12, tmp_path / "12ftn_layers.pth"),
+                                                 (24, tmp_path / "24ftn_layers.pth")]

@@ -2,16 +2,18 @@ from pathlib import Path
 
 import pytest
 
+from backbones import ARCHITECTURES
 from eval.attackers import ATTACKERS
 from helpers import registered
-from privacy import get_method
-from privacy.runs import check_names, plan_run_folders
+from losses import HEADERS
+from privacy import METHODS, get_method
+from privacy.runs import check_names, choose_run_folders
 from config.loading import load_config
 from utils.errors import UserError
 
 
 def folders(cfg):
-    return plan_run_folders(cfg, get_method(cfg.method)(cfg))
+    return choose_run_folders(cfg, get_method(cfg.method)(cfg))
 
 
 def test_defaults_match_the_authors_and_derive_paths():
@@ -91,11 +93,46 @@ def test_bad_values_name_the_option_and_the_allowed_range(item, allowed):
     assert f"'{key}'" in str(err.value) and allowed in str(err.value)
 
 
-@pytest.mark.parametrize("item, key", [("network=resnet50", "network"), ("method=lecae", "method"),
-                                        ("attackers=['LogReg','Oracle']", "attackers"), ("loss=Softmax", "loss")])
-def test_unknown_names_are_refused_with_the_known_ones(item, key):
-    with pytest.raises(UserError, match=f"config option '{key}'.*choose one of"):
+@pytest.mark.parametrize("item, key, closest", [("network=resnet50", "network", "iresnet50"),
+                                                 ("method=lecae", "method", "leace"),
+                                                 ("attackers=['LogReg','Oracle']", "attackers", None),
+                                                 ("attackers=['LogReg','SVN']", "attackers", "SVM"),
+                                                 ("loss=Softmax", "loss", None), ("loss=CosFac", "loss", "CosFace")])
+def test_unknown_names_are_refused_with_the_known_ones(item, key, closest):
+    with pytest.raises(UserError, match=f"config option '{key}'.*choose one of") as err:
         check_names(load_config(None, [item]))
+    assert (f"Did you mean '{closest}'?" in str(err.value)) if closest else "Did you mean" not in str(err.value)
+
+
+@pytest.mark.parametrize("option, registry", [("network", ARCHITECTURES), ("method", METHODS), ("loss", HEADERS),
+                                              ("attackers", ATTACKERS)])
+def test_every_registered_name_passes_the_name_check(option, registry):
+    for name in [*registry.names(), *(["all"] if option == "attackers" else [])]:
+        value = f"['{name}']" if option == "attackers" else name
+        check_names(load_config(None, [f"{option}={value}"]))   # raises for a name it does not know
+
+
+@pytest.mark.parametrize("item, problem", [
+    ("seed=1180591620717411303424", "it must be >= 0 and <= 2147483647"),   # 2**70: beyond numpy's seeds
+    ("seed=-1", "it must be >= 0"),
+    ("test_targets=['synth_a','synth_a']", "'synth_a' more than once"),
+    ("val_targets=lfw,agedb_30,lfw", "'lfw' more than once")])
+def test_seeds_beyond_the_generators_and_targets_listed_twice_are_refused_by_name(item, problem):
+    key = item.split("=")[0]
+    with pytest.raises(UserError, match=f"config option '{key}'") as err:
+        load_config(None, [item])
+    assert problem in str(err.value)
+
+
+def test_the_largest_allowed_seed_seeds_every_generator_the_run_derives_from_it():
+    import numpy as np
+    import torch
+    from facedata.dataset import balanced_epoch
+    seed = load_config(None, ["seed=2147483647"]).seed
+    torch.manual_seed(seed)
+    torch.Generator().manual_seed(seed + 1)
+    np.random.RandomState(seed + 100)   # scikit-learn's random_state (attackers, IVE's seed + round)
+    balanced_epoch(np.array([0, 1, 0, 1]), seed, 1000)
 
 
 def test_bad_values_are_refused_before_any_compute(tmp_path):
@@ -126,8 +163,10 @@ def test_plugins_register_entries(tmp_path):
                       "def dummy(ctx):\n    return DummyClassifier()\n")
     with registered():
         cfg = load_config(None, [f"plugins=[{str(plugin)!r}]", "attackers=['Dummy_plugin_test']"])
-        check_names(cfg)
+        check_names(cfg)   # the plug-in's name is known while it is loaded
     assert "Dummy_plugin_test" not in ATTACKERS
+    with pytest.raises(UserError, match="config option 'attackers' is 'Dummy_plugin_test'"):
+        check_names(cfg)
     with pytest.raises(UserError, match="plug-in.*does not exist"):
         load_config(None, [f"plugins=[{str(tmp_path / 'none.py')!r}]"])
     with pytest.raises(UserError, match="plug-in 'no_such_module_xyz'"):

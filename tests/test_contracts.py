@@ -1,7 +1,9 @@
-"""Contracts every registered component keeps, parametrised over the registries: registering a method, an attacker
-or a backbone (in the code the tests import) puts it under the same tests as the built-in ones."""
+"""Contracts every registered component keeps, parametrised over the registries' names(): registering a method, an
+attacker, a backbone, an identity header or a landmark source (in the code the tests import) puts it under the same
+tests as the built-in ones (as timm's list_models)."""
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import synthetic  # noqa: F401  (registers the demo backbone, itself a registere
 from backbones import ARCHITECTURES, get_backbone, load_backbone
 from eval.attackers import ATTACKERS
 from eval.leakage import leakage_report
+from facedata.align.detectors import DETECTORS, DetectorSpec, Face, build_detector
 from helpers import demo_cfg, synthetic_world
+from losses import HEADERS, get_header
 from pipeline import sweep, train
 from privacy import METHODS, get_method
 from privacy.base import PathMethod
@@ -30,13 +34,14 @@ def swept(tmp_path_factory):
     """Every registered method trained on the synthetic world, and one sweep over all their runs."""
     root = tmp_path_factory.mktemp("contracts")
     synthetic_world(root, n_train_ids=16, imgs=3, n_test_ids=24, pairs=200, gender=96)
-    results = {name: train.train(demo_cfg(root, f"method={name}", *QUICK.get(name, LAYER))) for name in METHODS}
+    results = {name: train.train(demo_cfg(root, f"method={name}", *QUICK.get(name, LAYER)))
+               for name in METHODS.names()}
     out = sweep.evaluate(demo_cfg(root, "n_jobs=1", "bootstrap=0"), root / "res", root / "ckpt" / "Demo",
                          "Exp/Synth", root / "ref.csv")
     return root, results, out
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", METHODS.names())
 def test_method_checkpoints_are_listed_loaded_and_swept(name, swept):
     root, results, out = swept
     res = results[name]
@@ -60,7 +65,7 @@ def test_method_checkpoints_are_listed_loaded_and_swept(name, swept):
     assert name in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", METHODS.names())
 def test_method_refuses_a_checkpoint_it_did_not_write(name, tmp_path):
     method = get_method(name)(demo_cfg(tmp_path, f"method={name}"))
     path = method.checkpoint_path(tmp_path, 7)
@@ -70,9 +75,10 @@ def test_method_refuses_a_checkpoint_it_did_not_write(name, tmp_path):
         method.load_transform(path)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_resumes_or_refuses_to(name, swept):
-    """A one-pass method refuses resume=True by name; a trained one leaves a resume state that continues."""
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_resumes_or_refuses_to(name, swept, tmp_path):
+    """A one-pass method refuses resume=True by name; a trained one leaves a resume state that continues. The run
+    continued is a copy: the module's runs stay as trained, whatever order the tests run in."""
     root, results, _ = swept
     cfg = demo_cfg(root, f"method={name}", "resume=True", *QUICK.get(name, LAYER))
     method = get_method(name)(cfg)
@@ -80,12 +86,16 @@ def test_method_resumes_or_refuses_to(name, swept):
         with pytest.raises(UserError, match="resume"):
             method.check()
         return
-    assert (results[name].checkpoint_dir / RESUME_FILE).is_file()
-    more = train.train(demo_cfg(root, f"method={name}", "resume=True", "num_epoch=3", "checkpoint_every=1"))
-    assert more.checkpoint_dir == results[name].checkpoint_dir and more.step > results[name].step
+    run = shutil.copytree(results[name].checkpoint_dir, tmp_path / "run")
+    assert (run / RESUME_FILE).is_file()
+    more = train.train(demo_cfg(root, f"method={name}", "resume=True", "num_epoch=3", "checkpoint_every=1",
+                                f"output={run}", f"log_output={tmp_path / 'logs'}"))
+    assert more.checkpoint_dir == run and more.step > results[name].step
+    trained = method.list_checkpoints(results[name].checkpoint_dir)
+    assert sorted(p for _, p in trained) == sorted(results[name].checkpoints)   # the module's run is untouched
 
 
-@pytest.mark.parametrize("name", sorted(ATTACKERS))
+@pytest.mark.parametrize("name", ATTACKERS.names())
 def test_attacker_finds_a_plain_signal_and_no_more_than_chance_without_one(name):
     rng = np.random.default_rng(0)
     ids = np.repeat(np.arange(60), 3)
@@ -100,7 +110,7 @@ def test_attacker_finds_a_plain_signal_and_no_more_than_chance_without_one(name)
     assert 0.3 <= chance <= 0.7, f"{name} finds a signal that is not there: BACC {chance:.3f}"
 
 
-@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("name", ARCHITECTURES.names())
 def test_backbone_builds_maps_faces_to_templates_and_reloads_strictly(name, tmp_path):
     torch.manual_seed(0)
     net = get_backbone(name, num_features=128).train()   # batch statistics: a deep net at random init stays finite
@@ -117,3 +127,39 @@ def test_backbone_builds_maps_faces_to_templates_and_reloads_strictly(name, tmp_
     torch.save(state, tmp_path / "partial.pth")
     with pytest.raises(UserError, match="partial.pth"):
         load_backbone(name, tmp_path / "partial.pth", num_features=128)
+
+
+@pytest.mark.parametrize("name", HEADERS.names())
+def test_header_gives_the_normalised_softmax_logits_less_a_margin_on_the_target_class(name):
+    """Every header: logits s * cos(theta) on the other classes; on the target class s * cos(theta) with m = 0 and
+    no spread, and strictly less with a margin (a per-sample one drawn around m = 0.3 with a small spread)."""
+    torch.manual_seed(0)
+    z, labels = torch.randn(6, 16), torch.tensor([0, 1, 2, 3, 4, 0])
+    plain = get_header(name, 16, 5, 64.0, 0.0, 0.0)
+    cos = torch.nn.functional.normalize(z, dim=1) @ torch.nn.functional.normalize(plain.kernel, dim=0)
+    assert torch.allclose(plain(z, labels, torch.Generator().manual_seed(1)), 64.0 * cos, atol=1e-3)
+    margin = get_header(name, 16, 5, 64.0, 0.3, 0.01)
+    margin.kernel.data.copy_(plain.kernel.data)
+    logits = margin(z, labels, torch.Generator().manual_seed(1))
+    target = torch.nn.functional.one_hot(labels, 5).bool()
+    assert logits.shape == (6, 5) and torch.isfinite(logits).all()
+    assert torch.allclose(logits[~target], 64.0 * cos[~target], atol=1e-3)
+    assert (logits[target] < 64.0 * cos[target] - 1.0).all()
+    logits.sum().backward()
+    assert margin.kernel.grad is not None and torch.isfinite(margin.kernel.grad).all()
+
+
+@pytest.mark.parametrize("name", DETECTORS.names())
+def test_landmark_source_builds_or_refuses_by_name_and_finds_faces_as_five_points(name):
+    """Every landmark source, built with no model or landmark file: a UserError naming what is missing, or a
+    detector whose faces (none on a flat grey image) come as five (x, y) points and a box."""
+    try:
+        det = build_detector(DetectorSpec(name))
+    except UserError as exc:
+        assert str(exc)
+        return
+    assert isinstance(det.source, str) and det.source and isinstance(det.needs_pixels, bool)
+    faces = det.faces(np.full((160, 160, 3), 128, np.uint8), "grey.jpg")
+    assert isinstance(faces, list)
+    for face in faces:
+        assert isinstance(face, Face) and np.shape(face.points) == (5, 2) and np.shape(face.box) == (4,)

@@ -155,3 +155,24 @@ def test_weight_centroids_are_normalised_means_of_normalised_columns():
     w = gender_weight_centroids(kernel, torch.tensor([0, 0, 1]))
     torch.testing.assert_close(w[0], F.normalize(torch.tensor([0.5, 0.5]), dim=0))
     torch.testing.assert_close(w[1], F.normalize(torch.tensor([1.0, 1.0]), dim=0))
+
+
+def test_a_registered_header_with_per_sample_margins_gets_them_at_m_0():
+    """The angular path is chosen by the header's declared ``random_margin``, not by its class: a plug-in header
+    drawing its own margins keeps them at m = 0 (the logits of the drawn margin, 0.2 here)."""
+    from helpers import registered
+    from losses import HEADERS, register_header
+
+    class Jitter(ArcFace):
+        random_margin = True
+
+        def margins(self, labels, generator, dtype=torch.float32):
+            return torch.full(labels.shape, 0.2, dtype=dtype)
+    with registered():
+        register_header("Jitter_test", help="a fixed 'drawn' margin")(Jitter)
+        torch.manual_seed(0)
+        h = get_header("Jitter_test", 16, 7, 64.0, 0.0, 0.0).double()
+    assert "Jitter_test" not in HEADERS
+    emb, y = torch.randn(5, 16, dtype=torch.float64), torch.tensor([0, 3, 6, 2, 2])
+    want = independent_logits(emb.numpy(), h.kernel.detach().numpy(), y.numpy(), 64.0, 0.2)
+    np.testing.assert_allclose(h(emb, y).detach().numpy(), want, atol=1e-5)

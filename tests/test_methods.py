@@ -19,7 +19,8 @@ from pipeline import sweep as evaluation
 from eval.leakage import gender_leakage
 from eval.verification import evaluate_verification, verification_from_distances
 from helpers import demo_cfg, synthetic_world
-from privacy import FitContext, get_method
+from privacy import METHODS, FitContext, get_method
+from privacy.base import PathMethod
 from synthetic.data import identity_basis, population, sample_templates
 from templates.entry import write_entry
 from config.loading import config_from_dict
@@ -228,7 +229,7 @@ def test_methods_train_and_sweep_with_their_own_settings(tmp_path):
     assert (out / "tradeoff.png").stat().st_size > 10_000
 
 
-@pytest.mark.parametrize("method", ["ive", "pe_miu", "inlp", "leace"])
+@pytest.mark.parametrize("method", [n for n in METHODS.names() if issubclass(METHODS[n], PathMethod)])
 def test_a_foreign_checkpoint_is_refused_naming_the_file(method, tmp_path):
     path = tmp_path / "3transform.pth"
     torch.save({"proj.0.weight": torch.zeros(2, 2)}, path)

@@ -77,7 +77,7 @@ def log_to_stderr() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    listing = "\n".join(f"  {name:<11} {help_text}" for name, (_, help_text) in sorted(DETECTORS.items()))
+    listing = "\n".join(f"  {name:<11} {DETECTORS.help(name)}" for name in sorted(DETECTORS))
     parser = argparse.ArgumentParser(description=__doc__.format(detectors=listing),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="folder of the photographs as downloaded (never changed)")

@@ -12,7 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
-from utils.errors import UserError
+from utils.registry import Registry
 
 
 @dataclass
@@ -55,23 +55,18 @@ class DetectorSpec:
     options: tuple[tuple[str, object], ...] = field(default=())
 
 
-# name -> (builder from a spec, one-line description for --help)
-DETECTORS: dict[str, tuple[Callable[[DetectorSpec], Detector], str]] = {}
+# option --detector: every landmark source, by name: a builder from a spec, and a help line for --help
+DETECTORS: Registry[Callable[[DetectorSpec], Detector]] = Registry("landmark source", "--detector")
 
 
 def register_detector(name: str, help_text: str) -> Callable:
-    """Class or function decorator adding a landmark source under ``name``."""
-    def wrap(builder: Callable[[DetectorSpec], Detector]) -> Callable[[DetectorSpec], Detector]:
-        DETECTORS[name] = (builder, help_text)
-        return builder
-    return wrap
+    """Class or function decorator adding a landmark source under ``name`` (``DETECTORS.register``)."""
+    return DETECTORS.register(name, help=help_text)
 
 
 def build_detector(spec: DetectorSpec) -> Detector:
-    """The detector a spec names (a UserError for an unknown name)."""
-    if spec.name not in DETECTORS:
-        raise UserError(f"--detector '{spec.name}' is not known; choose one of {', '.join(sorted(DETECTORS))}.")
-    return DETECTORS[spec.name][0](spec)
+    """The detector a spec names (a UserError with the closest name for an unknown one)."""
+    return DETECTORS.get(spec.name)(spec)
 
 
 def pick_face(faces: Sequence[Face], shape: tuple[int, ...]) -> Face:
