@@ -31,6 +31,7 @@ from typing import Any, Iterable
 from config.config import Config
 from config.loading import load_config
 from privacy import get_method   # importing the registry declares the built-in methods' options (ive.rounds, ...)
+from pipeline.plan_file import call_plan, check_names, check_released_names, check_spec, plan_failure
 from utils.errors import UserError
 
 from config.options import settings, settings_hash   # runtime-only options (device, workers, ...) left out
@@ -114,7 +115,7 @@ class Plan:
         """Make the inputs the plan generates (idempotent); nothing for a plan of downloaded data."""
         fn = getattr(self.namespace, "prepare", None)
         if callable(fn):
-            fn(self.namespace)
+            call_plan(self.path, "prepare(plan)", fn, self.namespace)
 
 
 def plan_path(name: str | Path) -> Path:
@@ -145,8 +146,8 @@ def _execute(path: Path) -> dict[str, Any]:
         spec.loader.exec_module(module)
     except UserError:
         raise
-    except Exception as exc:   # the user's own plan: say where it broke
-        raise UserError(f"plan file '{path}' failed to run: {type(exc).__name__}: {exc}. Fix that line.") from None
+    except (Exception, SystemExit) as exc:   # the user's own plan: say where it broke
+        raise plan_failure(path, "running the file", exc) from None
     finally:
         sys.modules.pop(name, None)
     return {k: v for k, v in vars(module).items() if not k.startswith("__")}
@@ -159,6 +160,7 @@ def load_namespace(name: str | Path, seen: tuple[Path, ...] = ()) -> tuple[Path,
         raise UserError(f"plan '{path}' includes itself (through {' -> '.join(str(p) for p in seen)}); remove the "
                         f"INCLUDE that closes the circle.")
     own = _execute(path)
+    check_names(path, own)
     values: dict[str, Any] = {}
     if own.get("INCLUDE"):
         included = own["INCLUDE"]
@@ -179,19 +181,24 @@ def load_plan(name: str | Path, overrides: Iterable[str] = (), extra: dict[str, 
     plan = Plan(Path(name).stem, path, ns)
     items = getattr(ns, "experiments", None)
     if callable(items):
-        items = items(ns)
+        items = call_plan(path, "experiments(plan)", items, ns)
+        if not isinstance(items, (list, tuple)):
+            raise UserError(f"plan file '{path}': experiments(plan) returned {type(items).__name__}; it must return "
+                            f"a list of experiment dicts (see plans/paper.py).")
     elif items is None:
         items = getattr(ns, "EXPERIMENTS", None)
     if items is None:
         raise UserError(f"plan '{path}' defines neither EXPERIMENTS nor experiments(plan); see plans/paper.py.")
     items = list(items)
     if getattr(ns, "released_dir", None) and not any("released" in spec for spec in items if isinstance(spec, dict)):
+        check_released_names(path, ns)
         from pipeline.released import released_experiments   # --released on any plan: their rows beside ours
         items += released_experiments(ns)
     overrides = list(overrides)
     common = [_item(k, v) for k, v in ns.SET.items()]
     for k, spec in enumerate(items):
         plan.experiments.append(_experiment(spec, common, overrides, f"plan '{path}', experiment {k + 1}"))
+    _refuse_repeated(path, plan.experiments)
     _unique_run_names(plan.experiments)
     return plan
 
@@ -206,6 +213,7 @@ def _experiment(spec: dict, common: list[str], overrides: list[str], where: str)
     unknown = set(spec) - _KEYS
     if unknown:
         raise UserError(f"{where} has unknown key(s) {sorted(unknown)}; the keys are {sorted(_KEYS)}.")
+    check_spec(spec, where)
     setting = spec.get("setting", "OneDataset")
     if setting not in SETTINGS:
         raise UserError(f"{where}: setting '{setting}' is not one of {', '.join(SETTINGS)}.")
@@ -220,6 +228,19 @@ def _experiment(spec: dict, common: list[str], overrides: list[str], where: str)
                       method=cfg.method, cfg=cfg, held_out=str(spec.get("held_out", "")), label=spec.get("label", ""),
                       released=tuple(Path(p) for p in spec.get("released", ())),
                       released_setting=str(spec.get("released_setting", "")))
+
+
+def _refuse_repeated(path: Path, experiments: list[Experiment]) -> None:
+    """The same experiment twice in one plan (same settings, same place in the tables) would be listed twice: name
+    both instead."""
+    seen: dict[tuple, int] = {}
+    for k, exp in enumerate(experiments, start=1):
+        ident = (exp.sweep_key, exp.backbone, exp.setting, exp.trained_on, exp.held_out, exp.label or exp.method,
+                 exp.released_setting)
+        if ident in seen:
+            raise UserError(f"plan '{path}' lists the same experiment twice (experiments {seen[ident]} and {k}: "
+                            f"{exp.name}, same settings); remove one of them.")
+        seen[ident] = k
 
 
 def _unique_run_names(experiments: list[Experiment]) -> None:

@@ -34,9 +34,11 @@ from tqdm import tqdm
 
 from backbones.spec import BackboneSpec
 from config.loading import OVERRIDE_HELP
+from eval.evalset import METRIC_COLUMNS
 from facedata.dataset import scan_training_data
 from pipeline import sweep as sweep_mod
 from pipeline import train as train_mod
+from pipeline.paper_values import read_paper_values
 from pipeline.plans import Experiment, Plan, digest, inputs, load_plan, safe_name, settings
 from privacy import get_method
 from privacy.layer_training import RESUME_FILE
@@ -47,6 +49,7 @@ from utils.logs import get_logger
 from templates.cache import ExtractionSettings, TemplateCache, index_inputs, open_entry
 
 log = get_logger("pipeline.reproduce")
+PAPER_METRICS = [*METRIC_COLUMNS, "PIC"]   # what --paper-values may name (the tables' metric columns)
 __all__ = ["StateStore", "run_experiment", "run_plan", "select_shard", "status", "dry_run", "main"]
 
 
@@ -59,6 +62,9 @@ class StateStore:
 
     def __init__(self, folder: Path, say: Callable[[str], None] = print):
         self.folder, self.say = Path(folder), say
+        if self.folder.exists() and not self.folder.is_dir():
+            raise UserError(f"the plan runner's state folder '{self.folder}' is a file; it keeps one small JSON file "
+                            f"per experiment. Move the file away (or give another --results folder).")
 
     def path(self, key: str, label: str = "") -> Path:
         found = sorted(self.folder.glob(f"*-{key}.json")) if self.folder.is_dir() else []
@@ -358,9 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         jobs = args.jobs if args.jobs is not None else max(1, len(devices))
         if jobs < 1:
             raise UserError(f"--jobs {jobs}: give 1 or more experiments to run at once.")
+        results = Path(args.results)
+        if results.exists() and not results.is_dir():
+            raise UserError(f"--results '{results}' is a file; give the folder of the plan's sweeps, states and "
+                            f"tables (it is made when missing).")
+        paper = read_paper_values(args.paper_values, PAPER_METRICS) if args.paper_values else None
         extra = {"released_dir": args.released, "mapping": args.mapping, "results": args.results}
         plan = load_plan(args.plan, args.set, extra)
-        results = Path(args.results)
         store = StateStore(results / ".experiments")
         if args.dry_run:
             outcome["status"] = dry_run(plan, store, select_shard(unique(plan.experiments), *shard))
@@ -378,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             run_plan(plan, results, shard)
         if not args.no_tables:
             with _locked(results / safe_name(plan.name) / ".tables.lock"):
-                written = write_outputs(plan, results, args.paper_values)
+                written = write_outputs(plan, results, paper)
             print(written)
     return run_cli(body) or outcome["status"]
 

@@ -25,6 +25,7 @@ import pandas as pd
 
 from eval.evalset import METRIC_COLUMNS
 from eval.leakage import WORST
+from pipeline.paper_values import ID_COLUMNS, PaperValues
 from pipeline.plans import Experiment, Plan, digest, safe_name
 from pipeline.reproduce import StateStore
 from privacy import get_method
@@ -32,18 +33,35 @@ from utils.errors import UserError
 from utils.io import atomic_path, atomic_write_text
 
 METRICS = [*METRIC_COLUMNS, "PIC"]
+# what the sweep writes (pipeline/sweep.py): the columns the tables read from each file
+METRIC_FILE_COLUMNS = ["Step", "Dataset", *METRICS]
+REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
+ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC", "CI-Low", "CI-High", "Reached-By"]
 WORST_COLUMNS = ["Worst-case BACC", "Worst CI-Low", "Worst CI-High", "Worst attacker"]
-ID_COLUMNS = ["Backbone", "Setting", "Trained on", "Held out", "Dataset", "Method", "Settings", "Checkpoint", "Step",
-              "alpha", "beta"]
 TABLE_IDS = {"main": ["Trained on", "Method", "Settings", "Checkpoint", "Step"],
              "cross": ["Held out", "Trained on", "Dataset", "Method", "Settings", "Checkpoint", "Step"],
              "ablation": ["alpha", "beta", "Dataset", "Checkpoint", "Step"]}
 
 
-def _read(path: str | None) -> pd.DataFrame:
+def _read(path: str | None, columns: list[str]) -> pd.DataFrame:
+    """A sweep's result CSV (empty when there is none); one that cannot be read as the sweep writes it is named."""
     if not path or not Path(path).is_file():
         return pd.DataFrame()
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    try:
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise UserError(f"result file '{path}' cannot be read as a CSV ({type(exc).__name__}: {str(exc)[:200]}); it "
+                        f"is not what the sweep wrote. Move it away (with its state file in the results folder's "
+                        f".experiments) and run the plan again: the experiment's sweep is redone.") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(f"result file '{path}' lacks the column(s) {missing} the sweep writes; it is not a sweep's "
+                        f"output (or was edited). Move it away and run the plan again: the sweep is redone.")
+    for column in ("Step",):
+        if column in frame and len(frame) and pd.to_numeric(frame[column], errors="coerce").isna().any():
+            raise UserError(f"result file '{path}': column {column} holds values that are not numbers; it is not a "
+                            f"sweep's output (or was edited). Move it away and run the plan again.")
+    return frame
 
 
 def _setting(exp: Experiment) -> str:
@@ -62,13 +80,13 @@ def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]
     rows, bare, have = [], {}, 0
     for exp in plan.experiments:
         state = store.read(exp.key)
-        metrics = _read(state.get("metrics"))
+        metrics = _read(state.get("metrics"), METRIC_FILE_COLUMNS)
         if metrics.empty:
             continue
         have += 1
-        attacks = _read(state.get("attackers"))
+        attacks = _read(state.get("attackers"), ATTACKER_COLUMNS)
         worst = attacks[attacks["Attacker"] == WORST] if not attacks.empty else attacks
-        reference = _read(state.get("reference"))
+        reference = _read(state.get("reference"), REFERENCE_COLUMNS)
         method, described = _method_label(exp)
         ab = exp.alpha_beta
         for ds in exp.cfg.test_targets:
@@ -146,56 +164,6 @@ def build_tables(rows: list[dict], bare: list[dict]) -> dict[str, Table]:
     return tables
 
 
-def add_paper_values(tables: dict[str, Table], path: Path) -> int:
-    """'<metric> (paper)' and '<metric> diff' columns from a CSV of the paper's numbers; returns the cells matched."""
-    paper = pd.read_csv(path, dtype=str, keep_default_na=False)
-    need = {"Metric", "Value"}
-    if not need <= set(paper.columns):
-        raise UserError(f"--paper-values '{path}' has the columns {list(paper.columns)}; it needs Metric and Value, "
-                        f"plus any of {', '.join(ID_COLUMNS)} naming the row (README: 'Reproducing the paper').")
-    unknown = set(paper.columns) - need - set(ID_COLUMNS)
-    if unknown:
-        raise UserError(f"--paper-values '{path}': unknown column(s) {sorted(unknown)}; the row is named by "
-                        f"{', '.join(ID_COLUMNS)}.")
-    matched = 0
-    for line, p in enumerate(paper.to_dict("records"), start=2):
-        if p["Metric"] not in METRICS:
-            raise UserError(f"--paper-values '{path}' line {line}: Metric '{p['Metric']}' is not one of "
-                            f"{', '.join(METRICS)}.")
-        try:
-            value = float(p["Value"])
-        except ValueError:
-            raise UserError(f"--paper-values '{path}' line {line}: Value '{p['Value']}' is not a number.") from None
-        for table in tables.values():
-            t = table.frame
-            full = t.reindex(columns=ID_COLUMNS).astype(object).where(t.reindex(columns=ID_COLUMNS).notna(), "")
-            mask = pd.Series(True, index=t.index)
-            for col in ID_COLUMNS:
-                given = p.get(col, "")
-                if col == "Checkpoint" and not given:
-                    mask &= full[col].isin(["last", ""])
-                elif given:
-                    mask &= full[col].astype(str).map(lambda v, g=given: _same(v, g))
-            if mask.any():
-                col = f"{p['Metric']} (paper)"
-                if col not in table.shown:
-                    at = table.shown.index(p["Metric"]) + 1
-                    table.shown[at:at] = [col, f"{p['Metric']} diff"]
-                    t[col] = float("nan")
-                    t[f"{p['Metric']} diff"] = float("nan")
-                t.loc[mask, col] = value
-                t.loc[mask, f"{p['Metric']} diff"] = t.loc[mask, p["Metric"]] - value
-                matched += int(mask.sum())
-    return matched
-
-
-def _same(value: str, given: str) -> bool:
-    try:
-        return float(value) == float(given)
-    except ValueError:
-        return value.strip().lower() == given.strip().lower()
-
-
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return "n/a" if math.isnan(v) else f"{v:.4f}"
@@ -229,9 +197,9 @@ def tradeoff_figures(plan: Plan, store: StateStore, out: Path) -> list[Path]:
         series = []
         for exp in exps:
             state = store.read(exp.key)
-            m = _read(state.get("metrics"))
+            m = _read(state.get("metrics"), METRIC_FILE_COLUMNS)
             if not m.empty:
-                series.append((exp, m, _read(state.get("reference"))))
+                series.append((exp, m, _read(state.get("reference"), REFERENCE_COLUMNS)))
         if not series:
             continue
         sets = list(dict.fromkeys(ds for exp, _, _ in series for ds in exp.cfg.test_targets))
@@ -306,19 +274,19 @@ def ablation_figure(tables: dict[str, Table], out: Path) -> list[Path]:
     return [path]
 
 
-def inputs_digest(plan: Plan, store: StateStore, paper_values: str | None) -> str:
+def inputs_digest(plan: Plan, store: StateStore, paper_values: PaperValues | None) -> str:
     """What the tables are made of: every state and result file of the plan, the plan and the paper's values."""
-    parts = [plan.path.read_text(), Path(paper_values).read_text() if paper_values else ""]
+    parts = [plan.path.read_text(), paper_values.path.read_bytes().hex() if paper_values else ""]
     for exp in plan.experiments:
         state = store.read(exp.key)
         parts.append(exp.key + exp.sweep_key + exp.name)
         for k in ("metrics", "attackers", "reference"):
             p = Path(state.get(k, ""))
-            parts.append(p.read_text() if state.get(k) and p.is_file() else "")
+            parts.append(p.read_bytes().hex() if state.get(k) and p.is_file() else "")
     return digest(parts)
 
 
-def write_outputs(plan: Plan, results: Path, paper_values: str | None = None) -> str:
+def write_outputs(plan: Plan, results: Path, paper_values: PaperValues | None = None) -> str:
     """tables.md, the CSVs and the figures of a plan; nothing is rewritten when their inputs have not changed."""
     store = StateStore(Path(results) / ".experiments", lambda _: None)
     out = Path(results) / safe_name(plan.name)
@@ -328,14 +296,14 @@ def write_outputs(plan: Plan, results: Path, paper_values: str | None = None) ->
         return f"nothing new: {out / 'tables.md'} is up to date"
     rows, bare, have = collect(plan, store)
     tables = build_tables(rows, bare)
-    matched = add_paper_values(tables, Path(paper_values)) if paper_values else None
+    matched = paper_values.annotate(tables, METRICS) if paper_values else None
     total = len({e.key for e in plan.experiments})
     lines = [f"# Plan '{plan.name}': tables", "",
              f"{have} of {len(plan.experiments)} experiments have results ({total} distinct trainings); rows: the last "
              f"checkpoint and the checkpoint with the best PIC of each. Numbers from the sweeps' CSVs under "
              f"{Path(results)}.", ""]
     if matched is not None:
-        lines += [f"Paper values from {paper_values}: {matched} cell(s) compared ('diff' = ours - paper).", ""]
+        lines += [f"Paper values from {paper_values.path}: {matched} cell(s) compared ('diff' = ours - paper).", ""]
     (out / "tables").mkdir(parents=True, exist_ok=True)
     for stem, table in tables.items():
         t = table.view
