@@ -11,10 +11,9 @@ Each fold is an ordinary training run (finetune.py) and sweep (eval/evaluation.p
 data_dir = the fold's training datasets (a list, so their identities stay apart), data = their names joined by
 '+' (e.g. AgeDB+ColorFeret), experiment = --experiment, val_targets = test_targets = the fold's evaluation set
 (config option rec holds <name>.bin). Checkpoints go where any run's go (checkpoint_root/<pretrained>/
-<experiment>/<data>/<run>); the sweep's CSVs, report and plots to R/<data>/ with R = <results>/<pretrained>/
-<experiment>, beside one bare-backbone reference file per evaluation set (R/reference_<name>.csv).
+<experiment>/<data>/<run>).
 
-The table, R/cross_dataset.csv (also printed): per fold the held-out dataset, the datasets trained on, the
+The table, <results>/<pretrained>/<experiment>/cross_dataset.csv (also printed): per fold the held-out dataset, the datasets trained on, the
 evaluation set, the run folder, the final checkpoint's step and metrics (EER, TAR@FAR=0.1%, BACC-Gender-AVG, PIC),
 the bare backbone's EER and BACC-Gender-AVG, and the number of training images that are near-duplicates of images
 of the evaluation set (tools/check_overlap.py; empty when cache=False).
@@ -24,7 +23,8 @@ The folds are the experiments of the cross_dataset plan (plans/cross_dataset.py)
 their settings, their state in <results>/.experiments/, each fold's sweep (its run alone) in
 <results>/<pretrained>/CrossDataset/<data>/<run>/. A finished fold is not redone; a trained one is only evaluated
 (the sweep resumes per checkpoint); one interrupted in training resumes from its last resume state; a fold whose
-results were deleted is swept again. A damaged state file is reported and its fold is done again. Changed settings
+results were deleted is swept again. A damaged state file is reported and the fold's finished run adopted again (a
+fold without one is done again). Changed settings
 (alpha, seed, data, ...) are new folds; runtime-only options (device, workers, n_jobs, cache folder, logging) never.
 """
 from __future__ import annotations

@@ -14,6 +14,11 @@ threshold-free EER, ROC AUC, grid resolution, template spread; warned about in t
 CSV are skipped unless --force, so an interrupted sweep resumes where it stopped. The backbone runs once per
 evaluation set (template cache), never once per checkpoint. The underscore spellings --log_root, --model_root,
 --experiment_name, --reference_pth of the authors' README are accepted too.
+
+The steps: ``preflight`` (names, files, every result CSV read once), ``pending_jobs`` (each (checkpoint, set) not yet
+in the CSVs, a ``Job`` holding its run and checkpoint), ``evaluate_jobs`` with ``job_done`` after each job (its rows
+appended to the run's CSVs), then ``finish`` (the bare backbone against every attacker, report.md). reproduce.py
+sweeps exactly its experiment's run with ``evaluate_runs``.
 """
 from __future__ import annotations
 
@@ -130,7 +135,7 @@ class ResultFile:
         stay the same."""
         rows = [{k: r[k] for k in self.columns} for r in rows]
         keys = [self._key(r) for r in rows]
-        before = self._render(self.rows.values(), True)
+        before = self._render(self.rows.values(), True) if only_if_changed else None
         dropped = [k for k, r in self.rows.items() if drop is not None and drop(r)]
         replacing = bool(dropped) or any(k in self.rows for k in keys)
         for k in dropped:

@@ -298,7 +298,7 @@ def test_a_rerun_after_the_results_are_deleted_sweeps_again_and_retrains_a_run_o
     assert reproduce.main(["tiny.py"]) == 0
     assert trainings["n"] == 0 and outputs(Path.cwd()) == outputs(uninterrupted)
     said = capsys.readouterr().out
-    assert said.count("are gone; it is swept again") == 9
+    assert said.count("are gone; it is swept again") == 8   # per state file (the ablation's default shares one)
     # a run folder whose run.json holds other settings (the user trained something else into it)
     plan = plans.load_plan("tiny.py")
     leace = next(e for e in plan.experiments if e.method == "leace" and e.trained_on == "SynthA")
@@ -346,3 +346,32 @@ def test_plan_values_reach_the_config_as_values(tmp_path, monkeypatch):
     (tmp_path / "q.py").write_text("EXPERIMENTS = [dict(options={'num_epoch': '5'})]\n")
     with pytest.raises(UserError, match=r"num_epoch.*plan '.*q.py', experiment 1"):
         plans.load_plan(str(tmp_path / "q.py"))
+
+
+def test_the_bare_backbones_worst_case_attacker_is_in_the_tables(tmp_path, monkeypatch):
+    """With attackers beyond the paper's, the bare backbone's row carries its worst case and interval: those of the
+    sweep's bare_backbone_attackers.csv."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "worst.py").write_text('''
+INCLUDE = "synthetic"
+SIZE = dict(train_ids=12, train_imgs=4, test_ids=8, test_imgs=4, pairs=40, gender=32)
+DATASETS = ["SynthA"]
+TARGETS = {"SynthA": "synth_a"}
+METHODS = {"leace": {}}
+CROSS_METHODS = []
+ABLATION = dict(trained_on="SynthA", alphas=[], betas=[])
+SET = {"n_jobs": 1, "attackers": ["LogReg", "SVM", "RBF", "kNN"], "bootstrap": 20}
+''')
+    assert reproduce.main(["worst.py"]) == 0
+    plan = plans.load_plan("worst.py")
+    swept = own_sweep(plan.experiments[0], reproduce.StateStore(Path("work_dirs/results/.experiments")))
+    with open(Path(swept["folder"]) / "bare_backbone_attackers.csv", newline="") as fh:
+        worst = next(r for r in csv.DictReader(fh) if r["Dataset"] == "synth_a" and r["Attacker"] == "worst-case")
+    bare = next(csv.DictReader(Path("work_dirs/results/worst/tables/Demo_decoder_synth_a.csv").read_text()
+                               .splitlines()))
+    assert bare["Method"] == "bare backbone" and bare["Worst attacker"] == worst["Reached-By"]
+    for ours, theirs in (("Worst-case BACC", "BACC"), ("Worst CI-Low", "CI-Low"), ("Worst CI-High", "CI-High")):
+        assert worst[theirs] and float(bare[ours]) == float(worst[theirs])
+    text = Path("work_dirs/results/worst/tables.md").read_text()
+    line = next(x for x in text.splitlines() if "| bare backbone |" in x and "| synth_a |" not in x)
+    assert f"| {float(worst['BACC']):.4f} |" in line and f"| {worst['Reached-By']} |" in line
