@@ -329,7 +329,7 @@ def run_plan(plan: Plan, results: Path, shard: tuple[int, int] = (1, 1), progres
     return states
 
 
-def run_jobs(argv: list[str], jobs: int, devices: list[str], shard: tuple[int, int], logs: Path,
+def run_shares(argv: list[str], jobs: int, devices: list[str], shard: tuple[int, int], logs: Path,
              total: Callable[[], tuple[int, int]]) -> None:
     """Run ``jobs`` shares of this process's share at once, each in its own process (and on its own device)."""
     k, n = shard
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         if jobs > 1:
             selected = select_shard(unique(plan.experiments), *shard)
             child_argv = [a for a in _strip(raw, {"--jobs", "--devices", "--shard"})]
-            run_jobs(child_argv, jobs, devices, shard, results / safe_name(plan.name) / "logs",
+            run_shares(child_argv, jobs, devices, shard, results / safe_name(plan.name) / "logs",
                      lambda: (sum(status(e, store) == "done" for e in selected), len(selected)))
         else:
             if len(devices) == 1:

@@ -360,7 +360,7 @@ TARGETS = {"SynthA": "synth_a"}
 METHODS = {"leace": {}}
 CROSS_METHODS = []
 ABLATION = dict(trained_on="SynthA", alphas=[], betas=[])
-SET = {"n_jobs": 1, "attackers": ["LogReg", "SVM", "RBF", "kNN"], "bootstrap": 20}
+SET = {"num_epoch": 2, "batch_size": 16, "n_jobs": 1, "attackers": ["LogReg", "SVM", "RBF", "kNN"], "bootstrap": 20}
 ''')
     assert reproduce.main(["worst.py"]) == 0
     plan = plans.load_plan("worst.py")
