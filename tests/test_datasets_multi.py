@@ -79,7 +79,8 @@ def test_a_record_file_trains_to_the_checkpoints_of_its_prepared_folder(world, t
     assert torch.equal(dataset[5][1], ImageDataset(folder.paths)[5][1]) and dataset[5][3] == ""
     assert str(direct.paths[0]) == f"{rec} record 1"
 
-    common = ["num_epoch=2", "checkpoint_every=1", "batch_size=16", "cache=True", f"log_dir={tmp_path / 'logs'}"]
+    common = ["num_epoch=2", "checkpoint_every=1", "batch_size=16", "cache=True", f"log_dir={tmp_path / 'logs'}",
+              f"cache_dir={tmp_path / 'cache'}"]   # a cache of its own: the miss and hit below are this test's
     a = finetune.train(demo_cfg(world, *common, f"data_dir={prepared}", f"checkpoint_root={tmp_path / 'a'}"))
     b = finetune.train(demo_cfg(world, *common, f"data_dir={rec}", f"checkpoint_root={tmp_path / 'b'}",
                                 "num_workers=2"))
@@ -125,7 +126,8 @@ def test_two_sources_keep_their_identities_apart_and_are_logged(world, tmp_path)
     assert [s.summary() for s in index.sources] == [f"{a}: 12 identities, 48 images", f"{b}: 8 identities, 32 images"]
 
     res = finetune.train(demo_cfg(world, f"data_dir={[str(a), str(b)]!r}", "num_epoch=1", "batch_size=16",
-                                  f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}"))
+                                  f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}",
+                                  f"cache_dir={tmp_path / 'cache'}"))
     log = (res.log_dir / "training.log").read_text()
     assert f"source {a}: 12 identities, 48 images" in log and f"source {b}: 8 identities, 32 images" in log
     header = torch.load(res.checkpoint_dir / f"{res.step}header.pth", weights_only=True)
@@ -199,7 +201,8 @@ def test_overlap_check_finds_planted_duplicates_and_nothing_in_disjoint_data(wor
 
     # training warns in its log, once the training templates and validation sets are loaded
     res = finetune.train(demo_cfg(world, f"data_dir={planted}", "num_epoch=1", "eval_step=1000", "batch_size=16",
-                                  f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}"))
+                                  f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}",
+                                  f"cache_dir={tmp_path / 'cache'}"))
     log = (res.log_dir / "training.log").read_text()
     assert "WARNING overlap check: 3 training images of 1 identities are near-duplicates (cosine >= 0.95)" in log
 
