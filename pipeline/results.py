@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import pandas as pd
 
@@ -17,7 +17,7 @@ from eval.leakage import WORST
 from pipeline.plans import digest, safe_name
 from utils.io import atomic_write_text
 
-__all__ = ["StateStore", "SweepResults", "ResultReader", "BARE_ATTACKERS_FILE", "BARE_DIAGNOSTICS_FILE"]
+__all__ = ["BARE_ATTACKERS_FILE", "BARE_DIAGNOSTICS_FILE", "ResultReader", "StateStore", "SweepResults"]
 
 BARE_ATTACKERS_FILE = "bare_backbone_attackers.csv"
 BARE_DIAGNOSTICS_FILE = "bare_backbone_diagnostics.csv"
@@ -86,7 +86,7 @@ class ResultReader:
         """What was read: every file's path and bytes."""
         return digest([[str(p), (b or b"").decode("utf-8", "replace")] for p, b in sorted(self.texts.items())])
 
-    def sweep(self, folder: Path | str, runs: Iterable[str], reference: Path | str | None = None) -> "SweepResults":
+    def sweep(self, folder: Path | str, runs: Iterable[str], reference: Path | str | None = None) -> SweepResults:
         """The results of ``runs`` in a sweep folder, each run's files with a Run column."""
         folder = Path(folder)
         runs = list(runs)
