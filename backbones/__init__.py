@@ -13,12 +13,12 @@ from torch import nn
 from backbones.iresnet import iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
 from backbones.projection import FinetunedModel, FrozenBackbone, ProjectionLayer
 from backbones.sfnet import SFNET_LAYOUTS, sfnet20, sfnet20_deprecated, sfnet20_deprecated_v0
-from backbones.spec import ARCHITECTURES, register_architecture
+from backbones.spec import ARCHITECTURES, BackboneSpec, register_architecture
 from utils.errors import UserError
 from utils.io import extract_state_dict, safe_torch_load
 from utils.logs import get_logger
 
-__all__ = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "sfnet20", "sfnet20_deprecated",
+__all__ = ["load_spec", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "sfnet20", "sfnet20_deprecated",
            "sfnet20_deprecated_v0", "SFNET_LAYOUTS", "architecture_shapes", "candidate_architectures",
            "describe_candidate", "settings_for", "template_size", "embedding_size_for",
            "register_architecture", "ProjectionLayer", "FrozenBackbone", "FinetunedModel", "ARCHITECTURES",
@@ -178,6 +178,11 @@ def load_backbone(name: str, path: str | os.PathLike, num_features: int = 512, u
     net.load_state_dict(state, strict=True)
     return net.eval()
 
+
+
+def load_spec(spec: BackboneSpec) -> nn.Module:
+    """The pretrained backbone a ``BackboneSpec`` names, loaded strictly and safely, in eval mode."""
+    return load_backbone(spec.network, spec.weights, spec.num_features, spec.use_se)
 
 def _mismatch_error(name: str, path: str | os.PathLike, num_features: int, use_se: bool,
                     have: dict[str, tuple[int, ...]], fits: list[tuple[str, bool, int]]) -> UserError:

@@ -48,11 +48,6 @@ class BackboneSpec:
                             f"checkpoint_root/pretrained/reference/backbone.pth). Download the pretrained backbone "
                             f"there (README: 'Pretrained backbones') or set output_ori.")
 
-    def load(self) -> nn.Module:
-        """The pretrained backbone, loaded strictly and safely, in eval mode."""
-        from backbones import load_backbone
-        return load_backbone(self.network, self.weights, self.num_features, self.use_se)
-
     def fingerprint(self) -> dict[str, object]:
         """What the templates depend on: architecture, options and the weights' content."""
         self.check()

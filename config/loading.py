@@ -266,11 +266,15 @@ def config_from_dict(values: dict[str, Any], source: str) -> Config:
     return _build(given, import_plugins_first=False)
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults, then the module at ``path``, then ``--set`` overrides; checked, plug-ins imported, paths derived."""
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                values: Iterable[tuple[dict[str, Any], str]] = ()) -> Config:
+    """Defaults, then the module at ``path``, then ``values`` (option values as values, each mapping with where it
+    comes from: a plan), then ``--set`` overrides; checked, plug-ins imported, paths derived."""
     given = _Values()
     if path is not None:
         given.add_mapping(_module_values(_exec_module(Path(path))), f"config file '{path}'")
+    for mapping, source in values:
+        given.add_mapping(mapping, source)
     for item in overrides:
         key, value, raw = parse_override(item)
         given.add(key, value, f"--set {item}", raw)

@@ -47,7 +47,7 @@ import pandas as pd
 from scipy.stats import norm
 from torch import nn
 
-from eval.evalset import EvalTemplates, model_templates
+from eval.evalset import EvalTemplates, model_templates, own_comparison
 from eval.leakage import _load_templates, unit_rows
 from eval.verification import exact_eer_auc, pair_distances
 from utils.errors import UserError, full_disk_named, listing, run_cli
@@ -541,8 +541,8 @@ def set_scores(ev: EvalTemplates, transform: nn.Module | None) -> np.ndarray:
     """(P,) comparison scores of a model on a set: its verification templates (flip-summed), compared by its own
     distance if it has one, else the protocol's, then s = 1 - d/2."""
     ver, _ = model_templates(ev, transform)
-    own = getattr(transform, "pair_distances", None)
-    return similarity_from_distance(own(ver) if own is not None else pair_distances(ver))
+    own = own_comparison(transform)
+    return similarity_from_distance(own.pair_distances(ver) if own is not None else pair_distances(ver))
 
 
 def score_path(out_dir: Path, run: str | None, dataset: str, step: int | None = None) -> Path:

@@ -4,8 +4,8 @@ training, the evaluation sweep, the demo and the tests.
 The backbone's templates of a .bin come from the template cache (computed once); a method's transform is applied
 to them directly, which equals running transform(normalize(backbone(x))) on the images. Verification uses
 t(x) + t(flip(x)); the gender test uses t(x) alone; the bare backbone sums its raw outputs. A transform may bring
-its own comparison (``pair_distances``, ``similarity``): verification and comparison-based attacks then use it. A
-transform loaded from a checkpoint may carry ``checkpoint`` (its file), which errors about its templates name.
+its own comparison (``OwnComparison``: ``pair_distances``, ``similarity``): verification and comparison-based
+attacks then use it. Errors about a model's templates name the checkpoint it came from (``source``) when given.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -93,8 +93,34 @@ def open_eval_set(cache: TemplateCache, rec: str | Path, name: str) -> EvalTempl
     return EvalTemplates(name, t, es.issame, es.id_labels, es.gender_labels)
 
 
+@runtime_checkable
+class Transform(Protocol):
+    """A method's transform of unit templates (an nn.Module: moved to a device, put in eval mode, called)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def eval(self) -> Transform: ...
+
+    def to(self, device: torch.device) -> Transform: ...
+
+
+@runtime_checkable
+class OwnComparison(Protocol):
+    """A transform that brings its own comparison of templates: verification distances of flip-summed pairs
+    (rows 2i, 2i+1) and the similarity comparison-based attackers use."""
+
+    def pair_distances(self, ver: np.ndarray) -> np.ndarray: ...
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray: ...
+
+
+def own_comparison(transform: Transform | None) -> OwnComparison | None:
+    """The transform's own comparison, or None where templates are compared as the protocol does."""
+    return transform if isinstance(transform, OwnComparison) else None
+
+
 @torch.no_grad()
-def model_templates(ev: EvalTemplates, transform: nn.Module | None) -> tuple[np.ndarray, np.ndarray]:
+def model_templates(ev: EvalTemplates, transform: Transform | nn.Module | None) -> tuple[np.ndarray, np.ndarray]:
     """(2P, D) verification templates (flip-summed) and (G, D) gender templates (unflipped) of the model."""
     n = ev.num_pair_images
     t = ev.templates
@@ -109,14 +135,15 @@ def model_templates(ev: EvalTemplates, transform: nn.Module | None) -> tuple[np.
     return ver.double().cpu().numpy(), gen.double().cpu().numpy()
 
 
-def evaluate_set(ev: EvalTemplates, transform: nn.Module | None, gender_folds: int = 3,
+def evaluate_set(ev: EvalTemplates, transform: Transform | None, gender_folds: int = 3,
                  attackers: Sequence[str] = PAPER_ATTACKERS, seed: int = 0, bootstrap: int = 0,
-                 n_jobs: int = 1) -> SetResult:
+                 n_jobs: int = 1, source: Path | None = None) -> SetResult:
     """EER, TAR@FAR=0.1% and the attackers' gender balanced accuracies of ``transform`` (None: bare backbone);
-    with ``bootstrap`` > 0 also identity-level intervals (eval/leakage.py)."""
+    with ``bootstrap`` > 0 also identity-level intervals (eval/leakage.py). ``source``: the checkpoint the
+    transform was loaded from, named by errors about its templates."""
     ver, gen = model_templates(ev, transform)
-    check_model_templates(ev.name, transform, (ver, gen),
-                          zero_rows_allowed=getattr(transform, "pair_distances", None) is not None)
+    own = own_comparison(transform)
+    check_model_templates(ev.name, transform, (ver, gen), zero_rows_allowed=own is not None, source=source)
     dist = _distances(ver, transform)
     res = verification_from_distances(dist, ev.issame, name=f"'{ev.name}'")
     metrics = {c: float("nan") for c in METRIC_COLUMNS}
@@ -124,7 +151,7 @@ def evaluate_set(ev: EvalTemplates, transform: nn.Module | None, gender_folds: i
     scores = score_diagnostics(dist, ev.issame)
     if not len(gen):
         return SetResult(metrics, scores=scores)
-    ctx = AttackContext(seed=seed, similarity=getattr(transform, "similarity", None))
+    ctx = AttackContext(seed=seed, similarity=own.similarity if own is not None else None)
     leak = leakage_report(gen, ev.gender_labels, ev.id_labels, gender_folds, name=f"'{ev.name}'",
                           attackers=expand_attackers(attackers), context=ctx, n_bootstrap=bootstrap, seed=seed,
                           n_jobs=n_jobs)
@@ -132,13 +159,13 @@ def evaluate_set(ev: EvalTemplates, transform: nn.Module | None, gender_folds: i
     return SetResult(metrics, {k: leak.bacc[k] for k in leak.attackers}, leak, scores)
 
 
-def _distances(ver: np.ndarray, transform: nn.Module | None) -> np.ndarray:
+def _distances(ver: np.ndarray, transform: Transform | None) -> np.ndarray:
     """Pair distances of verification templates: the transform's own comparison if it has one."""
-    own_distances = getattr(transform, "pair_distances", None)
-    return own_distances(ver) if own_distances is not None else pair_distances(ver)
+    own = own_comparison(transform)
+    return own.pair_distances(ver) if own is not None else pair_distances(ver)
 
 
-def transform_scores(ev: EvalTemplates, transform: nn.Module | None) -> ScoreDiagnostics:
+def transform_scores(ev: EvalTemplates, transform: Transform | None) -> ScoreDiagnostics:
     """ScoreDiagnostics of ``transform`` (None: the bare backbone) on ``ev``: verification only, cheap."""
     ver, _ = model_templates(ev, transform)
     return score_diagnostics(_distances(ver, transform), ev.issame)
@@ -192,11 +219,10 @@ def warn_if_few_identities(num_identities: int, embedding_size: int, trains_iden
     return True
 
 
-def check_model_templates(set_name: str, transform: nn.Module | None, templates: Sequence[np.ndarray],
-                          zero_rows_allowed: bool = False) -> None:
+def check_model_templates(set_name: str, transform: Transform | None, templates: Sequence[np.ndarray],
+                          zero_rows_allowed: bool = False, source: Path | None = None) -> None:
     """Refuse a model's templates that hold NaN or infinite values or are zero (they would become NaN metrics), naming
-    the run and checkpoint file when the transform carries ``checkpoint`` (set by the sweep when it loads one)."""
-    source = getattr(transform, "checkpoint", None)
+    the run and checkpoint file ``source`` when given (the sweep gives the checkpoint it loaded)."""
     what = (f"checkpoint '{source}' of run '{Path(source).parent.name}'" if source is not None
             else "the bare backbone" if transform is None else "the model")
     for t in templates:

@@ -11,43 +11,45 @@ Each fold is an ordinary training run (finetune.py) and sweep (eval/evaluation.p
 data_dir = the fold's training datasets (a list, so their identities stay apart), data = their names joined by
 '+' (e.g. AgeDB+ColorFeret), experiment = --experiment, val_targets = test_targets = the fold's evaluation set
 (config option rec holds <name>.bin). Checkpoints go where any run's go (checkpoint_root/<pretrained>/
-<experiment>/<data>/<run>); the sweep's CSVs, report and plots to R/<data>/ with R = <results>/<pretrained>/
-<experiment>, beside one bare-backbone reference file per evaluation set (R/reference_<name>.csv).
+<experiment>/<data>/<run>).
 
-The table, R/cross_dataset.csv (also printed): per fold the held-out dataset, the datasets trained on, the
+The table, <results>/<pretrained>/<experiment>/cross_dataset.csv (also printed): per fold the held-out dataset, the datasets trained on, the
 evaluation set, the run folder, the final checkpoint's step and metrics (EER, TAR@FAR=0.1%, BACC-Gender-AVG, PIC),
 the bare backbone's EER and BACC-Gender-AVG, and the number of training images that are near-duplicates of images
 of the evaluation set (tools/check_overlap.py; empty when cache=False).
 
-Each fold is one experiment of the plan mechanism (pipeline/reproduce.py, as `python reproduce.py` runs them):
-resumable, its state in R/.folds/<fold>-<hash of its settings>.json. A finished fold is not redone (unless its run
-folder was deleted); a trained one is only evaluated (the sweep resumes per checkpoint); one interrupted in training
-resumes from its last resume state. A damaged state file is reported and its fold is done again. Changed settings
+The folds are the experiments of the cross_dataset plan (plans/cross_dataset.py) run by the plan runner
+(pipeline/reproduce.py, as `python reproduce.py cross_dataset` runs them): resumable, matched to earlier work by
+their settings, their state in <results>/.experiments/, each fold's sweep (its run alone) in
+<results>/<pretrained>/CrossDataset/<data>/<run>/. A finished fold is not redone; a trained one is only evaluated
+(the sweep resumes per checkpoint); one interrupted in training resumes from its last resume state; a fold whose
+results were deleted is swept again. A damaged state file is reported and the fold's finished run adopted again (a
+fold without one is done again). Changed settings
 (alpha, seed, data, ...) are new folds; runtime-only options (device, workers, n_jobs, cache folder, logging) never.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-
 
 import pandas as pd
 
 from backbones.spec import BackboneSpec
+from config import options
 from config.config import Config
 from config.loading import OVERRIDE_HELP, load_config
 from eval.evalset import check_bins
 from pipeline.overlap_check import check_overlap
-from pipeline.plans import Experiment
-from pipeline.reproduce import StateStore, run_experiment
+from pipeline.plans import Experiment, Plan, load_plan
+from pipeline.reproduce import run_plan
+from pipeline.results import ResultReader, StateStore
+from pipeline.tables import sweep_of
 from utils.errors import UserError, run_cli
 from utils.io import atomic_write_text
 
+PLAN = "cross_dataset"   # plans/cross_dataset.py
 PAPER_DATASETS = {"LFW": "data/train/LFW", "AgeDB": "data/train/AgeDB", "ColorFeret": "data/train/ColorFeret"}
 PAPER_TARGETS = {"LFW": "lfw", "AgeDB": "agedb_30", "ColorFeret": "colorferet"}
 PAPER_ALL_TARGET = "vggface2"
@@ -56,127 +58,65 @@ TABLE_COLUMNS = ["Held out", "Trained on", "Dataset", "Run", "Step", *METRICS, "
                  "Backbone BACC-Gender-AVG", "Near-duplicates"]
 
 
-@dataclass(frozen=True)
-class Fold:
-    """One training + evaluation of the setting."""
-    held_out: str                 # the dataset left out of training; "" for the fold trained on all
-    train_on: tuple[str, ...]
-    target: str                   # the evaluation set: <rec>/<target>.bin
-
-    @property
-    def data(self) -> str:
-        return "+".join(self.train_on)
-
-    @property
-    def name(self) -> str:
-        return f"heldout-{self.held_out}" if self.held_out else "all"
+def cross_dataset_plan(cfg: Config, datasets: dict[str, str], targets: dict[str, str], all_target: str | None,
+                       experiment: str, results: str | Path) -> Plan:
+    """The cross_dataset plan with these datasets and targets, every fold starting from ``cfg``'s values."""
+    return load_plan(PLAN, extra={"DATASETS": datasets, "TARGETS": targets, "ALL_TARGET": all_target,
+                                  "EXPERIMENT": experiment, "CONFIG": options.recorded(cfg), "results": str(results)})
 
 
-def plan_folds(datasets: dict[str, str], targets: dict[str, str], all_target: str | None) -> list[Fold]:
-    """A held-out fold per dataset (trained on the others), then the fold trained on all (if ``all_target``)."""
-    if len(datasets) < 2:
-        raise UserError(f"--datasets names {len(datasets)} dataset(s); the cross-dataset setting trains on the "
-                        f"others of each held-out one, so it needs at least two (the paper's: LFW, AgeDB, "
-                        f"ColorFeret).")
-    lacking = [n for n in datasets if n not in targets]
-    if lacking:
-        raise UserError(f"--targets names no evaluation set for {', '.join(lacking)}; each held-out dataset is "
-                        f"evaluated on its own .bin, e.g. --targets {lacking[0]}=<name of its .bin>.")
-    folds = [Fold(h, tuple(n for n in datasets if n != h), targets[h]) for h in datasets]
-    return folds + ([Fold("", tuple(datasets), all_target)] if all_target else [])
+def _number(value: object) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
 
 
-def fold_config(cfg: Config, fold: Fold, datasets: dict[str, str], experiment: str) -> Config:
-    """The user's configuration with the fold's data, names and evaluation set (and the default run folders)."""
-    return dataclasses.replace(cfg, data_dir=[datasets[n] for n in fold.train_on], data=fold.data,
-                               experiment=experiment, val_targets=[fold.target], test_targets=[fold.target],
-                               output=None, log_output=None, resume=False)
-
-
-def fold_experiment(cfg: Config, fold: Fold) -> Experiment:
-    """A fold as an experiment of the plan mechanism."""
-    return Experiment(backbone=cfg.pretrained, setting="CrossDataset", trained_on=fold.data, method=cfg.method,
-                      cfg=cfg, held_out=fold.held_out or "(none)")
-
-
-def _number(text: str | None) -> float | None:
-    return float(text) if text not in (None, "") else None
-
-
-def _final_row(csv_path: Path, target: str) -> dict[str, str]:
-    """The sweep's row of the run's last checkpoint on ``target``."""
-    with open(csv_path, newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["Dataset"] == target]
-    if not rows:
-        raise UserError(f"the sweep wrote no row for '{target}' in '{csv_path}'; run eval/evaluation.py on that "
+def fold_row(exp: Experiment, state: dict, reader: ResultReader) -> dict[str, object]:
+    """A fold's table row: its run's last checkpoint on the fold's set, the bare backbone's numbers, and the training
+    images that are near-duplicates of the set's (when the training templates are cached)."""
+    target = exp.cfg.test_targets[0]
+    swept = sweep_of(exp, state)
+    res = reader.sweep(swept["folder"], [swept["run"]], swept["reference"])
+    rows = res.metrics[res.metrics["Dataset"] == target] if not res.metrics.empty else res.metrics
+    if rows.empty:
+        raise UserError(f"the sweep wrote no row for '{target}' in '{swept['folder']}'; run eval/evaluation.py on that "
                         f"experiment to see why, then run this command again.")
-    return max(rows, key=lambda r: int(r["Step"]))
-
-
-def _reference_row(path: Path, target: str) -> dict[str, str]:
-    with open(path, newline="") as fh:
-        return next(r for r in csv.DictReader(fh) if r["Dataset"] == target)
-
-
-def run_fold(cfg: Config, fold: Fold, results: Path) -> dict[str, object]:
-    """Train and evaluate one fold unless its state says it was done; returns its table row."""
-    exp = fold_experiment(cfg, fold)
-    store = StateStore(results / ".folds")
-    state = store.read(exp.key)
-    what = f"{fold.name}: train on {' + '.join(fold.train_on)}, evaluate on {fold.target}"
-    if "row" in state and exp.sweep_key in state.get("swept", []):
-        print(f"{what}: done earlier ({state['run']}), not redone", flush=True)
-        return state["row"]
-    if state.get("swept"):   # trained and swept, but its row was never written: evaluate (resumes) again
-        state["swept"] = []
-        store.write(exp.key, fold.name, state)
-    print(f"{what}: {'evaluating ' + state['run'] if state.get('trained') else 'training'}", flush=True)
-    reference = results / f"reference_{fold.target}.csv"
-    state = run_experiment(exp, _Labelled(store, fold.name), results, lambda _: reference)
-    run, out = Path(state["run"]), Path(state["sweep_dir"])
-    final, bare = _final_row(out / f"{run.name}_metrics.csv", fold.target), _reference_row(reference, fold.target)
+    final = rows.loc[rows["Step"].idxmax()]
+    bare = res.reference[res.reference["Dataset"] == target].iloc[0]
     near = None
-    if cfg.cache:   # the training templates are cached: the check costs only the similarities
-        _, [(_, overlap)] = check_overlap(cfg)
+    if exp.cfg.cache:   # the training templates are cached: the check costs only the similarities
+        _, [(_, overlap)] = check_overlap(exp.cfg)
         near = len(overlap)
-    state["row"] = {"Held out": fold.held_out or "(none)", "Trained on": " + ".join(fold.train_on),
-                    "Dataset": fold.target, "Run": str(run), "Step": int(final["Step"]),
-                    **{m: _number(final[m]) for m in METRICS}, "Backbone EER": _number(bare["EER"]),
-                    "Backbone BACC-Gender-AVG": _number(bare["BACC-Gender-AVG"]), "Near-duplicates": near}
-    store.write(exp.key, fold.name, state)
-    return state["row"]
-
-
-class _Labelled(StateStore):
-    """The fold's state store, its files named after the fold (heldout-LFW-<hash>.json) as before."""
-
-    def __init__(self, store: StateStore, label: str):
-        super().__init__(store.folder, store.say)
-        self.label = label
-
-    def write(self, key: str, label: str, state: dict) -> None:
-        super().write(key, self.label, state)
+    return {"Held out": exp.held_out, "Trained on": exp.trained_on.replace("+", " + "), "Dataset": target,
+            "Run": state["run"], "Step": int(final["Step"]), **{m: _number(final[m]) for m in METRICS},
+            "Backbone EER": _number(bare["EER"]), "Backbone BACC-Gender-AVG": _number(bare["BACC-Gender-AVG"]),
+            "Near-duplicates": near}
 
 
 def cross_dataset(cfg: Config, datasets: dict[str, str] | None = None, targets: dict[str, str] | None = None,
                   all_target: str | None = PAPER_ALL_TARGET, experiment: str = "CrossDataset",
                   results: str | Path = "work_dirs/results") -> tuple[pd.DataFrame, Path]:
-    """Run (or resume) every fold; returns the table and the path of its CSV."""
+    """Run (or resume) every fold of the cross_dataset plan; returns the table and the path of its CSV."""
     datasets = dict(PAPER_DATASETS if datasets is None else datasets)
-    folds = plan_folds(datasets, dict(PAPER_TARGETS if targets is None else targets), all_target)
+    plan = cross_dataset_plan(cfg, datasets, dict(PAPER_TARGETS if targets is None else targets), all_target,
+                              experiment, results)
     missing = [f"{name}={path}" for name, path in datasets.items() if not Path(path).exists()]
     if missing:
         raise UserError(f"training dataset(s) {', '.join(missing)} not found (--datasets NAME=PATH: a "
                         f"subjectid_gender folder or a .rec). Prepare them with tools/prepare_dataset.py (README: "
                         f"'Preparing the datasets') or point --datasets to them.")
-    check_bins(cfg.rec, [f.target for f in folds], "config option rec, --targets, --all-target",
-               "choose other targets with --targets / --all-target")
+    check_bins(cfg.rec, [e.cfg.test_targets[0] for e in plan.experiments], "config option rec, --targets, "
+               "--all-target", "choose other targets with --targets / --all-target")
     BackboneSpec.from_config(cfg).check()
-    out = Path(results) / cfg.pretrained / experiment
-    rows = [run_fold(fold_config(cfg, fold, datasets, experiment), fold, out) for fold in folds]
+    results = Path(results)
+    run_plan(plan, results, progress=False)
+    store, reader = StateStore(results / ".experiments"), ResultReader()
+    rows = [fold_row(exp, store.read(exp.key), reader) for exp in plan.experiments]
     numbers = {c: "float64" for c in [*METRICS, "Backbone EER", "Backbone BACC-Gender-AVG"]}
     table = pd.DataFrame(rows, columns=TABLE_COLUMNS).astype({**numbers, "Step": "Int64", "Near-duplicates": "Int64"})
-    path = out / "cross_dataset.csv"
+    path = results / cfg.pretrained / experiment / "cross_dataset.csv"
     atomic_write_text(path, table.to_csv(index=False, lineterminator="\n"))
     return table, path
 

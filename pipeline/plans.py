@@ -11,9 +11,12 @@ A plan is a plain Python module. The names it may define (all optional but the e
 
 Each experiment is a dict: ``backbone`` (a label for the tables), ``setting`` (OneDataset, CrossDataset, Ablation,
 Released), ``trained_on`` (dataset names joined by '+'), ``held_out`` (cross-dataset folds), ``method``, and
-``options`` (config options, exactly as ``--set`` would give them). Unless ``options`` names them, ``experiment``
-is the setting, ``data`` the training datasets and ``method`` the method. The options are applied in this order:
-the experiment's, the plan's ``SET``, then the command line's ``--set`` (which thus reaches every experiment).
+``options`` (config option values). Unless ``options`` names them, ``experiment`` is the setting, ``data`` the
+training datasets and ``method`` the method. The options are applied in this order: ``CONFIG`` (a config module, as
+--config takes, or a dict of option values; default config/config.py), the experiment's, the plan's ``SET``, then
+the command line's ``--set`` (which thus reaches every experiment). A plan's option values reach the config as values
+(a ``Path`` is a path, 5 is 5), never as text read back; a value of the wrong type is refused naming the option, the
+plan and the experiment.
 """
 from __future__ import annotations
 
@@ -21,12 +24,13 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from config.config import Config
 from config.loading import load_config
@@ -44,6 +48,9 @@ SETTINGS = ("OneDataset", "CrossDataset", "Ablation", "Released")
 # options that change what the sweep measures but not the training: a new sweep, never a new training
 EVALUATION_ONLY = {"test_targets", "attackers", "bootstrap", "gender_folds", "run_name", "output", "log_output",
                    "resume"}
+# options that only name folders: the same training, wherever its run folder lies (the ablation's default point is
+# the one-dataset training, a run made by finetune.py is the plan's experiment of the same settings)
+FOLDER_ONLY = {"experiment"}
 _KEYS = {"backbone", "setting", "trained_on", "held_out", "method", "options", "released", "released_setting",
          "label"}
 
@@ -55,7 +62,7 @@ def digest(values: Any) -> str:
 
 def training_key(cfg: Config) -> str:
     """What identifies a training: its settings without the evaluation-only ones (and never the runtime-only)."""
-    return digest({k: v for k, v in settings(cfg).items() if k not in EVALUATION_ONLY})
+    return digest({k: v for k, v in settings(cfg).items() if k not in EVALUATION_ONLY | FOLDER_ONLY})
 
 
 @dataclass
@@ -173,11 +180,14 @@ def load_namespace(name: str | Path, seen: tuple[Path, ...] = ()) -> tuple[Path,
     return path, values
 
 
-def load_plan(name: str | Path, overrides: Iterable[str] = (), extra: dict[str, Any] | None = None) -> Plan:
-    """Load a plan, expand its experiments and resolve each one's configuration (every option checked)."""
+def load_plan(name: str | Path, overrides: Iterable[str] = (), extra: dict[str, Any] | None = None,
+              added: Callable[[types.SimpleNamespace], list[dict]] | None = None) -> Plan:
+    """Load a plan, expand its experiments and resolve each one's configuration (every option checked). ``extra``
+    replaces names of the plan (the command line's --released, --results, ...); ``added`` makes more experiments
+    from the plan's names (the authors' released layers beside the plan's own rows)."""
     path, values = load_namespace(name)
     ns = types.SimpleNamespace(**{"released_dir": None, "mapping": None, "results": "work_dirs/results",
-                                  **values, **(extra or {})})
+                                  "CONFIG": None, **values, **(extra or {})})
     plan = Plan(Path(name).stem, path, ns)
     items = getattr(ns, "experiments", None)
     if callable(items):
@@ -190,24 +200,36 @@ def load_plan(name: str | Path, overrides: Iterable[str] = (), extra: dict[str, 
     if items is None:
         raise UserError(f"plan '{path}' defines neither EXPERIMENTS nor experiments(plan); see plans/paper.py.")
     items = list(items)
-    if getattr(ns, "released_dir", None) and not any("released" in spec for spec in items if isinstance(spec, dict)):
+    if added is not None and not any("released" in spec for spec in items if isinstance(spec, dict)):
         check_released_names(path, ns)
-        from pipeline.released import released_experiments   # --released on any plan: their rows beside ours
-        items += released_experiments(ns)
+        items += added(ns)
     overrides = list(overrides)
-    common = [_item(k, v) for k, v in ns.SET.items()]
+    common = (as_values(ns.SET, f"plan '{path}', SET"), f"plan '{path}', SET")
     for k, spec in enumerate(items):
-        plan.experiments.append(_experiment(spec, common, overrides, f"plan '{path}', experiment {k + 1}"))
+        plan.experiments.append(_experiment(spec, ns.CONFIG, common, overrides, f"plan '{path}', experiment {k + 1}"))
     _refuse_repeated(path, plan.experiments)
     _unique_run_names(plan.experiments)
     return plan
 
 
-def _item(key: str, value: Any) -> str:
-    return f"{key}={value!r}"
+def as_values(options: Any, where: str) -> dict[str, Any]:
+    """Option values as the config takes them: a path (``Path``, any os.PathLike) as its text, in lists too; other
+    values as they are (the config checks their types, naming the option and ``where``)."""
+    if not isinstance(options, dict):
+        raise UserError(f"{where}: the options are a {type(options).__name__}; give a dict of option names to values, "
+                        f"e.g. {{'num_epoch': 50}}.")
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return {str(k): plain(v) for k, v in options.items()}
 
 
-def _experiment(spec: dict, common: list[str], overrides: list[str], where: str) -> Experiment:
+def _experiment(spec: dict, config: str | Path | dict | None, common: tuple[dict, str], overrides: list[str],
+                where: str) -> Experiment:
     if not isinstance(spec, dict):
         raise UserError(f"{where} is {type(spec).__name__}; each experiment is a dict (see plans/paper.py).")
     unknown = set(spec) - _KEYS
@@ -217,13 +239,14 @@ def _experiment(spec: dict, common: list[str], overrides: list[str], where: str)
     setting = spec.get("setting", "OneDataset")
     if setting not in SETTINGS:
         raise UserError(f"{where}: setting '{setting}' is not one of {', '.join(SETTINGS)}.")
-    options = dict(spec.get("options", {}))
+    options = as_values(spec.get("options", {}), where)
     trained_on = str(spec.get("trained_on", options.get("data", "")))
-    method = str(spec.get("method", options.get("method", "angular")))
-    defaults = {"experiment": setting, "data": trained_on, "method": method}
-    items = [_item(k, v) for k, v in defaults.items() if k not in options and v]
-    items += [_item(k, v) for k, v in options.items()] + common + overrides
-    cfg = load_config(None, items)
+    named = {"experiment": setting, "data": trained_on, "method": spec.get("method", "")}
+    defaults = {k: str(v) for k, v in named.items() if k not in options and v}
+    base = []
+    if isinstance(config, dict):   # a configuration's values (tools/cross_dataset.py passes its --config, --set)
+        base, config = [(config, f"{where} (the command's configuration)")], None
+    cfg = load_config(config, overrides, [*base, (defaults, where), (options, where), common])
     return Experiment(backbone=str(spec.get("backbone", cfg.pretrained)), setting=setting, trained_on=trained_on,
                       method=cfg.method, cfg=cfg, held_out=str(spec.get("held_out", "")), label=spec.get("label", ""),
                       released=tuple(Path(p) for p in spec.get("released", ())),

@@ -78,7 +78,14 @@ def _free(path: Path) -> Path:
 
 
 def released_experiments(plan: Any) -> list[dict]:
-    """Plan experiments (dicts) of every released layer under ``plan.released_dir``, grouped by run folder."""
+    """Plan experiments (dicts) of every released layer under ``plan.released_dir``, grouped by run folder: the
+    released plan's experiments, and what --released adds to any other plan (its rows beside the plan's own)."""
+    if not getattr(plan, "released_dir", None):
+        raise UserError("the released plan evaluates the authors' layers: give their folder with --released DIR.")
+    missing = [name for name in ("BACKBONES", "TARGETS", "EVAL_SETS", "ALL_TARGET") if not hasattr(plan, name)]
+    if missing:
+        raise UserError(f"--released places the authors' layers by the plan's {', '.join(missing)}, which this plan "
+                        f"does not define; run it with a plan that does (paper, or one with INCLUDE = \"paper\").")
     root = Path(plan.released_dir)
     backbones, datasets = list(plan.BACKBONES), list(plan.TARGETS)
     mapping = read_mapping(Path(plan.mapping)) if plan.mapping else {}

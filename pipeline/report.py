@@ -23,6 +23,7 @@ from eval.biometrics import verification_section
 from eval.evalset import COLLAPSE_SHARE, METRIC_COLUMNS, EvalTemplates
 from eval.leakage import WORST
 from eval.verification import FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics
+from pipeline.results import ResultReader
 from utils.errors import full_disk_named
 from utils.io import atomic_path, atomic_write_text
 
@@ -44,20 +45,6 @@ def _save(fig, path: Path) -> None:
             fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
-
-
-def read_results(out_dir: Path, runs: list["SweptRun"], suffix: str) -> pd.DataFrame:
-    """Every run's ``<run>_<suffix>.csv`` in one frame with a Run column (empty cells as NaN)."""
-    frames = [pd.read_csv(out_dir / f"{run.name}_{suffix}.csv", keep_default_na=False, na_values=[""]).assign(
-        Run=run.name) for run in runs if (out_dir / f"{run.name}_{suffix}.csv").is_file()]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def worst_cases(attacks: pd.DataFrame) -> pd.DataFrame:
-    """The worst-case rows of an attackers frame, indexed by (Run, Step, Dataset) when present."""
-    if attacks.empty:
-        return attacks
-    return attacks[attacks["Attacker"] == WORST].set_index([c for c in ("Run", "Step", "Dataset") if c in attacks])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -263,14 +250,12 @@ def protocol_warnings(metrics: pd.DataFrame, diag: pd.DataFrame, bare: dict[str,
 
 
 def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str, float]], sets: list[EvalTemplates],
-                 gender_folds: int, bare_attacks: pd.DataFrame | None = None,
-                 bare_scores: dict[str, ScoreDiagnostics] | None = None) -> Path:
-    """report.md (warnings, the comparison table per evaluation set, notes) and the plots."""
-    metrics = read_results(out_dir, runs, "metrics")
-    diag = read_results(out_dir, runs, "diagnostics")
+                 gender_folds: int, bare_scores: dict[str, ScoreDiagnostics] | None = None) -> Path:
+    """report.md (warnings, the comparison table per evaluation set, notes) and the plots, from the sweep folder's
+    result files (pipeline/results.py, the reader a plan's tables use too)."""
+    results = ResultReader().sweep(out_dir, [run.name for run in runs])
+    metrics, diag, worst = results.metrics, results.diagnostics, results.worst()
     bare_scores = bare_scores or {}
-    worst = worst_cases(read_results(out_dir, runs, "attackers"))
-    bare_attacks = bare_attacks if bare_attacks is not None else pd.DataFrame()
     labels = {run.name: f"{run.name}: {run.settings}" for run in runs}
     lines = ["# Evaluation report", "", "Runs (method and settings from each run's run.json):", ""]
     lines += _markdown([[run.name, run.settings + ("" if run.described else " (no run.json: the sweep's settings)")]
@@ -293,12 +278,8 @@ def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str,
               "pair scores) and the ROC AUC.",
               ""]
     for ds in sorted(metrics["Dataset"].unique()) if not metrics.empty else []:
-        bare_worst = None
-        if not bare_attacks.empty:
-            b = bare_attacks[(bare_attacks["Dataset"] == ds) & (bare_attacks["Attacker"] == WORST)]
-            bare_worst = b.iloc[0] if len(b) else None
-        lines += [f"### {ds}", ""] + comparison_table(ds, metrics, worst, runs, ref.get(ds), bare_worst, diag,
-                                                      bare_scores.get(ds)) + [""]
+        lines += [f"### {ds}", ""] + comparison_table(ds, metrics, worst, runs, ref.get(ds), results.bare_worst(ds),
+                                                      diag, bare_scores.get(ds)) + [""]
     lines += verification_section(out_dir, metrics, [run.name for run in runs])
     methods = {run.method.name for run in runs}
     if methods & set(LINEAR_ERASURE):
@@ -313,7 +294,7 @@ def write_report(out_dir: Path, runs: list["SweptRun"], ref: dict[str, dict[str,
         lines.append("- `tradeoff.png`: every run's path over its checkpoints, gender BACC against EER; the star is "
                      "the bare backbone.")
     if not worst.empty:
-        plot_worst_case(worst, bare_attacks, labels, out_dir / "worst_case.png")
+        plot_worst_case(worst, results.bare_attackers, labels, out_dir / "worst_case.png")
         lines.append("- `worst_case.png`: worst-case balanced accuracy over all attackers against step, with its "
                      "bootstrap interval.")
     gender_sets = [ev for ev in sets if len(ev.gender_labels)]

@@ -4,13 +4,17 @@ tables and figures.
     python reproduce.py PLAN [--set KEY=VALUE ...] [--dry-run] [--shard K/N] [--jobs N] [--devices cuda:0,cuda:1]
                              [--results work_dirs/results] [--paper-values CSV] [--released DIR] [--mapping CSV]
 
-Each experiment trains through finetune.py's code (pipeline.train) and is swept through eval/evaluation.py's
-(pipeline.sweep), so its checkpoints, CSVs, report and template cache entries are those of the two commands: runs in
-checkpoint_root/<pretrained>/<experiment>/<data>/<run>, sweeps in <results>/<pretrained>/<experiment>/<data>/.
-Experiments are matched to earlier work by their settings (a hash of every option that changes results, the
-runtime-only ones left out), never by folder names: a finished one is skipped, one interrupted in training resumes
-from its last resume state, one interrupted in its sweep resumes per checkpoint. Its state is kept in
-<results>/.experiments/<label>-<hash>.json. Tables and figures go to <results>/<plan>/.
+An experiment is its settings and run folder -> its run -> its sweep -> rows of the plan's tables. It trains through
+finetune.py's code (pipeline.train) and is swept through eval/evaluation.py's (pipeline.sweep), so its checkpoints,
+CSVs, report and template cache entries are those of the two commands: its run in
+checkpoint_root/<pretrained>/<experiment>/<data>/<run>, its sweep (that run alone) in a folder of its own,
+<results>/<pretrained>/<setting>/<data>/<run>/. Experiments are matched to earlier work by their settings (a hash of
+every option that changes results, the runtime-only and folder-naming ones left out), never by folder names: a
+finished one is skipped, one interrupted in training resumes from its last resume state, one interrupted in its
+sweep resumes per checkpoint, and a finished run that finetune.py made with the same settings (its run.json) is
+adopted instead of trained again. Its state is kept in <results>/.experiments/<label>-<hash>.json and checked before
+use: a recorded run whose run.json holds other settings is trained again, recorded results that are gone are swept
+again. Tables and figures go to <results>/<plan>/.
 
 --shard K/N runs a deterministic share of the plan (N processes, machines or job-array tasks sharing the folders);
 --jobs N runs N shares at once on this machine; --devices gives each share its own device. Every experiment is
@@ -22,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import subprocess
 import sys
 import time
@@ -39,114 +42,156 @@ from facedata.dataset import scan_training_data
 from pipeline import sweep as sweep_mod
 from pipeline import train as train_mod
 from pipeline.paper_values import read_paper_values
-from pipeline.plans import Experiment, Plan, digest, inputs, load_plan, safe_name, settings
+from pipeline.plans import Experiment, Plan, digest, inputs, load_plan, safe_name, settings, training_key
+from pipeline.released import released_experiments, stage
+from pipeline.results import StateStore
+from pipeline.tables import write_outputs
 from privacy import get_method
 from privacy.layer_training import RESUME_FILE
-from privacy.runs import choose_run_folders
+from privacy.runs import RUN_FILE, choose_run_folders, read_run_config
 from utils.errors import UserError, run_cli
-from utils.io import atomic_write_text
+from utils.io import safe_torch_load
 from utils.logs import get_logger
 from templates.cache import ExtractionSettings, TemplateCache, index_inputs, open_entry
 
 log = get_logger("pipeline.reproduce")
 PAPER_METRICS = [*METRIC_COLUMNS, "PIC"]   # what --paper-values may name (the tables' metric columns)
-__all__ = ["StateStore", "run_experiment", "run_plan", "select_shard", "status", "dry_run", "main"]
+__all__ = ["StateStore", "run_experiment", "sweep_folder", "adoptable_run", "run_plan", "select_shard", "status",
+           "dry_run", "main"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# state of each experiment
+# each experiment: its run (trained, resumed or adopted) and its own sweep
 # ---------------------------------------------------------------------------------------------------------------
-class StateStore:
-    """One small JSON file per experiment, ``<label>-<key>.json``, found again by its key alone (the label is for
-    people). A damaged file (not JSON, not an object, no ``run``) is reported and the experiment is not done."""
-
-    def __init__(self, folder: Path, say: Callable[[str], None] = print):
-        self.folder, self.say = Path(folder), say
-        if self.folder.exists() and not self.folder.is_dir():
-            raise UserError(f"the plan runner's state folder '{self.folder}' is a file; it keeps one small JSON file "
-                            f"per experiment. Move the file away (or give another --results folder).")
-
-    def path(self, key: str, label: str = "") -> Path:
-        found = sorted(self.folder.glob(f"*-{key}.json")) if self.folder.is_dir() else []
-        return found[0] if found else self.folder / f"{safe_name(label)[:80]}-{key}.json"
-
-    def read(self, key: str) -> dict:
-        path = self.path(key)
-        if not path.is_file():
-            return {}
-        try:
-            state = json.loads(path.read_text())
-            if not isinstance(state, dict) or not isinstance(state.get("run"), str):
-                raise ValueError("it is not an object with a 'run' entry")
-        except (OSError, ValueError) as exc:
-            self.say(f"warning: state file '{path}' is damaged ({type(exc).__name__}: {exc}); its experiment is "
-                     f"treated as not done and the file is replaced once the experiment has run again.")
-            return {}
-        if not Path(state["run"]).is_dir():   # its run folder was deleted: the experiment is done again
-            return {}
-        return state
-
-    def write(self, key: str, label: str, state: dict) -> None:
-        atomic_write_text(self.path(key, label), json.dumps(state, indent=1, default=str) + "\n")
-
-
-def reference_path(exp: Experiment, log_root: Path) -> Path:
+def reference_path(exp: Experiment, results: Path) -> Path:
     """The bare backbone's results for the experiment's evaluation sets, shared by the experiments of that backbone."""
     cfg = exp.cfg
     backbone = digest({k: settings(cfg).get(k) for k in ("network", "SE", "output_ori", "embedding_size",
                                                          "cache_dtype", "gender_folds", "rec", "plugins")})
-    return log_root / f"reference_{'+'.join(cfg.test_targets)}-{backbone[:8]}.csv"
+    return Path(results) / cfg.pretrained / f"reference_{'+'.join(cfg.test_targets)}-{backbone[:8]}.csv"
 
 
-def log_root_of(exp: Experiment, results: Path) -> Path:
-    return Path(results) / exp.cfg.pretrained / exp.cfg.experiment
-
-
-def stage_released(exp: Experiment) -> Path:
-    """A run folder of links to the released layer files (the user's files are never moved or changed)."""
-    from pipeline.released import stage
-    return stage(exp)
-
-
-def run_experiment(exp: Experiment, store: StateStore, log_root: Path,
-                   reference: Callable[[Experiment], Path] | None = None) -> dict:
-    """Train (or resume) and sweep one experiment unless its state says it was done; returns its state."""
+def sweep_folder(exp: Experiment, results: Path, run: Path) -> Path:
+    """The experiment's own sweep folder, <results>/<pretrained>/<setting>/<data>/<run>: its run's CSVs, report.md
+    and plots, and nothing of another experiment's runs."""
     cfg = exp.cfg
+    return Path(results) / cfg.pretrained / exp.setting / cfg.data / run.name
+
+
+def run_mismatch(exp: Experiment, run: Path) -> str:
+    """Why the run folder is not this experiment's training ('' when it is): its run.json must hold the
+    experiment's settings."""
+    try:
+        recorded = read_run_config(run)
+    except UserError as exc:
+        return str(exc)
+    if recorded is None:
+        return f"'{run}' has no {RUN_FILE}"
+    if training_key(recorded) != exp.key:
+        return f"the {RUN_FILE} of '{run}' holds other settings (settings hash {training_key(recorded)}, not {exp.key})"
+    return ""
+
+
+def run_finished(exp: Experiment, run: Path) -> bool:
+    """A run whose training ended: its resume state at the last epoch, or (methods fit in one go) checkpoints and no
+    resume state."""
+    method = get_method(exp.cfg.method)(exp.cfg)
+    if (run / RESUME_FILE).is_file():
+        try:
+            state = safe_torch_load(run / RESUME_FILE, "resume state")
+        except UserError:
+            return False
+        return isinstance(state, dict) and state.get("epoch", 0) >= exp.cfg.num_epoch
+    return bool(method.list_checkpoints(run))
+
+
+def adoptable_run(exp: Experiment) -> Path | None:
+    """A finished run (made by finetune.py, or by an earlier plan whose state is gone) whose run.json holds the
+    experiment's settings: checkpoint_root/<pretrained>/<any experiment folder>/<data>/<run>."""
+    cfg = exp.cfg
+    base = Path(cfg.checkpoint_root) / cfg.pretrained
+    if not base.is_dir():
+        return None
+    for folder in sorted(base.iterdir()):
+        data = folder / cfg.data
+        if not data.is_dir():
+            continue
+        for run in sorted(p for p in data.iterdir() if (p / RUN_FILE).is_file()):
+            if not run_mismatch(exp, run) and run_finished(exp, run):
+                return run
+    return None
+
+
+def checked_state(exp: Experiment, store: StateStore, say: Callable[[str], None] = lambda _: None) -> dict:
+    """The experiment's state, once what it records is checked: a run folder whose run.json holds other settings is
+    not this experiment's (trained again, said by name); a sweep whose files are gone is done again."""
     state = store.read(exp.key)
+    if not state or exp.released:
+        return state
+    why = run_mismatch(exp, Path(state["run"])) if (Path(state["run"]) / RUN_FILE).is_file() or \
+        state.get("trained") else ""
+    if why:
+        say(f"[reproduce] {exp.name}: its state file names run '{state['run']}', but {why}; the experiment is "
+            f"trained again in a folder of its own.")
+        return {}
+    kept = {}
+    for key, sw in state.get("sweeps", {}).items():
+        files = [Path(sw.get("folder", "")) / f"{sw.get('run', '')}_metrics.csv", Path(sw.get("reference", ""))]
+        if all(f.is_file() for f in files):
+            kept[key] = sw
+        elif key == exp.sweep_key:
+            say(f"[reproduce] {exp.name}: its recorded results ({files[0]}) are gone; it is swept again.")
+    state["sweeps"] = kept
+    return state
+
+
+def run_experiment(exp: Experiment, store: StateStore, results: Path,
+                   reference: Callable[[Experiment], Path] | None = None) -> dict:
+    """Train (or resume, or adopt a finished run of the same settings) and sweep one experiment unless its state
+    says it was done; its sweep covers its own run alone, in its own folder. Returns its state."""
+    cfg = exp.cfg
+    state = checked_state(exp, store, tqdm.write)
     label = exp.name
     if exp.released:
         if not state:
-            state = {"label": label, "run": str(stage_released(exp)), "trained": True}
+            state = {"label": label, "run": str(stage(exp)), "trained": True}
             store.write(exp.key, label, state)
     elif not state.get("trained"):
         run = Path(state["run"]) if state.get("run") else None
-        if run is not None and (run / RESUME_FILE).is_file():
-            run_cfg = dataclasses.replace(cfg, output=str(run), log_output=state["logs"], resume=True)
-        else:   # a new run folder (a fit interrupted without a resume state is started again, beside the old one)
-            folders = choose_run_folders(dataclasses.replace(cfg, resume=False), get_method(cfg.method)(cfg))
-            run_cfg = dataclasses.replace(cfg, output=str(folders.checkpoints), log_output=str(folders.logs),
-                                          resume=False)
-            state = {"label": label, "run": str(folders.checkpoints), "logs": str(folders.logs), "trained": False}
+        adopted = adoptable_run(exp) if run is None else None
+        if adopted is not None:
+            tqdm.write(f"[reproduce] {exp.name}: adopted the finished run '{adopted}' (its {RUN_FILE} holds this "
+                       f"experiment's settings); not trained again")
+            state = {"label": label, "run": str(adopted), "logs": "", "trained": True, "adopted": True}
             store.write(exp.key, label, state)
-        result = train_mod.train(run_cfg)
-        state.update(run=str(result.checkpoint_dir), logs=str(result.log_dir), trained=True, step=result.step)
-        store.write(exp.key, label, state)
-    if exp.sweep_key not in state.get("swept", []):
+        else:
+            if run is not None and (run / RESUME_FILE).is_file():
+                run_cfg = dataclasses.replace(cfg, output=str(run), log_output=state["logs"], resume=True)
+            else:   # a new run folder (a fit interrupted without a resume state is started again, beside the old one)
+                folders = choose_run_folders(dataclasses.replace(cfg, resume=False), get_method(cfg.method)(cfg))
+                run_cfg = dataclasses.replace(cfg, output=str(folders.checkpoints), log_output=str(folders.logs),
+                                              resume=False)
+                state = {"label": label, "run": str(folders.checkpoints), "logs": str(folders.logs), "trained": False}
+                store.write(exp.key, label, state)
+            result = train_mod.train(run_cfg)
+            state.update(run=str(result.checkpoint_dir), logs=str(result.log_dir), trained=True, step=result.step)
+            store.write(exp.key, label, state)
+    if exp.sweep_key not in state.get("sweeps", {}):
         run = Path(state["run"])
-        ref = (reference or (lambda e: reference_path(e, log_root)))(exp)
-        out = sweep_mod.evaluate(cfg, log_root, run.parent.parent, run.parent.name, ref)
-        state.update(metrics=str(out / f"{run.name}_metrics.csv"), attackers=str(out / f"{run.name}_attackers.csv"),
-                     reference=str(ref), sweep_dir=str(out), swept=[*state.get("swept", []), exp.sweep_key])
+        ref = (reference or (lambda e: reference_path(e, results)))(exp)
+        out = sweep_folder(exp, results, run)
+        sweep_mod.evaluate_runs(cfg, out, run.parent, ref, names=[run.name])
+        state.setdefault("sweeps", {})[exp.sweep_key] = {"folder": str(out), "run": run.name, "reference": str(ref)}
         store.write(exp.key, label, state)
     return state
 
 
 def status(exp: Experiment, store: StateStore) -> str:
     """done, partly (started, trained, or swept with other evaluation settings) or to do."""
-    state = StateStore(store.folder, lambda _: None).read(exp.key)   # damage is reported when it runs
+    state = checked_state(exp, StateStore(store.folder, lambda _: None))   # damage is reported when it runs
     if not state:
         return "to do"
-    return "done" if exp.sweep_key in state.get("swept", []) and state.get("trained") else "partly"
+    return "done" if exp.sweep_key in state.get("sweeps", {}) and state.get("trained") else "partly"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,22 +325,22 @@ def run_plan(plan: Plan, results: Path, shard: tuple[int, int] = (1, 1), progres
                 continue
             bar.set_postfix_str(exp.name[:60])
             tqdm.write(f"[reproduce] {exp.name}: {status(exp, store)}")
-            states.append(run_experiment(exp, store, log_root_of(exp, results)))
+            states.append(run_experiment(exp, store, results))
             bar.update(1)
     finally:
         bar.close()
     return states
 
 
-def run_jobs(argv: list[str], jobs: int, devices: list[str], shard: tuple[int, int], logs: Path,
+def run_shares(argv: list[str], jobs: int, devices: list[str], shard: tuple[int, int], logs: Path,
              total: Callable[[], tuple[int, int]]) -> None:
     """Run ``jobs`` shares of this process's share at once, each in its own process (and on its own device)."""
     k, n = shard
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for j in range(jobs):
-        child = [sys.executable, str(Path(__file__).resolve().parents[1] / "reproduce.py"), *argv, "--shard", f"{(k - 1) * jobs + j + 1}/{n * jobs}",
-                 "--jobs", "1", "--no-tables"]
+        child = [sys.executable, str(Path(__file__).resolve().parents[1] / "reproduce.py"), *argv,
+                 "--shard", f"{(k - 1) * jobs + j + 1}/{n * jobs}", "--jobs", "1", "--no-tables"]
         if devices:
             child += ["--set", f"device={devices[j % len(devices)]}"]
         out = open(logs / f"job{(k - 1) * jobs + j + 1}of{n * jobs}.log", "a")
@@ -358,7 +403,6 @@ def main(argv: list[str] | None = None) -> int:
     outcome = {"status": 0}
 
     def body() -> None:
-        from pipeline.tables import write_outputs
         shard = parse_shard(args.shard)
         devices = [d.strip() for d in args.devices.split(",") if d.strip()]
         jobs = args.jobs if args.jobs is not None else max(1, len(devices))
@@ -370,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"tables (it is made when missing).")
         paper = read_paper_values(args.paper_values, PAPER_METRICS) if args.paper_values else None
         extra = {"released_dir": args.released, "mapping": args.mapping, "results": args.results}
-        plan = load_plan(args.plan, args.set, extra)
+        added = released_experiments if args.released else None   # the authors' rows beside the plan's
+        plan = load_plan(args.plan, args.set, extra, added)
         store = StateStore(results / ".experiments")
         if args.dry_run:
             outcome["status"] = dry_run(plan, store, select_shard(unique(plan.experiments), *shard))
@@ -380,11 +425,11 @@ def main(argv: list[str] | None = None) -> int:
         if jobs > 1:
             selected = select_shard(unique(plan.experiments), *shard)
             child_argv = [a for a in _strip(raw, {"--jobs", "--devices", "--shard"})]
-            run_jobs(child_argv, jobs, devices, shard, results / safe_name(plan.name) / "logs",
+            run_shares(child_argv, jobs, devices, shard, results / safe_name(plan.name) / "logs",
                      lambda: (sum(status(e, store) == "done" for e in selected), len(selected)))
         else:
             if len(devices) == 1:
-                plan = load_plan(args.plan, [*args.set, f"device={devices[0]}"], extra)
+                plan = load_plan(args.plan, [*args.set, f"device={devices[0]}"], extra, added)
             run_plan(plan, results, shard)
         if not args.no_tables:
             with _locked(results / safe_name(plan.name) / ".tables.lock"):

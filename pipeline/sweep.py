@@ -14,6 +14,11 @@ threshold-free EER, ROC AUC, grid resolution, template spread; warned about in t
 CSV are skipped unless --force, so an interrupted sweep resumes where it stopped. The backbone runs once per
 evaluation set (template cache), never once per checkpoint. The underscore spellings --log_root, --model_root,
 --experiment_name, --reference_pth of the authors' README are accepted too.
+
+The steps: ``preflight`` (names, files, every result CSV read once), ``pending_jobs`` (each (checkpoint, set) not yet
+in the CSVs, a ``Job`` holding its run and checkpoint), ``evaluate_jobs`` with ``job_done`` after each job (its rows
+appended to the run's CSVs), then ``finish`` (the bare backbone against every attacker, report.md). reproduce.py
+sweeps exactly its experiment's run with ``evaluate_runs``.
 """
 from __future__ import annotations
 
@@ -24,27 +29,27 @@ import io
 import logging
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 
-import pandas as pd
 import torch
 from joblib import delayed
-from torch import nn
 
 from backbones import embedding_size_for
 from backbones.spec import BackboneSpec
 from config.config import Config
 from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers
 from eval.biometrics import RunCheckpoints, check_verification_files, sweep_verification
-from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, bare_scores, check_bins, evaluate_set,
-                          open_eval_set, pic, transform_scores, warn_if_below_grid, warn_if_collapsed,
+from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, Transform, bare_scores, check_bins,
+                          evaluate_set, open_eval_set, pic, transform_scores, warn_if_below_grid, warn_if_collapsed,
                           warn_if_near_chance)
 from eval.leakage import WORST
 from eval.verification import ScoreDiagnostics
 from pipeline.report import DIAGNOSTICS, write_report
+from pipeline.results import (ATTACKER_COLUMNS, BARE_ATTACKER_COLUMNS, BARE_ATTACKERS_FILE, BARE_DIAGNOSTICS_FILE,
+                              CSV_COLUMNS, REFERENCE_COLUMNS)
 from privacy.runs import SweptRun, check_names, find_runs
 from templates.cache import TemplateCache
 from templates.entry import open_entry
@@ -56,12 +61,6 @@ from utils.io import atomic_write_text, check_writable
 from utils.logs import get_logger, log_to
 from utils.workers import parallel
 
-CSV_COLUMNS = ["Step", "Dataset", *METRIC_COLUMNS, "PIC"]
-# <run>_attackers.csv, written when attackers beyond the paper's run: every attacker's balanced accuracy with its
-# identity-level bootstrap interval, and a 'worst-case' row (the maximum over them, Reached-By naming the attacker)
-ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC", "CI-Low", "CI-High", "Reached-By"]
-BARE_ATTACKER_COLUMNS = ["Dataset", *ATTACKER_COLUMNS[2:]]
-REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
 # <run>_diagnostics.csv, beside the authors' files: what their threshold grid cannot see (pipeline/report.py names
 # the columns: threshold-free EER, ROC AUC, grid steps spanned by 90% of the pair distances, median impostor angle)
 DIAGNOSTIC_COLUMNS = ["Step", "Dataset", *DIAGNOSTICS]
@@ -83,30 +82,70 @@ def _diagnostic_cells(scores: ScoreDiagnostics) -> dict[str, str]:
                                   _fmt(scores.impostor_angle))))
 
 
-def read_csv_rows(path: Path, columns: list[str], what: str) -> list[dict[str, str]]:
-    """Rows of one of our CSVs; a file with another header is refused, never overwritten."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
+class ResultFile:
+    """One of the sweep's CSVs: read once (a file with another header is refused, never overwritten; a last line cut
+    by a kill is dropped, its row computed again), then grown as jobs finish: new rows are appended, so the cost is
+    linear in the rows; a row replacing one already there (--force) rewrites the file once, atomically, from the
+    rows held here. The bytes equal those of writing every row at once in the order they came."""
+
+    def __init__(self, path: Path, columns: list[str], key: tuple[str, ...], what: str):
+        self.path, self.columns, self.key, self.what = Path(path), columns, key, what
+        self.rows: dict[tuple[str, ...], dict[str, str]] = {}
+        if not self.path.is_file():
+            return
+        text = self.path.read_text()
+        reader = csv.DictReader(io.StringIO(text))
         if reader.fieldnames != columns:
             raise UserError(f"{what} '{path}' has the columns {reader.fieldnames}, expected {columns}. It is not "
                             f"one of this tool's files: move it away or choose another --log-root.")
-        return list(reader)
+        if not text.endswith("\n"):   # a row cut by a kill while it was appended: it is computed again
+            text = text[:text.rfind("\n") + 1]
+            atomic_write_text(self.path, text)
+            log.warning("%s '%s': its last line was cut (an interrupted write); that row is computed again", what,
+                        path)
+            reader = csv.DictReader(io.StringIO(text))
+        for row in reader:
+            self.rows[self._key(row)] = row
 
+    def _key(self, row: dict[str, str]) -> tuple[str, ...]:
+        return tuple(row[k] for k in self.key)
 
-def write_rows(path: Path, columns: list[str], rows: list[dict[str, str]], key: tuple[str, ...],
-               only_if_changed: bool = False) -> None:
-    """Add rows, replacing those with the same ``key`` columns, rewriting the file atomically (not at all with
-    ``only_if_changed`` when its content would stay the same)."""
-    new = {tuple(r[k] for k in key) for r in rows}
-    kept = [r for r in read_csv_rows(path, columns, "metrics file") if tuple(r[k] for k in key) not in new]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(kept + rows)
-    if not (only_if_changed and path.is_file() and path.read_text() == buf.getvalue()):
-        atomic_write_text(path, buf.getvalue())
+    def __contains__(self, key: tuple[str, ...]) -> bool:
+        return key in self.rows
+
+    def get(self, key: tuple[str, ...]) -> dict[str, str] | None:
+        return self.rows.get(key)
+
+    def _render(self, rows: Iterable[dict[str, str]], header: bool) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
+        if header:
+            writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+
+    def add(self, rows: list[dict[str, str]], only_if_changed: bool = False,
+            drop: Callable[[dict[str, str]], bool] | None = None) -> None:
+        """Add rows, replacing those with the same key (and, with ``drop``, every row it selects); the new rows go
+        to the end in the order they come. With ``only_if_changed`` the file is not written when its content would
+        stay the same."""
+        rows = [{k: r[k] for k in self.columns} for r in rows]
+        keys = [self._key(r) for r in rows]
+        before = self._render(self.rows.values(), True) if only_if_changed else None
+        dropped = [k for k, r in self.rows.items() if drop is not None and drop(r)]
+        replacing = bool(dropped) or any(k in self.rows for k in keys)
+        for k in dropped:
+            del self.rows[k]
+        for k, r in zip(keys, rows):
+            self.rows.pop(k, None)
+            self.rows[k] = r
+        if self.path.is_file() and not replacing:
+            with open(self.path, "a", newline="") as fh:   # one write: a kill leaves whole rows or a cut last line
+                fh.write(self._render(rows, False))
+            return
+        text = self._render(self.rows.values(), True)
+        if not (only_if_changed and self.path.is_file() and text == before):
+            atomic_write_text(self.path, text)
 
 
 def read_reference(path: Path, targets: list[str]) -> dict[str, dict[str, float]]:
@@ -137,7 +176,12 @@ def read_reference(path: Path, targets: list[str]) -> dict[str, dict[str, float]
     return out
 
 
-Task = tuple[Callable[[], "nn.Module | None"], EvalTemplates]   # (loads the transform (None: bare backbone), set)
+class Task(NamedTuple):
+    """One (transform, set) to evaluate: ``load`` gives the transform (None: the bare backbone); ``source``, the
+    checkpoint it comes from, is named by errors about its templates."""
+    load: Callable[[], Transform | None]
+    ev: EvalTemplates
+    source: Path | None = None
 
 
 def _plugin_modules(plugins: Sequence[str]) -> list:
@@ -149,17 +193,18 @@ def _plugin_modules(plugins: Sequence[str]) -> list:
         or (getattr(m, "__file__", None) and Path(m.__file__).resolve() in files))]
 
 
-def _evaluate_in_worker(factories: dict, name: str, folder: Path, labels: tuple, transform: nn.Module | None,
-                        gender_folds: int, attackers: tuple[str, ...], seed: int, bootstrap: int) -> SetResult:
+def _evaluate_in_worker(factories: dict, name: str, folder: Path, labels: tuple, transform: Transform | None,
+                        source: Path | None, gender_folds: int, attackers: tuple[str, ...], seed: int,
+                        bootstrap: int) -> SetResult:
     """One (checkpoint, set) in a joblib worker: the parent's attacker factories registered (whatever registered
     them there: a plug-in, a notebook, a test), the set's cache entry reopened as a memory map (never copied through
     the pipe), its attackers and folds fitted one after another."""
     ATTACKERS.update(factories)
     ev = EvalTemplates(name, open_entry(folder), *labels)
-    return evaluate_set(ev, transform, gender_folds, attackers, seed, bootstrap, 1)
+    return evaluate_set(ev, transform, gender_folds, attackers, seed, bootstrap, 1, source)
 
 
-def evaluate_all(tasks: Sequence[Task], gender_folds: int, attackers: Sequence[str], seed: int, bootstrap: int,
+def evaluate_all(tasks: Sequence[Task | tuple], gender_folds: int, attackers: Sequence[str], seed: int, bootstrap: int,
                  n_jobs: int, device: torch.device = torch.device("cpu"), plugins: Sequence[str] = ()
                  ) -> Iterator[SetResult]:
     """evaluate_set of every (transform, set), in order, each as soon as it and those before it are done.
@@ -171,17 +216,18 @@ def evaluate_all(tasks: Sequence[Task], gender_folds: int, attackers: Sequence[s
     folds then run on the workers instead.
     """
     attackers = tuple(attackers)
+    tasks = [Task(*t) for t in tasks]   # (load, set) pairs too
     if n_jobs == 1 or device.type != "cpu":
-        for load, ev in tasks:
-            yield evaluate_set(ev, load(), gender_folds, attackers, seed, bootstrap, n_jobs)
+        for t in tasks:
+            yield evaluate_set(t.ev, t.load(), gender_folds, attackers, seed, bootstrap, n_jobs, t.source)
         return
     import cloudpickle   # what joblib's process pool pickles with
     for module in _plugin_modules(plugins):
         cloudpickle.register_pickle_by_value(module)
     factories = {k: ATTACKERS[k] for k in expand_attackers(attackers)}
-    calls = (delayed(_evaluate_in_worker)(factories, ev.name, ev.templates.path,
-                                          (ev.issame, ev.id_labels, ev.gender_labels), load(), gender_folds, attackers,
-                                          seed, bootstrap) for load, ev in tasks)
+    calls = (delayed(_evaluate_in_worker)(factories, t.ev.name, t.ev.templates.path,
+                                          (t.ev.issame, t.ev.id_labels, t.ev.gender_labels), t.load(), t.source,
+                                          gender_folds, attackers, seed, bootstrap) for t in tasks)
     yield from parallel(n_jobs, return_as="generator")(calls)
 
 
@@ -193,7 +239,7 @@ def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int,
     writer = csv.DictWriter(buf, fieldnames=REFERENCE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     out = {}
-    results = evaluate_all([(lambda: None, ev) for ev in sets], gender_folds, PAPER_ATTACKERS, 0, 0, n_jobs)
+    results = evaluate_all([Task(lambda: None, ev) for ev in sets], gender_folds, PAPER_ATTACKERS, 0, 0, n_jobs)
     for ev, res in zip(sets, results):
         m = res.metrics
         warn_if_near_chance(ev.name, m["EER"], log)
@@ -203,25 +249,15 @@ def compute_reference(path: Path, sets: list[EvalTemplates], gender_folds: int,
     return out
 
 
-def bare_backbone_attacks(path: Path, sets: list[EvalTemplates], attackers: tuple[str, ...], gender_folds: int,
-                          seed: int, bootstrap: int, n_jobs: int) -> pd.DataFrame:
-    """The bare backbone against every attacker (with intervals and the worst case), for the report's first row;
-    kept in ``path`` and recomputed only for sets or attackers it lacks."""
-    columns = BARE_ATTACKER_COLUMNS
-    rows = read_csv_rows(path, columns, "bare-backbone attackers file")
-    have = {(r["Dataset"], r["Attacker"]) for r in rows}
-    todo = [ev for ev in sets if len(ev.gender_labels) and any((ev.name, a) not in have for a in (*attackers, WORST))]
-    for ev, res in zip(todo, evaluate_all([(lambda: None, ev) for ev in todo], gender_folds, attackers, seed,
+def bare_backbone_attacks(file: ResultFile, sets: list[EvalTemplates], attackers: tuple[str, ...], gender_folds: int,
+                          seed: int, bootstrap: int, n_jobs: int) -> None:
+    """The bare backbone against every attacker (with intervals and the worst case), for the report's first row and
+    the plan's tables; kept in ``file`` and computed only for sets or attackers it lacks."""
+    todo = [ev for ev in sets if len(ev.gender_labels) and any((ev.name, a) not in file for a in (*attackers, WORST))]
+    for ev, res in zip(todo, evaluate_all([Task(lambda: None, ev) for ev in todo], gender_folds, attackers, seed,
                                           bootstrap, n_jobs)):
         _, extra = _rows(0, ev, res, {})
-        rows = [r for r in rows if r["Dataset"] != ev.name] + [{k: r[k] for k in columns} for r in extra]
-    if todo:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, buf.getvalue())
-    return pd.read_csv(path, keep_default_na=False, na_values=[""]) if path.is_file() else pd.DataFrame()
+        file.add(extra, drop=lambda r, name=ev.name: r["Dataset"] == name)   # the set's rows, all made anew
 
 
 def _rows(step: int, ev: EvalTemplates, res: SetResult, ref: dict[str, float]) -> tuple[dict, list[dict]]:
@@ -240,8 +276,25 @@ def _rows(step: int, ev: EvalTemplates, res: SetResult, ref: dict[str, float]) -
 
 
 @dataclass
+class RunFiles:
+    """A run's result files: the metrics (the authors' columns), attackers and score-diagnostics CSVs."""
+    metrics: ResultFile
+    attackers: ResultFile
+    diagnostics: ResultFile
+
+    @classmethod
+    def open(cls, out_dir: Path, run: SweptRun) -> "RunFiles":
+        def file(kind: str, columns: list[str], key: tuple[str, ...]) -> ResultFile:
+            return ResultFile(out_dir / f"{run.name}_{kind}.csv", columns, key, f"{kind} file")
+        return cls(file("metrics", CSV_COLUMNS, ("Step", "Dataset")),
+                   file("attackers", ATTACKER_COLUMNS, ("Step", "Dataset", "Attacker")),
+                   file("diagnostics", DIAGNOSTIC_COLUMNS, ("Step", "Dataset")))
+
+
+@dataclass
 class Sweep:
-    """What pre-flight established: the runs and sets to evaluate, where results go, which attackers run."""
+    """What pre-flight established: the runs and sets to evaluate, where results go (each result file read once,
+    foreign ones refused), which attackers run."""
     cfg: Config
     out_dir: Path
     reference: Path
@@ -252,30 +305,30 @@ class Sweep:
     beyond: bool        # attackers beyond the paper's: the attackers CSV (intervals, worst case) is written too
     bootstrap: int
     force: bool
-
-    def files(self, run: SweptRun) -> tuple[Path, Path, Path]:
-        """A run's metrics, attackers and score-diagnostics CSVs."""
-        return tuple(self.out_dir / f"{run.name}_{kind}.csv" for kind in ("metrics", "attackers", "diagnostics"))
+    files: dict[str, RunFiles] = field(default_factory=dict)   # run name -> its result files
+    bare_attackers: ResultFile | None = None
+    bare_diagnostics: ResultFile | None = None
 
 
 @dataclass
 class Job:
-    """One (checkpoint, set) to evaluate: in full, or (``scores_only``) only its score diagnostics, for a checkpoint
-    swept before the diagnostics existed."""
-    run: int
+    """One (checkpoint, set) of a run to evaluate: in full, or (``scores_only``) only its score diagnostics, for a
+    checkpoint swept before the diagnostics existed."""
+    run: SweptRun
     step: int
-    ckpt: Path
+    checkpoint: Path
     ev: EvalTemplates
     scores_only: bool = False
 
 
-def preflight(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
-              force: bool) -> Sweep:
-    """Check names, evaluation files, weights, folders and every existing CSV before any compute."""
+def preflight(cfg: Config, out_dir: str | Path, run_base: str | Path, reference: str | Path, force: bool,
+              names: Sequence[str] | None = None) -> Sweep:
+    """Check names, evaluation files, weights, folders and every existing CSV before any compute. The runs are the
+    folders under ``run_base`` (those of ``names`` when given); results go to ``out_dir``."""
     check_names(cfg)
     cfg = embedding_size_for(cfg)   # the template size the backbone weights produce
-    out_dir, reference = Path(log_root) / experiment, Path(reference)
-    runs = find_runs(Path(model_root) / experiment, cfg)
+    out_dir, reference = Path(out_dir), Path(reference)
+    runs = find_runs(Path(run_base), cfg, names)
     targets = list(cfg.test_targets)
     if not targets:
         raise UserError("config option test_targets is empty: name at least one rec/<name>.bin to evaluate on.")
@@ -295,18 +348,18 @@ def preflight(cfg: Config, log_root: str | Path, model_root: str | Path, experim
     beyond = set(attackers) != set(PAPER_ATTACKERS)
     sweep = Sweep(cfg, out_dir, reference, runs, targets, backbone, attackers, beyond,
                   cfg.bootstrap if beyond else 0, force)
-    refuse_foreign_files(sweep)
+    open_result_files(sweep)
     return sweep
 
 
-def refuse_foreign_files(sweep: Sweep) -> None:
-    """Every CSV the sweep would add rows to is one of ours (or absent); a foreign one is refused, not overwritten."""
-    read_csv_rows(sweep.out_dir / "bare_backbone_attackers.csv", BARE_ATTACKER_COLUMNS, "bare-backbone attackers file")
-    read_csv_rows(sweep.out_dir / "bare_backbone_diagnostics.csv", BARE_DIAGNOSTIC_COLUMNS,
-                  "bare-backbone diagnostics file")
-    for run in sweep.runs:
-        for path, columns in zip(sweep.files(run), (CSV_COLUMNS, ATTACKER_COLUMNS, DIAGNOSTIC_COLUMNS)):
-            read_csv_rows(path, columns, f"{path.stem.rsplit('_', 1)[1]} file")
+def open_result_files(sweep: Sweep) -> None:
+    """Read every CSV the sweep adds rows to, once: each is one of ours (or absent); a foreign one is refused, not
+    overwritten."""
+    sweep.bare_attackers = ResultFile(sweep.out_dir / BARE_ATTACKERS_FILE, BARE_ATTACKER_COLUMNS,
+                                      ("Dataset", "Attacker"), "bare-backbone attackers file")
+    sweep.bare_diagnostics = ResultFile(sweep.out_dir / BARE_DIAGNOSTICS_FILE, BARE_DIAGNOSTIC_COLUMNS, ("Dataset",),
+                                        "bare-backbone diagnostics file")
+    sweep.files = {run.name: RunFiles.open(sweep.out_dir, run) for run in sweep.runs}
     check_verification_files(sweep.out_dir, [run.name for run in sweep.runs])
 
 
@@ -335,94 +388,91 @@ def bare_backbone_scores(sweep: Sweep, sets: list[EvalTemplates], ref: dict[str,
         lg.info("bare backbone on %s: threshold-free EER %.4f, AUC %.4f, spread (median impostor angle) %.1f "
                 "degrees", name, sc.eer_exact, sc.auc, sc.impostor_angle)
         warn_if_below_grid(f"bare backbone on '{name}'", ref[name]["EER"], sc, lg)
-    write_rows(sweep.out_dir / "bare_backbone_diagnostics.csv", BARE_DIAGNOSTIC_COLUMNS, rows, ("Dataset",),
-               only_if_changed=True)
+    sweep.bare_diagnostics.add(rows, only_if_changed=True)
     return scores
 
 
-def plan_jobs(sweep: Sweep, sets: list[EvalTemplates], lg: logging.Logger) -> list[Job]:
+def pending_jobs(sweep: Sweep, sets: list[EvalTemplates], lg: logging.Logger) -> list[Job]:
     """Every (checkpoint, set) not yet in its run's CSVs (all of them with --force), in run and step order."""
     jobs: list[Job] = []
-    for k, run in enumerate(sweep.runs):
-        csv_path, att_path, diag_path = sweep.files(run)
-        done = {(r["Step"], r["Dataset"]) for r in read_csv_rows(csv_path, CSV_COLUMNS, "metrics file")}
-        attacked = {(r["Step"], r["Dataset"], r["Attacker"])
-                    for r in read_csv_rows(att_path, ATTACKER_COLUMNS, "attackers file")}
-        diagnosed = {(r["Step"], r["Dataset"]) for r in read_csv_rows(diag_path, DIAGNOSTIC_COLUMNS,
-                                                                      "diagnostics file")}
+    for run in sweep.runs:
+        files = sweep.files[run.name]
         lg.info("run %s: %s%s", run.name, run.settings, "" if run.described else " (no run.json: the paper's "
                 "method with this sweep's settings)")
         for step, ckpt in run.checkpoints:
-            full = [ev for ev in sets if sweep.force or (str(step), ev.name) not in done
-                    or (sweep.beyond and any((str(step), ev.name, a) not in attacked
+            full = [ev for ev in sets if sweep.force or (str(step), ev.name) not in files.metrics
+                    or (sweep.beyond and any((str(step), ev.name, a) not in files.attackers
                                              for a in (*sweep.attackers, WORST)))]
-            scores = [ev for ev in sets if ev not in full and (str(step), ev.name) not in diagnosed]
+            scores = [ev for ev in sets if ev not in full and (str(step), ev.name) not in files.diagnostics]
             if not full and not scores:
                 lg.info("%s step %d: already in %s, skipped (use --force to recompute)", run.name, step,
-                        csv_path.name)
-            jobs += [Job(k, step, ckpt, ev) for ev in full] + [Job(k, step, ckpt, ev, True) for ev in scores]
+                        files.metrics.path.name)
+            jobs += [Job(run, step, ckpt, ev) for ev in full] + [Job(run, step, ckpt, ev, True) for ev in scores]
     return jobs
 
 
-def run_jobs(sweep: Sweep, jobs: list[Job], ref: dict[str, dict[str, float]], bare: dict[str, ScoreDiagnostics],
-             device: torch.device, lg: logging.Logger) -> bool:
-    """Evaluate the jobs (the full ones on joblib workers when n_jobs > 1), writing each row as soon as it is done;
-    True when anything was written."""
-    cfg, runs = sweep.cfg, sweep.runs
+def evaluate_jobs(sweep: Sweep, jobs: list[Job], ref: dict[str, dict[str, float]],
+                  bare: dict[str, ScoreDiagnostics], device: torch.device, lg: logging.Logger) -> bool:
+    """Evaluate the jobs (the full ones on joblib workers when n_jobs > 1), each job's rows written as soon as it is
+    done (``job_done``); True when anything was written."""
+    cfg = sweep.cfg
+
+    methods = {run.name: run.method for run in sweep.runs}
 
     @functools.lru_cache(maxsize=1)   # a checkpoint's sets are consecutive: each checkpoint is loaded once
-    def load(k: int, ckpt: Path) -> nn.Module:
-        transform = runs[k].method.load_transform(ckpt).to(device)
-        transform.checkpoint = ckpt   # named by evaluate_set's errors about its templates
-        return transform
+    def load(run: str, ckpt: Path) -> Transform:
+        return methods[run].load_transform(ckpt).to(device)
     for job in (j for j in jobs if j.scores_only):   # cheap: verification only, here
-        scores = transform_scores(job.ev, load(job.run, job.ckpt))
-        _write_diagnostics(sweep, job, scores, bare, lg)
+        scores = transform_scores(job.ev, load(job.run.name, job.checkpoint))
+        eer = sweep.files[job.run.name].metrics.get((str(job.step), job.ev.name))   # the protocol's, swept before
+        _write_diagnostics(sweep, job, scores, bare, lg, float(eer["EER"]) if eer else math.nan)
     full = [j for j in jobs if not j.scores_only]
-    results = evaluate_all([(functools.partial(load, j.run, j.ckpt), j.ev) for j in full], cfg.gender_folds,
-                           sweep.attackers, cfg.seed, sweep.bootstrap, cfg.n_jobs, device, cfg.plugins)
+    tasks = [Task(functools.partial(load, j.run.name, j.checkpoint), j.ev, j.checkpoint) for j in full]
+    results = evaluate_all(tasks, cfg.gender_folds, sweep.attackers, cfg.seed, sweep.bootstrap, cfg.n_jobs, device,
+                           cfg.plugins)
     for job, res in zip(full, results):
-        csv_path, att_path, _ = sweep.files(runs[job.run])
-        row, extra = _rows(job.step, job.ev, res, ref[job.ev.name])
-        write_rows(csv_path, CSV_COLUMNS, [row], ("Step", "Dataset"))
-        if sweep.beyond and extra:
-            write_rows(att_path, ATTACKER_COLUMNS, extra, ("Step", "Dataset", "Attacker"))
-        lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", runs[job.run].name, job.step, job.ev.name,
-                res["EER"], res["TAR@FAR=0.1%"], _short(res["BACC-Gender-AVG"]),
-                _short(pic(res, ref[job.ev.name]) if ref[job.ev.name] else None))
-        _write_diagnostics(sweep, job, res.scores, bare, lg, res["EER"])
+        job_done(sweep, job, res, ref[job.ev.name], bare, lg)
     return bool(jobs)
 
 
+def job_done(sweep: Sweep, job: Job, res: SetResult, ref: dict[str, float], bare: dict[str, ScoreDiagnostics],
+             lg: logging.Logger) -> None:
+    """The step after each evaluated (checkpoint, set): its rows of the run's metrics, attackers and diagnostics
+    CSVs, and its log lines."""
+    files = sweep.files[job.run.name]
+    row, extra = _rows(job.step, job.ev, res, ref)
+    files.metrics.add([row])
+    if sweep.beyond and extra:
+        files.attackers.add(extra)
+    lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", job.run.name, job.step, job.ev.name,
+            res["EER"], res["TAR@FAR=0.1%"], _short(res["BACC-Gender-AVG"]), _short(pic(res, ref) if ref else None))
+    _write_diagnostics(sweep, job, res.scores, bare, lg, res["EER"])
+
+
 def _write_diagnostics(sweep: Sweep, job: Job, scores: ScoreDiagnostics, bare: dict[str, ScoreDiagnostics],
-                       lg: logging.Logger, eer: float | None = None) -> None:
-    """A job's row of <run>_diagnostics.csv, its log line, and the grid and collapse warnings."""
-    run = sweep.runs[job.run]
-    write_rows(sweep.files(run)[2], DIAGNOSTIC_COLUMNS,
-               [{"Step": str(job.step), "Dataset": job.ev.name, **_diagnostic_cells(scores)}], ("Step", "Dataset"))
-    name = job.ev.name
+                       lg: logging.Logger, eer: float) -> None:
+    """A job's row of <run>_diagnostics.csv, its log line, and the grid and collapse warnings (``eer``: the
+    protocol's)."""
+    run, name = job.run, job.ev.name
+    sweep.files[run.name].diagnostics.add([{"Step": str(job.step), "Dataset": name, **_diagnostic_cells(scores)}])
     lg.info("%s step %d %s: threshold-free EER %.4f AUC %.4f, spread (median impostor angle) %.1f degrees (bare "
             "backbone %.1f)", run.name, job.step, name, scores.eer_exact, scores.auc, scores.impostor_angle,
             bare[name].impostor_angle)
-    where = f"{run.name} step {job.step} ({job.ckpt.name}) on '{name}'"
-    if eer is None:   # a scores-only job: the protocol's EER is the one already in the metrics CSV
-        rows = read_csv_rows(sweep.files(run)[0], CSV_COLUMNS, "metrics file")
-        eer = next((float(r["EER"]) for r in rows if (r["Step"], r["Dataset"]) == (str(job.step), name)), math.nan)
+    where = f"{run.name} step {job.step} ({job.checkpoint.name}) on '{name}'"
     warn_if_below_grid(where, eer, scores, lg)
     warn_if_collapsed(where, scores.impostor_angle, bare[name].impostor_angle, lg)
 
 
 def finish(sweep: Sweep, sets: list[EvalTemplates], ref: dict[str, dict[str, float]],
            bare: dict[str, ScoreDiagnostics], changed: bool, lg: logging.Logger) -> None:
-    """The bare backbone against every attacker (attackers beyond the paper's), then report.md and the plots when
-    anything changed or the report is missing."""
+    """The step after all jobs: the bare backbone against every attacker (attackers beyond the paper's), then
+    report.md and the plots when anything changed or the report is missing."""
     cfg = sweep.cfg
-    bare_attacks = None
     if sweep.beyond:
-        bare_attacks = bare_backbone_attacks(sweep.out_dir / "bare_backbone_attackers.csv", sets, sweep.attackers,
-                                             cfg.gender_folds, cfg.seed, sweep.bootstrap, cfg.n_jobs)
+        bare_backbone_attacks(sweep.bare_attackers, sets, sweep.attackers, cfg.gender_folds, cfg.seed,
+                              sweep.bootstrap, cfg.n_jobs)
     if changed or not (sweep.out_dir / "report.md").is_file():
-        report = write_report(sweep.out_dir, sweep.runs, ref, sets, cfg.gender_folds, bare_attacks, bare)
+        report = write_report(sweep.out_dir, sweep.runs, ref, sets, cfg.gender_folds, bare)
         lg.info("report: %s", report)
     else:
         lg.info("nothing new: %s and the plots are up to date", sweep.out_dir / "report.md")
@@ -430,9 +480,21 @@ def finish(sweep: Sweep, sets: list[EvalTemplates], ref: dict[str, dict[str, flo
 
 def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experiment: str, reference: str | Path,
              force: bool = False) -> Path | None:
-    """Run the sweep; returns the output folder L/E (None in the torchrun processes other than 0, which only
-    extract their shares of the templates)."""
-    sweep = preflight(cfg, log_root, model_root, experiment, reference, force)
+    """Sweep every run of an experiment folder (eval/evaluation.py): the runs under M/E, results in L/E; returns
+    that folder (None in the torchrun processes other than 0, which only extract their shares of the templates)."""
+    return evaluate_runs(cfg, Path(log_root) / experiment, Path(model_root) / experiment, reference, force)
+
+
+def evaluate_runs(cfg: Config, out_dir: str | Path, run_base: str | Path, reference: str | Path, force: bool = False,
+                  names: Sequence[str] | None = None) -> Path | None:
+    """Sweep the runs under ``run_base`` (those of ``names`` when given: reproduce.py sweeps exactly its
+    experiment's run) into ``out_dir``; returns it (None in torchrun processes other than 0). Nothing here needs
+    gradients: they are off for every entry."""
+    with torch.set_grad_enabled(False):
+        return _sweep(preflight(cfg, out_dir, run_base, reference, force, names))
+
+
+def _sweep(sweep: Sweep) -> Path | None:
     cfg = sweep.cfg   # embedding_size as the backbone weights say
     device = select_device(cfg.device)
     with processes(device) as procs:
@@ -444,7 +506,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
             procs.leave()
             return None
         with log_to(sweep.out_dir / "evaluate.log", log.name) as lg:
-            lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(sweep.runs), experiment,
+            lg.info("evaluating %d run(s) of %s on %s with attackers %s", len(sweep.runs), sweep.out_dir,
                     ", ".join(sweep.targets), ", ".join(sweep.attackers))
             if procs.world > 1:
                 lg.info("torchrun: %d processes share the template extraction; process 0 then sweeps alone",
@@ -453,7 +515,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
             procs.leave()   # the sweep runs in this process alone
             ref, changed = reference_results(sweep, sets, lg)
             bare = bare_backbone_scores(sweep, sets, ref, lg)
-            changed |= run_jobs(sweep, plan_jobs(sweep, sets, lg), ref, bare, device, lg)
+            changed |= evaluate_jobs(sweep, pending_jobs(sweep, sets, lg), ref, bare, device, lg)
             changed |= sweep_verification(sweep.out_dir, cfg.rec, sets, [RunCheckpoints(
                 run.name, run.checkpoints, run.method.load_transform) for run in sweep.runs], sweep.force, cfg.seed,
                 cfg.bootstrap, lg)
@@ -490,5 +552,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     sys.exit(main())

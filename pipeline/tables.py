@@ -24,44 +24,18 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from eval.evalset import METRIC_COLUMNS
-from eval.leakage import WORST
 from pipeline.paper_values import ID_COLUMNS, PaperValues
 from pipeline.plans import Experiment, Plan, digest, safe_name
-from pipeline.reproduce import StateStore
+from pipeline.results import ResultReader, StateStore, SweepResults
 from privacy import get_method
 from utils.errors import UserError
 from utils.io import atomic_path, atomic_write_text
 
 METRICS = [*METRIC_COLUMNS, "PIC"]
-# what the sweep writes (pipeline/sweep.py): the columns the tables read from each file
-METRIC_FILE_COLUMNS = ["Step", "Dataset", *METRICS]
-REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
-ATTACKER_COLUMNS = ["Step", "Dataset", "Attacker", "BACC", "CI-Low", "CI-High", "Reached-By"]
 WORST_COLUMNS = ["Worst-case BACC", "Worst CI-Low", "Worst CI-High", "Worst attacker"]
 TABLE_IDS = {"main": ["Trained on", "Method", "Settings", "Checkpoint", "Step"],
              "cross": ["Held out", "Trained on", "Dataset", "Method", "Settings", "Checkpoint", "Step"],
              "ablation": ["alpha", "beta", "Dataset", "Checkpoint", "Step"]}
-
-
-def _read(path: str | None, columns: list[str]) -> pd.DataFrame:
-    """A sweep's result CSV (empty when there is none); one that cannot be read as the sweep writes it is named."""
-    if not path or not Path(path).is_file():
-        return pd.DataFrame()
-    try:
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-        raise UserError(f"result file '{path}' cannot be read as a CSV ({type(exc).__name__}: {str(exc)[:200]}); it "
-                        f"is not what the sweep wrote. Move it away (with its state file in the results folder's "
-                        f".experiments) and run the plan again: the experiment's sweep is redone.") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise UserError(f"result file '{path}' lacks the column(s) {missing} the sweep writes; it is not a sweep's "
-                        f"output (or was edited). Move it away and run the plan again: the sweep is redone.")
-    for column in ("Step",):
-        if column in frame and len(frame) and pd.to_numeric(frame[column], errors="coerce").isna().any():
-            raise UserError(f"result file '{path}': column {column} holds values that are not numbers; it is not a "
-                            f"sweep's output (or was edited). Move it away and run the plan again.")
-    return frame
 
 
 def _setting(exp: Experiment) -> str:
@@ -74,19 +48,33 @@ def _method_label(exp: Experiment) -> tuple[str, str]:
     return exp.method, exp.label or get_method(exp.cfg.method)(exp.cfg).describe()
 
 
-def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]:
-    """Rows of every experiment (last and best-PIC checkpoint per evaluation set), the bare backbone's rows, and how
-    many experiments have results."""
-    rows, bare, have = [], {}, 0
+def sweep_of(exp: Experiment, state: dict) -> dict | None:
+    """The record of the experiment's own sweep in its state ({folder, run, reference}); None when not swept."""
+    return state.get("sweeps", {}).get(exp.sweep_key) if state.get("trained") else None
+
+
+def read_plan(plan: Plan, store: StateStore, reader: ResultReader) -> list[tuple[Experiment, SweepResults]]:
+    """Every experiment of the plan with its sweep's results (read once, through ``reader``); experiments without a
+    sweep are left out."""
+    out = []
     for exp in plan.experiments:
-        state = store.read(exp.key)
-        metrics = _read(state.get("metrics"), METRIC_FILE_COLUMNS)
+        swept = sweep_of(exp, store.read(exp.key))
+        if swept:
+            out.append((exp, reader.sweep(swept["folder"], [swept["run"]], swept["reference"])))
+    return out
+
+
+def collect(results: list[tuple[Experiment, SweepResults]]) -> tuple[list[dict], list[dict], int]:
+    """Rows of every experiment (last and best-PIC checkpoint per evaluation set), the bare backbone's rows (with its
+    worst-case attacker when the sweep ran attackers beyond the paper's), and how many experiments have results."""
+    rows, bare, have = [], {}, 0
+    for exp, res in results:
+        metrics = res.metrics
         if metrics.empty:
             continue
         have += 1
-        attacks = _read(state.get("attackers"), ATTACKER_COLUMNS)
-        worst = attacks[attacks["Attacker"] == WORST] if not attacks.empty else attacks
-        reference = _read(state.get("reference"), REFERENCE_COLUMNS)
+        worst = res.worst().reset_index() if not res.attackers.empty else pd.DataFrame()
+        reference = res.reference
         method, described = _method_label(exp)
         ab = exp.alpha_beta
         for ds in exp.cfg.test_targets:
@@ -100,6 +88,9 @@ def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]
                 bare[(exp.backbone, ds)] = {**base, "Trained on": "", "Held out": "", "Method": "bare backbone",
                                             "Settings": "", "Checkpoint": "", "Step": None,
                                             **{c: float(ref.iloc[0][c]) for c in METRIC_COLUMNS}, "PIC": 0.0}
+            bare_worst = res.bare_worst(ds)
+            if (exp.backbone, ds) in bare and bare_worst is not None:
+                bare[(exp.backbone, ds)].update(_worst_cells(bare_worst))
             picked = [("last", rr.iloc[-1])]
             finite = rr[rr["PIC"].notna()]
             if not finite.empty:
@@ -113,11 +104,15 @@ def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]
                     row["Backbone BACC-Gender-AVG"] = float(ref.iloc[0]["BACC-Gender-AVG"])
                 w = worst[(worst["Dataset"] == ds) & (worst["Step"] == r["Step"])] if not worst.empty else worst
                 if len(w):
-                    w = w.iloc[0]
-                    row.update({"Worst-case BACC": _num(w["BACC"]), "Worst CI-Low": _num(w["CI-Low"]),
-                                "Worst CI-High": _num(w["CI-High"]), "Worst attacker": w["Reached-By"]})
+                    row.update(_worst_cells(w.iloc[0]))
                 rows.append(row)
     return rows, list(bare.values()), have
+
+
+def _worst_cells(w: pd.Series) -> dict[str, object]:
+    """The worst-case columns of a table row from a worst-case row of an attackers CSV."""
+    return {"Worst-case BACC": _num(w["BACC"]), "Worst CI-Low": _num(w["CI-Low"]), "Worst CI-High": _num(w["CI-High"]),
+            "Worst attacker": w["Reached-By"]}
 
 
 def _num(v: object) -> float | None:
@@ -186,20 +181,15 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def tradeoff_figures(plan: Plan, store: StateStore, out: Path) -> list[Path]:
+def tradeoff_figures(results: list[tuple[Experiment, SweepResults]], out: Path) -> list[Path]:
     """Per backbone: every one-dataset (and released) experiment's path, gender BACC against EER, per set."""
     paths = []
-    by_backbone: dict[str, list[Experiment]] = {}
-    for exp in plan.experiments:
+    by_backbone: dict[str, list[tuple[Experiment, SweepResults]]] = {}
+    for exp, res in results:
         if _setting(exp) == "OneDataset":
-            by_backbone.setdefault(exp.backbone, []).append(exp)
+            by_backbone.setdefault(exp.backbone, []).append((exp, res))
     for backbone, exps in by_backbone.items():
-        series = []
-        for exp in exps:
-            state = store.read(exp.key)
-            m = _read(state.get("metrics"), METRIC_FILE_COLUMNS)
-            if not m.empty:
-                series.append((exp, m, _read(state.get("reference"), REFERENCE_COLUMNS)))
+        series = [(exp, res.metrics, res.reference) for exp, res in exps if not res.metrics.empty]
         if not series:
             continue
         sets = list(dict.fromkeys(ds for exp, _, _ in series for ds in exp.cfg.test_targets))
@@ -231,15 +221,14 @@ def tradeoff_figures(plan: Plan, store: StateStore, out: Path) -> list[Path]:
     return paths
 
 
-def angles_figures(plan: Plan, store: StateStore, out: Path) -> list[Path]:
+def angles_figures(results: list[tuple[Experiment, SweepResults]], out: Path) -> list[Path]:
     """The sweep's angles figure of the paper's method, per backbone (its first one-dataset experiment)."""
     paths, seen = [], set()
-    for exp in plan.experiments:
+    for exp, res in results:
         if exp.method != "angular" or exp.released or exp.backbone in seen:
             continue
-        state = store.read(exp.key)
-        src = Path(state.get("sweep_dir", "")) / f"{Path(state.get('run', '')).name}_angles.png"
-        if state.get("sweep_dir") and src.is_file():
+        src = res.folder / f"{res.runs[0]}_angles.png"
+        if src.is_file():
             path = out / f"angles_{safe_name(exp.backbone)}.png"
             with atomic_path(path, suffix=".png") as tmp:
                 shutil.copyfile(src, tmp)
@@ -274,27 +263,41 @@ def ablation_figure(tables: dict[str, Table], out: Path) -> list[Path]:
     return [path]
 
 
-def inputs_digest(plan: Plan, store: StateStore, paper_values: PaperValues | None) -> str:
-    """What the tables are made of: every state and result file of the plan, the plan and the paper's values."""
-    parts = [plan.path.read_text(), paper_values.path.read_bytes().hex() if paper_values else ""]
-    for exp in plan.experiments:
-        state = store.read(exp.key)
-        parts.append(exp.key + exp.sweep_key + exp.name)
-        for k in ("metrics", "attackers", "reference"):
-            p = Path(state.get(k, ""))
-            parts.append(p.read_bytes().hex() if state.get(k) and p.is_file() else "")
-    return digest(parts)
+TABLES_RECORD = ".tables-written"   # the table CSVs the last write made (older ones are removed, never a user's)
+
+
+def _stale_tables(folder: Path, record: Path, keep: set[str]) -> list[Path]:
+    """Table CSVs an earlier write made that the new tables do not have: those the record lists, and (written before
+    the record existed) those whose header is one of our tables' headers."""
+    listed = set(record.read_text().split()) if record.is_file() else set()
+    heads = tuple(",".join(ids) for ids in TABLE_IDS.values())
+    stale = []
+    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+        if path.name in keep:
+            continue
+        try:
+            with open(path) as fh:
+                ours = path.name in listed or fh.readline().startswith(heads)
+        except (OSError, UnicodeDecodeError):
+            ours = False
+        if ours:
+            stale.append(path)
+    return stale
 
 
 def write_outputs(plan: Plan, results: Path, paper_values: PaperValues | None = None) -> str:
-    """tables.md, the CSVs and the figures of a plan; nothing is rewritten when their inputs have not changed."""
+    """tables.md, the CSVs and the figures of a plan; nothing is rewritten when their inputs have not changed. Table
+    CSVs of an earlier write that the new tables lack (an experiment whose results are gone) are removed."""
     store = StateStore(Path(results) / ".experiments", lambda _: None)
     out = Path(results) / safe_name(plan.name)
-    stamp = inputs_digest(plan, store, paper_values)
+    reader = ResultReader()
+    swept = read_plan(plan, store, reader)
+    stamp = digest([reader.digest(), plan.path.read_text(), paper_values.path.read_bytes().hex() if paper_values else "",
+                    [(e.key, e.sweep_key, e.name) for e in plan.experiments], [e.name for e, _ in swept]])
     if (out / "tables.md").is_file() and (out / ".tables-digest").is_file() and \
             (out / ".tables-digest").read_text() == stamp:
         return f"nothing new: {out / 'tables.md'} is up to date"
-    rows, bare, have = collect(plan, store)
+    rows, bare, have = collect(swept)
     tables = build_tables(rows, bare)
     matched = paper_values.annotate(tables, METRICS) if paper_values else None
     total = len({e.key for e in plan.experiments})
@@ -304,10 +307,14 @@ def write_outputs(plan: Plan, results: Path, paper_values: PaperValues | None = 
              f"{Path(results)}.", ""]
     if matched is not None:
         lines += [f"Paper values from {paper_values.path}: {matched} cell(s) compared ('diff' = ours - paper).", ""]
-    (out / "tables").mkdir(parents=True, exist_ok=True)
+    folder = out / "tables"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {f"{stem}.csv" for stem in tables}
+    for path in _stale_tables(folder, out / TABLES_RECORD, names):
+        path.unlink()
     for stem, table in tables.items():
         t = table.view
-        atomic_write_text(out / "tables" / f"{stem}.csv", t.to_csv(index=False, lineterminator="\n"))
+        atomic_write_text(folder / f"{stem}.csv", t.to_csv(index=False, lineterminator="\n"))
         lines += [f"## {table.title}", "", f"`tables/{stem}.csv`", ""] + markdown(t) + [""]
         if table.kind == "ablation":
             for ds, part in t[t["Checkpoint"] == "last"].groupby("Dataset", sort=False):
@@ -315,7 +322,8 @@ def write_outputs(plan: Plan, results: Path, paper_values: PaperValues | None = 
                 lines += [f"PIC of the last checkpoint on {ds} (rows alpha, columns beta):", ""]
                 lines += markdown(grid.reset_index().rename(columns=lambda c: f"beta={c:g}" if isinstance(
                     c, float) else c)) + [""]
-    figures = tradeoff_figures(plan, store, out) + angles_figures(plan, store, out) + ablation_figure(tables, out)
+    atomic_write_text(out / TABLES_RECORD, "".join(f"{n}\n" for n in sorted(names)))
+    figures = tradeoff_figures(swept, out) + angles_figures(swept, out) + ablation_figure(tables, out)
     lines += ["## Figures", ""] + [f"- `{p.name}`" for p in figures] + [""]
     atomic_write_text(out / "tables.md", "\n".join(lines))
     atomic_write_text(out / ".tables-digest", stamp)

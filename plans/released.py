@@ -7,15 +7,8 @@ or any .pth holding a privacy layer's weights) is placed by its folder names (a 
 'cross' for the cross-dataset setting); a layer that cannot be placed is listed in a mapping file the command writes
 for you to fill in. The layers are linked (never copied or changed) into
 checkpoint_root/<family>/Released/<setting>-<dataset>/ and swept like our runs. `python reproduce.py paper
---released DIR` puts their rows beside ours in the paper plan's tables.
+--released DIR` puts their rows beside ours in the paper plan's tables. The code is pipeline/released.py.
 """
-from pipeline.released import released_experiments
+from pipeline.released import released_experiments as experiments  # noqa: F401 (the plan's experiments)
 
 INCLUDE = "paper"
-
-
-def experiments(plan) -> list[dict]:
-    if not plan.released_dir:
-        from utils.errors import UserError
-        raise UserError("the released plan evaluates the authors' layers: give their folder with --released DIR.")
-    return released_experiments(plan)

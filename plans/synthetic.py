@@ -93,9 +93,9 @@ def experiments(plan) -> list[dict]:
     ab = plan.ABLATION
     for alpha in ab["alphas"]:                                     # the ablation grid
         for beta in ab["betas"]:
-            out.append(dict(backbone=plan.BACKBONE, setting="Ablation", trained_on=ab["trained_on"],  # its runs beside
-                            # the one-dataset runs: the default point (alpha=20, beta=1) is the same training
-                            method="angular", options={**backbone, "alpha": alpha, "beta": beta, "experiment": "OneDataset",
-                                                       "data_dir": str(root / "train" / ab["trained_on"]),
-                                                       "test_targets": [plan.TARGETS[ab["trained_on"]]]}))
+            # the default point (alpha=20, beta=1) is the one-dataset training: the same settings, trained once
+            out.append(dict(backbone=plan.BACKBONE, setting="Ablation", trained_on=ab["trained_on"], method="angular",
+                            options={**backbone, "alpha": alpha, "beta": beta,
+                                     "data_dir": str(root / "train" / ab["trained_on"]),
+                                     "test_targets": [plan.TARGETS[ab["trained_on"]]]}))
     return out

@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 from backbones import ARCHITECTURES
 from config.config import Config
@@ -147,14 +148,16 @@ def read_run_config(folder: Path) -> Config | None:
     return cfg
 
 
-def find_runs(base: Path, sweep_cfg: Config) -> list[SweptRun]:
-    """Run folders under ``base`` with their method and checkpoints, in name order. A folder without run.json
-    (older runs, the authors' released layers) is the paper's method with the sweep's own config."""
+def find_runs(base: Path, sweep_cfg: Config, names: Collection[str] | None = None) -> list[SweptRun]:
+    """Run folders under ``base`` (only those ``names`` lists, when given) with their method and checkpoints, in name
+    order. A folder without run.json (older runs, the authors' released layers) is the paper's method with the
+    sweep's own config."""
     if not base.is_dir():
         raise UserError(f"no folder '{base}' (--model-root / --experiment-name). It should hold one folder per run "
                         f"(e.g. 20L1_1L2/) with the checkpoints that finetune.py writes.")
     runs = []
-    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")
+                         and (names is None or p.name in names)):
         run_cfg = read_run_config(folder)
         described = run_cfg is not None
         if run_cfg is None:

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from backbones import load_spec
 from backbones.spec import BackboneSpec
 from facedata.dataset import RecordImages, TrainIndex
 from facedata.recordio import RecordFile
@@ -202,7 +203,7 @@ class TemplateCache:
             return [], []
         keys = [build.keys[i] for i in mine] if build.keys else [item_key(items[i]) for i in mine]
         with full_disk_named(self.folder, "cache_dir"):
-            done = extract_rows(self.backbone.load(), [items[i] for i in mine], keys, self.store(), self.settings,
+            done = extract_rows(load_spec(self.backbone), [items[i] for i in mine], keys, self.store(), self.settings,
                                 lambda j: describe(mine[j]), what, on_batch)
         log.info("%sextracted %d %s in %.1fs (%.1f images/s, each with its flip)",
                  f"process {procs.rank} " if procs.world > 1 else "", len(mine), what, done.seconds,

@@ -408,3 +408,54 @@ def test_an_old_run_is_not_resumed_and_its_folder_is_left_alone(legacy_world, tm
         rows = list(reader)
     assert len(rows) == 2 and "method" in reader.fieldnames and rows[0]["method"] == ""
     assert {k: rows[0][k] for k in old} == old and rows[1]["alpha"] == "20" and rows[1]["s"] == "64.0"
+
+
+def package_cycles() -> list[list[str]]:
+    """Import cycles between the files of one package (function-level imports count: they only hide a cycle), each
+    as the modules around it."""
+    files = library_files()
+    edges: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from pkg import mod` names the module mod; `from mod import name` the module mod
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                           for a in node.names]
+            else:
+                continue
+            skip = {id(n) for n in ast.walk(tree) if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test)
+                    for n in ast.walk(n)}
+            if id(node) in skip:
+                continue
+            edges[module] |= {t for t in targets if t in files and t != module
+                              and package_of(t) == package_of(module)}
+    cycles, state = [], {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = "open"
+        for n in sorted(edges[m]):
+            if state.get(n) == "open":
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n, [*stack, n])
+        state[m] = "done"
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    return cycles
+
+
+# the detectors' registry: its __init__ imports the detector files, which import its decorator back; the shared
+# registry helper (issue 27, item 2) removes this one. Listed so that it is seen, and checked to exist still.
+KNOWN_CYCLES = {("facedata.align.detectors", "facedata.align.detectors.dlib68"),
+                ("facedata.align.detectors", "facedata.align.detectors.landmark_file"),
+                ("facedata.align.detectors", "facedata.align.detectors.scrfd")}
+
+
+def test_no_package_has_an_import_cycle_between_its_files():
+    cycles = {tuple(c[:-1]) for c in package_cycles()}
+    assert cycles - KNOWN_CYCLES == set()
+    assert KNOWN_CYCLES <= cycles, f"fixed: remove {sorted(KNOWN_CYCLES - cycles)} from KNOWN_CYCLES"

@@ -79,7 +79,8 @@ def test_a_record_file_trains_to_the_checkpoints_of_its_prepared_folder(world, t
     assert torch.equal(dataset[5][1], ImageDataset(folder.paths)[5][1]) and dataset[5][3] == ""
     assert str(direct.paths[0]) == f"{rec} record 1"
 
-    common = ["num_epoch=2", "checkpoint_every=1", "batch_size=16", "cache=True", f"log_dir={tmp_path / 'logs'}"]
+    common = ["num_epoch=2", "checkpoint_every=1", "batch_size=16", "cache=True", f"log_dir={tmp_path / 'logs'}",
+              f"cache_dir={tmp_path / 'cache'}"]   # a cache of its own: the miss and hit below are this test's
     a = finetune.train(demo_cfg(world, *common, f"data_dir={prepared}", f"checkpoint_root={tmp_path / 'a'}"))
     b = finetune.train(demo_cfg(world, *common, f"data_dir={rec}", f"checkpoint_root={tmp_path / 'b'}",
                                 "num_workers=2"))
@@ -125,7 +126,8 @@ def test_two_sources_keep_their_identities_apart_and_are_logged(world, tmp_path)
     assert [s.summary() for s in index.sources] == [f"{a}: 12 identities, 48 images", f"{b}: 8 identities, 32 images"]
 
     res = finetune.train(demo_cfg(world, f"data_dir={[str(a), str(b)]!r}", "num_epoch=1", "batch_size=16",
-                                  f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}"))
+                                  f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}",
+                                  f"cache_dir={tmp_path / 'cache'}"))
     log = (res.log_dir / "training.log").read_text()
     assert f"source {a}: 12 identities, 48 images" in log and f"source {b}: 8 identities, 32 images" in log
     header = torch.load(res.checkpoint_dir / f"{res.step}header.pth", weights_only=True)
@@ -199,7 +201,8 @@ def test_overlap_check_finds_planted_duplicates_and_nothing_in_disjoint_data(wor
 
     # training warns in its log, once the training templates and validation sets are loaded
     res = finetune.train(demo_cfg(world, f"data_dir={planted}", "num_epoch=1", "eval_step=1000", "batch_size=16",
-                                  f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}"))
+                                  f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}",
+                                  f"cache_dir={tmp_path / 'cache'}"))
     log = (res.log_dir / "training.log").read_text()
     assert "WARNING overlap check: 3 training images of 1 identities are near-duplicates (cosine >= 0.95)" in log
 
@@ -222,7 +225,7 @@ def test_cross_dataset_runs_every_fold_and_a_rerun_redoes_nothing(tmp_path, monk
             return fn(*args, **kwargs)
         return wrapper
     monkeypatch.setattr(finetune, "train", counted("train", finetune.train))
-    monkeypatch.setattr(evaluation, "evaluate", counted("evaluate", evaluation.evaluate))
+    monkeypatch.setattr(evaluation, "evaluate_runs", counted("evaluate", evaluation.evaluate_runs))
     cfg = demo_cfg(tmp_path, "num_epoch=1", "batch_size=16", "eval_step=0")
     datasets = {"A": str(tmp_path / "test" / "a"), "B": str(tmp_path / "test" / "b"), "C": str(tmp_path / "test" / "c")}
     targets = {"A": "a", "B": "b", "C": "c"}
@@ -235,28 +238,25 @@ def test_cross_dataset_runs_every_fold_and_a_rerun_redoes_nothing(tmp_path, monk
     assert table["Step"].tolist() == [4, 4, 4, 6] and table["Near-duplicates"].tolist() == [0, 0, 0, 0]
     assert table[["EER", "TAR@FAR=0.1%", "BACC-Gender-AVG", "Backbone EER"]].notna().all().all()
     assert Path(table["Run"][0]) == tmp_path / "ckpt" / "Demo" / "Cross" / "B+C" / "20L1_1L2"
-    assert (results / "Demo" / "Cross" / "B+C" / "20L1_1L2_metrics.csv").is_file()
+    assert (results / "Demo" / "CrossDataset" / "B+C" / "20L1_1L2" / "20L1_1L2_metrics.csv").is_file()
     first = path.read_text()
 
     again, _ = cross_dataset.cross_dataset(cfg, datasets, targets, "d", "Cross", results)
     assert calls == {"train": 4, "evaluate": 4} and path.read_text() == first
     assert again.equals(table)
-    # a fold trained but not yet evaluated (interrupted in its sweep) is only evaluated
-    state = next((results / "Demo" / "Cross" / ".folds").glob("heldout-B-*.json"))
-    doc = json.loads(state.read_text())
-    del doc["row"]
-    state.write_text(json.dumps(doc))
+    # a fold trained whose results are gone (deleted, or interrupted in its sweep) is only evaluated
+    (results / "Demo" / "CrossDataset" / "A+C" / "20L1_1L2" / "20L1_1L2_metrics.csv").unlink()
     cross_dataset.cross_dataset(cfg, datasets, targets, "d", "Cross", results)
     assert calls == {"train": 4, "evaluate": 5} and path.read_text() == first
 
     assert cross_dataset.main(["--set", "plugins=['synthetic']", "--datasets", "A=x"]) == 2
     with pytest.raises(UserError, match="no evaluation set for C"):
-        cross_dataset.plan_folds(datasets, {"A": "a", "B": "b"}, None)
+        cross_dataset.cross_dataset(cfg, datasets, {"A": "a", "B": "b"}, None, "Cross", results)
 
 
 def test_cross_dataset_rerun_with_runtime_options_changed_or_a_damaged_state(tmp_path, monkeypatch, capsys):
     """Another n_jobs or device retrains and re-evaluates nothing; a damaged fold state (not JSON, no 'run') is
-    reported and only that fold is done again."""
+    reported and that fold's finished run is adopted again (not retrained)."""
     synthetic_world(tmp_path, n_train_ids=2, n_test_ids=8, test_imgs=4, pairs=40, gender=32, test_sets=("a", "b"))
     calls = {"train": 0}
     real = finetune.train
@@ -277,8 +277,8 @@ def test_cross_dataset_rerun_with_runtime_options_changed_or_a_damaged_state(tmp
     again, _ = run("n_jobs=2", "device=auto", "num_workers=1", "log_every=3")
     assert calls["train"] == 2 and path.read_text() == first
 
-    folds = results / "Demo" / "Cross" / ".folds"
-    damaged = next(folds.glob("heldout-A-*.json"))
+    states = results / ".experiments"
+    damaged = next(states.glob("*_held_out_A_*.json"))
     for text, why in (("{not json", "JSONDecodeError"), (json.dumps({"fold": "heldout-A"}), "'run' entry")):
         damaged.write_text(text)
         capsys.readouterr()
@@ -287,4 +287,5 @@ def test_cross_dataset_rerun_with_runtime_options_changed_or_a_damaged_state(tmp
         assert f"state file '{damaged}' is damaged" in said and why in said and "treated as not done" in said
         assert json.loads(damaged.read_text())["run"]          # replaced by a sound state
         assert table3["Step"].tolist() == table["Step"].tolist()
-    assert calls["train"] == 4                                  # the damaged fold only, twice
+        assert "adopted the finished run" in said               # its run (same settings) is found, not retrained
+    assert calls["train"] == 2

@@ -1,5 +1,6 @@
 import csv
 import hashlib
+import io
 
 import pytest
 import torch
@@ -211,3 +212,33 @@ def test_report_survives_checkpoints_deleted_after_they_were_swept(trained, tmp_
     evaluation.evaluate(cfg, tmp_path / "res", models, "Exp/Synth", tmp_path / "ref.csv")
     assert f"step {best}" in (out / "report.md").read_text()   # still in the table: its row was swept
     assert (out / "5L1_1L2_angles.png").is_file()
+
+
+def test_result_file_appends_each_jobs_rows_without_reading_the_file_again(tmp_path, monkeypatch):
+    """Rows go to the end of the file as they come (the file is parsed once, when opened), with the bytes of writing
+    them all at once; a replaced row (--force) moves to the end; a last line cut by a kill is dropped on opening."""
+    path, columns = tmp_path / "run_metrics.csv", ["Step", "Dataset", "EER"]
+    rows = [{"Step": str(s), "Dataset": d, "EER": f"0.{s}{k}"} for s in range(4) for k, d in enumerate("ab")]
+    file = evaluation.ResultFile(path, columns, ("Step", "Dataset"), "metrics file")
+
+    def whole(items: list[dict]) -> str:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(items)
+        return buf.getvalue()
+    with monkeypatch.context() as m:
+        m.setattr(evaluation.csv, "DictReader", None)   # adding rows never parses the file
+        for row in rows:
+            file.add([row])
+        assert path.read_text() == whole(rows)
+        again = {**rows[2], "EER": "0.9"}
+        file.add([again])
+        assert path.read_text() == whole([r for r in rows if r is not rows[2]] + [again])
+    path.write_text(whole(rows)[:-3])                  # killed while appending the last row
+    reopened = evaluation.ResultFile(path, columns, ("Step", "Dataset"), "metrics file")
+    assert ("3", "b") not in reopened and ("3", "a") in reopened and path.read_text() == whole(rows[:-1])
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="not one of this tool's files"):
+        evaluation.ResultFile(path, columns, ("Step", "Dataset"), "metrics file")
+    assert path.read_text() == "a,b\n1,2\n"

@@ -15,6 +15,7 @@ import pytest
 from pipeline import reproduce, tables
 from pipeline.paper_values import ID_COLUMNS, read_paper_values
 from pipeline.plans import load_plan
+from pipeline.results import StateStore
 from utils.errors import UserError
 
 METRICS = tables.METRICS
@@ -202,19 +203,22 @@ def test_two_lines_naming_one_row_through_different_columns_are_refused(tmp_path
 # ---------------------------------------------------------------------------------------------------------------
 # result files the tables read
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("content", [b"\x00\x01garbage\xff\xfe", b"", b"a,b\n1,2\n", b"Step,Dataset\nx,lfw\n",
-                                     b'"unterminated\n'])
+@pytest.mark.parametrize("content", [b"\x00\x01garbage\xff\xfe", b"a,b\n1,2\n", b"Step,Dataset\nx,lfw\n",
+                                     b'"unterminated\n', "Step,Dataset,caf\xe9\n".encode("latin-1")])
 def test_a_damaged_metrics_csv_is_named_by_the_tables(tmp_path, content):
     plan = tmp_path / "plan.py"
     plan.write_text(PLAN)
     loaded = load_plan(plan)
     results = tmp_path / "results"
-    store = reproduce.StateStore(results / ".experiments")
-    metrics = tmp_path / "run" / "metrics.csv"
-    metrics.parent.mkdir()
+    store = StateStore(results / ".experiments")
+    (tmp_path / "run").mkdir()
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    metrics = folder / "run_metrics.csv"
     metrics.write_bytes(content)
     exp = loaded.experiments[0]
-    store.write(exp.key, exp.name, {"run": str(metrics.parent), "metrics": str(metrics)})
+    store.write(exp.key, exp.name, {"run": str(tmp_path / "run"), "trained": True,
+                                    "sweeps": {exp.sweep_key: {"folder": str(folder), "run": "run", "reference": None}}})
     with pytest.raises(UserError, match=str(metrics)):
         tables.write_outputs(loaded, results)
     assert metrics.read_bytes() == content

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.paper_values import read_paper_values
 from pipeline import plans, reproduce, sweep, tables, train
 from privacy import layer_training
 from utils.errors import UserError
@@ -39,16 +42,27 @@ def outputs(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """The tiny plan run once, in one process, from a folder of its own (as from a fresh clone)."""
+    """The tiny plan run once, in one process, from a folder of its own (as from a fresh clone). Tests that change
+    its files work on a copy (``copy_of``)."""
     root = tmp_path_factory.mktemp("once")
     (root / "tiny.py").write_text(TINY)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with pytest.MonkeyPatch.context() as m:
+        m.chdir(root)
         assert reproduce.main(["tiny.py"]) == 0
-    finally:
-        os.chdir(cwd)
     return root
+
+
+def copy_of(root: Path, tmp_path: Path, monkeypatch) -> Path:
+    """A copy of a plan's folder (its state files hold paths relative to it), made the working directory."""
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, symlinks=True)
+    monkeypatch.chdir(copy)
+    return copy
+
+
+def own_sweep(exp: plans.Experiment, store: reproduce.StateStore) -> dict:
+    """The record of an experiment's own sweep (its folder, its run's name, its reference file)."""
+    return store.read(exp.key)["sweeps"][exp.sweep_key]
 
 
 class Interrupt(BaseException):
@@ -80,12 +94,13 @@ def test_tables_figures_and_a_second_run_that_does_nothing(uninterrupted, monkey
         ("", "bare backbone", ""), ("SynthA", "angular", "last"), ("SynthA", "angular", "best PIC")]
     assert {r["Method"] for r in rows} == {"bare backbone", "angular", "leace"}
     # every number is the sweep's: the last checkpoint's row of the run's metrics CSV
-    store = reproduce.StateStore(uninterrupted / "work_dirs" / "results" / ".experiments")
-    os.chdir(uninterrupted)
+    monkeypatch.chdir(uninterrupted)
+    store = reproduce.StateStore(Path("work_dirs/results/.experiments"))
     plan = plans.load_plan("tiny.py")
     first = plan.experiments[0]
     state = store.read(first.key)
-    with open(state["metrics"], newline="") as fh:
+    swept = own_sweep(first, store)
+    with open(Path(swept["folder"]) / f"{swept['run']}_metrics.csv", newline="") as fh:
         swept = [r for r in csv.DictReader(fh) if r["Dataset"] == "synth_a"]
     last = max(swept, key=lambda r: int(r["Step"]))
     assert float(rows[1]["EER"]) == float(last["EER"]) and int(rows[1]["Step"]) == int(last["Step"]) == 6
@@ -97,13 +112,19 @@ def test_tables_figures_and_a_second_run_that_does_nothing(uninterrupted, monkey
     out = uninterrupted / "work_dirs" / "results" / "tiny"
     assert {p.name for p in out.glob("*.png")} == {"tradeoff_Demo_decoder.png", "angles_Demo_decoder.png",
                                                      "pic_alpha_beta.png"}
-    # the ablation's default point is the one-dataset training: one training, two sweeps
+    # the ablation's default point is the one-dataset training: one training, two sweeps, each in its own folder
     default = [e for e in plan.experiments if e.setting == "Ablation" and e.cfg.beta == 1][0]
     assert default.key == first.key and store.read(default.key)["run"] == state["run"]
+    folders = [Path(own_sweep(e, store)["folder"]) for e in reproduce.unique(plan.experiments)]
+    assert len(set(folders)) == len(folders) == 9
+    for exp, folder in zip(reproduce.unique(plan.experiments), folders):   # each sweep holds its own run alone
+        assert sorted(p.name for p in folder.glob("*_metrics.csv")) == [f"{Path(store.read(exp.key)['run']).name}"
+                                                                          f"_metrics.csv"]
+    assert not list(Path("work_dirs/checkpoints/Demo/OneDataset/SynthA").glob("20L1_0L2*"))   # the ablation's own
 
     # a second run trains, sweeps and writes nothing
     calls = interrupt_at(monkeypatch, train, "train", 1)
-    sweeps = interrupt_at(monkeypatch, sweep, "evaluate", 1)
+    sweeps = interrupt_at(monkeypatch, sweep, "evaluate_runs", 1)
     stamp = (out / "tables.md").stat().st_mtime_ns
     capsys.readouterr()
     assert reproduce.main(["tiny.py"]) == 0
@@ -122,7 +143,7 @@ def test_killed_at_several_points_and_rerun_gives_the_same_tables(uninterrupted,
     monkeypatch.chdir(tmp_path)
     # killed in training (after the first checkpoint and resume state of a layer), in a sweep (after some rows),
     # and while recording an experiment's state
-    for module, name, when in ((layer_training, "atomic_torch_save", 3), (sweep, "write_rows", 4),
+    for module, name, when in ((layer_training, "atomic_torch_save", 3), (sweep.ResultFile, "add", 4),
                                (reproduce.StateStore, "write", 9), (layer_training, "atomic_torch_save", 6)):
         with monkeypatch.context() as m:
             interrupt_at(m, module, name, when)
@@ -134,7 +155,7 @@ def test_killed_at_several_points_and_rerun_gives_the_same_tables(uninterrupted,
     assert outputs(tmp_path) == outputs(uninterrupted)
 
 
-def test_two_shards_in_two_processes_give_the_tables_of_one(uninterrupted, tmp_path):
+def test_two_shards_in_two_processes_give_the_tables_of_one(uninterrupted, tmp_path, monkeypatch):
     (tmp_path / "tiny.py").write_text(TINY)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     procs = [subprocess.Popen([sys.executable, str(REPO / "reproduce.py"), "tiny.py", "--shard", f"{k}/2"],
@@ -143,7 +164,7 @@ def test_two_shards_in_two_processes_give_the_tables_of_one(uninterrupted, tmp_p
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert outputs(tmp_path) == outputs(uninterrupted)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     plan = plans.load_plan("tiny.py")
     shares = [reproduce.select_shard(reproduce.unique(plan.experiments), k, 2) for k in (1, 2)]
     assert shares[0] and shares[1] and not {e.key for e in shares[0]} & {e.key for e in shares[1]}
@@ -152,7 +173,7 @@ def test_two_shards_in_two_processes_give_the_tables_of_one(uninterrupted, tmp_p
 def test_dry_run_of_the_paper_plan_with_nothing_downloaded(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     calls = interrupt_at(monkeypatch, train, "train", 1)
-    sweeps = interrupt_at(monkeypatch, sweep, "evaluate", 1)
+    sweeps = interrupt_at(monkeypatch, sweep, "evaluate_runs", 1)
     assert reproduce.main(["paper", "--dry-run"]) == 1
     out = capsys.readouterr().out
     assert calls["n"] == sweeps["n"] == 0 and not (tmp_path / "work_dirs").exists()
@@ -174,7 +195,7 @@ def test_released_layers_in_an_unknown_layout_are_evaluated_with_the_mapping_fil
                                                                                    monkeypatch, capsys):
     """Layers of the tiny world's one-dataset runs, copied into folders whose names say nothing, placed by the mapping
     file and swept: their rows equal those of the runs they were copied from."""
-    monkeypatch.chdir(uninterrupted)
+    uninterrupted = copy_of(uninterrupted, tmp_path, monkeypatch)
     plan = plans.load_plan("tiny.py")
     store = reproduce.StateStore(Path("work_dirs/results/.experiments"))
     source = Path(store.read(plan.experiments[0].key)["run"])          # angular trained on SynthA
@@ -206,16 +227,17 @@ def experiments(plan):
     ours = next(r for r in csv.DictReader((uninterrupted / table.format("tiny")).read_text().splitlines())
                 if (r["Trained on"], r["Method"], r["Checkpoint"]) == ("SynthA", "angular", "last"))
     rows = list(csv.DictReader((uninterrupted / table.format("rel")).read_text().splitlines()))
-    assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in rows] == [
-        ("", "bare backbone", ""), ("SynthA", "released", "last"), ("SynthA", "released", "best PIC")][:len(rows)]
     released = rows[1]
+    best = [("SynthA", "released", "best PIC")] if released["PIC"] else []   # a best-PIC row where PIC is defined
+    assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in rows] == [
+        ("", "bare backbone", ""), ("SynthA", "released", "last"), *best]
     assert released["Step"] == "1"      # a file name without a step: the layer's position in its folder
     metrics = ["EER", "TAR@FAR=0.1%", "BACC-Gender-LogReg", "BACC-Gender-SVM", "BACC-Gender-RBF", "BACC-Gender-AVG"]
     assert [released[m] for m in metrics] == [ours[m] for m in metrics]
 
 
 def test_paper_values_add_the_papers_number_and_our_difference(uninterrupted, tmp_path, monkeypatch):
-    monkeypatch.chdir(uninterrupted)
+    copy_of(uninterrupted, tmp_path, monkeypatch)
     rows = list(csv.DictReader(Path("work_dirs/results/tiny/tables/Demo_decoder_synth_a.csv").read_text()
                                .splitlines()))
     values = tmp_path / "paper.csv"
@@ -223,7 +245,7 @@ def test_paper_values_add_the_papers_number_and_our_difference(uninterrupted, tm
                       "Demo decoder,synth_a,SynthA,angular,EER,0.25\n"
                       "Demo decoder,synth_a,,bare backbone,BACC-Gender-AVG,0.5\n")
     plan = plans.load_plan("tiny.py")
-    tables.write_outputs(plan, Path("work_dirs/results"), str(values))
+    tables.write_outputs(plan, Path("work_dirs/results"), read_paper_values(values, tables.METRICS))
     new = list(csv.DictReader(Path("work_dirs/results/tiny/tables/Demo_decoder_synth_a.csv").read_text()
                               .splitlines()))
     angular_last = next(r for r in new if r["Method"] == "angular" and r["Checkpoint"] == "last" and
@@ -235,8 +257,7 @@ def test_paper_values_add_the_papers_number_and_our_difference(uninterrupted, tm
     assert float(bare["BACC-Gender-AVG diff"]) == pytest.approx(float(rows[0]["BACC-Gender-AVG"]) - 0.5)
     values.write_text("Metric,Value\nAUC,1\n")
     with pytest.raises(UserError, match="Metric 'AUC' is not one of"):
-        tables.write_outputs(plan, Path("work_dirs/results"), str(values))
-    tables.write_outputs(plan, Path("work_dirs/results"))   # restore the tables the other tests compare
+        read_paper_values(values, tables.METRICS)
 
 
 def test_plan_files_include_override_and_are_checked(tmp_path, monkeypatch):
@@ -263,3 +284,95 @@ def test_plan_files_include_override_and_are_checked(tmp_path, monkeypatch):
             assert plans.load_plan(name).experiments
     with pytest.raises(UserError, match="--shard 3/2"):
         reproduce.parse_shard("3/2")
+
+
+def test_a_rerun_after_the_results_are_deleted_sweeps_again_and_retrains_a_run_of_other_settings(
+        uninterrupted, tmp_path, monkeypatch, capsys):
+    """The results deleted (state files kept): every experiment is swept again (none trained) into the same tables; a
+    recorded run whose run.json holds other settings is not taken for the experiment's, which is trained again."""
+    copy_of(uninterrupted, tmp_path, monkeypatch)
+    results = Path("work_dirs/results")
+    for path in results.iterdir():
+        if path.name != ".experiments":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    trainings = interrupt_at(monkeypatch, train, "train", 99)
+    assert reproduce.main(["tiny.py"]) == 0
+    assert trainings["n"] == 0 and outputs(Path.cwd()) == outputs(uninterrupted)
+    said = capsys.readouterr().out
+    assert said.count("are gone; it is swept again") == 8   # per state file (the ablation's default shares one)
+    # a run folder whose run.json holds other settings (the user trained something else into it)
+    plan = plans.load_plan("tiny.py")
+    leace = next(e for e in plan.experiments if e.method == "leace" and e.trained_on == "SynthA")
+    run = Path(reproduce.StateStore(results / ".experiments").read(leace.key)["run"])
+    doc = json.loads((run / "run.json").read_text())
+    doc["config"]["seed"] = 99
+    (run / "run.json").write_text(json.dumps(doc))
+    assert reproduce.main(["tiny.py"]) == 0
+    assert trainings["n"] == 1 and f"names run '{run}'" in capsys.readouterr().out
+    assert reproduce.StateStore(results / ".experiments").read(leace.key)["run"] != str(run)
+    assert outputs(Path.cwd()) == outputs(uninterrupted)
+
+
+def test_stale_tables_are_removed_and_a_users_file_kept(uninterrupted, tmp_path, monkeypatch):
+    copy_of(uninterrupted, tmp_path, monkeypatch)
+    tables_dir = Path("work_dirs/results/tiny/tables")
+    (tables_dir / "mine.csv").write_text("my,notes\n")
+    Path("tiny.py").write_text(TINY + "ABLATION = dict(trained_on='SynthA', alphas=[], betas=[])\n")
+    trainings = interrupt_at(monkeypatch, train, "train", 1)
+    assert reproduce.main(["tiny.py"]) == 0 and trainings["n"] == 0
+    kept = {p.name for p in tables_dir.glob("*.csv")}
+    assert kept == set(outputs(uninterrupted)) - {"tables.md", "ablation_Demo_decoder_SynthA.csv"} | {"mine.csv"}
+    assert (tables_dir / "mine.csv").read_text() == "my,notes\n"
+
+
+def test_a_finished_run_of_the_same_settings_is_adopted_not_retrained(uninterrupted, tmp_path, monkeypatch, capsys):
+    """Every state deleted: the finished runs (made by finetune.py's code, each with its run.json) are adopted, named
+    in the log, and give the same tables."""
+    copy_of(uninterrupted, tmp_path, monkeypatch)
+    shutil.rmtree("work_dirs/results")
+    trainings = interrupt_at(monkeypatch, train, "train", 1)
+    assert reproduce.main(["tiny.py"]) == 0 and trainings["n"] == 0
+    said = capsys.readouterr().out
+    assert said.count("adopted the finished run") == 8 and "work_dirs/checkpoints/Demo/OneDataset/SynthA/leace" in said
+    assert outputs(Path.cwd()) == outputs(uninterrupted)
+
+
+def test_plan_values_reach_the_config_as_values(tmp_path, monkeypatch):
+    """A Path stays a path (not the text "PosixPath(...)"); a value of another type is refused naming the option."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.py").write_text("from pathlib import Path\nEXPERIMENTS = [dict(trained_on='X', options={"
+                                   "'data_dir': Path('/data/LFW'), 'test_targets': ['lfw'], 'alpha': 5})]\n")
+    cfg = plans.load_plan(str(tmp_path / "p.py")).experiments[0].cfg
+    assert (cfg.data_dir, cfg.test_targets, cfg.alpha) == ("/data/LFW", ["lfw"], 5)
+    (tmp_path / "q.py").write_text("EXPERIMENTS = [dict(options={'num_epoch': '5'})]\n")
+    with pytest.raises(UserError, match=r"num_epoch.*plan '.*q.py', experiment 1"):
+        plans.load_plan(str(tmp_path / "q.py"))
+
+
+def test_the_bare_backbones_worst_case_attacker_is_in_the_tables(tmp_path, monkeypatch):
+    """With attackers beyond the paper's, the bare backbone's row carries its worst case and interval: those of the
+    sweep's bare_backbone_attackers.csv."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "worst.py").write_text('''
+INCLUDE = "synthetic"
+SIZE = dict(train_ids=12, train_imgs=4, test_ids=8, test_imgs=4, pairs=40, gender=32)
+DATASETS = ["SynthA"]
+TARGETS = {"SynthA": "synth_a"}
+METHODS = {"leace": {}}
+CROSS_METHODS = []
+ABLATION = dict(trained_on="SynthA", alphas=[], betas=[])
+SET = {"num_epoch": 2, "batch_size": 16, "n_jobs": 1, "attackers": ["LogReg", "SVM", "RBF", "kNN"], "bootstrap": 20}
+''')
+    assert reproduce.main(["worst.py"]) == 0
+    plan = plans.load_plan("worst.py")
+    swept = own_sweep(plan.experiments[0], reproduce.StateStore(Path("work_dirs/results/.experiments")))
+    with open(Path(swept["folder"]) / "bare_backbone_attackers.csv", newline="") as fh:
+        worst = next(r for r in csv.DictReader(fh) if r["Dataset"] == "synth_a" and r["Attacker"] == "worst-case")
+    bare = next(csv.DictReader(Path("work_dirs/results/worst/tables/Demo_decoder_synth_a.csv").read_text()
+                               .splitlines()))
+    assert bare["Method"] == "bare backbone" and bare["Worst attacker"] == worst["Reached-By"]
+    for ours, theirs in (("Worst-case BACC", "BACC"), ("Worst CI-Low", "CI-Low"), ("Worst CI-High", "CI-High")):
+        assert worst[theirs] and float(bare[ours]) == float(worst[theirs])
+    text = Path("work_dirs/results/worst/tables.md").read_text()
+    line = next(x for x in text.splitlines() if "| bare backbone |" in x and "| synth_a |" not in x)
+    assert f"| {float(worst['BACC']):.4f} |" in line and f"| {worst['Reached-By']} |" in line

@@ -1,4 +1,5 @@
-"""The paper's cross-dataset setting in one command (the command line; the code is pipeline/cross_dataset.py)."""
+"""The paper's cross-dataset setting in one command: a thin alias of the cross_dataset plan (plans/cross_dataset.py,
+run by the plan runner) that prints its table (the code is pipeline/cross_dataset.py)."""
 import sys
 from pathlib import Path
 
