@@ -448,14 +448,6 @@ def package_cycles() -> list[list[str]]:
     return cycles
 
 
-# the detectors' registry: its __init__ imports the detector files, which import its decorator back; the shared
-# registry helper (issue 27, item 2) removes this one. Listed so that it is seen, and checked to exist still.
-KNOWN_CYCLES = {("facedata.align.detectors", "facedata.align.detectors.dlib68"),
-                ("facedata.align.detectors", "facedata.align.detectors.landmark_file"),
-                ("facedata.align.detectors", "facedata.align.detectors.scrfd")}
-
-
 def test_no_package_has_an_import_cycle_between_its_files():
     cycles = {tuple(c[:-1]) for c in package_cycles()}
-    assert cycles - KNOWN_CYCLES == set()
-    assert KNOWN_CYCLES <= cycles, f"fixed: remove {sorted(KNOWN_CYCLES - cycles)} from KNOWN_CYCLES"
+    assert cycles == set()

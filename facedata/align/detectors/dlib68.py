@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facedata.align.detectors import DetectorSpec, Face, register_detector
+from facedata.align.detectors.base import DetectorSpec, Face, register_detector
 from utils.errors import UserError
 
 MODEL_NAME = "shape_predictor_68_face_landmarks.dat"

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from facedata.align.detectors import DetectorSpec, Face, LeftOut, box_of, register_detector
+from facedata.align.detectors.base import DetectorSpec, Face, LeftOut, box_of, register_detector
 from utils.errors import UserError
 
 COORDS = [f"{a}{i}" for i in range(1, 6) for a in ("x", "y")]

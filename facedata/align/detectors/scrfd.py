@@ -14,7 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facedata.align.detectors import DetectorSpec, Face, register_detector
+from facedata.align.detectors.base import DetectorSpec, Face, register_detector
 from utils.errors import UserError
 
 INPUT_SIZE = 640
