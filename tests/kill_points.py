@@ -13,6 +13,9 @@ time it reaches the point that the environment variable KILL_POINT names:
     step       after a step of the first optimizer that steps (torch's global step hook; one count per training
                step when a second optimizer, e.g. a header's, steps with it; <name> is ignored)
 
+With KILL_POINT_CHILDREN=<file> set too, the process first writes the ids of its live child processes there, one
+a line, so that a test can check what becomes of them (they are no longer its children once it is gone).
+
 Counting is per process and in program order, so the same command dies at the same place on every machine
 whatever its speed. Without KILL_POINT the module does nothing; importing it twice installs nothing twice.
 """
@@ -27,6 +30,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 ENV = "KILL_POINT"
+CHILDREN_ENV = "KILL_POINT_CHILDREN"
 EVENTS = ("replace", "replaced", "load", "step")
 
 
@@ -36,7 +40,23 @@ def point(event: str, name: str = "", n: int = 1) -> str:
     return f"{event}:{name}:{n}"
 
 
+def children(pid: int) -> list[int]:
+    """Live (non-zombie) processes whose parent is ``pid``, from /proc (Linux)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:   # ended while we looked
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
 def _die() -> None:
+    note = os.environ.get(CHILDREN_ENV)
+    if note:
+        Path(note).write_text("".join(f"{c}\n" for c in children(os.getpid())))
     os.kill(os.getpid(), signal.SIGKILL)
 
 

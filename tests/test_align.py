@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import cv2
@@ -336,37 +335,31 @@ def test_rerun_changes_nothing_and_foreign_content_is_refused(tmp_path):
 def test_killed_run_continues_without_redoing_images(tmp_path):
     src, points, table = make_tree(tmp_path, n_people=6, per=5)
     out = tmp_path / "aligned"
-    script = tmp_path / "slow_align.py"
+    script = tmp_path / "align.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
-        from facedata.align.detectors import DetectorSpec, register_detector
-        from facedata.align.detectors.landmark_file import LandmarkFile
+        import sys
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+        import kill_points   # dies where KILL_POINT says
+        from facedata.align.detectors import DetectorSpec
         from facedata.align.run import align_tree
 
-        class Slow(LandmarkFile):
-            def faces(self, image, rel):
-                time.sleep(float(sys.argv[1]))
-                return super().faces(image, rel)
-
-        register_detector("slow", "test")(Slow)
-        r = align_tree({str(src)!r}, {str(out)!r}, DetectorSpec("slow", landmarks=({str(points)!r},)), workers=1,
+        r = align_tree({str(src)!r}, {str(out)!r}, DetectorSpec("file", landmarks=({str(points)!r},)), workers=1,
                        progress=False)
         print("PROCESSED", r.processed)
     """))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, str(script), "0.1"], env=env, start_new_session=True)
+    # killed as it renames its 6th crop into place: 6 rows in the journal, the 6th crop not (yet) in OUT
+    killed = subprocess.run([sys.executable, str(script)], env={**env, "KILL_POINT": "replace:.png:6"},
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     journal = out / LANDMARKS_NAME
-    deadline = time.time() + 60
-    while time.time() < deadline and (not journal.is_file() or journal.read_text().count("\n") < 6):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     rows = read_journal(journal)
-    assert 5 <= len(rows) < len(table), "the run was not killed midway"
+    assert len(rows) == 6
     done_before = snapshot(out)
     crops_before = {k: v for k, v in done_before.items() if k.endswith(".png")}
     missing = [rel for rel in rows if rel not in crops_before]   # row written, crop not yet renamed
-    second = subprocess.run([sys.executable, str(script), "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert len(missing) == 1
+    second = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert f"PROCESSED {len(table) - len(rows) + len(missing)}" in second.stdout
     after = snapshot(out)
