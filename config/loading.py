@@ -24,8 +24,8 @@ __all__ = ["Config", "load_config", "config_from_dict", "check_choice", "OVERRID
 OVERRIDE_HELP = ("--config PATH loads another module of the same form as config/config.py (options it leaves out keep "
                  "their defaults); --set KEY=VALUE [KEY=VALUE ...] overrides single options, values read as Python "
                  "literals when they parse (5, 0.01, True, ['lfw','agedb_30']) and as text otherwise; a list option "
-                 "also takes comma-separated names (val_targets=lfw,agedb_30). A component's own options are reached by its name: "
-                 "--set ive.rounds=20.")
+                 "also takes comma-separated names (val_targets=lfw,agedb_30). A component's own options are reached "
+                 "by its name: --set ive.rounds=20.")
 
 _TYPES = {k: v for k, v in get_type_hints(Config).items() if k != "groups"}
 _DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
@@ -40,6 +40,7 @@ def _exec_module(path: Path) -> types.ModuleType:
         raise UserError(f"config file '{path}' does not exist (option --config). Pass the path of a Python module "
                         f"written like config/config.py.")
     spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(str(path)))}", path)
+    assert spec is not None and spec.loader is not None   # a .py file always has both
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     try:
@@ -176,6 +177,7 @@ def import_plugins(plugins: Iterable[str]) -> None:
                 if name in sys.modules:
                     continue
                 spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None   # a .py file always has both
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
                 spec.loader.exec_module(module)

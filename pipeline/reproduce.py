@@ -174,7 +174,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         k = n = 0
     if not 1 <= k <= n:
         raise UserError(f"--shard {text}: expected K/N with 1 <= K <= N, e.g. --shard 2/4 (the second of four "
-                        f"shares; a SLURM job array passes --shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT).")
+                        f"shares; a SLURM job array passes --shard "
+                        f"$((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT).")
     return k, n
 
 
@@ -288,8 +289,8 @@ def run_jobs(argv: list[str], jobs: int, devices: list[str], shard: tuple[int, i
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for j in range(jobs):
-        child = [sys.executable, str(Path(__file__).resolve().parents[1] / "reproduce.py"), *argv, "--shard", f"{(k - 1) * jobs + j + 1}/{n * jobs}",
-                 "--jobs", "1", "--no-tables"]
+        child = [sys.executable, str(Path(__file__).resolve().parents[1] / "reproduce.py"), *argv,
+                 "--shard", f"{(k - 1) * jobs + j + 1}/{n * jobs}", "--jobs", "1", "--no-tables"]
         if devices:
             child += ["--set", f"device={devices[j % len(devices)]}"]
         out = open(logs / f"job{(k - 1) * jobs + j + 1}of{n * jobs}.log", "a")

@@ -95,7 +95,8 @@ def experiments(plan) -> list[dict]:
         for beta in ab["betas"]:
             out.append(dict(backbone=plan.BACKBONE, setting="Ablation", trained_on=ab["trained_on"],  # its runs beside
                             # the one-dataset runs: the default point (alpha=20, beta=1) is the same training
-                            method="angular", options={**backbone, "alpha": alpha, "beta": beta, "experiment": "OneDataset",
+                            method="angular", options={**backbone, "alpha": alpha, "beta": beta,
+                                                       "experiment": "OneDataset",
                                                        "data_dir": str(root / "train" / ab["trained_on"]),
                                                        "test_targets": [plan.TARGETS[ab["trained_on"]]]}))
     return out

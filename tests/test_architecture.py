@@ -392,8 +392,9 @@ def test_an_old_run_is_not_resumed_and_its_folder_is_left_alone(legacy_world, tm
     shutil.copytree(LEGACY / "checkpoints" / "20L1_1L2", ckpt)
     shutil.copytree(LEGACY / "logs" / "20L1_1L2", logs)
     before = {p.name: p.read_bytes() for p in [*ckpt.iterdir(), *logs.iterdir()]}
-    args = ("embedding_size=128", f"output_ori={legacy_world / 'b128' / 'backbone.pth'}", f"data_dir={legacy_world / 'train'}",
-            f"rec={legacy_world / 'rec'}", f"cache_dir={legacy_world / 'cache'}", f"checkpoint_root={tmp_path / 'ckpt'}",
+    args = ("embedding_size=128", f"output_ori={legacy_world / 'b128' / 'backbone.pth'}",
+            f"data_dir={legacy_world / 'train'}", f"rec={legacy_world / 'rec'}", f"cache_dir={legacy_world / 'cache'}",
+            f"checkpoint_root={tmp_path / 'ckpt'}",
             f"log_dir={tmp_path / 'logs'}", "batch_size=16", "num_epoch=1", "checkpoint_every=1")
     with pytest.raises(UserError, match="older version.*resume=False"):
         finetune.train(demo_cfg(legacy_world, *args, "resume=True"))

@@ -100,7 +100,7 @@ def _check_out(out: Path, jobs: dict[str, Job], records: dict[str, Record], sour
             conflicts.append(f"'{rel}' (aligned from '{rec.src}', not '{job.src}')")
         elif rec.landmarks_from != source:
             conflicts.append(f"'{rel}' (landmarks from {rec.landmarks_from}, this run uses {source})")
-    for folder, dirs, files in os.walk(out):
+    for folder, _dirs, files in os.walk(out):
         for name in files:
             path = Path(folder) / name
             rel = path.relative_to(out).as_posix()
@@ -252,7 +252,8 @@ def align_images(jobs: Iterable[Job], out: str | os.PathLike, spec: DetectorSpec
     result = AlignResult(out, records, len(tasks), seconds, counts,
                          sum(1 for r in records.values() if r.faces > 1 and r.status == ALIGNED), detector.source)
     if tasks:
-        log.info("aligned %d images in %.1f s (%.1f images/s): %s", len(tasks), seconds, len(tasks) / max(seconds, 1e-9),
+        log.info("aligned %d images in %.1f s (%.1f images/s): %s", len(tasks), seconds,
+                 len(tasks) / max(seconds, 1e-9),
                  ", ".join(f"{s} {k}" for s, k in sorted(counts.items())))
     return result
 

@@ -50,7 +50,8 @@ def umeyama_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 def estimate_norm(landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndarray:
     """The 2x3 matrix taking five (x, y) landmarks of an image onto the reference points of a ``size`` crop
-    (insightface's rule for other sizes: reference scaled by size/112, or size/128 with 8 px shift for 128 multiples)."""
+    (insightface's rule for other sizes: reference scaled by size/112, or size/128 with 8 px shift for 128
+    multiples)."""
     landmarks = np.asarray(landmarks, dtype=np.float64)
     if landmarks.shape != (5, 2):
         raise ValueError(f"need five (x, y) landmarks, got an array of shape {landmarks.shape}")

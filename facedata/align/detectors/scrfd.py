@@ -86,7 +86,8 @@ class Scrfd:
             self.session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         except Exception as exc:   # onnxruntime raises its own exception types for unreadable models
             raise UserError(f"--detector-model '{model}' could not be loaded by onnxruntime "
-                            f"({type(exc).__name__}: {str(exc)[:200]}). Give an insightface SCRFD/RetinaFace .onnx.")
+                            f"({type(exc).__name__}: {str(exc)[:200]}). Give an insightface SCRFD/RetinaFace "
+                            f".onnx.") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         h, w = inp.shape[2:4]
@@ -95,7 +96,8 @@ class Scrfd:
         layouts = {9: ([8, 16, 32], 2), 15: ([8, 16, 32, 64, 128], 1)}
         if n not in layouts:
             raise UserError(f"--detector-model '{model}' has {n} outputs; an insightface detector with five-point "
-                            f"landmarks has 9 (3 strides) or 15 (5 strides). Use a *_kps / *bnkps model or det_10g.onnx.")
+                            f"landmarks has 9 (3 strides) or 15 (5 strides). Use a *_kps / *bnkps model or "
+                            f"det_10g.onnx.")
         self.strides, self.num_anchors = layouts[n]
         self.source = f"{spec.name}:{model.name}"
 
