@@ -252,6 +252,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.subprocess
 def test_tree_is_mirrored_with_exact_crops_and_sources_untouched(tmp_path):
     src, points, table = make_tree(tmp_path)
     (src / "Person_0" / "notes.txt").write_text("not an image")
@@ -277,6 +278,7 @@ def test_tree_is_mirrored_with_exact_crops_and_sources_untouched(tmp_path):
                       - cv2.imread(str(out / rel)).astype(int)).max() <= 2   # points rounded to 1e-3 px
 
 
+@pytest.mark.subprocess
 def test_workers_give_the_same_files_as_one_worker(tmp_path):
     src, points, _ = make_tree(tmp_path, n_people=4, per=4)
     spec = DetectorSpec("file", landmarks=(str(points),))
@@ -310,6 +312,7 @@ def test_no_landmarks_unreadable_and_fallback(tmp_path):
     assert f"centred crop\t{missing}" in (out / REPORT_NAME).read_text()
 
 
+@pytest.mark.subprocess
 def test_rerun_changes_nothing_and_foreign_content_is_refused(tmp_path):
     src, points, _ = make_tree(tmp_path)
     out = tmp_path / "aligned"
@@ -333,6 +336,7 @@ def test_rerun_changes_nothing_and_foreign_content_is_refused(tmp_path):
                        str(points)]) == 2
 
 
+@pytest.mark.subprocess
 def test_killed_run_continues_without_redoing_images(tmp_path):
     src, points, table = make_tree(tmp_path, n_people=6, per=5)
     out = tmp_path / "aligned"
@@ -476,6 +480,7 @@ def raw_lfw(root: Path, n_ids: int = 8, per: int = 3) -> tuple[Path, list[Path]]
 
 
 @needs_dlib
+@pytest.mark.subprocess
 def test_raw_lfw_folder_goes_through_align_finetune_and_evaluation(tmp_path, capsys):
     """README's steps, nothing else: prepare_dataset.py --align dlib (with --bin), finetune.py, eval/evaluation.py.
     The demo backbone cannot read real faces, so this checks that the pipeline runs and its files appear."""
@@ -522,6 +527,7 @@ def test_raw_lfw_folder_goes_through_align_finetune_and_evaluation(tmp_path, cap
     assert rows and all(r["Dataset"] == "lfw_aligned" for r in rows)
 
 
+@pytest.mark.subprocess
 def test_prepare_align_with_landmark_file_lists_identities_without_any_face(tmp_path):
     from facedata.prepare import prepare
     src, points, table = make_tree(tmp_path, n_people=4, per=2)

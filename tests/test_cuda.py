@@ -32,6 +32,7 @@ def extracted(world, tmp_path, name, device, **kw):
     return np.array(cache.get("train", "cuda-test", items).templates)
 
 
+@pytest.mark.subprocess
 def test_cuda_extraction_matches_cpu_and_autocast_is_close(world, tmp_path):
     cpu = extracted(world, tmp_path, "cpu", "cpu")
     gpu = extracted(world, tmp_path, "gpu", "cuda")

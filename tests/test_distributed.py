@@ -121,6 +121,7 @@ def same_cache(world: Path, a: str, b: str) -> None:
         assert np.array_equal(ea[name].norms, eb[name].norms), name
 
 
+@pytest.mark.subprocess
 def test_two_processes_give_the_one_process_cache_and_checkpoints(world):
     one = run(world, "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -137,6 +138,7 @@ def test_two_processes_give_the_one_process_cache_and_checkpoints(world):
         assert ca[f].keys() == cb[f].keys() and all(torch.equal(ca[f][k], cb[f][k]) for k in ca[f]), f
 
 
+@pytest.mark.subprocess
 def test_a_killed_process_leaves_rows_the_rerun_does_not_extract_again(world):
     killed = run(world, "killed", 2, KILL_RANK="1", KILL_AT_CALL="3")   # process 1 dies in its second batch
     assert killed.returncode != 0
@@ -156,6 +158,7 @@ def test_a_killed_process_leaves_rows_the_rerun_does_not_extract_again(world):
     same_cache(world, "one", "killed")
 
 
+@pytest.mark.subprocess
 def test_cache_false_under_torchrun_is_refused(world):
     r = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(REPO / "finetune.py"), "--set", "plugins=['synthetic']", "network=demo_decoder",
@@ -183,6 +186,7 @@ def sweep(world: Path, name: str, procs: int) -> subprocess.CompletedProcess:
         {**os.environ, "OMP_NUM_THREADS": "1", "COUNT_DIR": str(out)})
 
 
+@pytest.mark.subprocess
 def test_the_sweep_under_torchrun_writes_the_one_process_results(world):
     if not (world / "one").is_dir():
         assert run(world, "one", 1).returncode == 0
@@ -199,6 +203,7 @@ def test_the_sweep_under_torchrun_writes_the_one_process_results(world):
     assert len(files["sweep1"]) == 2 and files["sweep1"] == files["sweep2"]
 
 
+@pytest.mark.subprocess
 def test_an_undecodable_file_in_one_share_is_reported_and_nothing_is_extracted_twice(world):
     shutil.copytree(world / "train", world / "bad_train")
     folder = sorted(p for p in (world / "bad_train").iterdir() if p.is_dir())[-1]   # in process 1's share

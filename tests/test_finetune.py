@@ -128,7 +128,8 @@ def test_same_seed_bit_identical_and_resume_equals_uninterrupted(world, tmp_path
     same_weights(resumed.checkpoints[-1], a.checkpoints[-1])
     same_weights(Path(resumed.checkpoint_dir) / f"{a.step}header.pth", Path(a.checkpoint_dir) / f"{a.step}header.pth")
     assert "resumed from" in (Path(resumed.log_dir) / "training.log").read_text()
-    c = finetune.train(demo_cfg(world, *base, "seed=1", f"checkpoint_root={tmp_path / 'c'}"))
+    c = finetune.train(demo_cfg(world, *base, "seed=1", f"checkpoint_root={tmp_path / 'c'}",
+                                f"log_dir={tmp_path / 'lc'}"))
     assert not torch.equal(tensors(c.checkpoints[-1])["proj.0.weight"], tensors(a.checkpoints[-1])["proj.0.weight"])
 
 
