@@ -148,6 +148,7 @@ def test_foreign_csv_is_refused_not_overwritten(trained, tmp_path):
     assert foreign.read_text() == "my,own,file\n1,2,3\n"
 
 
+@pytest.mark.subprocess
 def test_cli_accepts_both_spellings(trained, tmp_path, capsys):
     common = ["--set", "plugins=['synthetic']", "network=demo_decoder", f"rec={trained / 'rec'}",
               f"cache_dir={trained / 'cache'}", f"output_ori={trained / 'ckpt/Demo/reference/backbone.pth'}",

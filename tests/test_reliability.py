@@ -56,19 +56,24 @@ def layer_checkpoints(root: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {p.name: torch.load(p, weights_only=True) for p in sorted(root.rglob("*ftn_layers.pth"))}
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(world) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoints of the run that no kill interrupts (every killed run resumes to them)."""
+    settings = base_settings(world, "ref")
+    ref = subprocess.run([sys.executable, "finetune.py", "--set", *overrides(settings)], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = layer_checkpoints(Path(settings["checkpoint_root"]))
+    assert len(out) == EPOCHS
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where, left", [
     (kill_points.point("step", n=2 * STEPS_PER_EPOCH + 3), 2),   # mid-epoch 3: 2 checkpoints and their resume state
     (kill_points.point("replace", "resume.pth", 4), 4),          # 4 checkpoints, the resume state of the 3rd
 ], ids=["mid-epoch", "between-checkpoint-and-resume-state"])
-def test_killed_training_resumes_to_the_uninterrupted_weights(world, where, left, tmp_path):
-    settings = base_settings(world, "ref")
-    if not any(Path(settings["checkpoint_root"]).rglob(f"{EPOCHS * STEPS_PER_EPOCH}ftn_layers.pth")):
-        ref = subprocess.run([sys.executable, "finetune.py", "--set", *overrides(settings)], cwd=REPO, env=ENV,
-                             capture_output=True, text=True, timeout=600)   # shared by both kill points
-        assert ref.returncode == 0, ref.stderr[-2000:]
-    expected = layer_checkpoints(Path(settings["checkpoint_root"]))
-    assert len(expected) == EPOCHS
+def test_killed_training_resumes_to_the_uninterrupted_weights(world, uninterrupted, where, left, tmp_path):
     killed = {**base_settings(world, "killed"), "checkpoint_root": tmp_path / "ckpt", "log_dir": tmp_path / "logs"}
     root = tmp_path / "ckpt"
     killed_at([sys.executable, "finetune.py", "--set", *overrides(killed)], where, cwd=REPO)
@@ -77,9 +82,9 @@ def test_killed_training_resumes_to_the_uninterrupted_weights(world, where, left
                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     got = layer_checkpoints(root)
-    assert got.keys() == expected.keys()                         # every checkpoint, each as the uninterrupted run's
-    for name in got:
-        assert all(torch.equal(got[name][k], expected[name][k]) for k in expected[name]), name
+    assert got.keys() == uninterrupted.keys()                    # every checkpoint, each as the uninterrupted run's
+    for name, want in uninterrupted.items():
+        assert all(torch.equal(got[name][k], want[k]) for k in want), name
     assert len(list(root.glob("*/*/*/*"))) == 1                  # resumed in place, no second run folder
 
 
