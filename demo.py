@@ -125,7 +125,7 @@ def print_tables(res: dict) -> None:
         print(f"== {ds} ==")
         print(f"{'model':<34}" + "".join(f"{c:>20}" for c in cols))
         print(f"{'bare backbone':<34}" + "".join(f"{float(ref[c]):>20.4f}" for c in METRIC_COLUMNS) + f"{'0':>20}")
-        for run, (method, step, rows) in res["final"].items():
+        for method, step, rows in res["final"].values():
             row = rows[ds]
             print(f"{f'{method}, step {step}':<34}" +
                   "".join(f"{float(row[c]):>20.4f}" if row[c] else f"{'n/a':>20}" for c in cols))

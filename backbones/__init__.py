@@ -18,9 +18,9 @@ from utils.errors import UserError
 from utils.io import extract_state_dict, safe_torch_load
 from utils.logs import get_logger
 
-__all__ = ["load_spec", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "sfnet20", "sfnet20_deprecated",
-           "sfnet20_deprecated_v0", "SFNET_LAYOUTS", "architecture_shapes", "candidate_architectures",
-           "describe_candidate", "settings_for", "template_size", "embedding_size_for",
+__all__ = ["load_spec", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "sfnet20",
+           "sfnet20_deprecated", "sfnet20_deprecated_v0", "SFNET_LAYOUTS", "architecture_shapes",
+           "candidate_architectures", "describe_candidate", "settings_for", "template_size", "embedding_size_for",
            "register_architecture", "ProjectionLayer", "FrozenBackbone", "FinetunedModel", "ARCHITECTURES",
            "get_backbone", "load_backbone", "load_projection"]
 

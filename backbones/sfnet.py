@@ -72,7 +72,7 @@ class SFNet(nn.Module):
         self.fc = nn.Linear(512 * 7 * 7, num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # type: ignore[operator]  # add_module's stages
         return self.fc(torch.flatten(x, 1))
 
 

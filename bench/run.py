@@ -60,12 +60,15 @@ from facedata.dataset import decode_image, scan_dataset, to_tensor
 from utils.device import decode_workers, select_device
 
 SIZES = {  # "gpu" is used instead of "full" on CUDA: the CPU sizes leave a GPU idle behind fixed costs
-    "full": {"align": 400, "train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60, "gender": 48,
-             "authors_ckpts": 2, "leak_n": 3000, "sweep_gender": 3000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 32},
-    "quick": {"align": 96, "train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20, "gender": 24,
-              "authors_ckpts": 1, "leak_n": 1200, "sweep_gender": 400, "rss_n": 1_000_000, "rss_steps": 100, "batch": 32},
+    "full": {"align": 400, "train_ids": 128, "imgs": 4, "epochs": 2, "test_ids": 24, "test_imgs": 4, "pairs": 60,
+             "gender": 48, "authors_ckpts": 2, "leak_n": 3000, "sweep_gender": 3000, "rss_n": 1_000_000,
+             "rss_steps": 300, "batch": 32},
+    "quick": {"align": 96, "train_ids": 16, "imgs": 4, "epochs": 1, "test_ids": 12, "test_imgs": 3, "pairs": 20,
+              "gender": 24, "authors_ckpts": 1, "leak_n": 1200, "sweep_gender": 400, "rss_n": 1_000_000,
+              "rss_steps": 100, "batch": 32},
     "gpu": {"align": 400, "train_ids": 1024, "imgs": 8, "epochs": 2, "test_ids": 400, "test_imgs": 6, "pairs": 3000,
-            "gender": 1000, "authors_ckpts": 3, "leak_n": 3000, "sweep_gender": 1000, "rss_n": 1_000_000, "rss_steps": 300, "batch": 128},
+            "gender": 1000, "authors_ckpts": 3, "leak_n": 3000, "sweep_gender": 1000, "rss_n": 1_000_000,
+            "rss_steps": 300, "batch": 128},
 }
 WORKERS = decode_workers(-1)   # the default rule: the cores less one, 2 to 8
 
@@ -79,7 +82,8 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch": torch.__version__, "threads": str(torch.get_num_threads())}
+    info = {"cpu": cpu, "cores": str(os.cpu_count()), "torch": torch.__version__,
+            "threads": str(torch.get_num_threads())}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -224,7 +228,7 @@ def bench_sweep(work: Path, size: dict, device: torch.device) -> dict:
     t0 = time.perf_counter()
     for layer in layers[:n]:
         model = FinetunedModel(backbone, layer.to(device)).eval()
-        for name, (es, pairs, gender) in decoded.items():
+        for es, pairs, gender in decoded.values():
             with torch.inference_mode():
                 bs = size["batch"]
                 ver = torch.cat([model(b.to(device)) + model(b.flip(3).to(device)) for b in pairs.split(bs)])
@@ -509,11 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         fin = bench_finetune(work, size, str(device))
         rows.append(("finetune, 100 epochs (projected)", fin["proj_cache_s"], fin["proj_loop_s"], 40,
                      f"{n_train} images, iresnet50, batch {size['batch']}; measured {fin['epochs']} epoch(s): cache "
-                     f"{fin['measured_cache_s']:.1f}s (extraction {fin['extract_s']:.1f}s, later epochs {fin['epoch_cache_s']:.3f}s)"
+                     f"{fin['measured_cache_s']:.1f}s (extraction {fin['extract_s']:.1f}s, later epochs "
+                     f"{fin['epoch_cache_s']:.3f}s)"
                      f", in the loop {fin['measured_loop_s']:.1f}s (later epochs {fin['epoch_loop_s']:.1f}s)"))
         ext = bench_extraction_vs_raw(work, n_train, device, size["batch"])
         rows.append(("extraction throughput (img/s)", ext["extraction_ips"], ext["raw_ips"], 0.9,
-                     f"forwards/s after the first batch: extraction loop with decoding (images and flips) vs raw forward on "
+                     f"forwards/s after the first batch: extraction loop with decoding (images and flips) vs raw "
+                     f"forward on "
                      f"in-memory tensors, batch {size['batch']}"))
         sw = bench_sweep(work, size, device)
         rows.append(("eval sweep, 10 ckpts x 2 sets", sw["ours_s"], sw["authors_s"], 5,

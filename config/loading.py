@@ -40,6 +40,7 @@ def _exec_module(path: Path) -> types.ModuleType:
         raise UserError(f"config file '{path}' does not exist (option --config). Pass the path of a Python module "
                         f"written like config/config.py.")
     spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(str(path)))}", path)
+    assert spec is not None and spec.loader is not None   # a .py file always has both
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
     try:
@@ -166,6 +167,7 @@ def import_plugins(plugins: Iterable[str]) -> None:
                 if name in sys.modules:
                     continue
                 spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None   # a .py file always has both
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[name] = module
                 try:

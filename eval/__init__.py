@@ -1,1 +1,2 @@
-"""Evaluation metrics: verification (EER, TAR), gender attackers and leakage, the per-set evaluation and PIC, the train/test overlap."""
+"""Evaluation metrics: verification (EER, TAR), gender attackers and leakage, the per-set evaluation and PIC, the
+train/test overlap."""

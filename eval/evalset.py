@@ -13,7 +13,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -102,6 +102,10 @@ class Transform(Protocol):
     def eval(self) -> Transform: ...
 
     def to(self, device: torch.device) -> Transform: ...
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
+
+    def buffers(self) -> Iterator[torch.Tensor]: ...
 
 
 @runtime_checkable

@@ -1,4 +1,5 @@
-"""Sweep every checkpoint of an experiment with the paper's protocol: python eval/evaluation.py [--config PATH] [--set KEY=VALUE ...] (the command line; the code is pipeline/sweep.py)."""
+"""Sweep every checkpoint of an experiment with the paper's protocol: python eval/evaluation.py [--config PATH] [--set
+KEY=VALUE ...] (the command line; the code is pipeline/sweep.py)."""
 import sys
 from pathlib import Path
 

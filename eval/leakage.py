@@ -204,7 +204,8 @@ def leakage_report(templates: np.ndarray, labels: np.ndarray, identities: np.nda
         q = ((1 - confidence) / 2, (1 + confidence) / 2)
         for k, r in reps.items():
             ci_low[k], ci_high[k] = (float(v) for v in np.quantile(r, q))
-        worst_ci = tuple(float(v) for v in np.quantile(np.max([reps[k] for k in attackers], axis=0), q))
+        low, high = np.quantile(np.max([reps[k] for k in attackers], axis=0), q)
+        worst_ci = (float(low), float(high))
     return LeakageResult(attackers, bacc, ci_low, ci_high, {k: tuple(map(float, v)) for k, v in fold_bacc.items()},
                          worst, bacc[worst], *worst_ci, predictions, fold, confidence, n_bootstrap)
 

@@ -15,7 +15,8 @@ from eval.evalset import EvalTemplates
 from templates.entry import Templates
 from facedata.dataset import TrainIndex
 
-__all__ = ["DEFAULT_THRESHOLD", "Overlap", "best_matches", "find_overlap", "eval_image_name", "describe", "warn_overlap"]
+__all__ = ["DEFAULT_THRESHOLD", "Overlap", "best_matches", "find_overlap", "eval_image_name", "describe",
+           "warn_overlap"]
 
 DEFAULT_THRESHOLD = 0.95
 CHUNK_ROWS = 2048          # per side of one matrix product: at most (2 x 2048) x 2048 float32 similarities (32 MB)

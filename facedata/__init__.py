@@ -1,1 +1,2 @@
-"""Face data on disk: training folders and record files, the evaluation .bin format and its builder, dataset preparation."""
+"""Face data on disk: training folders and record files, the evaluation .bin format and its builder, dataset
+preparation."""

@@ -13,10 +13,10 @@ data_dir = the fold's training datasets (a list, so their identities stay apart)
 (config option rec holds <name>.bin). Checkpoints go where any run's go (checkpoint_root/<pretrained>/
 <experiment>/<data>/<run>).
 
-The table, <results>/<pretrained>/<experiment>/cross_dataset.csv (also printed): per fold the held-out dataset, the datasets trained on, the
-evaluation set, the run folder, the final checkpoint's step and metrics (EER, TAR@FAR=0.1%, BACC-Gender-AVG, PIC),
-the bare backbone's EER and BACC-Gender-AVG, and the number of training images that are near-duplicates of images
-of the evaluation set (tools/check_overlap.py; empty when cache=False).
+The table, <results>/<pretrained>/<experiment>/cross_dataset.csv (also printed): per fold the held-out dataset, the
+datasets trained on, the evaluation set, the run folder, the final checkpoint's step and metrics (EER, TAR@FAR=0.1%,
+BACC-Gender-AVG, PIC), the bare backbone's EER and BACC-Gender-AVG, and the number of training images that are
+near-duplicates of images of the evaluation set (tools/check_overlap.py; empty when cache=False).
 
 The folds are the experiments of the cross_dataset plan (plans/cross_dataset.py) run by the plan runner
 (pipeline/reproduce.py, as `python reproduce.py cross_dataset` runs them): resumable, matched to earlier work by

@@ -51,8 +51,8 @@ def infer(rel: Path, backbones: list[str], datasets: list[str]) -> dict[str, str
     backbone = next((b for b in backbones for p in parts if b.lower() in p), "")
     cross = any("cross" in p for p in parts)
     named = [d for d in datasets if any(d.lower() in p for p in parts)]
-    dataset = named[0] if len(named) == 1 else ("all" if cross and (len(named) == len(datasets) or
-                                                                   any(p in ("all", "vggface2") for p in parts)) else "")
+    every = cross and (len(named) == len(datasets) or any(p in ("all", "vggface2") for p in parts))
+    dataset = named[0] if len(named) == 1 else ("all" if every else "")
     return {"backbone": backbone, "setting": "CrossDataset" if cross else ("OneDataset" if dataset else ""),
             "dataset": dataset}
 

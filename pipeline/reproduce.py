@@ -225,7 +225,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
         k = n = 0
     if not 1 <= k <= n:
         raise UserError(f"--shard {text}: expected K/N with 1 <= K <= N, e.g. --shard 2/4 (the second of four "
-                        f"shares; a SLURM job array passes --shard $((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT).")
+                        f"shares; a SLURM job array passes --shard "
+                        f"$((SLURM_ARRAY_TASK_ID+1))/$SLURM_ARRAY_TASK_COUNT).")
     return k, n
 
 

@@ -28,7 +28,6 @@ from pipeline.paper_values import ID_COLUMNS, PaperValues
 from pipeline.plans import Experiment, Plan, digest, safe_name
 from pipeline.results import ResultReader, StateStore, SweepResults
 from privacy import get_method
-from utils.errors import UserError
 from utils.io import atomic_path, atomic_write_text
 
 METRICS = [*METRIC_COLUMNS, "PIC"]
@@ -292,7 +291,8 @@ def write_outputs(plan: Plan, results: Path, paper_values: PaperValues | None = 
     out = Path(results) / safe_name(plan.name)
     reader = ResultReader()
     swept = read_plan(plan, store, reader)
-    stamp = digest([reader.digest(), plan.path.read_text(), paper_values.path.read_bytes().hex() if paper_values else "",
+    paper = paper_values.path.read_bytes().hex() if paper_values else ""
+    stamp = digest([reader.digest(), plan.path.read_text(), paper,
                     [(e.key, e.sweep_key, e.name) for e in plan.experiments], [e.name for e, _ in swept]])
     if (out / "tables.md").is_file() and (out / ".tables-digest").is_file() and \
             (out / ".tables-digest").read_text() == stamp:

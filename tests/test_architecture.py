@@ -101,6 +101,7 @@ def test_requirements_install_dependencies_only():
     assert "[project]" not in (REPO / "pyproject.toml").read_text() and not (REPO / "setup.py").exists()
 
 
+@pytest.mark.subprocess
 def test_no_project_package_importable_from_another_folder(tmp_path):
     """From a folder outside the checkout (and without PYTHONPATH) none of the project's packages resolves to this
     checkout: nothing was installed into the environment."""
@@ -123,6 +124,7 @@ def test_no_project_package_importable_from_another_folder(tmp_path):
 
 
 @pytest.mark.parametrize("entry", ["finetune.py", "reproduce.py", "eval/evaluation.py", "tools/cache.py"])
+@pytest.mark.subprocess
 def test_entry_scripts_run_from_any_folder(tmp_path, entry):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, str(REPO / entry), "--help"], cwd=tmp_path, env=env, capture_output=True,
@@ -210,6 +212,7 @@ def toy_plugins():
 
 
 @pytest.mark.filterwarnings("ignore:self.within_class_std_dev_")  # the toy transform zeroes components
+@pytest.mark.subprocess
 def test_toy_method_and_attacker_train_and_sweep(tmp_path, toy_plugins):
     synthetic_world(tmp_path, n_train_ids=16, imgs=3, n_test_ids=24, pairs=200, gender=96)
     res = finetune.train(demo_cfg(tmp_path, "method=toy_drop"))
@@ -392,8 +395,9 @@ def test_an_old_run_is_not_resumed_and_its_folder_is_left_alone(legacy_world, tm
     shutil.copytree(LEGACY / "checkpoints" / "20L1_1L2", ckpt)
     shutil.copytree(LEGACY / "logs" / "20L1_1L2", logs)
     before = {p.name: p.read_bytes() for p in [*ckpt.iterdir(), *logs.iterdir()]}
-    args = ("embedding_size=128", f"output_ori={legacy_world / 'b128' / 'backbone.pth'}", f"data_dir={legacy_world / 'train'}",
-            f"rec={legacy_world / 'rec'}", f"cache_dir={legacy_world / 'cache'}", f"checkpoint_root={tmp_path / 'ckpt'}",
+    args = ("embedding_size=128", f"output_ori={legacy_world / 'b128' / 'backbone.pth'}",
+            f"data_dir={legacy_world / 'train'}", f"rec={legacy_world / 'rec'}", f"cache_dir={legacy_world / 'cache'}",
+            f"checkpoint_root={tmp_path / 'ckpt'}",
             f"log_dir={tmp_path / 'logs'}", "batch_size=16", "num_epoch=1", "checkpoint_every=1")
     with pytest.raises(UserError, match="older version.*resume=False"):
         finetune.train(demo_cfg(legacy_world, *args, "resume=True"))

@@ -91,6 +91,7 @@ def test_no_information_every_interval_covers_chance():
         assert r.ci_low[a] <= 0.5 <= r.ci_high[a], (a, r.ci_low[a], r.ci_high[a])
 
 
+@pytest.mark.subprocess
 def test_bootstrap_reproducible_and_independent_of_workers():
     x, g, ids = xor_templates(seed=1, n_ids=60)
     one = leakage_report(x, g, ids, attackers=EVERY, n_bootstrap=300, seed=7, n_jobs=1)
@@ -149,6 +150,7 @@ def _by_hand(x, y, ids):
 
 
 @pytest.mark.parametrize("seed,dim", [(0, 8), (1, 64), (2, 512)])
+@pytest.mark.subprocess
 def test_paper_three_give_exactly_the_protocol_values(seed, dim):
     rng = np.random.default_rng(seed)
     n_ids = 40 + 10 * seed
@@ -245,6 +247,7 @@ def test_tool_main_binary_and_never_overwrites(tmp_path, capsys):
     assert (tmp_path / "res" / "t_leakage_2.csv").exists()
 
 
+@pytest.mark.subprocess
 def test_tool_subprocess_multiclass_all_attackers(tmp_path):
     rng = np.random.default_rng(6)
     n_ids, per = 45, 3

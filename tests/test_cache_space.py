@@ -123,6 +123,7 @@ with log_to(Path(sys.argv[1]) / "training.log") as log:
 """
 
 
+@pytest.mark.subprocess
 def test_a_full_log_folder_is_said_once_and_the_log_goes_on_on_stderr(tmp_path):
     out = subprocess.run([sys.executable, "-c", LOG_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
@@ -157,6 +158,7 @@ def store_keys(store: RowStore) -> set[bytes]:
     return set(store.find())
 
 
+@pytest.mark.subprocess
 def test_status_and_prune_reclaim_leftovers_and_never_what_is_in_use(world, capsys):
     cache, paths, get = world
     kept = get("kept", paths[:8])

@@ -32,6 +32,7 @@ def extracted(world, tmp_path, name, device, **kw):
     return np.array(cache.get("train", "cuda-test", items).templates)
 
 
+@pytest.mark.subprocess
 def test_cuda_extraction_matches_cpu_and_autocast_is_close(world, tmp_path):
     cpu = extracted(world, tmp_path, "cpu", "cpu")
     gpu = extracted(world, tmp_path, "gpu", "cuda")
@@ -56,7 +57,8 @@ def test_cached_and_in_loop_agree_on_cuda(world, tmp_path, monkeypatch):
     monkeypatch.setitem(backbones.ARCHITECTURES, "tiny", TinyNet)
     from helpers import tiny_backbone_file
     tiny_backbone_file(tmp_path / "tiny.pth")
-    common = ["device=cuda", "network=tiny", f"output_ori={tmp_path / 'tiny.pth'}", "batch_size=16", "num_epoch=3", "checkpoint_every=3"]
+    common = ["device=cuda", "network=tiny", f"output_ori={tmp_path / 'tiny.pth'}", "batch_size=16", "num_epoch=3",
+              "checkpoint_every=3"]
     a = finetune.train(demo_cfg(world, *common, "cache=True", f"checkpoint_root={tmp_path / 'a'}"))
     b = finetune.train(demo_cfg(world, *common, "cache=False", f"checkpoint_root={tmp_path / 'b'}"))
     sa, sb = (torch.load(r.checkpoints[-1], weights_only=True) for r in (a, b))

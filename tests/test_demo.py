@@ -3,9 +3,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import demo
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 
 def test_quick_demo_shows_the_effect_and_never_wipes(tmp_path):

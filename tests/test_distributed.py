@@ -88,6 +88,14 @@ def run(world: Path, name: str, procs: int, counts: str = "counts", data: str = 
     return launch([*launcher, str(REPO / "finetune.py"), "--set", *overrides], environ)
 
 
+@pytest.fixture(scope="module")
+def one_process_run(world) -> Path:
+    """The one-process run (world/one) that the torchrun runs are compared with."""
+    out = run(world, "one", 1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return world / "one"
+
+
 def extracted(world: Path, name: str, counts: str = "counts") -> dict[str, int]:
     """Images each process ran the backbone on (every image is run twice: as it is and flipped)."""
     files = sorted((world / name / counts).glob("rank*"))
@@ -121,9 +129,9 @@ def same_cache(world: Path, a: str, b: str) -> None:
         assert np.array_equal(ea[name].norms, eb[name].norms), name
 
 
-def test_two_processes_give_the_one_process_cache_and_checkpoints(world):
-    one = run(world, "one", 1)
-    assert one.returncode == 0, one.stderr[-3000:]
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_cache_and_checkpoints(world, one_process_run):
     two = run(world, "two", 2)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 processes share the template extraction" in two.stderr
@@ -137,7 +145,9 @@ def test_two_processes_give_the_one_process_cache_and_checkpoints(world):
         assert ca[f].keys() == cb[f].keys() and all(torch.equal(ca[f][k], cb[f][k]) for k in ca[f]), f
 
 
-def test_a_killed_process_leaves_rows_the_rerun_does_not_extract_again(world):
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_a_killed_process_leaves_rows_the_rerun_does_not_extract_again(world, one_process_run):
     killed = run(world, "killed", 2, KILL_RANK="1", KILL_AT_CALL="3")   # process 1 dies in its second batch
     assert killed.returncode != 0
     cache = world / "killed" / "cache"
@@ -151,11 +161,10 @@ def test_a_killed_process_leaves_rows_the_rerun_does_not_extract_again(world):
     assert set(before) <= set(after)
     # the rerun ran the backbone on exactly the images the killed run had not stored: none twice
     assert sum(extracted(world, "killed", "rerun-counts").values()) == len(after) - len(before)
-    if not (world / "one").is_dir():
-        assert run(world, "one", 1).returncode == 0
     same_cache(world, "one", "killed")
 
 
+@pytest.mark.subprocess
 def test_cache_false_under_torchrun_is_refused(world):
     r = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(REPO / "finetune.py"), "--set", "plugins=['synthetic']", "network=demo_decoder",
@@ -183,9 +192,9 @@ def sweep(world: Path, name: str, procs: int) -> subprocess.CompletedProcess:
         {**os.environ, "OMP_NUM_THREADS": "1", "COUNT_DIR": str(out)})
 
 
-def test_the_sweep_under_torchrun_writes_the_one_process_results(world):
-    if not (world / "one").is_dir():
-        assert run(world, "one", 1).returncode == 0
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_the_sweep_under_torchrun_writes_the_one_process_results(world, one_process_run):
     one, two = sweep(world, "sweep1", 1), sweep(world, "sweep2", 2)
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
@@ -199,6 +208,8 @@ def test_the_sweep_under_torchrun_writes_the_one_process_results(world):
     assert len(files["sweep1"]) == 2 and files["sweep1"] == files["sweep2"]
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_an_undecodable_file_in_one_share_is_reported_and_nothing_is_extracted_twice(world):
     shutil.copytree(world / "train", world / "bad_train")
     folder = sorted(p for p in (world / "bad_train").iterdir() if p.is_dir())[-1]   # in process 1's share

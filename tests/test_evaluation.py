@@ -149,10 +149,11 @@ def test_foreign_csv_is_refused_not_overwritten(trained, tmp_path):
     assert foreign.read_text() == "my,own,file\n1,2,3\n"
 
 
+@pytest.mark.subprocess
 def test_cli_accepts_both_spellings(trained, tmp_path, capsys):
-    common = ["--set", "plugins=['synthetic']", "network=demo_decoder", f"rec={trained / 'rec'}", f"cache_dir={trained / 'cache'}",
-              f"output_ori={trained / 'ckpt/Demo/reference/backbone.pth'}", "test_targets=['synth_a']",
-              "num_workers=0"]
+    common = ["--set", "plugins=['synthetic']", "network=demo_decoder", f"rec={trained / 'rec'}",
+              f"cache_dir={trained / 'cache'}", f"output_ori={trained / 'ckpt/Demo/reference/backbone.pth'}",
+              "test_targets=['synth_a']", "num_workers=0"]
     code = evaluation.main(["--log_root", str(tmp_path / "a"), "--model_root", str(trained / "ckpt/Demo"),
                             "--experiment_name", "Exp/Synth", "--reference_pth", str(tmp_path / "ref.csv"), *common])
     assert code == 0 and (tmp_path / "a/Exp/Synth/5L1_1L2_metrics.csv").is_file()

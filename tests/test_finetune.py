@@ -128,7 +128,8 @@ def test_same_seed_bit_identical_and_resume_equals_uninterrupted(world, tmp_path
     same_weights(resumed.checkpoints[-1], a.checkpoints[-1])
     same_weights(Path(resumed.checkpoint_dir) / f"{a.step}header.pth", Path(a.checkpoint_dir) / f"{a.step}header.pth")
     assert "resumed from" in (Path(resumed.log_dir) / "training.log").read_text()
-    c = finetune.train(demo_cfg(world, *base, "seed=1", f"checkpoint_root={tmp_path / 'c'}"))
+    c = finetune.train(demo_cfg(world, *base, "seed=1", f"checkpoint_root={tmp_path / 'c'}",
+                                f"log_dir={tmp_path / 'lc'}"))
     assert not torch.equal(tensors(c.checkpoints[-1])["proj.0.weight"], tensors(a.checkpoints[-1])["proj.0.weight"])
 
 
@@ -176,7 +177,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world, tmp_pat
     monkeypatch.setattr(privacy.angular, "privacy_terms", flaky)
     cfg = demo_cfg(world, f"checkpoint_root={tmp_path / 'c'}", f"log_dir={tmp_path / 'l'}", "num_epoch=6",
                    "checkpoint_every=1")
-    with pytest.raises(UserError, match=r"step 13: the loss term\(s\) p2, loss became non-finite.*last good checkpoint"):
+    with pytest.raises(UserError,
+                       match=r"step 13: the loss term\(s\) p2, loss became non-finite.*last good checkpoint"):
         finetune.train(cfg)
     ckpts = sorted((tmp_path / "c").rglob("*ftn_layers.pth"))
     assert [p.name for p in ckpts] == ["7ftn_layers.pth"]  # 7 steps per epoch; step 13 broke
@@ -244,7 +246,8 @@ def test_steps_leave_the_loss_terms_on_the_device(world, tmp_path, monkeypatch):
         seen.update(reads=0, steps=0)
         res = finetune.train(demo_cfg(world, "num_epoch=3", "checkpoint_every=3", f"log_every={log_every}",
                                       f"checkpoint_root={tmp_path / name}", f"log_dir={tmp_path / ('l' + name)}"))
-        per_checkpoint = len(tensors(res.checkpoints[0])) + len(tensors(Path(res.checkpoint_dir) / f"{res.step}header.pth"))
+        header = Path(res.checkpoint_dir) / f"{res.step}header.pth"
+        per_checkpoint = len(tensors(res.checkpoints[0])) + len(tensors(header))
         return res, seen["reads"], seen["steps"], per_checkpoint
     res, reads, steps, per_checkpoint = run(1000, "a")
     assert steps == res.step == 21 and len(res.checkpoints) == 1

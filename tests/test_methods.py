@@ -121,6 +121,7 @@ def test_inlp_removes_a_rank_k_subspace_and_linear_leakage(tmp_path):
     assert bare > 0.85 and after < bare - 0.2
 
 
+@pytest.mark.subprocess
 def test_ive_removes_the_gender_dimensions_round_by_round(tmp_path):
     dim, n = 512, 8
     direction = np.zeros(dim)
@@ -264,6 +265,7 @@ def test_pe_miu_default_aligns_blocks_by_unsquared_euclidean_distance():
     assert np.abs(np.asarray(reference) - np.asarray(by_inner_product)).max() > 1e-4   # the two costs differ here
 
 
+@pytest.mark.subprocess
 def test_ive_default_is_the_reference_example_first_round(tmp_path):
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.preprocessing import StandardScaler

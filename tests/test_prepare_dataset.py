@@ -1,4 +1,5 @@
-"""tools/prepare_dataset.py (facedata/prepare.py) and facedata/recordio.py on miniatures of each dataset as downloaded (nothing downloaded)."""
+"""tools/prepare_dataset.py (facedata/prepare.py) and facedata/recordio.py on miniatures of each dataset as downloaded
+(nothing downloaded)."""
 from __future__ import annotations
 
 import os

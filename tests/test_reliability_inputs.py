@@ -273,7 +273,7 @@ def test_broken_checkpoint_is_named_with_its_run_and_file(small_world, tmp_path,
     torch.save({k: torch.full_like(v, weights) for k, v in layer.state_dict().items()}, run / "4ftn_layers.pth")
     cfg = demo_cfg(small_world)
     with pytest.raises(UserError) as err:
-        evaluation.evaluate(cfg, tmp_path / "out", tmp_path / "ckpt", "Exp/Synth", small_world / "reference.csv")
+        evaluation.evaluate(cfg, tmp_path / "out", tmp_path / "ckpt", "Exp/Synth", tmp_path / "reference.csv")
     text = str(err.value)
     assert said in text and f"checkpoint '{run / '4ftn_layers.pth'}' of run 'broken_run'" in text, text
     assert "'synth_a'" in text and not list((tmp_path / "out").rglob("*_metrics.csv"))

@@ -217,8 +217,8 @@ def test_a_damaged_metrics_csv_is_named_by_the_tables(tmp_path, content):
     metrics = folder / "run_metrics.csv"
     metrics.write_bytes(content)
     exp = loaded.experiments[0]
-    store.write(exp.key, exp.name, {"run": str(tmp_path / "run"), "trained": True,
-                                    "sweeps": {exp.sweep_key: {"folder": str(folder), "run": "run", "reference": None}}})
+    sweeps = {exp.sweep_key: {"folder": str(folder), "run": "run", "reference": None}}
+    store.write(exp.key, exp.name, {"run": str(tmp_path / "run"), "trained": True, "sweeps": sweeps})
     with pytest.raises(UserError, match=str(metrics)):
         tables.write_outputs(loaded, results)
     assert metrics.read_bytes() == content

@@ -23,6 +23,7 @@ def world(tmp_path_factory):
     return root
 
 
+@pytest.mark.subprocess
 def test_parallel_sweep_writes_the_same_bytes_as_one_job(world, tmp_path):
     files = {}
     for jobs in (1, 2):

@@ -5,10 +5,10 @@ import csv
 import logging
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,14 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from backbones import ProjectionLayer
 from eval.verification import FEW_GRID_STEPS, exact_eer_auc, score_diagnostics
 from eval.evalset import warn_if_few_identities
+import kill_points
 from helpers import demo_cfg, synthetic_world, template_cache
 from eval.evalset import open_eval_set
 from pipeline import sweep as evaluation
 from pipeline import train as finetune
 from utils.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def sklearn_eer_auc(dist, issame):
@@ -158,54 +161,38 @@ def test_reference_naming_a_folder_is_a_clear_error(world, tmp_path):
         evaluation.evaluate(demo_cfg(world), tmp_path / "res", tmp_path / "models", "Exp/Synth", tmp_path / "refdir")
 
 
-def _children(pid: int) -> list[int]:
-    """Live (non-zombie) processes whose parent is ``pid``, from /proc."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
+def _wait_ended(pid: int, timeout: float = 120.0) -> bool:
+    """Wait (without polling) until process ``pid``, not necessarily a child, has ended; False after ``timeout``
+    seconds (a hang guard only: a worker watching its parent ends within a second)."""
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:   # already gone
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])   # a pidfd is readable once its process has ended
+    finally:
+        os.close(fd)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+@pytest.mark.subprocess
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="waits on the workers with pidfd_open (Linux)")
 def test_sigkill_of_a_sweep_ends_its_joblib_workers(world, tmp_path):
     run = tmp_path / "models" / "Exp" / "Synth" / "many"
     run.mkdir(parents=True)
-    for step in range(1, 41):
+    for step in range(1, 11):
         torch.save(collapsing_layer(512, 1.0 + step / 10, 0.0), run / f"{step}ftn_layers.pth")
-    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-              f"from pathlib import Path\nfrom helpers import demo_cfg\nfrom pipeline.sweep import evaluate\n"
+    script = (f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]\n"
+              f"import kill_points\nfrom pathlib import Path\nfrom helpers import demo_cfg\n"
+              f"from pipeline.sweep import evaluate\n"
               f"evaluate(demo_cfg(Path({str(world)!r}), 'n_jobs=2'), {str(tmp_path / 'res')!r}, "
               f"{str(tmp_path / 'models')!r}, 'Exp/Synth', {str(tmp_path / 'ref.csv')!r})\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        workers: list[int] = []
-        while time.time() < deadline and proc.poll() is None:
-            workers = [c for c in _children(proc.pid)]
-            if len(workers) >= 2:   # loky's workers (and its resource tracker) run
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None and len(workers) >= 2, "the sweep ended or started no workers"
-        time.sleep(1.0)   # let them take work
-        workers = _children(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        deadline = time.time() + 5
-        while time.time() < deadline and any(_alive(w) for w in workers):
-            time.sleep(0.1)
-        assert not [w for w in workers if _alive(w)], "joblib workers outlived their killed parent"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    note = tmp_path / "children"
+    # the sweep kills itself as it loads its 6th checkpoint: 4 were handed to the 2 workers at once, 2 more as the
+    # first results came back, so the workers run and have work
+    env = {**os.environ, kill_points.ENV: kill_points.point("load", "ftn_layers.pth", 6),
+           kill_points.CHILDREN_ENV: str(note)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == -signal.SIGKILL, f"the sweep was not killed (exit {out.returncode}): {out.stderr[-2000:]}"
+    workers = [int(p) for p in note.read_text().split()]
+    assert len(workers) >= 2, "the sweep started no workers"   # loky's workers (and its resource tracker)
+    assert all(_wait_ended(w) for w in workers), "joblib workers outlived their killed parent"

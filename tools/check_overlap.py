@@ -1,4 +1,5 @@
-"""Find training images that are near-duplicates of evaluation images (the command line; the code is pipeline/overlap_check.py)."""
+"""Find training images that are near-duplicates of evaluation images (the command line; the code is
+pipeline/overlap_check.py)."""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""Name the architectures a backbone file can hold, and each one's EER on a .bin (the command line; the code is pipeline/identify_backbone.py)."""
+"""Name the architectures a backbone file can hold, and each one's EER on a .bin (the command line; the code is
+pipeline/identify_backbone.py)."""
 import sys
 from pathlib import Path
 

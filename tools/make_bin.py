@@ -1,4 +1,5 @@
-"""Build an evaluation .bin (the authors' 5-item format) from a subjectid_gender folder (the command line; the code is facedata/bin_builder.py)."""
+"""Build an evaluation .bin (the authors' 5-item format) from a subjectid_gender folder (the command line; the code is
+facedata/bin_builder.py)."""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""Turn a face dataset as downloaded into a subjectid_gender training folder (and, on request, a .bin) (the command line; the code is facedata/prepare.py)."""
+"""Turn a face dataset as downloaded into a subjectid_gender training folder (and, on request, a .bin) (the command
+line; the code is facedata/prepare.py)."""
 import sys
 from pathlib import Path
 

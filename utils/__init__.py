@@ -1,1 +1,2 @@
-"""What every layer needs at run time: the error type, atomic I/O and safe loading, logs, device choice, torchrun processes."""
+"""What every layer needs at run time: the error type, atomic I/O and safe loading, logs, device choice, torchrun
+processes."""

@@ -12,7 +12,7 @@ import datetime
 import gc
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -60,7 +60,7 @@ class Processes:
         """Process 0's ``value`` on every process (a broadcast: a large value is sent once, not gathered from every
         process); if process 0 failed (``failure``, its own), all stop together."""
         if self.world > 1:
-            box = [(value, _message(failure)) if self.main else None]
+            box: list[Any] = [(value, _message(failure)) if self.main else None]
             dist.broadcast_object_list(box, src=0)
             value, message = box[0]
             if message is not None and failure is None:
@@ -87,7 +87,8 @@ class Processes:
     def decide(self, step: Callable[[], T], doing: str) -> T:
         """Process 0 runs ``step``; its result reaches every process (``from_main``), and a failure in it stops
         them all. The other processes run nothing."""
-        value, failure = None, None
+        value: Any = None   # process 0's result; for the others whatever it sends them
+        failure: BaseException | None = None
         if self.main:
             try:
                 value = step()
@@ -98,7 +99,8 @@ class Processes:
     def each(self, step: Callable[[], T], doing: str) -> list[T]:
         """Every process runs ``step``; once all have, each gets every process's result in rank order (``agree``),
         and a failure anywhere stops them all."""
-        value, failure = None, None
+        value: Any = None   # process 0's result; for the others whatever it sends them
+        failure: BaseException | None = None
         try:
             value = step()
         except Exception as exc:   # the others learn of it and stop too
@@ -153,7 +155,7 @@ def processes(device: torch.device) -> Iterator[Processes]:
     started = not dist.is_initialized()
     procs = Processes(rank, world, local_rank, owns_group=started)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if backend == "nccl":
         torch.cuda.set_device(procs.device(device))
         kwargs["device_id"] = procs.device(device)

@@ -64,7 +64,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, what: str = "checkpoint
     with full_disk_named(path.parent, what), atomic_path(path) as tmp, open(tmp, "wb") as fh:
         out = _WriteErrors(fh)
         try:
-            torch.save(obj, out)
+            torch.save(obj, out)  # type: ignore[arg-type]  # write and flush are all torch.save uses
         except RuntimeError:
             # torch reports a failed write as "unexpected pos ..." and drops the cause; raise the cause itself
             if out.error is not None:
@@ -76,7 +76,8 @@ class _WriteErrors:
     """A file object for torch.save that remembers the OSError of a failed write."""
 
     def __init__(self, fh: Any):
-        self.fh, self.error = fh, None
+        self.fh = fh
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         try:
@@ -131,7 +132,7 @@ def extract_state_dict(obj: Any, path: str | os.PathLike, what: str) -> dict[str
             return f"{type(o).__name__} of {len(o)}"
         return f"{type(o).__name__}" + (f" {tuple(o.shape)}" if isinstance(o, torch.Tensor) else "")
 
-    found, keys = obj, []
+    found, keys = obj, list[str]()
     while not tensors(found) and isinstance(found, Mapping) and len(keys) < 3:
         key = next((k for k in containers if k in found and isinstance(found[k], Mapping)), None)
         if key is None:

@@ -49,7 +49,7 @@ def log_to(log_file: Path, name: str = ROOT) -> Iterator[logging.Logger]:
     """Send every library logger to stderr and to ``log_file`` (appended) while in the block; yields ``name``'s
     logger (a child of the root, or the root itself)."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers = [_LogFile(log_file), logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [_LogFile(log_file), logging.StreamHandler(sys.stderr)]
     root = logging.getLogger(ROOT)
     level = root.level
     root.setLevel(logging.INFO)

@@ -126,7 +126,7 @@ class Registry(MutableMapping, Generic[T]):
         """Every registered name, in registration order."""
         return list(self._entries)
 
-    def get(self, name: str, *default: Any) -> T:  # type: ignore[override]
+    def get(self, name: str, *default: Any) -> T:
         """The component ``name``, or a UserError listing the names and the closest one (with a ``default``, the
         mapping's get: the default for an unknown name)."""
         if default and name not in self._entries:

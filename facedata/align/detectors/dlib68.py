@@ -64,7 +64,7 @@ class Dlib68:
 
     def __init__(self, spec: DetectorSpec):
         try:
-            import dlib
+            import dlib  # noqa: F401  (only whether it is installed; load() uses it)
         except ImportError:
             raise UserError(f"--detector dlib needs the dlib package, which is not installed: run `{INSTALL}` "
                             f"(or choose another --detector).") from None

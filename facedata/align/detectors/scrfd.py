@@ -96,7 +96,8 @@ class Scrfd:
             self.session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         except Exception as exc:   # onnxruntime raises its own exception types for unreadable models
             raise UserError(f"--detector-model '{model}' could not be loaded by onnxruntime "
-                            f"({type(exc).__name__}: {str(exc)[:200]}). Give an insightface SCRFD/RetinaFace .onnx.")
+                            f"({type(exc).__name__}: {str(exc)[:200]}). Give an insightface SCRFD/RetinaFace "
+                            f".onnx.") from None
         self.model = model
         inputs = self.session.get_inputs()
         shape = list(inputs[0].shape) if inputs else []
