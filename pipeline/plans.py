@@ -34,6 +34,7 @@ from privacy import get_method   # importing the registry declares the built-in 
 from utils.errors import UserError
 
 from config.options import settings, settings_hash   # runtime-only options (device, workers, ...) left out
+from eval.gender_folders import protocol_inputs
 
 __all__ = ["PLANS_DIR", "Experiment", "Plan", "load_plan", "settings", "settings_hash", "digest", "training_key",
            "EVALUATION_ONLY", "SETTINGS"]
@@ -42,7 +43,7 @@ PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
 SETTINGS = ("OneDataset", "CrossDataset", "Ablation", "Released")
 # options that change what the sweep measures but not the training: a new sweep, never a new training
 EVALUATION_ONLY = {"test_targets", "attackers", "bootstrap", "gender_folds", "run_name", "output", "log_output",
-                   "resume"}
+                   "resume", "gender_protocol", "gender_folders"}
 _KEYS = {"backbone", "setting", "trained_on", "held_out", "method", "options", "released", "released_setting",
          "label"}
 
@@ -258,7 +259,7 @@ def inputs(exp: Experiment) -> list[tuple[str, Path, str]]:
         out += [("training data", Path(d), "Running on real data / Preparing the datasets") for d in dirs]
     out += [("evaluation .bin", bin_path(cfg, t), "Running on real data / 2. Evaluation files")
             for t in cfg.test_targets]
-    return out
+    return out + protocol_inputs(cfg)   # gender_protocol=folders: each target's gender-test folder
 
 
 def _file_digest(path: Path) -> str:

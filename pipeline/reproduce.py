@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from backbones.spec import BackboneSpec
 from config.loading import OVERRIDE_HELP
+from eval.gender_folders import protocol_lines, protocol_tag
 from facedata.dataset import scan_training_data
 from pipeline import sweep as sweep_mod
 from pipeline import train as train_mod
@@ -89,11 +90,11 @@ def reference_path(exp: Experiment, log_root: Path) -> Path:
     cfg = exp.cfg
     backbone = digest({k: settings(cfg).get(k) for k in ("network", "SE", "output_ori", "embedding_size",
                                                          "cache_dtype", "gender_folds", "rec", "plugins")})
-    return log_root / f"reference_{'+'.join(cfg.test_targets)}-{backbone[:8]}.csv"
+    return log_root / f"reference_{'+'.join(cfg.test_targets)}-{backbone[:8]}{protocol_tag(cfg)}.csv"
 
 
 def log_root_of(exp: Experiment, results: Path) -> Path:
-    return Path(results) / exp.cfg.pretrained / exp.cfg.experiment
+    return Path(results) / exp.cfg.pretrained / (exp.cfg.experiment + protocol_tag(exp.cfg))   # a folder per protocol
 
 
 def stage_released(exp: Experiment) -> Path:
@@ -129,8 +130,10 @@ def run_experiment(exp: Experiment, store: StateStore, log_root: Path,
         run = Path(state["run"])
         ref = (reference or (lambda e: reference_path(e, log_root)))(exp)
         out = sweep_mod.evaluate(cfg, log_root, run.parent.parent, run.parent.name, ref)
-        state.update(metrics=str(out / f"{run.name}_metrics.csv"), attackers=str(out / f"{run.name}_attackers.csv"),
-                     reference=str(ref), sweep_dir=str(out), swept=[*state.get("swept", []), exp.sweep_key])
+        files = dict(metrics=str(out / f"{run.name}_metrics.csv"), attackers=str(out / f"{run.name}_attackers.csv"),
+                     reference=str(ref), sweep_dir=str(out))
+        state.update(**files, swept=[*state.get("swept", []), exp.sweep_key],
+                     sweeps={**state.get("sweeps", {}), exp.sweep_key: files})   # one training, several sweeps
         store.write(exp.key, label, state)
     return state
 
@@ -238,6 +241,8 @@ def dry_run(plan: Plan, store: StateStore, selected: list[Experiment]) -> int:
     if images:
         print("training images to extract (each with its flip): " +
               ", ".join(f"{k}: {v}" for k, v in images.items()))
+    for line in protocol_lines(selected):
+        print(line)
     missing = missing_inputs(plan)
     if missing:
         print(f"\nMISSING INPUTS ({len(missing)}):")

@@ -38,9 +38,9 @@ from backbones import embedding_size_for
 from backbones.spec import BackboneSpec
 from config.config import Config
 from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers
-from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, bare_scores, check_bins, evaluate_set,
-                          open_eval_set, pic, transform_scores, warn_if_below_grid, warn_if_collapsed,
-                          warn_if_near_chance)
+from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, bare_scores, check_bins, evaluate_set, pic,
+                          transform_scores, warn_if_below_grid, warn_if_collapsed, warn_if_near_chance)
+from eval.gender_folders import check_and_record_protocol, check_gender_folders, open_protocol_set
 from eval.leakage import WORST
 from eval.verification import ScoreDiagnostics
 from pipeline.report import DIAGNOSTICS, write_report
@@ -280,6 +280,7 @@ def preflight(cfg: Config, log_root: str | Path, model_root: str | Path, experim
         raise UserError("config option test_targets is empty: name at least one rec/<name>.bin to evaluate on.")
     check_bins(cfg.rec, targets, "config options rec, test_targets",
                "choose targets with --set test_targets=\"['lfw']\"")
+    check_gender_folders(cfg, targets)   # gender_protocol=folders: each target's folder, both genders
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()
     check_writable(out_dir, "--log-root")
@@ -295,6 +296,7 @@ def preflight(cfg: Config, log_root: str | Path, model_root: str | Path, experim
     sweep = Sweep(cfg, out_dir, reference, runs, targets, backbone, attackers, beyond,
                   cfg.bootstrap if beyond else 0, force)
     refuse_foreign_files(sweep)
+    check_and_record_protocol(cfg, out_dir, reference, targets)   # one gender-test protocol per folder
     return sweep
 
 
@@ -438,7 +440,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
         cache = TemplateCache.from_config(cfg, device, procs, sweep.backbone)
         if not procs.main:   # the other processes extract their shares of the sets' templates, nothing else
             for name in sweep.targets:
-                open_eval_set(cache, cfg.rec, name)
+                open_protocol_set(cache, cfg, name)
             procs.leave()
             return None
         with log_to(sweep.out_dir / "evaluate.log", log.name) as lg:
@@ -447,7 +449,7 @@ def evaluate(cfg: Config, log_root: str | Path, model_root: str | Path, experime
             if procs.world > 1:
                 lg.info("torchrun: %d processes share the template extraction; process 0 then sweeps alone",
                         procs.world)
-            sets = [open_eval_set(cache, cfg.rec, name) for name in sweep.targets]
+            sets = [open_protocol_set(cache, cfg, name) for name in sweep.targets]
             procs.leave()   # the sweep runs in this process alone
             ref, changed = reference_results(sweep, sets, lg)
             bare = bare_backbone_scores(sweep, sets, ref, lg)

@@ -62,6 +62,7 @@ def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]
     rows, bare, have = [], {}, 0
     for exp in plan.experiments:
         state = store.read(exp.key)
+        state = {**state, **state.get("sweeps", {}).get(exp.sweep_key, {})}   # this experiment's own sweep
         metrics = _read(state.get("metrics"))
         if metrics.empty:
             continue
@@ -70,6 +71,8 @@ def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]
         worst = attacks[attacks["Attacker"] == WORST] if not attacks.empty else attacks
         reference = _read(state.get("reference"))
         method, described = _method_label(exp)
+        folders = exp.cfg.gender_protocol == "folders"   # the paper-era gender test: marked in the rows
+        described += " [gender test: folders]" if folders else ""
         ab = exp.alpha_beta
         for ds in exp.cfg.test_targets:
             rr = metrics[metrics["Dataset"] == ds].sort_values("Step")
@@ -78,10 +81,12 @@ def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]
             base = {"Backbone": exp.backbone, "Setting": _setting(exp), "Trained on": exp.trained_on,
                     "Held out": exp.held_out, "Dataset": ds}
             ref = reference[reference["Dataset"] == ds] if not reference.empty else reference
-            if len(ref) and (exp.backbone, ds) not in bare:
-                bare[(exp.backbone, ds)] = {**base, "Trained on": "", "Held out": "", "Method": "bare backbone",
-                                            "Settings": "", "Checkpoint": "", "Step": None,
-                                            **{c: float(ref.iloc[0][c]) for c in METRIC_COLUMNS}, "PIC": 0.0}
+            if len(ref) and (exp.backbone, ds, folders) not in bare:
+                bare[(exp.backbone, ds, folders)] = {**base, "Trained on": "", "Held out": "", "Method": "bare backbone",
+                                                     "Settings": "[gender test: folders]" if folders else "",
+                                                     "Checkpoint": "", "Step": None,
+                                                     **{c: float(ref.iloc[0][c]) for c in METRIC_COLUMNS},
+                                                     "PIC": 0.0}
             picked = [("last", rr.iloc[-1])]
             finite = rr[rr["PIC"].notna()]
             if not finite.empty:
