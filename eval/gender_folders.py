@@ -148,9 +148,10 @@ def protocol_inputs(cfg: Any) -> list[tuple[str, Path, str]]:
     without a folder is named with the path it lacks, so that a dry run lists it)."""
     if cfg.gender_protocol != "folders":
         return []
-    return [(f"gender-test folder of {t} (gender_protocol=folders)",
-             Path(str(cfg.gender_folders.get(t, f"<gender_folders['{t}'] not set>"))), FOLDER_SECTION)
-            for t in cfg.test_targets]
+    training = {str(Path(d)) for d in (cfg.data_dir if isinstance(cfg.data_dir, list) else [cfg.data_dir])}
+    folders = [(t, Path(str(cfg.gender_folders.get(t, f"<gender_folders['{t}'] not set>")))) for t in cfg.test_targets]
+    return [(f"gender-test folder of {t} (gender_protocol=folders)", folder, FOLDER_SECTION)
+            for t, folder in folders if str(folder) not in training]   # a training folder is listed as such
 
 
 def protocol_tag(cfg: Any) -> str:

@@ -161,13 +161,14 @@ def test_dry_run_of_the_paper_plan_with_nothing_downloaded(tmp_path, monkeypatch
     for path in ("work_dirs/checkpoints/ArcFace/reference/backbone.pth",
                  "work_dirs/checkpoints/ElasticFace/reference/backbone.pth",
                  "work_dirs/checkpoints/SphereFace/reference/backbone.pth", "data/train/LFW", "data/train/AgeDB",
-                 "data/train/ColorFeret", "data/eval/lfw.bin", "data/eval/agedb_30.bin", "data/eval/colorferet.bin",
-                 "data/eval/vggface2.bin"):
+                 "data/train/ColorFeret", "data/eval_insightface/lfw.bin", "data/eval_insightface/agedb_30.bin",
+                 "data/eval_insightface/colorferet.bin", "data/eval_insightface/vggface2.bin",
+                 "data/train/VGGFace2_sample"):   # the paper's gender test: every image of the sets' folders
         assert f": {path}  (README: '" in out, path
-    assert "MISSING INPUTS (10)" in out and "Preparing the datasets" in out
+    assert "MISSING INPUTS (11)" in out and "Preparing the datasets" in out
     # the real run refuses before any compute, naming them all
     assert reproduce.main(["paper"]) == 2
-    assert "lacks 10 input(s)" in capsys.readouterr().err and calls["n"] == 0
+    assert "lacks 11 input(s)" in capsys.readouterr().err and calls["n"] == 0
 
 
 def test_released_layers_in_an_unknown_layout_are_evaluated_with_the_mapping_file(uninterrupted, tmp_path,
