@@ -82,18 +82,20 @@ def _option(name: str) -> str:
     return f"gender_folders['{name}']"
 
 
-def folder_index(name: str, folder: str | Path) -> TrainIndex:
+def folder_index(name: str, folder: str | Path, option: str | None = None) -> TrainIndex:
     """The images, identities and genders of target ``name``'s folder; a folder that does not exist, holds no
-    identity or image, breaks the layout or lacks one gender is refused in one paragraph naming it."""
+    identity or image, breaks the layout or lacks one gender is refused in one paragraph naming it and ``option``
+    (default: its gender_folders entry)."""
+    option = option or _option(name)
     if not isinstance(folder, (str, Path)) or not str(folder):
-        raise UserError(f"config option {_option(name)} is {folder!r}; give the path of a subjectid_gender folder "
+        raise UserError(f"config option {option} is {folder!r}; give the path of a subjectid_gender folder "
                         f"(one folder per identity, e.g. 0001_1/, 0002_0/, with its face images inside).")
-    index = scan_dataset(folder, option=_option(name), check_genders=False)
+    index = scan_dataset(folder, option=option, check_genders=False)
     genders = sorted(set(index.identity_gender.tolist()))
     if len(genders) < 2:
-        raise UserError(f"image folder '{folder}' ({_option(name)}) holds identities of gender {genders[0]} only "
+        raise UserError(f"image folder '{folder}' ({option}) holds identities of gender {genders[0]} only "
                         f"({index.num_identities} folders ending in _{genders[0]}); the gender test needs both "
-                        f"genders (folders ending in _0 and in _1). Point {_option(name)} at the whole evaluation set.")
+                        f"genders (folders ending in _0 and in _1). Point {option} at the whole evaluation set.")
     return index
 
 

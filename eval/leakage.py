@@ -8,9 +8,12 @@ Beyond the protocol, ``leakage_report`` gives the worst-case leakage (the larges
 attackers run, and which attacker reached it) and identity-level bootstrap intervals, and runs the (attacker, fold)
 fits in parallel; ``gender_leakage`` is its plain-number view. As a tool, for templates of any system:
 
-    python eval/leakage.py --templates T.npy --labels L.csv [--attackers NAME ...|all] [--identity-column identity]
-                           [--attribute-column gender] [--folds 3] [--bootstrap 1000] [--seed 0] [--n-jobs N]
-                           [--out DIR]
+    python eval/leakage.py --templates T.npy (--labels L.csv | --folder DIR) [--attackers NAME ...|all]
+                           [--identity-column identity] [--attribute-column gender] [--folds 3] [--bootstrap 1000]
+                           [--seed 0] [--n-jobs N] [--out DIR]
+
+--folder DIR takes the labels from a subjectid_gender folder (the paper-era gender test, README "Gender-test
+protocols"): one template per image file, identities in folder order and images in sorted order within each.
 """
 from __future__ import annotations
 
@@ -336,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: leakage of the attribute in a .npy of templates labelled by a CSV; table printed, CSV written."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--templates", required=True, help=".npy file of an (N, D) array, one template per row")
-    parser.add_argument("--labels", required=True, help="CSV with a header and one row per template, in order")
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="CSV with a header and one row per template, in order")
+    labels.add_argument("--folder", help="subjectid_gender folder whose images the templates are, in sorted order")
     parser.add_argument("--attackers", nargs="+", default=list(PAPER_ATTACKERS),
                         help=f"attackers to run, or 'all' (registered: {', '.join(ATTACKERS)}); default: the paper's")
     parser.add_argument("--identity-column", default="identity", help="the labels' identity column (folds group it)")
@@ -364,10 +369,17 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--seed {args.seed}: a seed is a whole number from 0 to {2 ** 32 - 1}.")
         templates = Path(args.templates)
         x = _load_templates(templates)
-        ids, attr = _load_labels(Path(args.labels), args.identity_column, args.attribute_column)
+        if args.folder is not None:
+            from eval.gender_folders import folder_index   # here: that module builds on this one
+            index = folder_index("", args.folder, "--folder")
+            ids, attr = np.asarray(index.folders)[index.labels], index.genders.astype(str)
+            source = f"--folder '{args.folder}' has {len(ids)} images"
+        else:
+            ids, attr = _load_labels(Path(args.labels), args.identity_column, args.attribute_column)
+            source = f"'{args.labels}' has {len(ids)} label rows"
         if len(x) != len(ids):
-            raise UserError(f"'{templates}' holds {len(x)} templates but '{args.labels}' has {len(ids)} label rows; "
-                            f"they must match one to one, in the same order.")
+            raise UserError(f"'{templates}' holds {len(x)} templates but {source}; they must match one to one, in "
+                            f"the same order.")
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out '{out}' is a file; name a folder for the result CSV.")

@@ -279,3 +279,24 @@ def test_leakage_counts_one_class_per_label_spelling(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "'F', 'f' as 'f'" in out and "classes f (30), m (30)" in out
+
+
+def test_leakage_tool_takes_the_labels_of_a_folder(tmp_path, capsys):
+    """--folder DIR: identities and genders of a subjectid_gender folder, images in sorted order, as a labels CSV
+    written out by hand gives them; a folder of one gender is refused by name."""
+    from eval.leakage import main
+    folder = _write(tmp_path / "faces", {f"{k:03d}_{k % 2}": 2 + k % 3 for k in range(12)})
+    rows = [(d.name, d.name[-1]) for d in sorted(folder.iterdir()) for _ in sorted(d.iterdir())]
+    x = np.random.default_rng(0).normal(size=(len(rows), 8)) + np.array([float(g) for _, g in rows])[:, None]
+    np.save(tmp_path / "t.npy", x)
+    with open(tmp_path / "l.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["identity", "gender"], *rows])
+    common = ["--templates", str(tmp_path / "t.npy"), "--bootstrap", "0"]
+    assert main([*common, "--labels", str(tmp_path / "l.csv"), "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--folder", str(folder), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "t_leakage.csv").read_text() == (tmp_path / "b" / "t_leakage.csv").read_text()
+    one = _write(tmp_path / "one", {"a_1": 2, "b_1": 2})
+    capsys.readouterr()
+    assert main([*common, "--folder", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert "--folder" in err and "gender 1 only" in err and "Traceback" not in err
