@@ -71,13 +71,19 @@ def interrupt_at(monkeypatch, module, name: str, when: int) -> dict:
 def test_tables_figures_and_a_second_run_that_does_nothing(uninterrupted, monkeypatch, capsys):
     files = outputs(uninterrupted)
     text = files["tables.md"]
-    assert "9 of 9 experiments have results (8 distinct trainings)" in text
+    assert "13 of 13 experiments have results (8 distinct trainings)" in text   # 4 one-dataset runs swept twice
     for table in ("Demo_decoder_synth_a.csv", "Demo_decoder_synth_b.csv", "Demo_decoder_synth_all.csv",
                   "cross_dataset_Demo_decoder.csv", "ablation_Demo_decoder_SynthA.csv"):
         assert table in files
     rows = list(csv.DictReader(files["Demo_decoder_synth_a.csv"].splitlines()))
     assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in rows][:3] == [
         ("", "bare backbone", ""), ("SynthA", "angular", "last"), ("SynthA", "angular", "best PIC")]
+    # the same trainings under the paper-era gender test (every image of the set's folder), with their own bare row
+    folders = [r for r in rows if r["Settings"].endswith("[gender test: folders]")]
+    assert {(r["Trained on"], r["Method"]) for r in folders} == {
+        ("", "bare backbone"), ("SynthA", "angular"), ("SynthA", "leace"), ("SynthB", "angular"), ("SynthB", "leace")}
+    bins_bare, folder_bare = (next(r for r in rs if r["Method"] == "bare backbone") for rs in (rows, folders))
+    assert bins_bare["EER"] == folder_bare["EER"] and bins_bare["BACC-Gender-AVG"] != folder_bare["BACC-Gender-AVG"]
     assert {r["Method"] for r in rows} == {"bare backbone", "angular", "leace"}
     # every number is the sweep's: the last checkpoint's row of the run's metrics CSV
     store = reproduce.StateStore(uninterrupted / "work_dirs" / "results" / ".experiments")
