@@ -246,8 +246,9 @@ def test_paper_plan_dry_run_names_the_folders(tmp_path, capsys):
 
 
 def test_bins_protocol_numbers_are_unchanged_byte_for_byte(tmp_path):
-    """The quick demo under the default (bins) protocol writes exactly the metrics and reference CSVs of a run of
-    the code before the protocol option existed (tests/data/demo_quick, from that run)."""
+    """The quick demo under the default (bins) protocol writes exactly the metrics, diagnostics and reference CSVs
+    of a run of the code before the protocol option existed (tests/data/demo_quick: `python demo.py --quick` at
+    commit 42d73a5, on this project's CPU machine)."""
     import demo
     out = tmp_path / "demo"
     demo.run_demo(out, quick=True)

@@ -76,10 +76,10 @@ def test_tables_figures_and_a_second_run_that_does_nothing(uninterrupted, monkey
                   "cross_dataset_Demo_decoder.csv", "ablation_Demo_decoder_SynthA.csv"):
         assert table in files
     rows = list(csv.DictReader(files["Demo_decoder_synth_a.csv"].splitlines()))
-    assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in rows][:3] == [
-        ("", "bare backbone", ""), ("SynthA", "angular", "last"), ("SynthA", "angular", "best PIC")]
     # the same trainings under the paper-era gender test (every image of the set's folder), with their own bare row
     folders = [r for r in rows if r["Settings"].endswith("[gender test: folders]")]
+    assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in rows if r not in folders][:3] == [
+        ("", "bare backbone", ""), ("SynthA", "angular", "last"), ("SynthA", "angular", "best PIC")]
     assert {(r["Trained on"], r["Method"]) for r in folders} == {
         ("", "bare backbone"), ("SynthA", "angular"), ("SynthA", "leace"), ("SynthB", "angular"), ("SynthB", "leace")}
     bins_bare, folder_bare = (next(r for r in rs if r["Method"] == "bare backbone") for rs in (rows, folders))
