@@ -61,8 +61,7 @@ def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]
     many experiments have results."""
     rows, bare, have = [], {}, 0
     for exp in plan.experiments:
-        state = store.read(exp.key)
-        state = {**state, **state.get("sweeps", {}).get(exp.sweep_key, {})}   # this experiment's own sweep
+        state = sweep_state(store, exp)
         metrics = _read(state.get("metrics"))
         if metrics.empty:
             continue
@@ -105,6 +104,13 @@ def collect(plan: Plan, store: StateStore) -> tuple[list[dict], list[dict], int]
                                 "Worst CI-High": _num(w["CI-High"]), "Worst attacker": w["Reached-By"]})
                 rows.append(row)
     return rows, list(bare.values()), have
+
+
+def sweep_state(store: StateStore, exp: Experiment) -> dict:
+    """The experiment's state with the files of its own sweep (a training swept under two gender-test protocols
+    has one set of files per sweep)."""
+    state = store.read(exp.key)
+    return {**state, **state.get("sweeps", {}).get(exp.sweep_key, {})}
 
 
 def _num(v: object) -> float | None:
@@ -233,7 +239,7 @@ def tradeoff_figures(plan: Plan, store: StateStore, out: Path) -> list[Path]:
     for backbone, exps in by_backbone.items():
         series = []
         for exp in exps:
-            state = store.read(exp.key)
+            state = sweep_state(store, exp)
             m = _read(state.get("metrics"))
             if not m.empty:
                 series.append((exp, m, _read(state.get("reference"))))
@@ -248,7 +254,8 @@ def tradeoff_figures(plan: Plan, store: StateStore, out: Path) -> list[Path]:
                 if rr.empty:
                     continue
                 ax.plot(rr["EER"], rr["BACC-Gender-AVG"], "o-", ms=3, lw=1,
-                        label=f"{_method_label(exp)[0]} ({exp.trained_on})")
+                        label=f"{_method_label(exp)[0]} ({exp.trained_on}"
+                              f"{', gender test: folders' if exp.cfg.gender_protocol == 'folders' else ''})")
                 r = ref[ref["Dataset"] == ds] if not ref.empty else ref
                 if len(r) and not starred:
                     ax.scatter([r.iloc[0]["EER"]], [r.iloc[0]["BACC-Gender-AVG"]], marker="*", s=200, c="k",
@@ -274,7 +281,7 @@ def angles_figures(plan: Plan, store: StateStore, out: Path) -> list[Path]:
     for exp in plan.experiments:
         if exp.method != "angular" or exp.released or exp.backbone in seen:
             continue
-        state = store.read(exp.key)
+        state = sweep_state(store, exp)
         src = Path(state.get("sweep_dir", "")) / f"{Path(state.get('run', '')).name}_angles.png"
         if state.get("sweep_dir") and src.is_file():
             path = out / f"angles_{safe_name(exp.backbone)}.png"
