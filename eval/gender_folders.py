@@ -169,7 +169,7 @@ def protocol_tag(cfg: Any) -> str:
 def _marks(protocol: str, cfg: Any, targets: Iterable[str]) -> dict[str, tuple[str, str]]:
     """Per target: (protocol, the gender test's images: the .bin or the folder)."""
     if protocol == "folders":
-        return {t: ("folders", str(Path(cfg.gender_folders[t]))) for t in targets}
+        return {t: ("folders", str(Path(cfg.gender_folders[t]).resolve())) for t in targets}
     return {t: ("bins", str(Path(cfg.rec) / f"{t}.bin")) for t in targets}
 
 
