@@ -233,9 +233,9 @@ def check_and_record_protocol(cfg: Any, out_dir: Path, reference: Path, targets:
         _write_marks(side, want)
 
 
-def protocol_lines(experiments: Sequence[Any]) -> list[str]:
+def protocol_lines(experiments: Sequence[Any], generated: Path | None = None) -> list[str]:
     """Dry-run lines: the gender-test folders the experiments need under gender_protocol=folders, each once with
-    how many experiments use it."""
+    how many experiments use it and whether it is missing (a folder under ``generated`` is made by the plan)."""
     need: dict[tuple[str, str], int] = {}
     bins = 0
     for exp in experiments:
@@ -252,6 +252,7 @@ def protocol_lines(experiments: Sequence[Any]) -> list[str]:
             f"the .bin files' gender part):")
     lines = [head]
     for (t, folder), n in sorted(need.items()):
-        state = "" if Path(folder).is_dir() else "  [missing]"
+        made = generated is not None and Path(folder).resolve().is_relative_to(Path(generated).resolve())
+        state = "" if Path(folder).is_dir() else "  [made by the plan]" if made else "  [missing]"
         lines.append(f"  {t}: {folder}  ({n} experiment(s)){state}")
     return lines

@@ -241,7 +241,7 @@ def dry_run(plan: Plan, store: StateStore, selected: list[Experiment]) -> int:
     if images:
         print("training images to extract (each with its flip): " +
               ", ".join(f"{k}: {v}" for k, v in images.items()))
-    for line in protocol_lines(selected):
+    for line in protocol_lines(selected, plan.generated_root):
         print(line)
     missing = missing_inputs(plan)
     if missing:
