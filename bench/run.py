@@ -396,6 +396,73 @@ def bench_attackers(size: dict) -> tuple:
             f"{res.worst_bacc:.3f}")
 
 
+LFW_IMAGES, LFW_IDENTITIES = 13_000, 5_700          # the folder protocol's leakage test on LFW (13,233 / 5,749)
+FOLDER_LEAK_N = {"quick": 1_200, "full": 3_000, "gpu": LFW_IMAGES}   # measured; smaller sizes are extrapolated
+PAPER_SWEEPS = 10 * 4 * 126                          # checkpoints x evaluation sets x experiments of the paper plan
+
+
+def lfw_like_templates(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n random unit templates of 512 with LFW's shape (n x 5,700/13,000 identities, most with one image, a few with
+    many; 23% women) and a weak gender direction (BACC 0.63 at 3,000, 0.79 at 13,000: as after a privacy layer,
+    where most templates become support vectors and the SVMs are slowest)."""
+    rng = np.random.default_rng(seed)
+    n_ids = max(6, round(n * LFW_IDENTITIES / LFW_IMAGES))
+    ids = np.concatenate([np.arange(n_ids), rng.integers(0, max(1, n_ids // 8), n - n_ids)])
+    women = (rng.random(n_ids) < 0.23).astype(np.int64)
+    direction = rng.normal(size=512) / np.sqrt(512)
+    x = rng.normal(size=(n_ids, 512))[ids] + 0.7 * rng.normal(size=(n, 512)) + 3.0 * women[ids, None] * direction
+    return x / np.linalg.norm(x, axis=1, keepdims=True), women[ids], ids
+
+
+def _paper_era_leakage(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[dict[str, list], float]:
+    """The authors' paper-era fit (SVMs with probability=True), timed; per classifier its test predictions."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedGroupKFold
+    models = {"LogReg": lambda: LogisticRegression(), "SVM": lambda: SVC(kernel="linear", probability=True),
+              "RBF": lambda: SVC(kernel="rbf", probability=True)}
+    preds: dict[str, list] = {k: [] for k in models}
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # probability=True is deprecated from scikit-learn 1.9; lbfgs may warn
+        for train, test in StratifiedGroupKFold(n_splits=3, shuffle=False).split(x, y, groups):
+            for k, make in models.items():
+                preds[k].append(make().fit(x[train], y[train]).predict(x[test]))
+    return preds, time.perf_counter() - t0
+
+
+def bench_folder_leakage(mode: str) -> tuple:
+    """Issue 31 item 4: the folder protocol's leakage test at LFW's size, our fit against the authors' paper-era one
+    (same folds and classifiers, their SVMs with probability=True), one worker, per (checkpoint, set); measured at n
+    and n/2 and extrapolated to 13,000 templates by the measured growth when n is smaller; then what the paper
+    plan's 10 checkpoints x 4 sets x 126 experiments cost on 2 and on 16 cores (one (checkpoint, set) per core)."""
+    n = FOLDER_LEAK_N[mode]
+    times: dict[int, tuple[float, float]] = {}
+    identical = True
+    for size in sorted({n // 2, n}):
+        x, y, groups = lfw_like_templates(size)
+        t0 = time.perf_counter()
+        res = leakage_report(x, y, groups, n_bootstrap=0)
+        ours = time.perf_counter() - t0
+        preds, theirs = _paper_era_leakage(x, y, groups)
+        for k, folds in preds.items():   # the same predictions, template by template, fold by fold
+            identical &= np.array_equal(np.concatenate(folds), np.concatenate(
+                [res.predictions[k][res.fold == f] for f in range(3)]))
+        times[size] = (ours, theirs)
+    (o1, a1), (o2, a2) = times[n // 2], times[n]
+    grow_o, grow_a = np.log2(o2 / o1), np.log2(a2 / a1)
+    ours_13k = o2 * (LFW_IMAGES / n) ** grow_o
+    theirs_13k = a2 * (LFW_IMAGES / n) ** grow_a
+    how = "measured" if n == LFW_IMAGES else f"extrapolated from {n} (n^{grow_o:.2f} ours, n^{grow_a:.2f} theirs)"
+
+    def total(sec: float, cores: int) -> str:
+        return f"{PAPER_SWEEPS * sec / cores / 3600:.0f} h"
+    return (f"folder-protocol leakage, LFW-sized, per checkpoint and set ({how})", ours_13k, theirs_13k, 3,
+            f"{LFW_IMAGES} templates of 512, {LFW_IDENTITIES} identities, BACC AVG {res.bacc['AVG']:.2f}; at {n}: "
+            f"ours {o2:.1f}s, theirs {a2:.1f}s; {PAPER_SWEEPS} (checkpoint, set) of the paper plan: ours "
+            f"{total(ours_13k, 2)} on 2 cores, {total(ours_13k, 16)} on 16; theirs {total(theirs_13k, 2)} and "
+            f"{total(theirs_13k, 16)}; predictions identical: {identical}")
+
+
 RSS_SCRIPT = """
 import sys, time, numpy as np, torch
 from pathlib import Path
@@ -530,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("gender leakage (3 classifiers)", lk["ours_s"], lk["authors_s"], 3,
                      f"{lk['n']} templates; BACC identical: {lk['identical']}"))
         rows.append(bench_attackers(size))
+        rows.append(bench_folder_leakage(mode))
         rss = bench_rss(work, size)
         rows.append(("peak RSS, mmap cache (GB)", rss["peak_rss_gb"], rss["cache_gb"], 3.0,
                      f"{rss['n']:,} templates ({rss['cache_gb']:.1f} GB file), {rss['steps']} steps of batch 128 in "
@@ -563,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             ratio, met = theirs / ours, theirs / ours >= target
             if what.startswith("gender"):
                 met = met and lk["identical"]
+            if what.startswith("folder-protocol leakage"):
+                met = met and note.endswith("identical: True")
             if what.startswith("sweep evaluations"):
                 met = met and note.endswith("identical: True")
             cells = (f"{ours:.2f}s", f"{theirs:.2f}s", f"{ratio:.1f}x", f">= {target}x")

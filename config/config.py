@@ -74,6 +74,11 @@ class Config:
     test_targets: list[str] = option(["vggface2", "lfw", "agedb_30", "colorferet"], "swept", unique=True)
     eval_step: int = option(1000, "steps between validations (0: no validation during training)", ge=0, runtime=True)
     gender_folds: int = option(3, "StratifiedGroupKFold splits of the gender-leakage test (authors: 3)", ge=2)
+    gender_protocol: str = option("bins", "gender-test images: bins (the released code's: the .bin's gender part) or "
+                                  "folders (the paper's runs: every image of gender_folders)",
+                                  choices=("bins", "folders"))
+    gender_folders: dict[str, str] = option({}, "gender_protocol=folders: target name -> subjectid_gender folder of "
+                                            "its gender test, e.g. {'lfw': 'data/train/LFW'}")
     attackers: list[str] = option(["LogReg", "SVM", "RBF"], "gender attackers; 'all': every one")
     bootstrap: int = option(1000, "identity-level bootstrap draws for the attackers' intervals (0: none)", ge=0)
     n_jobs: int = option(-1, "sweep workers, (checkpoint, set) each (-1: all cores); results do not depend on it",

@@ -8,9 +8,12 @@ Beyond the protocol, ``leakage_report`` gives the worst-case leakage (the larges
 attackers run, and which attacker reached it) and identity-level bootstrap intervals, and runs the (attacker, fold)
 fits in parallel; ``gender_leakage`` is its plain-number view. As a tool, for templates of any system:
 
-    python eval/leakage.py --templates T.npy --labels L.csv [--attackers NAME ...|all] [--identity-column identity]
-                           [--attribute-column gender] [--folds 3] [--bootstrap 1000] [--seed 0] [--n-jobs N]
-                           [--out DIR]
+    python eval/leakage.py --templates T.npy (--labels L.csv | --folder DIR) [--attackers NAME ...|all]
+                           [--identity-column identity] [--attribute-column gender] [--folds 3] [--bootstrap 1000]
+                           [--seed 0] [--n-jobs N] [--out DIR]
+
+--folder DIR takes the labels from a subjectid_gender folder (the paper-era gender test, README "Gender-test
+protocols"): one template per image file, identities in folder order and images in sorted order within each.
 """
 from __future__ import annotations
 
@@ -37,10 +40,12 @@ from eval.attackers import (ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, Atta
                             make_attacker)
 from utils.errors import UserError, run_cli
 from utils.io import atomic_write_text, free_path
+from utils.logs import get_logger
 from utils.workers import parallel
 
-__all__ = ["LeakageResult", "leakage_report", "gender_leakage", "main"]
+__all__ = ["LeakageResult", "leakage_report", "gender_leakage", "normalise_labels", "main"]
 
+log = get_logger(__name__)
 WORST = "worst-case"    # the name of the worst case (the maximum over the attackers run) in result tables
 BOOTSTRAP_BLOCK = 100   # bootstrap replicates drawn and evaluated together (bounds memory); part of what a seed draws
 
@@ -105,6 +110,48 @@ def _check_inputs(x: np.ndarray, y: np.ndarray, groups: np.ndarray, n_splits: in
                         f"class(es), merge rare classes, or use fewer folds.")
 
 
+def _label_key(text: str) -> str:
+    """The class a label's spelling names: a number by its value (1, 1.0, 01 and +1 are one class), a name without
+    case or surrounding blanks ('f', 'F' and 'f ' are one class)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text.casefold()
+    if not math.isfinite(value):
+        return text.casefold()
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def normalise_labels(labels: np.ndarray) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """Class labels with each class spelled one way, and the spellings merged (class -> its spellings, only where
+    there were several). Numeric arrays are returned as they are (numpy already compares 1 and 1.0 equal); text and
+    mixed labels are grouped by ``_label_key`` and each group takes its most frequent spelling (then the first in
+    sorted order), so that a class written two ways is never two classes."""
+    y = np.asarray(labels)
+    if y.dtype.kind in "biuf":
+        return y, {}
+    spelled = np.array([str(v).strip() for v in y.ravel()], dtype=object)
+    keys = np.array([_label_key(v) for v in spelled], dtype=object)
+    canon: dict[str, str] = {}
+    merged: dict[str, list[str]] = {}
+    for key in dict.fromkeys(keys.tolist()):
+        names, counts = np.unique([str(v) for v in spelled[keys == key]], return_counts=True)
+        canon[key] = str(names[np.argmax(counts)])   # argmax: the first of the most frequent, in sorted order
+        raw = sorted({str(v) for v in y.ravel()[keys == key]})
+        if len(raw) > 1:
+            merged[canon[key]] = raw
+    out = np.array([canon[k] for k in keys], dtype=str)
+    return out.reshape(y.shape), merged
+
+
+def merged_note(merged: dict[str, list[str]], attribute: str) -> str:
+    """One line naming the spellings counted as one class ('' when none were merged)."""
+    if not merged:
+        return ""
+    parts = "; ".join(f"{', '.join(map(repr, spellings))} as {c!r}" for c, spellings in merged.items())
+    return f"{attribute} labels spelled several ways were counted as one class: {parts}"
+
+
 def unit_rows(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm; rows of extreme magnitude (finite values around 1e160 or 1e-170, whose squares
     overflow or underflow) are first divided by their largest magnitude, so they normalise like any other."""
@@ -166,7 +213,9 @@ def leakage_report(templates: np.ndarray, labels: np.ndarray, identities: np.nda
     fixed and resamples the tested identities (``seed``); ``n_bootstrap=0`` skips it (NaN bounds).
     """
     x = np.asarray(templates, dtype=np.float64)
-    y = np.asarray(labels)
+    y, merged = normalise_labels(labels)
+    if merged:
+        log.info("%s: %s", name, merged_note(merged, attribute))
     groups = np.asarray(identities)
     attackers = tuple(attackers)
     _check_inputs(x, y, groups, n_splits, name, attribute)
@@ -291,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: leakage of the attribute in a .npy of templates labelled by a CSV; table printed, CSV written."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--templates", required=True, help=".npy file of an (N, D) array, one template per row")
-    parser.add_argument("--labels", required=True, help="CSV with a header and one row per template, in order")
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help="CSV with a header and one row per template, in order")
+    labels.add_argument("--folder", help="subjectid_gender folder whose images the templates are, in sorted order")
     parser.add_argument("--attackers", nargs="+", default=list(PAPER_ATTACKERS),
                         help=f"attackers to run, or 'all' (registered: {', '.join(ATTACKERS)}); default: the paper's")
     parser.add_argument("--identity-column", default="identity", help="the labels' identity column (folds group it)")
@@ -319,10 +370,17 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--seed {args.seed}: a seed is a whole number from 0 to {2 ** 32 - 1}.")
         templates = Path(args.templates)
         x = _load_templates(templates)
-        ids, attr = _load_labels(Path(args.labels), args.identity_column, args.attribute_column)
+        if args.folder is not None:
+            from eval.gender_folders import folder_index   # here: that module builds on this one
+            index = folder_index("", args.folder, "--folder")
+            ids, attr = np.asarray(index.folders)[index.labels], index.genders.astype(str)
+            source = f"--folder '{args.folder}' has {len(ids)} images"
+        else:
+            ids, attr = _load_labels(Path(args.labels), args.identity_column, args.attribute_column)
+            source = f"'{args.labels}' has {len(ids)} label rows"
         if len(x) != len(ids):
-            raise UserError(f"'{templates}' holds {len(x)} templates but '{args.labels}' has {len(ids)} label rows; "
-                            f"they must match one to one, in the same order.")
+            raise UserError(f"'{templates}' holds {len(x)} templates but {source}; they must match one to one, in "
+                            f"the same order.")
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out '{out}' is a file; name a folder for the result CSV.")
@@ -330,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
                              n_bootstrap=args.bootstrap, seed=args.seed, n_jobs=args.n_jobs,
                              attribute=args.attribute_column)
         rows = _result_rows(res)
+        attr, merged = normalise_labels(attr)   # as leakage_report counted them
+        if merged:
+            print(f"note: {merged_note(merged, args.attribute_column)}")
         classes, counts = np.unique(attr, return_counts=True)
         print(f"{templates}: {len(x)} templates of dimension {x.shape[1]}, {len(np.unique(ids))} identities; "
               f"'{args.attribute_column}' classes " + ", ".join(f"{c} ({n})" for c, n in zip(classes, counts))

@@ -390,6 +390,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
+            item = item.row_item() if hasattr(item, "row_item") else item   # an item standing for a file or bytes
             data = np.fromfile(item, dtype=np.uint8) if isinstance(item, Path) else \
                 item.read_bytes() if isinstance(item, RecordImage) else item
             img, resized = decode_image(data)

@@ -39,6 +39,7 @@ from pipeline.plan_file import call_plan, check_names, check_released_names, che
 from utils.errors import UserError
 
 from config.options import settings, settings_hash   # runtime-only options (device, workers, ...) left out
+from eval.gender_folders import protocol_inputs
 
 __all__ = ["PLANS_DIR", "Experiment", "Plan", "load_plan", "settings", "settings_hash", "digest", "training_key",
            "EVALUATION_ONLY", "SETTINGS"]
@@ -47,7 +48,7 @@ PLANS_DIR = Path(__file__).resolve().parent.parent / "plans"
 SETTINGS = ("OneDataset", "CrossDataset", "Ablation", "Released")
 # options that change what the sweep measures but not the training: a new sweep, never a new training
 EVALUATION_ONLY = {"test_targets", "attackers", "bootstrap", "gender_folds", "run_name", "output", "log_output",
-                   "resume"}
+                   "resume", "gender_protocol", "gender_folders"}
 # options that only name folders: the same training, wherever its run folder lies (the ablation's default point is
 # the one-dataset training, a run made by finetune.py is the plan's experiment of the same settings)
 FOLDER_ONLY = {"experiment"}
@@ -302,7 +303,7 @@ def inputs(exp: Experiment) -> list[tuple[str, Path, str]]:
         out += [("training data", Path(d), "Running on real data / Preparing the datasets") for d in dirs]
     out += [("evaluation .bin", bin_path(cfg, t), "Running on real data / 2. Evaluation files")
             for t in cfg.test_targets]
-    return out
+    return out + protocol_inputs(cfg)   # gender_protocol=folders: each target's gender-test folder
 
 
 def _file_digest(path: Path) -> str:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from backbones.spec import BackboneSpec
 from config.loading import OVERRIDE_HELP
 from eval.evalset import METRIC_COLUMNS
+from eval.gender_folders import protocol_lines, protocol_tag
 from facedata.dataset import scan_training_data
 from pipeline import sweep as sweep_mod
 from pipeline import train as train_mod
@@ -68,14 +69,15 @@ def reference_path(exp: Experiment, results: Path) -> Path:
     cfg = exp.cfg
     backbone = digest({k: settings(cfg).get(k) for k in ("network", "SE", "output_ori", "embedding_size",
                                                          "cache_dtype", "gender_folds", "rec", "plugins")})
-    return Path(results) / cfg.pretrained / f"reference_{'+'.join(cfg.test_targets)}-{backbone[:8]}.csv"
+    name = f"reference_{'+'.join(cfg.test_targets)}-{backbone[:8]}{protocol_tag(cfg)}.csv"
+    return Path(results) / cfg.pretrained / name
 
 
 def sweep_folder(exp: Experiment, results: Path, run: Path) -> Path:
     """The experiment's own sweep folder, <results>/<pretrained>/<setting>/<data>/<run>: its run's CSVs, report.md
     and plots, and nothing of another experiment's runs."""
     cfg = exp.cfg
-    return Path(results) / cfg.pretrained / exp.setting / cfg.data / run.name
+    return Path(results) / cfg.pretrained / (exp.setting + protocol_tag(cfg)) / cfg.data / run.name   # one per protocol
 
 
 def run_mismatch(exp: Experiment, run: Path) -> str:
@@ -290,6 +292,8 @@ def dry_run(plan: Plan, store: StateStore, selected: list[Experiment]) -> int:
     if images:
         print("training images to extract (each with its flip): " +
               ", ".join(f"{k}: {v}" for k, v in images.items()))
+    for line in protocol_lines(selected, plan.generated_root):
+        print(line)
     missing = missing_inputs(plan)
     if missing:
         print(f"\nMISSING INPUTS ({len(missing)}):")

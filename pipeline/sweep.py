@@ -43,8 +43,9 @@ from config.config import Config
 from eval.attackers import ATTACKERS, PAPER_ATTACKERS, expand_attackers
 from eval.biometrics import RunCheckpoints, check_verification_files, sweep_verification
 from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, Transform, bare_scores, check_bins,
-                          evaluate_set, open_eval_set, pic, transform_scores, warn_if_below_grid, warn_if_collapsed,
+                          evaluate_set, pic, transform_scores, warn_if_below_grid, warn_if_collapsed,
                           warn_if_near_chance)
+from eval.gender_folders import check_and_record_protocol, check_gender_folders, open_protocol_set
 from eval.leakage import WORST
 from eval.verification import ScoreDiagnostics
 from pipeline.report import DIAGNOSTICS, write_report
@@ -334,6 +335,7 @@ def preflight(cfg: Config, out_dir: str | Path, run_base: str | Path, reference:
         raise UserError("config option test_targets is empty: name at least one rec/<name>.bin to evaluate on.")
     check_bins(cfg.rec, targets, "config options rec, test_targets",
                "choose targets with --set test_targets=\"['lfw']\"")
+    check_gender_folders(cfg, targets)   # gender_protocol=folders: each target's folder, both genders
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()
     check_writable(out_dir, "--log-root")
@@ -349,6 +351,7 @@ def preflight(cfg: Config, out_dir: str | Path, run_base: str | Path, reference:
     sweep = Sweep(cfg, out_dir, reference, runs, targets, backbone, attackers, beyond,
                   cfg.bootstrap if beyond else 0, force)
     open_result_files(sweep)
+    check_and_record_protocol(cfg, out_dir, reference, targets)   # one gender-test protocol per folder
     return sweep
 
 
@@ -502,7 +505,7 @@ def _sweep(sweep: Sweep) -> Path | None:
         cache = TemplateCache.from_config(cfg, device, procs, sweep.backbone)
         if not procs.main:   # the other processes extract their shares of the sets' templates, nothing else
             for name in sweep.targets:
-                open_eval_set(cache, cfg.rec, name)
+                open_protocol_set(cache, cfg, name)
             procs.leave()
             return None
         with log_to(sweep.out_dir / "evaluate.log", log.name) as lg:
@@ -511,7 +514,7 @@ def _sweep(sweep: Sweep) -> Path | None:
             if procs.world > 1:
                 lg.info("torchrun: %d processes share the template extraction; process 0 then sweeps alone",
                         procs.world)
-            sets = [open_eval_set(cache, cfg.rec, name) for name in sweep.targets]
+            sets = [open_protocol_set(cache, cfg, name) for name in sweep.targets]
             procs.leave()   # the sweep runs in this process alone
             ref, changed = reference_results(sweep, sets, lg)
             bare = bare_backbone_scores(sweep, sets, ref, lg)

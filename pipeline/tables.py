@@ -75,6 +75,8 @@ def collect(results: list[tuple[Experiment, SweepResults]]) -> tuple[list[dict],
         worst = res.worst().reset_index() if not res.attackers.empty else pd.DataFrame()
         reference = res.reference
         method, described = _method_label(exp)
+        folders = exp.cfg.gender_protocol == "folders"   # the paper-era gender test: marked in the rows
+        described += " [gender test: folders]" if folders else ""
         ab = exp.alpha_beta
         for ds in exp.cfg.test_targets:
             rr = metrics[metrics["Dataset"] == ds].sort_values("Step")
@@ -83,13 +85,14 @@ def collect(results: list[tuple[Experiment, SweepResults]]) -> tuple[list[dict],
             base = {"Backbone": exp.backbone, "Setting": _setting(exp), "Trained on": exp.trained_on,
                     "Held out": exp.held_out, "Dataset": ds}
             ref = reference[reference["Dataset"] == ds] if not reference.empty else reference
-            if len(ref) and (exp.backbone, ds) not in bare:
-                bare[(exp.backbone, ds)] = {**base, "Trained on": "", "Held out": "", "Method": "bare backbone",
-                                            "Settings": "", "Checkpoint": "", "Step": None,
-                                            **{c: float(ref.iloc[0][c]) for c in METRIC_COLUMNS}, "PIC": 0.0}
+            key = (exp.backbone, ds, folders)
+            if len(ref) and key not in bare:
+                bare[key] = {**base, "Trained on": "", "Held out": "", "Method": "bare backbone",
+                             "Settings": "[gender test: folders]" if folders else "", "Checkpoint": "", "Step": None,
+                             **{c: float(ref.iloc[0][c]) for c in METRIC_COLUMNS}, "PIC": 0.0}
             bare_worst = res.bare_worst(ds)
-            if (exp.backbone, ds) in bare and bare_worst is not None:
-                bare[(exp.backbone, ds)].update(_worst_cells(bare_worst))
+            if key in bare and bare_worst is not None:
+                bare[key].update(_worst_cells(bare_worst))
             picked = [("last", rr.iloc[-1])]
             finite = rr[rr["PIC"].notna()]
             if not finite.empty:
@@ -200,7 +203,8 @@ def tradeoff_figures(results: list[tuple[Experiment, SweepResults]], out: Path) 
                 if rr.empty:
                     continue
                 ax.plot(rr["EER"], rr["BACC-Gender-AVG"], "o-", ms=3, lw=1,
-                        label=f"{_method_label(exp)[0]} ({exp.trained_on})")
+                        label=f"{_method_label(exp)[0]} ({exp.trained_on}"
+                              f"{', gender test: folders' if exp.cfg.gender_protocol == 'folders' else ''})")
                 r = ref[ref["Dataset"] == ds] if not ref.empty else ref
                 if len(r) and not starred:
                     ax.scatter([r.iloc[0]["EER"]], [r.iloc[0]["BACC-Gender-AVG"]], marker="*", s=200, c="k",

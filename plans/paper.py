@@ -2,10 +2,15 @@
 AgeDB and ColorFeret x the cross-dataset folds, with the paper's method at the authors' defaults (alpha=20, beta=1,
 100 epochs) and the comparison methods beside it, on every test set of the paper.
 
+The gender test is the one the paper's runs used (the authors' code before its May 2024 refactor, README
+"Gender-test protocols"): every image of each evaluation set's folder (gender_protocol=folders), verification on
+insightface's own 2-item .bin files. plans/paper_released.py is the same grid under the released code's protocol.
+
 Inputs (README, "Running on real data"): the backbone files at checkpoint_root/<family>/reference/backbone.pth, the
-training datasets prepared into data/train/<name> (tools/prepare_dataset.py) and the evaluation files
-data/eval/{lfw,agedb_30,colorferet,vggface2}.bin. Change a path or an option here, in a plan that includes this one
-(INCLUDE = "paper"), or for every experiment with --set.
+training datasets prepared into data/train/<name> (tools/prepare_dataset.py; they are also the gender-test folders
+of lfw, agedb_30 and colorferet), the VGGFace2 sample prepared into data/train/VGGFace2_sample, and the verification
+files data/eval_insightface/{lfw,agedb_30,colorferet,vggface2}.bin. Change a path or an option here, in a plan that
+includes this one (INCLUDE = "paper"), or for every experiment with --set.
 """
 
 # backbone families: the options that select each one (its weights: checkpoint_root/<pretrained>/reference/)
@@ -23,7 +28,13 @@ EVAL_SETS = ["vggface2", "lfw", "agedb_30", "colorferet"]  # the one-dataset set
 METHODS = {"angular": {}, "ive": {}, "pe_miu": {}, "inlp": {}, "leace": {}, "adversarial": {}}
 CROSS_METHODS = list(METHODS)
 
-SET = {}   # options for every experiment, e.g. {"num_epoch": 100, "seed": 0}
+# the paper's gender test: every image of these folders (identities = folders, gender = the suffix after the last _)
+GENDER_FOLDERS = {"lfw": "data/train/LFW", "agedb_30": "data/train/AgeDB", "colorferet": "data/train/ColorFeret",
+                  "vggface2": "data/train/VGGFace2_sample"}
+VERIFICATION_BINS = "data/eval_insightface"   # insightface's 2-item .bin files (the paper's faces_bins_112x112)
+
+# options for every experiment, e.g. {"num_epoch": 100, "seed": 0}
+SET = {"gender_protocol": "folders", "gender_folders": GENDER_FOLDERS, "rec": VERIFICATION_BINS}
 
 
 def experiments(plan) -> list[dict]:

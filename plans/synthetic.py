@@ -5,7 +5,11 @@ THE NUMBERS ARE SYNTHETIC. The "faces" are images into which a template has been
 reads it back (demo.py explains it). Three synthetic training datasets stand for LFW, AgeDB and ColorFeret, each with
 an evaluation .bin of other identities, and a fourth .bin stands for the VGGFace2 sample. The grid has the paper's
 shape: the one-dataset setting for each dataset with the paper's method and the comparison methods, the
-cross-dataset folds, and a small alpha x beta ablation.
+cross-dataset folds, and a small alpha x beta ablation. The one-dataset runs of FOLDER_METHODS are swept under both
+gender-test protocols (README "Gender-test protocols"): the .bin files' gender part (bins, the released code's) and
+every image of each set's folder (folders, the paper's runs': a training dataset's own folder, as the paper tested on
+the images it trained on, and the test folder of the set standing for the VGGFace2 sample); the tables mark the
+latter "[gender test: folders]". The trainings are shared.
 """
 from pathlib import Path
 
@@ -22,6 +26,7 @@ METHODS = {"angular": {}, "ive": {"ive.rounds": 5}, "inlp": {"inlp.iterations": 
            "pe_miu": {"pe_miu.block_size": 128}, "adversarial": {}}
 CROSS_METHODS = ["angular", "leace"]
 ABLATION = dict(trained_on="SynthA", alphas=[0, 20], betas=[0, 1])
+FOLDER_METHODS = ["angular", "leace"]                    # one-dataset runs swept under the folder protocol too
 BACKBONE = "Demo decoder"
 
 SET = {"plugins": ["synthetic"], "network": "demo_decoder", "pretrained": "Demo", "num_epoch": 8,
@@ -81,6 +86,14 @@ def experiments(plan) -> list[dict]:
             out.append(dict(backbone=plan.BACKBONE, setting="OneDataset", trained_on=data, method=method,
                             options={**backbone, **options, "data_dir": str(root / "train" / data),
                                      "test_targets": every_set}))
+    folders = {**{t: str(root / "train" / d) for d, t in plan.TARGETS.items() if d in plan.DATASETS},
+               plan.ALL_TARGET: str(root / "test" / plan.ALL_TARGET)}
+    for data in plan.DATASETS:                                     # the same trainings, the paper-era gender test
+        for method in plan.FOLDER_METHODS:
+            out.append(dict(backbone=plan.BACKBONE, setting="OneDataset", trained_on=data, method=method,
+                            options={**backbone, **plan.METHODS[method], "data_dir": str(root / "train" / data),
+                                     "test_targets": every_set, "gender_protocol": "folders",
+                                     "gender_folders": folders}))
     folds = [(held, [d for d in plan.DATASETS if d != held], plan.TARGETS[held]) for held in plan.DATASETS]
     folds.append(("", list(plan.DATASETS), plan.ALL_TARGET))
     for held, train_on, target in folds:                           # the cross-dataset folds

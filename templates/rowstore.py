@@ -30,7 +30,9 @@ Row = tuple[Path, int]   # (chunk file, row in it)
 
 def item_key(item: Path | RecordImage | bytes) -> bytes:
     """The row store's key of an image: a file's path, size and mtime; a record's file (size, mtime) and key; an
-    encoded image's content. A file that cannot be read gets a key of its path alone (it is then reported)."""
+    encoded image's content. A file that cannot be read gets a key of its path alone (it is then reported). An item
+    with ``row_item()`` (eval.gender_folders) is keyed as the file or bytes it stands for."""
+    item = item.row_item() if hasattr(item, "row_item") else item
     if isinstance(item, Path):
         try:
             st = item.stat()

@@ -85,13 +85,20 @@ def interrupt_at(monkeypatch, module, name: str, when: int) -> dict:
 def test_tables_figures_and_a_second_run_that_does_nothing(uninterrupted, monkeypatch, capsys):
     files = outputs(uninterrupted)
     text = files["tables.md"]
-    assert "9 of 9 experiments have results (8 distinct trainings)" in text
+    assert "13 of 13 experiments have results (8 distinct trainings)" in text   # 4 one-dataset runs swept twice
     for table in ("Demo_decoder_synth_a.csv", "Demo_decoder_synth_b.csv", "Demo_decoder_synth_all.csv",
                   "cross_dataset_Demo_decoder.csv", "ablation_Demo_decoder_SynthA.csv"):
         assert table in files
     rows = list(csv.DictReader(files["Demo_decoder_synth_a.csv"].splitlines()))
-    assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in rows][:3] == [
+    # the same trainings under the paper-era gender test (every image of the set's folder), with their own bare row
+    folders = [r for r in rows if r["Settings"].endswith("[gender test: folders]")]
+    plain = [r for r in rows if r not in folders]
+    assert [(r["Trained on"], r["Method"], r["Checkpoint"]) for r in plain][:3] == [
         ("", "bare backbone", ""), ("SynthA", "angular", "last"), ("SynthA", "angular", "best PIC")]
+    assert {(r["Trained on"], r["Method"]) for r in folders} == {
+        ("", "bare backbone"), ("SynthA", "angular"), ("SynthA", "leace"), ("SynthB", "angular"), ("SynthB", "leace")}
+    bins_bare, folder_bare = (next(r for r in rs if r["Method"] == "bare backbone") for rs in (rows, folders))
+    assert bins_bare["EER"] == folder_bare["EER"] and bins_bare["BACC-Gender-AVG"] != folder_bare["BACC-Gender-AVG"]
     assert {r["Method"] for r in rows} == {"bare backbone", "angular", "leace"}
     # every number is the sweep's: the last checkpoint's row of the run's metrics CSV
     monkeypatch.chdir(uninterrupted)
@@ -103,7 +110,7 @@ def test_tables_figures_and_a_second_run_that_does_nothing(uninterrupted, monkey
     with open(Path(swept["folder"]) / f"{swept['run']}_metrics.csv", newline="") as fh:
         swept = [r for r in csv.DictReader(fh) if r["Dataset"] == "synth_a"]
     last = max(swept, key=lambda r: int(r["Step"]))
-    assert float(rows[1]["EER"]) == float(last["EER"]) and int(rows[1]["Step"]) == int(last["Step"]) == 6
+    assert float(plain[1]["EER"]) == float(last["EER"]) and int(plain[1]["Step"]) == int(last["Step"]) == 6
     cross = list(csv.DictReader(files["cross_dataset_Demo_decoder.csv"].splitlines()))
     assert [(r["Held out"], r["Trained on"], r["Dataset"]) for r in cross if r["Checkpoint"] == "last"] == [
         ("SynthA", "SynthB", "synth_a"), ("SynthB", "SynthA", "synth_b"), ("(none)", "SynthA+SynthB", "synth_all")]
@@ -182,13 +189,14 @@ def test_dry_run_of_the_paper_plan_with_nothing_downloaded(tmp_path, monkeypatch
     for path in ("work_dirs/checkpoints/ArcFace/reference/backbone.pth",
                  "work_dirs/checkpoints/ElasticFace/reference/backbone.pth",
                  "work_dirs/checkpoints/SphereFace/reference/backbone.pth", "data/train/LFW", "data/train/AgeDB",
-                 "data/train/ColorFeret", "data/eval/lfw.bin", "data/eval/agedb_30.bin", "data/eval/colorferet.bin",
-                 "data/eval/vggface2.bin"):
+                 "data/train/ColorFeret", "data/eval_insightface/lfw.bin", "data/eval_insightface/agedb_30.bin",
+                 "data/eval_insightface/colorferet.bin", "data/eval_insightface/vggface2.bin",
+                 "data/train/VGGFace2_sample"):   # the paper's gender test: every image of the sets' folders
         assert f": {path}  (README: '" in out, path
-    assert "MISSING INPUTS (10)" in out and "Preparing the datasets" in out
+    assert "MISSING INPUTS (11)" in out and "Preparing the datasets" in out
     # the real run refuses before any compute, naming them all
     assert reproduce.main(["paper"]) == 2
-    assert "lacks 10 input(s)" in capsys.readouterr().err and calls["n"] == 0
+    assert "lacks 11 input(s)" in capsys.readouterr().err and calls["n"] == 0
 
 
 def test_released_layers_in_an_unknown_layout_are_evaluated_with_the_mapping_file(uninterrupted, tmp_path,
