@@ -48,7 +48,7 @@ from backbones.spec import BackboneSpec
 from eval.attackers import ALL, ATTACKERS, expand_attackers, register_attacker
 from eval.evalset import EvalTemplates, evaluate_set, open_eval_set
 from pipeline.sweep import evaluate_all
-from eval.leakage import gender_leakage, leakage_report
+from eval.gender_leakage import gender_leakage, leakage_report
 from eval.verification import evaluate_verification
 from facedata.bin_builder import build_bin
 from facedata.binfile import load_bin

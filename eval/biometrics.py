@@ -48,7 +48,8 @@ from scipy.stats import norm
 from torch import nn
 
 from eval.evalset import EvalTemplates, model_templates, own_comparison
-from eval.leakage import _load_templates, unit_rows
+from eval.gender_leakage import unit_rows
+from eval.leakage_cli import load_templates
 from eval.verification import exact_eer_auc, pair_distances
 from utils.errors import UserError, full_disk_named, listing, run_cli
 from utils.io import atomic_path, atomic_write_text, free_path
@@ -841,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--bootstrap must be at least 0 and --seed a whole number from 0 to {2 ** 32 - 1} (got "
                             f"{args.bootstrap} and {args.seed}).")
         templates = Path(args.templates)
-        x = _load_templates(templates)
+        x = load_templates(templates)
         ids = _read_ids(Path(args.ids)) if args.ids else None
         if ids is not None and len(ids) != len(x):
             raise UserError(f"ids file '{args.ids}' lists {len(ids)} ids, '{templates}' holds {len(x)} templates; "

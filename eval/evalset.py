@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from eval.attackers import PAPER_ATTACKERS, AttackContext, expand_attackers
-from eval.leakage import LeakageResult, leakage_report
+from eval.gender_leakage import LeakageResult, leakage_report
 from eval.verification import (FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics, pair_distances, score_diagnostics,
                                verification_from_distances)
 from facedata.binfile import load_bin

@@ -207,8 +207,8 @@ def _conflicts(have: dict[str, tuple[str, str]], want: dict[str, tuple[str, str]
 def check_and_record_protocol(cfg: Any, out_dir: Path, reference: Path, targets: Sequence[str]) -> None:
     """Refuse a sweep whose protocol (or gender-test images) differs from the one that made the rows already in
     ``out_dir`` or the reference CSV, then record it: ``out_dir/protocol.csv`` and, for a reference the sweep is
-    about to compute under folders, ``<reference>.protocol.csv`` beside it. A folder of results from before this file existed
-    counts as bins (the only protocol then); so does an existing reference without a protocol file."""
+    about to compute under folders, ``<reference>.protocol.csv`` beside it. A folder of results from before this file
+    existed counts as bins (the only protocol then); so does an existing reference without a protocol file."""
     want = _marks(cfg.gender_protocol, cfg, targets)
     where = out_dir / PROTOCOL_FILE
     have = _read_marks(where)

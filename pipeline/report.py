@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from eval.biometrics import verification_section
 from eval.evalset import COLLAPSE_SHARE, METRIC_COLUMNS, EvalTemplates
-from eval.leakage import WORST
+from eval.gender_leakage import WORST
 from eval.verification import FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics
 from pipeline.results import ResultReader
 from utils.errors import full_disk_named

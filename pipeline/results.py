@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from eval.evalset import METRIC_COLUMNS
-from eval.leakage import WORST
+from eval.gender_leakage import WORST
 from pipeline.plans import digest, safe_name
 from utils.errors import UserError
 from utils.io import atomic_write_text

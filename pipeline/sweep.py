@@ -46,7 +46,7 @@ from eval.evalset import (METRIC_COLUMNS, EvalTemplates, SetResult, Transform, b
                           evaluate_set, pic, transform_scores, warn_if_below_grid, warn_if_collapsed,
                           warn_if_near_chance)
 from eval.gender_folders import check_and_record_protocol, check_gender_folders, open_protocol_set
-from eval.leakage import WORST
+from eval.gender_leakage import WORST
 from eval.verification import ScoreDiagnostics
 from pipeline.report import DIAGNOSTICS, write_report
 from pipeline.results import (ATTACKER_COLUMNS, BARE_ATTACKER_COLUMNS, BARE_ATTACKERS_FILE, BARE_DIAGNOSTICS_FILE,

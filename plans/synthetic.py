@@ -89,7 +89,7 @@ def experiments(plan) -> list[dict]:
     folders = {**{t: str(root / "train" / d) for d, t in plan.TARGETS.items() if d in plan.DATASETS},
                plan.ALL_TARGET: str(root / "test" / plan.ALL_TARGET)}
     for data in plan.DATASETS:                                     # the same trainings, the paper-era gender test
-        for method in plan.FOLDER_METHODS:
+        for method in (m for m in plan.FOLDER_METHODS if m in plan.METHODS):   # those the plan trains
             out.append(dict(backbone=plan.BACKBONE, setting="OneDataset", trained_on=data, method=method,
                             options={**backbone, **plan.METHODS[method], "data_dir": str(root / "train" / data),
                                      "test_targets": every_set, "gender_protocol": "folders",

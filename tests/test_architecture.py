@@ -36,7 +36,7 @@ AUTHORS_COLUMNS = ["Step", "Dataset", "EER", "TAR@FAR=0.1%", "BACC-Gender-LogReg
 RANKS = {"utils": 0, "config": 1, "facedata": 2, "backbones": 3, "losses": 3, "synthetic": 4, "templates": 4,
          "eval": 5, "privacy": 6, "pipeline": 7}
 # command lines: thin files at the top that call a library's main()
-ENTRY_POINTS = ["finetune.py", "eval/evaluation.py", "eval/verify.py", "reproduce.py",
+ENTRY_POINTS = ["finetune.py", "eval/evaluation.py", "eval/leakage.py", "eval/verify.py", "reproduce.py",
                 *sorted(str(p.relative_to(REPO)) for p in (REPO / "tools").glob("*.py"))]
 SCAFFOLDING = ("synthetic", "demo", "bench", "tests", "helpers")
 

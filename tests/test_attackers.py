@@ -15,11 +15,11 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.svm import SVC
 
-from eval import leakage
+from eval import leakage_cli
 from helpers import registered
 from eval.attackers import ALL, ATTACKERS, PAPER_ATTACKERS, AttackContext, cosine_similarity, expand_attackers, \
     register_attacker
-from eval.leakage import gender_leakage, leakage_report
+from eval.gender_leakage import gender_leakage, leakage_report
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -236,13 +236,13 @@ def test_tool_main_binary_and_never_overwrites(tmp_path, capsys):
     t, lab = _write(tmp_path, x.astype(np.float32), [f"person{i}" for i in ids], ["f" if v else "m" for v in g])
     argv = ["--templates", str(t), "--labels", str(lab), "--attackers", "LogReg", "kNN", "--bootstrap", "100",
             "--out", str(tmp_path / "res")]
-    assert leakage.main(argv) == 0
+    assert leakage_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "worst-case" in out and "kNN" in out and "48 identities" in out
     rows = _rows(tmp_path / "res" / "t_leakage.csv")
     assert [(r["Kind"], r["Attacker"]) for r in rows] == [("paper", "LogReg"), ("extra", "kNN"), ("worst-case", "kNN")]
     assert all(float(r["CI_low"]) <= float(r["BACC"]) <= float(r["CI_high"]) for r in rows)
-    assert leakage.main(argv) == 0                               # a second run takes a new name
+    assert leakage_cli.main(argv) == 0                               # a second run takes a new name
     assert _rows(tmp_path / "res" / "t_leakage.csv") == rows
     assert (tmp_path / "res" / "t_leakage_2.csv").exists()
 
@@ -269,7 +269,7 @@ def test_tool_subprocess_multiclass_all_attackers(tmp_path):
 
 
 def _bad(tmp_path, capsys, argv, *fragments):
-    assert leakage.main(argv) == 2
+    assert leakage_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     for f in fragments:

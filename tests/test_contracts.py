@@ -12,7 +12,7 @@ import torch
 import synthetic  # noqa: F401  (registers the demo backbone, itself a registered architecture)
 from backbones import ARCHITECTURES, get_backbone, load_backbone
 from eval.attackers import ATTACKERS
-from eval.leakage import leakage_report
+from eval.gender_leakage import leakage_report
 from facedata.align.detectors import DETECTORS, DetectorSpec, Face, build_detector
 from helpers import demo_cfg, synthetic_world
 from losses import HEADERS, get_header

@@ -73,7 +73,7 @@ def test_metrics_equal_a_direct_evaluation_of_the_layer(trained, tmp_path):
     from facedata.binfile import load_bin
     from facedata.dataset import decode_image, to_tensor
     from eval.verification import evaluate_verification
-    from eval.leakage import gender_leakage
+    from eval.gender_leakage import gender_leakage
     out_dir = sweep(trained, tmp_path)
     es = load_bin(trained / "rec" / "synth_b.bin")
     net = load_backbone("demo_decoder", trained / "ckpt" / "Demo" / "reference" / "backbone.pth")

@@ -16,7 +16,7 @@ from sklearn.svm import SVC
 
 from pipeline import train as finetune
 from pipeline import sweep as evaluation
-from eval.leakage import gender_leakage
+from eval.gender_leakage import gender_leakage
 from eval.verification import evaluate_verification, verification_from_distances
 from helpers import demo_cfg, synthetic_world
 from privacy import METHODS, FitContext, get_method

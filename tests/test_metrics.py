@@ -9,7 +9,7 @@ from sklearn.model_selection import KFold
 
 from utils.errors import UserError
 from eval.evalset import pic
-from eval.leakage import gender_leakage
+from eval.gender_leakage import gender_leakage
 from eval.verification import evaluate_verification
 
 

@@ -209,7 +209,8 @@ def test_a_sweep_folder_keeps_one_protocol(tmp_path):
     folders = _write(tmp_path / "faces", {"a_0": 1, "b_1": 1})
     out, ref = tmp_path / "out", tmp_path / "ref.csv"
     bins = load_config(None, ["test_targets=['lfw']"])
-    fold = load_config(None, ["test_targets=['lfw']", "gender_protocol=folders", f"gender_folders={{'lfw': '{folders}'}}"])
+    fold = load_config(None, ["test_targets=['lfw']", "gender_protocol=folders",
+                              f"gender_folders={{'lfw': '{folders}'}}"])
     check_and_record_protocol(fold, out, ref, ["lfw"])
     assert (out / "protocol.csv").read_text().splitlines() == ["Dataset,Protocol,Gender-Test", f"lfw,folders,{folders}"]
     assert (tmp_path / "ref.csv.protocol.csv").is_file()
@@ -262,7 +263,8 @@ def test_bins_protocol_numbers_are_unchanged_byte_for_byte(tmp_path):
 
 def test_leakage_counts_one_class_per_label_spelling(tmp_path, capsys):
     """Issue 29 item 13: '1' and '1.0', 'f', 'F' and 'f ' are one class each, in the library and the tool."""
-    from eval.leakage import leakage_report, main
+    from eval.gender_leakage import leakage_report
+    from eval.leakage_cli import main
     rng = np.random.default_rng(0)
     ids = np.repeat(np.arange(12), 5)
     gender = ids % 2
@@ -285,7 +287,7 @@ def test_leakage_counts_one_class_per_label_spelling(tmp_path, capsys):
 def test_leakage_tool_takes_the_labels_of_a_folder(tmp_path, capsys):
     """--folder DIR: identities and genders of a subjectid_gender folder, images in sorted order, as a labels CSV
     written out by hand gives them; a folder of one gender is refused by name."""
-    from eval.leakage import main
+    from eval.leakage_cli import main
     folder = _write(tmp_path / "faces", {f"{k:03d}_{k % 2}": 2 + k % 3 for k in range(12)})
     rows = [(d.name, d.name[-1]) for d in sorted(folder.iterdir()) for _ in sorted(d.iterdir())]
     x = np.random.default_rng(0).normal(size=(len(rows), 8)) + np.array([float(g) for _, g in rows])[:, None]

@@ -15,8 +15,8 @@ import torch
 
 from backbones import ProjectionLayer
 from config.loading import load_config
-from eval import leakage
-from eval.leakage import leakage_report
+from eval import leakage_cli
+from eval.gender_leakage import leakage_report
 from facedata.bin_builder import build_bin
 from facedata.binfile import load_bin
 from facedata.dataset import ImageDataset, scan_training_data
@@ -127,7 +127,7 @@ def test_leakage_tool_names_a_lying_npy_header_and_bad_options(tmp_path, capsys)
     for argv, fragment in (([f"--templates={lying}"], "huge.npy' could not be read"),
                            ([f"--templates={good}", "--n-jobs", "0"], "--n-jobs 0"),
                            ([f"--templates={good}", "--seed", "-1"], "--seed -1")):
-        assert leakage.main([*argv, f"--labels={labels}", f"--out={tmp_path}", "--bootstrap=0"]) == 2
+        assert leakage_cli.main([*argv, f"--labels={labels}", f"--out={tmp_path}", "--bootstrap=0"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
     assert not list(tmp_path.glob("*_leakage*.csv"))
