@@ -95,6 +95,8 @@ class TemplateCache:
         """Hash of everything the templates depend on; ``inputs`` names the images (see folder_inputs, bin_inputs)."""
         parts = {"version": CACHE_VERSION, **self.backbone.fingerprint(), "inputs": inputs,
                  "dtype": self.settings.dtype}
+        if self.settings.amp != "none":   # autocast's templates are not float32's (float32 keeps its keys)
+            parts["amp"] = self.settings.amp
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
     def store(self) -> RowStore:

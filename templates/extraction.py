@@ -1,5 +1,7 @@
 """The backbone pass of the template cache: images decoded in DataLoader workers while the backbone runs, each
-image and its flip, the rows written to the row store as they come (pipelined one batch deep on CUDA)."""
+image and its flip, the rows written to the row store as they come (pipelined one batch deep on CUDA); under
+autocast (amp=bf16) on CUDA and on CPUs with bfloat16 instructions; progress as log lines when there is no
+terminal."""
 from __future__ import annotations
 
 import time
@@ -15,9 +17,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from facedata.dataset import ImageDataset, normalize_images, problem_report
-from utils.device import decode_workers
+from utils.device import autocast_dtype, decode_workers
 from utils.errors import UserError
+from utils.logs import get_logger
 from templates.rowstore import RowStore
+
+log = get_logger(__name__)
 
 
 class BackboneSource(Protocol):
@@ -35,13 +40,17 @@ class ExtractionSettings:
     dtype: str = "float32"          # storage of the cached templates: float32 or float16
     batch_size: int = 32
     num_workers: int = 2
-    amp: str = "none"               # CUDA autocast during extraction: none, bf16, fp16
+    amp: str = "none"               # autocast during extraction: none, bf16 (CUDA, CPUs with bf16), fp16 (CUDA)
     channels_last: bool = False
+    progress_every: float = 30.0    # seconds between progress lines when there is no terminal (0: every batch)
+
+    def __post_init__(self) -> None:
+        autocast_dtype(self.device, self.amp)   # an amp this device cannot run is refused before any compute
 
     @classmethod
     def from_config(cls, cfg, device: torch.device) -> "ExtractionSettings":
         return cls(device, cfg.cache_dtype, cfg.extract_batch_size, decode_workers(cfg.num_workers), cfg.amp,
-                   cfg.channels_last)
+                   cfg.channels_last, cfg.progress_every)
 
 
 @dataclass
@@ -73,20 +82,21 @@ def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store:
     backbone = backbone.to(device).eval()
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.amp) if cuda else None
+    amp = autocast_dtype(device, settings.amp)
     loader = DataLoader(ImageDataset(items), batch_size=settings.batch_size, shuffle=False,
                         num_workers=settings.num_workers, pin_memory=cuda,
                         prefetch_factor=4 if settings.num_workers else None)
     result = Pass()
     writer = store.writer(settings.dtype)
     bar = tqdm(total=len(items), desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
+    lines = ProgressLines(f"extracting {what}", len(items), settings.progress_every) if bar.disable else None
 
     def launch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
         """The device work of one batch: (B, 2, D) normalised templates and (B, 2) norms, on their way to the host."""
         x = normalize_images(x.to(device, non_blocking=True))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             feats = [backbone(x).float(), backbone(x.flip(3)).float()]
         # row-wise on contiguous (B, D) outputs: the same arithmetic as F.normalize(backbone(x)) in training
         normed = torch.stack([F.normalize(f, dim=1) for f in feats], dim=1)
@@ -113,6 +123,8 @@ def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store:
                    was_resized.numpy()[good])
         bar.update(len(idx))
         done_count += len(idx)
+        if lines is not None:
+            lines.update(done_count)
         if on_batch is not None:
             on_batch(done_count)
 
@@ -136,3 +148,35 @@ def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store:
         bar.close()
     result.written, result.seconds = writer.written, time.perf_counter() - t0
     return result
+
+
+class ProgressLines:
+    """Progress of a long pass as log lines, for output that is not a terminal (a job, nohup: the progress bar is
+    then off): done / total, images/s and the estimated time left, at most one line per ``every`` seconds of
+    ``clock`` (injectable, for tests)."""
+
+    def __init__(self, what: str, total: int, every: float, clock: Callable[[], float] = time.monotonic):
+        self.what, self.total, self.every, self.clock = what, total, every, clock
+        self.start = self.last = clock()
+
+    def update(self, done: int) -> str | None:
+        """Log (and return) a line when ``every`` seconds have passed since the last one."""
+        now = self.clock()
+        if now - self.last < self.every:
+            return None
+        self.last = now
+        rate = done / (now - self.start) if now > self.start else 0.0
+        left = f"about {duration((self.total - done) / rate)} left" if rate > 0 else "time left unknown yet"
+        line = f"{self.what}: {done}/{self.total} ({done / max(self.total, 1):.0%}), {rate:.1f} images/s, {left}"
+        log.info(line)
+        return line
+
+
+def duration(seconds: float) -> str:
+    """A time span in words: '45 s', '3 min 20 s', '2 h 05 min'."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
