@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -133,11 +132,13 @@ def embedding_size_for(cfg: Any) -> Any:
     """``cfg`` with embedding_size set to the template size of its backbone weights (config options network,
     output_ori, SE), logged when it changes; ``cfg`` unchanged when the weights are absent, do not fit the network
     or do not say (the loader's error then names embedding_size). Pre-flight of training and of the sweep."""
-    path = Path(cfg.output_ori)
+    from backbones.spec import BackboneSpec
+    spec = BackboneSpec.from_config(cfg)
+    path = spec.weights
     if cfg.network not in ARCHITECTURES or not path.is_file():
         return cfg
     try:
-        size = _file_template_size(cfg.network, str(path.resolve()), bool(cfg.SE), path.stat().st_mtime_ns)
+        size = spec.template_size()
     except UserError:
         return cfg
     if size is None or size == cfg.embedding_size:
@@ -234,3 +235,7 @@ def load_projection(path: str | os.PathLike, embedding_size: int = 512, n_hidden
                         f"remove the file from the run folder if it is not a privacy layer.")
     layer.load_state_dict(state, strict=True)
     return layer.eval()
+
+
+from backbones.onnx import OnnxArchitecture  # noqa: E402  (it imports this module's register_architecture)
+register_architecture("onnx", OnnxArchitecture())

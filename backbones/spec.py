@@ -20,7 +20,12 @@ class BackboneSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "BackboneSpec":
-        """The backbone of config options network, output_ori, SE and embedding_size."""
+        """The backbone of config options network, output_ori, SE and embedding_size; a registered network that is
+        built from its own file (network=onnx) gives its own description."""
+        from backbones import ARCHITECTURES
+        own = getattr(ARCHITECTURES.get(cfg.network), "spec_from_config", None)
+        if own is not None:
+            return own(cfg)
         return cls(cfg.network, Path(cfg.output_ori), bool(cfg.SE), int(cfg.embedding_size))
 
     def check(self) -> None:
@@ -34,6 +39,12 @@ class BackboneSpec:
         """The pretrained backbone, loaded strictly and safely, in eval mode."""
         from backbones import load_backbone
         return load_backbone(self.network, self.weights, self.num_features, self.use_se)
+
+    def template_size(self) -> int | None:
+        """The template size read from the weights file (None: the file does not say or does not fit)."""
+        from backbones import _file_template_size
+        return _file_template_size(self.network, str(self.weights.resolve()), self.use_se,
+                                   self.weights.stat().st_mtime_ns)
 
     def fingerprint(self) -> dict[str, object]:
         """What the templates depend on: architecture, options and the weights' content."""
