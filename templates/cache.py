@@ -44,7 +44,7 @@ from utils.io import sha256_file
 from utils.logs import get_logger
 from templates.entry import CACHE_VERSION, Templates, open_entry, publish
 from templates.extraction import BackboneSource, ExtractionSettings, extract_rows, undecodable
-from templates.rowstore import RowStore, item_key
+from templates.rowstore import RowStore, content_key, item_key, row_key
 
 log = get_logger(__name__)
 
@@ -147,7 +147,9 @@ class TemplateCache:
                 plan.lock.enter_context(store.in_use())
                 plan.work = self._start_build(final, store, len(items), what)
             plan.keys = [item_key(item) for item in items]
-            plan.todo = np.asarray(store.missing(plan.keys), dtype=np.int64)
+            by_path = list(plan.keys)
+            # an image file not stored under its path may be under its content (a .bin's image): read only those
+            plan.todo = np.asarray(store.missing(plan.keys, lambda i: content_key(items[i])), dtype=np.int64)
         except BaseException:
             plan.close()
             raise
@@ -155,6 +157,11 @@ class TemplateCache:
         if len(plan.todo) < distinct:
             log.info("%d of %d distinct %s already extracted (row store %s)", distinct - len(plan.todo), distinct,
                      what, store.path)
+            todo = set(plan.todo.tolist())
+            same = sum(a != b and i not in todo for i, (a, b) in enumerate(zip(by_path, plan.keys)))
+            if same:
+                log.info("%d of them found by their content (the same bytes extracted before, e.g. as images of a "
+                         ".bin)", same)
         if self.processes.world > 1:
             log.info("%d %s to extract, shared by %d processes", len(plan.todo), what, self.processes.world)
         return plan
@@ -186,10 +193,12 @@ class TemplateCache:
         mine = plan.todo[procs.share(len(plan.todo), self.settings.batch_size)].tolist()
         if not mine:
             return [], []
-        keys = [plan.keys[i] for i in mine] if plan.keys else [item_key(items[i]) for i in mine]
+        # a file's row under its content's key, its path key as the alias (the next lookup then reads nothing)
+        keys = [plan.keys[i] for i in mine] if plan.keys else [row_key(items[i]) for i in mine]
+        aliases = [item_key(items[i]) if isinstance(items[i], Path) else b"" for i in mine]
         with full_disk_named(self.folder, "cache_dir"):
             done = extract_rows(self.backbone.load(), [items[i] for i in mine], keys, self.store(), self.settings,
-                                lambda j: describe(mine[j]), what, on_batch)
+                                lambda j: describe(mine[j]), what, on_batch, aliases)
         log.info("%sextracted %d %s in %.1fs (%.1f images/s, each with its flip)",
                  f"process {procs.rank} " if procs.world > 1 else "", len(mine), what, done.seconds,
                  len(mine) / done.seconds)

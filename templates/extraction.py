@@ -70,10 +70,11 @@ def undecodable(what: str, problems: list[str]) -> UserError:
 
 def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store: RowStore,
                  settings: ExtractionSettings, describe: Callable[[int], str], what: str,
-                 on_batch: Callable[[int], object] | None = None) -> Pass:
+                 on_batch: Callable[[int], object] | None = None, aliases: list[bytes] | None = None) -> Pass:
     """The backbone pass over ``items``: their rows written to ``store`` every CHUNK_ROWS images (neither the images
     nor the templates held in memory); ``on_batch`` called with the number of images done each time a batch's rows
-    reach the host. Images that fail to decode are listed in the result, not raised.
+    reach the host; ``aliases``: each row's second key (RowStore.write_chunk). Images that fail to decode are
+    listed in the result, not raised.
 
     On CUDA the pass is pipelined one batch deep: batch k+1 is sent to the GPU before the rows of batch k are
     copied back (asynchronously, into pinned memory) and written, so the GPU does not wait for the host."""
@@ -120,7 +121,8 @@ def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store:
             done.synchronize()
         good = np.array([not e for e in errors])
         writer.add([keys[int(i)] for i, ok in zip(idx, good) if ok], normed.numpy()[good], norms.numpy()[good],
-                   was_resized.numpy()[good])
+                   was_resized.numpy()[good], None if aliases is None else
+                   [aliases[int(i)] for i, ok in zip(idx, good) if ok])
         bar.update(len(idx))
         done_count += len(idx)
         if lines is not None:
