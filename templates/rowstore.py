@@ -83,13 +83,13 @@ class RowStore:
     def chunks(self) -> list[Path]:
         return sorted(self.path.glob("chunk-*.npz")) if self.path.is_dir() else []
 
-    def find(self, also: Sequence[Path] = ()) -> dict[bytes, Row]:
-        """Where each stored image is: its key (or a file row's alias, its path key) -> (chunk file, row).
+    def find(self, also: Sequence[Path] = (), aliases: bool = False) -> dict[bytes, Row]:
+        """Where each stored image is: its key (and with ``aliases`` a file row's path key too) -> (chunk file, row).
         ``also``: chunk files known to be there (other processes', which a network file system may not list yet)."""
         found: dict[bytes, Row] = {}
         for chunk in sorted(set(self.chunks()) | set(also)):
             with np.load(chunk) as z:
-                if "aliases" in z.files:
+                if aliases and "aliases" in z.files:
                     found.update((a, (chunk, r)) for r, a in enumerate(z["aliases"].tolist()) if a)
                 found.update((k, (chunk, r)) for r, k in enumerate(z["keys"].tolist()))
         return found
@@ -98,7 +98,7 @@ class RowStore:
         """Positions of the images not yet stored (the first of each image listed twice), in order. ``content(i)``:
         the content key of image i (content_key), tried where ``keys[i]`` is not stored; where there is one,
         ``keys[i]`` becomes it (the key its row is found or stored under)."""
-        found = self.find()
+        found = self.find(aliases=True)
         if content is not None:
             for i, k in enumerate(keys):
                 if k not in found and (c := content(i)) is not None:
@@ -146,7 +146,7 @@ class RowStore:
         be there), chunk by chunk; returns its metadata (meta.json written last). The entry records each row's own
         key (a row found by its alias is recorded by its key), the keys templates.space keeps rows by."""
         by_chunk: dict[Path, list[tuple[int, int]]] = {}
-        found = self.find(also)
+        found = self.find(also, aliases=True)
         for pos, k in enumerate(keys):
             chunk, row = found[k]
             by_chunk.setdefault(chunk, []).append((pos, row))
