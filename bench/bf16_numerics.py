@@ -6,7 +6,7 @@
 2. the change of every metric of the quick demo's sweep (each checkpoint and the bare backbone, both sets) when the
    same checkpoints are swept with amp=bf16 instead of float32.
 
-    python bench/bf16_numerics.py [--out bf16_numerics] [--images 256] [--golden PATH]
+    python bench/bf16_numerics.py [--out bf16_numerics] [--images 256] [--golden PATH] [--existing DEMO_FOLDER]
 """
 from __future__ import annotations
 import sys
@@ -70,10 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256, help="demo images for the golden backbones' cosines")
     parser.add_argument("--golden", default=str(Path(__file__).resolve().parents[2] / "shared" / "golden" /
                                                  "backbones.json"))
+    parser.add_argument("--existing", default=None, help="a quick demo's folder made by an earlier run: not made again")
     args = parser.parse_args(argv)
     logging.disable(logging.INFO)
-    res = run_demo(Path(args.out), quick=True)
-    out = res["out"]
+    if args.existing:
+        out = Path(args.existing)
+        results = out / "results" / "Synthetic" / "SynthFaces"
+        res = {"out": out, "reference": out / "results" / "reference_Demo.csv", "results": results,
+               "final": [p.name[: -len("_metrics.csv")] for p in results.glob("*_metrics.csv")]}
+    else:
+        res = run_demo(Path(args.out), quick=True)
+        out = res["out"]
     overrides = demo_overrides(out, QUICK, 0)
     lines = []
     # 1. cosines: the demo backbone over all the demo's images (training set and both .bin files' images)
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     cos = cosines(BackboneSpec.from_config(cfg), train, out / "numerics")
     lines.append(f"demo backbone, {len(train)} demo training images x 2 (flip): cosine min {cos.min():.6f}, "
                  f"mean {cos.mean():.6f}")
+    print(lines[-1], flush=True)
     golden = json.loads(Path(args.golden).read_text())
     subset = train[:: max(1, len(train) // args.images)][: args.images]
     for case in golden["cases"]:

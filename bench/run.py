@@ -314,7 +314,7 @@ def bench_bf16(work: Path, device: torch.device, batch: int, n_images: int, roun
     except UserError as e:
         print(f"bf16 rows not measured: {e}", file=sys.stderr)
         return []
-    items = scan_dataset(work / "train").paths[:min(n_images, 192)]   # 6 batches of 32: a short run
+    items = scan_dataset(work / "train").paths[:min(n_images, 4 * batch)]   # 4 batches: a short run
     net = load_backbone("iresnet50", work / "r50.pth").to(device).eval().to(memory_format=torch.channels_last)
     macs = multiply_adds(load_backbone("iresnet50", work / "r50.pth"))
     x = torch.randn(batch, 3, 112, 112, device=device).contiguous(memory_format=torch.channels_last)

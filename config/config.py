@@ -27,7 +27,7 @@ class Config:
     plugins: list[str] = option([], "modules or .py files imported first (new methods, attackers)")
 
     # ---- backbone ----------------------------------------------------------------------------------------------
-    network: str = option("iresnet50", "iresnet18/34/50/100/200, sfnet20, sfnet20_deprecated(_v0); see README")
+    network: str = option("iresnet50", "iresnet18/34/50/100/200, sfnet20, sfnet20_deprecated(_v0), onnx (onnx.model)")
     SE: bool = option(False, "squeeze-and-excitation blocks in the iresnet (ElasticFace's option)")
     embedding_size: int = option(512, "template size of the backbone and of the privacy layer", ge=1)
 
