@@ -92,6 +92,8 @@ def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store:
     bar = tqdm(total=len(items), desc=f"extracting {what}", unit="img", leave=False, dynamic_ncols=True, disable=None)
     lines = ProgressLines(f"extracting {what}", len(items), settings.progress_every) if bar.disable else None
 
+    checked: list[bool] = []   # the first batch's autocast templates compared with float32's
+
     def launch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
         """The device work of one batch: (B, 2, D) normalised templates and (B, 2) norms, on their way to the host."""
         x = normalize_images(x.to(device, non_blocking=True))
@@ -99,6 +101,9 @@ def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             feats = [backbone(x).float(), backbone(x.flip(3)).float()]
+        if amp is not None and not checked:
+            check_autocast(backbone, x, feats[0], settings.amp, what)
+            checked.append(True)
         # row-wise on contiguous (B, D) outputs: the same arithmetic as F.normalize(backbone(x)) in training
         normed = torch.stack([F.normalize(f, dim=1) for f in feats], dim=1)
         norms = torch.stack([f.norm(dim=1) for f in feats], dim=1)
@@ -150,6 +155,24 @@ def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store:
         bar.close()
     result.written, result.seconds = writer.written, time.perf_counter() - t0
     return result
+
+
+AUTOCAST_MIN_COSINE = 0.999   # the closeness to float32 the README states for amp=bf16
+
+
+def check_autocast(backbone: nn.Module, x: torch.Tensor, feats: torch.Tensor, amp: str, what: str) -> float:
+    """The first batch's autocast templates against float32's (one more forward, once per pass): logged, and a
+    warning naming amp=none where the least cosine is below AUTOCAST_MIN_COSINE (an ill-conditioned network, whose
+    templates bf16 would move). Returns that cosine."""
+    ref = backbone(x).float()
+    cos = float(F.cosine_similarity(feats, ref, dim=1).min())
+    if cos < AUTOCAST_MIN_COSINE:
+        log.warning("amp=%s moves this backbone's templates of the %s away from float32's: least cosine %.4f on "
+                    "the first batch (expected >= %s). This network is ill-conditioned under %s; use amp=none for "
+                    "numbers you report.", amp, what, cos, AUTOCAST_MIN_COSINE, amp)
+    else:
+        log.info("amp=%s: the first batch's templates of the %s lie within cosine %.5f of float32's", amp, what, cos)
+    return cos
 
 
 class ProgressLines:

@@ -62,7 +62,7 @@ def extract(tmp_path, items, name, **kw):
     SEEN.clear()
     cache = TemplateCache(tmp_path / name, BackboneSpec("small", tmp_path / "small.pth", num_features=64),
                           ExtractionSettings(torch.device("cpu"), batch_size=8, num_workers=0, **kw))
-    return np.array(cache.get("set", "bf16-test", items).templates, dtype=np.float64), set(SEEN)
+    return np.array(cache.get("set", "bf16-test", items).templates, dtype=np.float64), list(SEEN)
 
 
 @needs_bf16
@@ -70,7 +70,10 @@ def test_bf16_extraction_runs_in_bf16_and_stays_within_the_stated_cosine(small):
     items, tmp_path = small
     ref, seen32 = extract(tmp_path, items, "f32")
     bf16, seen16 = extract(tmp_path, items, "bf16", amp="bf16", channels_last=True)
-    assert seen32 == {torch.float32} and seen16 == {torch.bfloat16}
+    # bf16 in every extraction forward (3 batches, image and flip, 2 convolutions); float32 only in the one check
+    # of the first batch against float32 (check_autocast)
+    assert seen32 == [torch.float32] * 12
+    assert seen16.count(torch.bfloat16) == 12 and seen16.count(torch.float32) == 2
     cos = (ref * bf16).sum(-1)                      # rows are unit vectors: image and flip
     assert cos.min() >= 0.999 and not np.array_equal(ref, bf16)
 
@@ -132,3 +135,28 @@ def test_progress_lines_appear_with_output_redirected_to_a_file(tmp_path):
     assert lines == ["8/32", "16/32", "24/32", "32/32"], out.read_text()[-2000:]
     lines = re.findall(r"INFO extracting training images of .*", out.read_text())
     assert "images/s" in lines[0] and "left" in lines[0]
+
+
+class OffsetNet(SmallNet):
+    """SmallNet whose output passes through a large offset: exact in float32, while bfloat16 (8 bits of mantissa)
+    keeps little of it; an ill-conditioned network in miniature."""
+
+    def forward(self, x):
+        return (self.fc(self.body(x)) + 4096.0) - 4096.0
+
+
+@needs_bf16
+def test_a_network_bf16_moves_is_named_in_a_warning(small, caplog):
+    items, tmp_path = small
+    backbones.register_architecture("offset", OffsetNet)
+    cache = TemplateCache(tmp_path / "offset", BackboneSpec("offset", tmp_path / "small.pth", num_features=64),
+                          ExtractionSettings(torch.device("cpu"), batch_size=8, num_workers=0, amp="bf16"))
+    with caplog.at_level("INFO", logger="genderprivacy"):
+        cache.get("set", "offset", items)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "amp=bf16 moves" in r.getMessage()]
+    assert len(warned) == 1 and "use amp=none" in warned[0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="genderprivacy"):
+        extract(tmp_path, items, "fine", amp="bf16")
+    assert any("lie within cosine" in r.getMessage() for r in caplog.records)
+    assert not any("amp=bf16 moves" in r.getMessage() for r in caplog.records)
