@@ -170,7 +170,7 @@ def report_onnx(path: str | Path, cfg, bin_path: str | Path | None = None, max_p
             rows.append((order, eer))
             print(f"  EER on {Path(bin_path).name} ({len(issame)} pairs) with onnx.channels={order}: {eer:.4f}" +
                   (f"  <- near chance (> {NEAR_CHANCE_EER})" if eer > NEAR_CHANCE_EER else ""))
-    best = min(rows, key=lambda r: r[1]) if bin_path is not None else rows[0]
+    best = min(rows, key=lambda r: r[1] if r[1] is not None else float("inf"))
     print(f"settings: --set network=onnx onnx.model={path} onnx.channels={best[0]} embedding_size={size}")
     return rows
 

@@ -127,9 +127,11 @@ class RowStore:
         tmp = final.with_suffix(".tmp")
         try:
             with open(tmp, "wb") as fh:
-                extra = {"aliases": np.array(aliases, dtype=KEY_DTYPE)} if aliases and any(aliases) else {}
-                np.savez(fh, keys=np.array(keys, dtype=KEY_DTYPE), templates=templates, norms=norms, resized=resized,
-                         **extra)
+                arrays = {"keys": np.array(keys, dtype=KEY_DTYPE), "templates": templates, "norms": norms,
+                          "resized": resized}
+                if aliases and any(aliases):
+                    arrays["aliases"] = np.array(aliases, dtype=KEY_DTYPE)
+                np.savez(fh, **arrays)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
@@ -185,9 +187,9 @@ class RowStore:
                 continue
             size = chunk.stat().st_size
             if wanted.any():
-                new = self.write_chunk([k for k, w in zip(keys, wanted) if w], *(parts[n][wanted] for n in
-                                                                                  ("templates", "norms", "resized")),
-                                       aliases=None if aliases is None else aliases[wanted].tolist())
+                new = self.write_chunk([k for k, w in zip(keys, wanted) if w], parts["templates"][wanted],
+                                       parts["norms"][wanted], parts["resized"][wanted],
+                                       None if aliases is None else aliases[wanted].tolist())
                 size -= new.stat().st_size
             chunk.unlink()
             dropped += int((~wanted).sum())
@@ -216,6 +218,6 @@ class RowWriter:
 
     def flush(self) -> None:
         if self.keys:
-            self.written.append(self.store.write_chunk(self.keys, *(np.concatenate(p) for p in zip(*self.parts)),
-                                                       aliases=self.aliases))
+            templates, norms, resized = (np.concatenate(p) for p in zip(*self.parts))
+            self.written.append(self.store.write_chunk(self.keys, templates, norms, resized, self.aliases))
             self.keys, self.aliases, self.parts = [], [], []
