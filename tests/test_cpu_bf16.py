@@ -135,6 +135,16 @@ def test_progress_lines_appear_with_output_redirected_to_a_file(tmp_path):
     assert lines == ["8/32", "16/32", "24/32", "32/32"], out.read_text()[-2000:]
     lines = re.findall(r"INFO extracting training images of .*", out.read_text())
     assert "images/s" in lines[0] and "left" in lines[0]
+    # the sweep's extraction of the .bin's images (pairs and gender test), output to a file as well
+    sweep = tmp_path / "sweep.txt"
+    with open(sweep, "w") as fh:
+        subprocess.run([sys.executable, str(REPO / "eval" / "evaluation.py"), "--log-root", str(tmp_path / "res"),
+                        "--model-root", str(tmp_path / "ckpt" / "Demo"), "--experiment-name", "OneDataset/ColorFeret",
+                        "--reference-pth", str(tmp_path / "res" / "reference.csv"), "--set", *args,
+                        f"rec={cfg.rec}", "test_targets=['synth_a']", "n_jobs=1"],
+                       stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=True, cwd=tmp_path)
+    done = re.findall(r"INFO extracting images of synth_a.bin: (\d+)/(\d+) ", sweep.read_text())
+    assert len(done) >= 2 and done[-1][0] == done[-1][1], sweep.read_text()[-2000:]
 
 
 class OffsetNet(SmallNet):
