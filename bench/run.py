@@ -305,8 +305,8 @@ def mm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
 def bench_bf16(work: Path, device: torch.device, batch: int, n_images: int, rounds: int = 2) -> list[tuple]:
     """amp=bf16 against float32 on the same images and batch (both channels_last): the extraction's images/s
     (decoding included, after the first batch), and on the CPU each dtype's raw forward rate as a share of the
-    processor's practical peak (mm_peak). Alternated rounds, the best of each: the machine may be shared. [] where bf16 cannot
-    run (the reason is printed)."""
+    processor's practical peak (mm_peak). Alternated rounds, the best of each: the machine may be shared. [] where
+    bf16 cannot run (the reason is printed)."""
     from utils.device import autocast_dtype
     from utils.errors import UserError
     try:
