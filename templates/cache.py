@@ -3,7 +3,7 @@
 For each image the cache holds normalize(backbone(x)) and normalize(backbone(flip(x))) as an (N, 2, D) array
 (float32, or float16 on request) plus the (N, 2) norms, so the raw backbone outputs are recoverable for the
 bare-backbone reference. The folder name carries a hash of everything the templates depend on: format version,
-architecture, weights-file content, and the inputs (a training folder's relative paths, sizes and mtimes; a
+architecture, weights-file content, the autocast (amp) when one is used, and the inputs (a training folder's relative paths, sizes and mtimes; a
 record file's size, mtime, index and keys; a .bin's content). Extraction writes into a hidden folder and renames it
 into place when complete, so a killed extraction never leaves a cache that is later read.
 
