@@ -79,8 +79,9 @@ def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
         raise UserError(f"config option 'amp' is bf16 but this processor ({_cpu_name()}) has no bfloat16 "
                         f"instructions (none of {', '.join(BF16_INSTRUCTIONS)} found): bf16 would be emulated, "
                         f"slower than float32. Use amp=none (the default) on this machine.")
+    where = "on CUDA and on CPUs with bfloat16 instructions" if amp == "bf16" else "on CUDA only"
     hint = " (on the CPU: amp=bf16, where the processor has bfloat16 instructions)" if device.type == "cpu" else ""
-    raise UserError(f"config option 'amp' is {amp}, which runs on CUDA only{hint}; the device is {device}. Use "
+    raise UserError(f"config option 'amp' is {amp}, which runs {where}{hint}; the device is {device}. Use "
                     f"amp=none here.")
 
 
