@@ -129,3 +129,18 @@ def test_identify_backbone_reports_the_onnx_input_and_output(world, capsys):
     assert "input  data: shape ['n', 3, 112, 112], tensor(float)" in out
     assert "output fc1: shape ['n', 512]" in out and "templates of 512 values" in out
     assert [r[0] for r in rows] == ["RGB", "BGR"] and all(0 <= r[1] <= 1 for r in rows)
+
+
+def test_in_the_loop_training_runs_the_onnx_backbone(world, tmp_path):
+    """cache=False: the ONNX network runs inside every step; its checkpoint is the torch network's up to Adam's
+    amplification of the templates' last-bit differences (BENCHMARKS.md, numerical notes): almost every weight
+    within 1e-4, none further than the steps times the learning rate."""
+    torch_cfg, onnx_cfg = configs(world, tmp_path, "cache=False", "eval_step=0")
+    states = []
+    for k, cfg in enumerate((torch_cfg, onnx_cfg)):
+        run = finetune.train(dataclasses.replace(cfg, checkpoint_root=str(tmp_path / f"loop{k}")))
+        states.append(torch.load(run.checkpoints[-1], weights_only=True))
+    steps = int(run.checkpoints[-1].name.split("ftn")[0])
+    for key in states[0]:
+        diff = (states[0][key] - states[1][key]).abs()
+        assert diff.max() <= steps * torch_cfg.lr and (diff < 1e-4).float().mean() > 0.999, key
