@@ -20,7 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from backbones.spec import register_architecture
+from backbones.architectures import register_architecture
 
 __all__ = ["SFNet", "SFNET_LAYOUTS", "sfnet20", "sfnet20_deprecated", "sfnet20_deprecated_v0"]
 

@@ -1,32 +1,16 @@
 """The one description of a backbone (architecture, weights file, SE option, template size) that both the loader
-and the template cache's key use, so the two can never drift apart; and the registry of architectures."""
+and the template cache's key use, so the two can never drift apart."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from typing import Callable
-
 from torch import nn
 
-from config.options import register_options
+from backbones.architectures import ARCHITECTURES
+from backbones.weights import file_template_size, load_backbone
 from utils.errors import UserError
 from utils.io import sha256_file
-from utils.registry import Registry
-
-# config option ``network``: every architecture, by name: ``builder(num_features=..., use_se=...) -> nn.Module``
-Builder = Callable[..., nn.Module]
-ARCHITECTURES: Registry[Builder] = Registry("backbone", "network", on_options=register_options)
-
-
-def register_architecture(name: str, builder: Builder | None = None, *, options: type | None = None,
-                          help: str = "") -> Callable[[Builder], Builder] | Builder:
-    """Decorator: make ``builder(num_features=..., use_se=...)`` the architecture ``name`` (config option
-    network). ``register_architecture(name, builder)``, the call of earlier versions, registers at once."""
-    if builder is not None:
-        ARCHITECTURES.add(name, builder, options, help)
-        return builder
-    return ARCHITECTURES.register(name, options, help)
 
 
 @dataclass(frozen=True)
@@ -38,7 +22,11 @@ class BackboneSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "BackboneSpec":
-        """The backbone of config options network, output_ori, SE and embedding_size."""
+        """The backbone of config options network, output_ori, SE and embedding_size; a registered network that is
+        built from its own file (network=onnx) gives its own description."""
+        own = getattr(ARCHITECTURES.get(cfg.network), "spec_from_config", None)
+        if own is not None:
+            return own(cfg)
         return cls(cfg.network, Path(cfg.output_ori), bool(cfg.SE), int(cfg.embedding_size))
 
     def check(self) -> None:
@@ -47,6 +35,15 @@ class BackboneSpec:
             raise UserError(f"backbone weights not found: '{self.weights}' (config option output_ori, by default "
                             f"checkpoint_root/pretrained/reference/backbone.pth). Download the pretrained backbone "
                             f"there (README: 'Pretrained backbones') or set output_ori.")
+
+    def load(self) -> nn.Module:
+        """The pretrained backbone, loaded strictly and safely, in eval mode."""
+        return load_backbone(self.network, self.weights, self.num_features, self.use_se)
+
+    def template_size(self) -> int | None:
+        """The template size read from the weights file (None: the file does not say or does not fit)."""
+        return file_template_size(self.network, str(self.weights.resolve()), self.use_se,
+                                   self.weights.stat().st_mtime_ns)
 
     def fingerprint(self) -> dict[str, object]:
         """What the templates depend on: architecture, options and the weights' content."""

@@ -151,7 +151,7 @@ def bench_extraction_vs_raw(work: Path, n_images: int, device: torch.device, bat
     cache = TemplateCache(work / "extraction_timing", BackboneSpec("iresnet50", work / "r50.pth"),
                           ExtractionSettings(device, batch_size=batch, num_workers=WORKERS))
     cache.get("timing", "bench", scan_dataset(work / "train").paths,
-              on_batch=lambda done: stamps.append((time.perf_counter(), done)))
+              on_batch=lambda done, s=stamps: s.append((time.perf_counter(), done)))
     net = load_backbone("iresnet50", work / "r50.pth").to(device).eval()
     (t_first, n_first), (t_last, n_last) = stamps[0], stamps[-1]
     extraction = 2 * (n_last - n_first) / (t_last - t_first)    # forwards: each image and its flip
@@ -270,6 +270,96 @@ def bench_parallel_sweep(work: Path, device: torch.device, gender: int) -> tuple
             f"10 checkpoints x 2 sets of 600 pairs + {gender} gender templates (random, cached), the paper's 3 "
             f"attackers; n_jobs={jobs} (whole command, worker start included) against n_jobs=1; metrics identical: "
             f"{results[1] == results[jobs]}")
+
+
+def multiply_adds(net: torch.nn.Module, size: tuple[int, int] = (112, 112)) -> int:
+    """Multiply-adds of one image through ``net``'s convolutions and linear layers (the rest, BatchNorm, PReLU and
+    the additions of the residuals, is a few percent and not counted), counted once with forward hooks."""
+    total = [0]
+
+    def count(mod: torch.nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        if isinstance(mod, torch.nn.Conv2d):
+            total[0] += out.numel() * (mod.in_channels // mod.groups) * mod.kernel_size[0] * mod.kernel_size[1]
+        else:
+            total[0] += out.numel() * mod.in_features
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, (torch.nn.Conv2d,
+                                                                                        torch.nn.Linear))]
+    try:
+        with torch.inference_mode():
+            net.eval()(torch.zeros(1, 3, *size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+def mm_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """The processor's practical peak in FLOP/s for ``dtype``: a large square torch.mm on the threads torch uses,
+    the best of ``reps`` (a multiply-add counts as 2 FLOP). On a shared machine one short measurement can fall in
+    a busy moment: bench_bf16 takes the best over its rounds."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def bench_bf16(work: Path, device: torch.device, batch: int, n_images: int, rounds: int = 2) -> list[tuple]:
+    """amp=bf16 against float32 on the same images and batch (both channels_last): the extraction's images/s
+    (decoding included, after the first batch), and on the CPU each dtype's raw forward rate as a share of the
+    processor's practical peak (mm_peak). Alternated rounds, the best of each: the machine may be shared. [] where
+    bf16 cannot run (the reason is printed)."""
+    from utils.device import autocast_dtype
+    from utils.errors import UserError
+    try:
+        autocast_dtype(device, "bf16")
+    except UserError as e:
+        print(f"bf16 rows not measured: {e}", file=sys.stderr)
+        return []
+    items = scan_dataset(work / "train").paths[:min(n_images, 4 * batch)]   # 4 batches: a short run
+    net = load_backbone("iresnet50", work / "r50.pth").to(device).eval().to(memory_format=torch.channels_last)
+    macs = multiply_adds(load_backbone("iresnet50", work / "r50.pth"))
+    x = torch.randn(batch, 3, 112, 112, device=device).contiguous(memory_format=torch.channels_last)
+    extraction: dict[str, float] = {}
+    raw: dict[str, float] = {}
+    peak = {"none": 0.0, "bf16": 0.0}
+    for r in range(rounds):
+        for amp in ("none", "bf16"):
+            stamps: list[tuple[float, int]] = []
+            cache = TemplateCache(work / f"bf16_timing_{amp}_{r}", BackboneSpec("iresnet50", work / "r50.pth"),
+                                  ExtractionSettings(device, batch_size=batch, num_workers=WORKERS, amp=amp,
+                                                     channels_last=True))
+            cache.get("timing", "bench", items, on_batch=lambda done, s=stamps: s.append((time.perf_counter(), done)))
+            (t_first, n_first), (t_last, n_last) = stamps[0], stamps[-1]
+            extraction[amp] = max(extraction.get(amp, 0.0), (n_last - n_first) / (t_last - t_first))
+            dtype = torch.bfloat16 if amp == "bf16" else torch.float32
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=amp == "bf16"):
+                net(x)
+                t0 = time.perf_counter()
+                for _ in range(2):
+                    net(x)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                raw[amp] = max(raw.get(amp, 0.0), 2 * batch / (time.perf_counter() - t0))
+            if device.type == "cpu":   # the peak beside each forward's timing, in the same moment of the machine
+                peak[amp] = max(peak[amp], mm_peak(torch.bfloat16 if amp == "bf16" else torch.float32))
+    rows = [("bf16 extraction vs float32 (img/s)", extraction["bf16"], extraction["none"], 2.0,
+             f"finetune.py's extraction (decoding, image and flip, the row store), images/s after the first batch; "
+             f"{len(items)} images, iresnet50, batch {batch}, channels_last on both sides; best of {rounds} "
+             f"alternated rounds")]
+    if device.type != "cpu":   # the peak is measured on the CPU (not written for a GPU, where none was at hand)
+        return rows
+    for amp, name in (("none", "float32"), ("bf16", "bf16")):
+        achieved = 2 * macs * raw[amp]
+        rows.append((f"arithmetic rate, {name} forward (GFLOP/s)", achieved / 1e9, peak[amp] / 1e9, 0,
+                     f"iresnet50's {macs / 1e9:.2f} G multiply-adds per image (convolutions and linear layers, "
+                     f"counted once with forward hooks) x {raw[amp]:.1f} images/s of the raw forward (batch {batch}, "
+                     f"channels_last), against a 2048x2048 torch.mm in {name} on the same {torch.get_num_threads()} "
+                     f"threads, the best of 10 in each round (the practical peak)"))
+    return rows
 
 
 def bench_alignment(work: Path, n_images: int) -> tuple | None:
@@ -559,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about 2 minutes on 2 cores)")
     parser.add_argument("--out", default="bench_results", help="folder for results.csv and results.md")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--only", choices=("bf16",), default=None,
+                        help="only these rows, a short run (e.g. on a shared machine): bf16 = the bf16 and arithmetic-"
+                             "rate rows")
     args = parser.parse_args(argv)
     device = select_device(args.device)
     mode = "quick" if args.quick else ("gpu" if device.type == "cuda" else "full")
@@ -577,43 +670,53 @@ def main(argv: list[str] | None = None) -> int:
         import logging
         logging.disable(logging.INFO)
 
-        fin = bench_finetune(work, size, str(device))
-        rows.append(("finetune, 100 epochs (projected)", fin["proj_cache_s"], fin["proj_loop_s"], 40,
-                     f"{n_train} images, iresnet50, batch {size['batch']}; measured {fin['epochs']} epoch(s): cache "
-                     f"{fin['measured_cache_s']:.1f}s (extraction {fin['extract_s']:.1f}s, later epochs "
-                     f"{fin['epoch_cache_s']:.3f}s)"
-                     f", in the loop {fin['measured_loop_s']:.1f}s (later epochs {fin['epoch_loop_s']:.1f}s)"))
-        ext = bench_extraction_vs_raw(work, n_train, device, size["batch"])
-        rows.append(("extraction throughput (img/s)", ext["extraction_ips"], ext["raw_ips"], 0.9,
-                     f"forwards/s after the first batch: extraction loop with decoding (images and flips) vs raw "
-                     f"forward on "
-                     f"in-memory tensors, batch {size['batch']}"))
-        sw = bench_sweep(work, size, device)
-        rows.append(("eval sweep, 10 ckpts x 2 sets", sw["ours_s"], sw["authors_s"], 5,
-                     f"{size['pairs']} pairs + {size['gender']} gender images per set; authors' design timed on "
-                     f"{sw['authors_measured']} checkpoint(s) x 2 sets and scaled to 10"))
-        rows.append(bench_parallel_sweep(work, device, size["sweep_gender"]))
-        lk = bench_leakage(size)
-        rows.append(("gender leakage (3 classifiers)", lk["ours_s"], lk["authors_s"], 3,
-                     f"{lk['n']} templates; BACC identical: {lk['identical']}"))
-        rows.append(bench_attackers(size))
-        rows.append(bench_folder_leakage(mode))
-        rss = bench_rss(work, size)
-        rows.append(("peak RSS, mmap cache (GB)", rss["peak_rss_gb"], rss["cache_gb"], 3.0,
-                     f"{rss['n']:,} templates ({rss['cache_gb']:.1f} GB file), {rss['steps']} steps of batch 128 in "
-                     f"{rss['seconds']:.1f}s"))
-        rows.append(bench_step(device))
-        shared = bench_shared_extraction(work, size, device)
-        if shared is not None:
-            rows.append(shared)
-        alignment = bench_alignment(work, size["align"])
-        if alignment is None:
-            print("face alignment not measured: pip install -r requirements-align.txt scikit-image", file=sys.stderr)
-        else:
-            rows.append(alignment)
+        rows += bench_bf16(work, device, size["batch"], n_train)   # first: --only bf16 stops after these
+        if args.only is None:
+            fin = bench_finetune(work, size, str(device))
+            rows.append(("finetune, 100 epochs (projected)", fin["proj_cache_s"], fin["proj_loop_s"], 40,
+                         f"{n_train} images, iresnet50, batch {size['batch']}; measured {fin['epochs']} epoch(s): "
+                         f"cache {fin['measured_cache_s']:.1f}s (extraction {fin['extract_s']:.1f}s, later epochs "
+                         f"{fin['epoch_cache_s']:.3f}s)"
+                         f", in the loop {fin['measured_loop_s']:.1f}s (later epochs {fin['epoch_loop_s']:.1f}s)"))
+            ext = bench_extraction_vs_raw(work, n_train, device, size["batch"])
+            rows.append(("extraction throughput (img/s)", ext["extraction_ips"], ext["raw_ips"], 0.9,
+                         f"forwards/s after the first batch: extraction loop with decoding (images and flips) vs raw "
+                         f"forward on "
+                         f"in-memory tensors, batch {size['batch']}"))
+            sw = bench_sweep(work, size, device)
+            rows.append(("eval sweep, 10 ckpts x 2 sets", sw["ours_s"], sw["authors_s"], 5,
+                         f"{size['pairs']} pairs + {size['gender']} gender images per set; authors' design timed on "
+                         f"{sw['authors_measured']} checkpoint(s) x 2 sets and scaled to 10"))
+            rows.append(bench_parallel_sweep(work, device, size["sweep_gender"]))
+            lk = bench_leakage(size)
+            rows.append(("gender leakage (3 classifiers)", lk["ours_s"], lk["authors_s"], 3,
+                         f"{lk['n']} templates; BACC identical: {lk['identical']}"))
+            rows.append(bench_attackers(size))
+            rows.append(bench_folder_leakage(mode))
+            rss = bench_rss(work, size)
+            rows.append(("peak RSS, mmap cache (GB)", rss["peak_rss_gb"], rss["cache_gb"], 3.0,
+                         f"{rss['n']:,} templates ({rss['cache_gb']:.1f} GB file), {rss['steps']} steps of batch 128 "
+                         f"in "
+                         f"{rss['seconds']:.1f}s"))
+            rows.append(bench_step(device))
+            shared = bench_shared_extraction(work, size, device)
+            if shared is not None:
+                rows.append(shared)
+            alignment = bench_alignment(work, size["align"])
+            if alignment is None:
+                print("face alignment not measured: pip install -r requirements-align.txt scikit-image",
+                      file=sys.stderr)
+            else:
+                rows.append(alignment)
     table = []
     for what, ours, theirs, target, note in rows:
-        if what.startswith("sharded extraction"):
+        if what.startswith("bf16 extraction"):
+            ratio, met = ours / theirs, ours / theirs >= target
+            cells = (f"{ours:.1f}", f"{theirs:.1f} (float32)", f"{ratio:.2f}x", f">= {target}x")
+        elif what.startswith("arithmetic rate"):
+            ratio, met = ours / theirs, None
+            cells = (f"{ours:.0f}", f"{theirs:.0f} (torch.mm peak)", f"{ratio:.0%} of peak", "-")
+        elif what.startswith("sharded extraction"):
             ratio, met = ours / theirs, None
             cells = (f"{ours:.1f}", f"{theirs:.1f} (1 process)", f"{ratio:.2f}x", "-")
         elif what.startswith("cached train step"):

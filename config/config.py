@@ -27,7 +27,7 @@ class Config:
     plugins: list[str] = option([], "modules or .py files imported first (new methods, attackers)")
 
     # ---- backbone ----------------------------------------------------------------------------------------------
-    network: str = option("iresnet50", "iresnet18/34/50/100/200, sfnet20, sfnet20_deprecated(_v0); see README")
+    network: str = option("iresnet50", "iresnet18/34/50/100/200, sfnet20, sfnet20_deprecated(_v0), onnx (onnx.model)")
     SE: bool = option(False, "squeeze-and-excitation blocks in the iresnet (ElasticFace's option)")
     embedding_size: int = option(512, "template size of the backbone and of the privacy layer", ge=1)
 
@@ -93,9 +93,12 @@ class Config:
                                      runtime=True)
     num_workers: int = option(-1, "image-decoding worker processes (-1: the cores' share less one, 2 to 8)", ge=-1,
                               runtime=True)
-    amp: str = option("none", "CUDA only, extraction: none, bf16 or fp16 autocast", choices=("none", "bf16", "fp16"))
+    amp: str = option("none", "extraction's autocast: none, bf16 (CUDA; CPUs with bf16 instructions) or fp16 (CUDA)",
+                      choices=("none", "bf16", "fp16"))
     channels_last: bool = option(False, "channels_last memory format for the backbone (extraction and in-loop)",
                                  runtime=True)
+    progress_every: float = option(30.0, "seconds between extraction progress lines without a terminal (0: each batch)",
+                                   ge=0, runtime=True)
 
     # ---- options of components (methods, attackers, ...), declared in their own files --------------------------
     # group name -> its options dataclass, e.g. groups["ive"].rounds; set with --set ive.rounds=20

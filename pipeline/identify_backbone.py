@@ -9,10 +9,15 @@ identical keys), only the outputs can tell: with --bin, each candidate's EER is 
 protocol (template = net(x) + net(flip(x)), 10 folds), and an EER near chance (above 0.2) is flagged: a wrong
 layout, a wrong input normalisation or a misaligned .bin. --max-pairs takes that many pairs evenly spread over
 the file (0: all) to keep a CPU run short.
+
+An ONNX file (``.onnx``, network=onnx) is described by its input and output instead: names, shapes and types, the
+template size, and with --bin its EER with both channel orders under the input options given with --set onnx.*
+(insightface's by default), so a wrong channel order or normalisation shows as the worse EER.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -139,9 +144,41 @@ def report(path: str | Path, bin_path: str | Path | None = None, max_pairs: int 
     return rows
 
 
+def report_onnx(path: str | Path, cfg, bin_path: str | Path | None = None, max_pairs: int = 1000,
+                device: str = "auto") -> list[tuple[str, float | None]]:
+    """Print an ONNX file's input and output (and with ``bin_path`` the EER with each channel order under the
+    options of ``cfg``'s onnx group); return (channel order, EER) rows."""
+    from backbones.onnx import OnnxBackbone, OnnxSpec, model_io
+    spec = OnnxSpec.from_config(dataclasses.replace(cfg, groups={**cfg.groups, "onnx": dataclasses.replace(
+        cfg.group("onnx"), model=str(path))}))
+    spec.check()
+    inp, out = model_io(spec.weights)
+    size = spec.template_size()
+    print(f"ONNX backbone '{path}'")
+    print(f"  input  {inp.name}: shape {inp.shape}, {inp.type}")
+    print(f"  output {out.name}: shape {out.shape}, {out.type}; templates of {size} values")
+    o = spec.options
+    print(f"  run with: {o.channels}, (pixel - {o.mean:g}) / {o.std:g}, fit {o.fit}")
+    rows: list[tuple[str, float | None]] = [(o.channels, None)]
+    if bin_path is not None:
+        dev = select_device(device)
+        images, issame = pair_images(bin_path, max_pairs)
+        rows = []
+        for order in ("RGB", "BGR"):
+            net = OnnxBackbone(spec.weights, dataclasses.replace(o, channels=order))
+            eer = evaluate_verification(templates(net, images, dev), issame, str(bin_path)).eer
+            rows.append((order, eer))
+            print(f"  EER on {Path(bin_path).name} ({len(issame)} pairs) with onnx.channels={order}: {eer:.4f}" +
+                  (f"  <- near chance (> {NEAR_CHANCE_EER})" if eer > NEAR_CHANCE_EER else ""))
+    best = min(rows, key=lambda r: r[1] if r[1] is not None else float("inf"))
+    print(f"settings: --set network=onnx onnx.model={path} onnx.channels={best[0]} embedding_size={size}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", help="backbone weights (a state dict, with or without DataParallel's 'module.')")
+    parser.add_argument("path", help="backbone weights (a state dict, with or without DataParallel's 'module.'), "
+                                     "or an .onnx file")
     parser.add_argument("--bin", default=None, help="evaluation .bin (5-item or 2-item) to compute each EER on")
     parser.add_argument("--max-pairs", type=int, default=1000, help="pairs of --bin to use, evenly spread (0: all)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -150,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        load_config(None, args.set)   # imports the plug-ins, which register their architectures
-        report(args.path, args.bin, args.max_pairs, args.device)
+        cfg = load_config(None, args.set)   # imports the plug-ins, which register their architectures
+        if Path(args.path).suffix.lower() == ".onnx":
+            report_onnx(args.path, cfg, args.bin, args.max_pairs, args.device)
+        else:
+            report(args.path, args.bin, args.max_pairs, args.device)
     return run_cli(body)
 
 

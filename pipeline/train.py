@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from backbones import embedding_size_for, load_spec
+from backbones import embedding_size_for
 from backbones.spec import BackboneSpec
 from config.config import Config
 from eval.evalset import EvalTemplates, check_bare_backbone, check_bins, open_eval_set, warn_if_few_identities
@@ -147,7 +146,7 @@ def set_up(run: CheckedRun, callbacks: list[TrainingCallback]) -> Iterator[FitCo
         warn_overlap(log, index, templates, val_sets)
         warn_if_few_identities(index.num_identities, cfg.embedding_size, run.method.trains_in_loop, log)
         yield FitContext(cfg, index, templates, run.device, folders.checkpoints, folders.resuming, log, val_sets,
-                         functools.partial(load_spec, run.backbone), callbacks)
+                         run.backbone.load, callbacks)
 
 
 def train(cfg: Config, callbacks: list[TrainingCallback] | None = None) -> TrainResult | None:

@@ -3,9 +3,9 @@
 For each image the cache holds normalize(backbone(x)) and normalize(backbone(flip(x))) as an (N, 2, D) array
 (float32, or float16 on request) plus the (N, 2) norms, so the raw backbone outputs are recoverable for the
 bare-backbone reference. The folder name carries a hash of everything the templates depend on: format version,
-architecture, weights-file content, and the inputs (a training folder's relative paths, sizes and mtimes; a
-record file's size, mtime, index and keys; a .bin's content). Extraction writes into a hidden folder and renames it
-into place when complete, so a killed extraction never leaves a cache that is later read.
+architecture, weights-file content, the autocast (amp) when one is used, and the inputs (a training folder's relative
+paths, sizes and mtimes; a record file's size, mtime, index and keys; a .bin's content). Extraction writes into a
+hidden folder and renames it into place when complete, so a killed extraction never leaves a cache that is later read.
 
 No extracted row is thrown away: rows are also kept in the row store (templates.rowstore), so a pass that stops (an
 undecodable file, a killed process, a full disk) or a training set that changes reruns only the images not yet
@@ -36,7 +36,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from backbones import load_spec
 from backbones.spec import BackboneSpec
 from facedata.dataset import RecordImages, TrainIndex
 from facedata.recordio import RecordFile
@@ -46,7 +45,7 @@ from utils.io import sha256_file
 from utils.logs import get_logger
 from templates.entry import CACHE_VERSION, Templates, open_entry, publish
 from templates.extraction import BackboneSource, ExtractionSettings, extract_rows, undecodable
-from templates.rowstore import RowStore, item_key
+from templates.rowstore import RowStore, content_key, item_key, row_key
 
 log = get_logger(__name__)
 
@@ -98,6 +97,8 @@ class TemplateCache:
         """Hash of everything the templates depend on; ``inputs`` names the images (see folder_inputs, bin_inputs)."""
         parts = {"version": CACHE_VERSION, **self.backbone.fingerprint(), "inputs": inputs,
                  "dtype": self.settings.dtype}
+        if self.settings.amp != "none":   # autocast's templates are not float32's (float32 keeps its keys)
+            parts["amp"] = self.settings.amp
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
     def store(self) -> RowStore:
@@ -168,7 +169,9 @@ class TemplateCache:
                 build.lock.enter_context(store.in_use())
                 build.work = self._make_build_folder(final, store, len(items), what)
             build.keys = [item_key(item) for item in items]
-            build.todo = np.asarray(store.missing(build.keys), dtype=np.int64)
+            by_path = list(build.keys)
+            # an image file not stored under its path may be under its content (a .bin's image): read only those
+            build.todo = np.asarray(store.missing(build.keys, lambda i: content_key(items[i])), dtype=np.int64)
         except BaseException:
             build.close()
             raise
@@ -176,6 +179,11 @@ class TemplateCache:
         if len(build.todo) < distinct:
             log.info("%d of %d distinct %s already extracted (row store %s)", distinct - len(build.todo), distinct,
                      what, store.path)
+            todo = set(build.todo.tolist())
+            same = sum(a != b and i not in todo for i, (a, b) in enumerate(zip(by_path, build.keys)))
+            if same:
+                log.info("%d of them found by their content (the same bytes extracted before, e.g. as images of a "
+                         ".bin)", same)
         if self.processes.world > 1:
             log.info("%d %s to extract, shared by %d processes", len(build.todo), what, self.processes.world)
         return build
@@ -201,10 +209,12 @@ class TemplateCache:
         procs = self.processes
         if not mine:
             return [], []
-        keys = [build.keys[i] for i in mine] if build.keys else [item_key(items[i]) for i in mine]
+        # a file's row under its content's key, its path key as the alias (the next lookup then reads nothing)
+        keys = [build.keys[i] for i in mine] if build.keys else [row_key(items[i]) for i in mine]
+        aliases = [item_key(items[i]) if isinstance(items[i], Path) else b"" for i in mine]
         with full_disk_named(self.folder, "cache_dir"):
-            done = extract_rows(load_spec(self.backbone), [items[i] for i in mine], keys, self.store(), self.settings,
-                                lambda j: describe(mine[j]), what, on_batch)
+            done = extract_rows(self.backbone.load(), [items[i] for i in mine], keys, self.store(), self.settings,
+                                lambda j: describe(mine[j]), what, on_batch, aliases)
         log.info("%sextracted %d %s in %.1fs (%.1f images/s, each with its flip)",
                  f"process {procs.rank} " if procs.world > 1 else "", len(mine), what, done.seconds,
                  len(mine) / done.seconds)

@@ -3,6 +3,11 @@ part of, in files of a few thousand rows written atomically, keyed by the image 
 record's file and key; an encoded image's content). A pass that stops, or a set that changes, reruns only the
 images not yet stored; entries are assembled from it.
 
+An image file not found by its path is looked up by its content before it is extracted, and its row is stored
+under its content (with its path key as an alias, so that the next lookup needs no read): the same bytes met as a
+file of a training folder and as an image of a .bin (make_bin.py copies the files' bytes) are extracted once,
+whichever comes first.
+
 One store per backbone and dtype: ``<cache folder>/.rows/<store name>/chunk-*.npz``, and beside it
 ``<store name>.lock``, which a command building an entry from the store holds (shared) so that
 ``templates.space`` never prunes a store in use.
@@ -16,7 +21,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -47,6 +52,22 @@ def item_key(item: Path | RecordImage | bytes) -> bytes:
     return hashlib.sha256(name.encode()).hexdigest()[:32].encode()
 
 
+def content_key(item: Path | RecordImage | bytes) -> bytes | None:
+    """The key of an image file's content: that of the same bytes given as an encoded image (a .bin's). None for
+    other items (their key already is, or cannot be, their content) and for a file that cannot be read."""
+    if not isinstance(item, Path):
+        return None
+    try:
+        return item_key(item.read_bytes())
+    except OSError:
+        return None
+
+
+def row_key(item: Path | RecordImage | bytes) -> bytes:
+    """The key an image's new row is stored under: its content's for a file (content_key), else item_key."""
+    return content_key(item) or item_key(item)
+
+
 class RowStore:
     """The rows of one backbone and dtype, in the folder ``path``."""
 
@@ -64,18 +85,26 @@ class RowStore:
     def chunks(self) -> list[Path]:
         return sorted(self.path.glob("chunk-*.npz")) if self.path.is_dir() else []
 
-    def find(self, also: Sequence[Path] = ()) -> dict[bytes, Row]:
-        """Where each stored image is: its key -> (chunk file, row). ``also``: chunk files known to be there (other
-        processes', which a network file system may not list yet)."""
+    def find(self, also: Sequence[Path] = (), aliases: bool = False) -> dict[bytes, Row]:
+        """Where each stored image is: its key (and with ``aliases`` a file row's path key too) -> (chunk file, row).
+        ``also``: chunk files known to be there (other processes', which a network file system may not list yet)."""
         found: dict[bytes, Row] = {}
         for chunk in sorted(set(self.chunks()) | set(also)):
             with np.load(chunk) as z:
+                if aliases and "aliases" in z.files:
+                    found.update((a, (chunk, r)) for r, a in enumerate(z["aliases"].tolist()) if a)
                 found.update((k, (chunk, r)) for r, k in enumerate(z["keys"].tolist()))
         return found
 
-    def missing(self, keys: Sequence[bytes]) -> list[int]:
-        """Positions of the images not yet stored (the first of each image listed twice), in order."""
-        found = self.find()
+    def missing(self, keys: list[bytes], content: Callable[[int], bytes | None] | None = None) -> list[int]:
+        """Positions of the images not yet stored (the first of each image listed twice), in order. ``content(i)``:
+        the content key of image i (content_key), tried where ``keys[i]`` is not stored; where there is one,
+        ``keys[i]`` becomes it (the key its row is found or stored under)."""
+        found = self.find(aliases=True)
+        if content is not None:
+            for i, k in enumerate(keys):
+                if k not in found and (c := content(i)) is not None:
+                    keys[i] = c
         first = {k: i for i, k in reversed(list(enumerate(keys))) if k not in found}
         return sorted(first.values())
 
@@ -91,15 +120,20 @@ class RowStore:
         finally:
             os.close(fd)
 
-    def write_chunk(self, keys: list[bytes], templates: np.ndarray, norms: np.ndarray, resized: np.ndarray) -> Path:
+    def write_chunk(self, keys: list[bytes], templates: np.ndarray, norms: np.ndarray, resized: np.ndarray,
+                    aliases: list[bytes] | None = None) -> Path:
         """One file of the store, written under a temporary name and renamed: never read half-written, and no
-        temporary file left when the write fails (a full disk)."""
+        temporary file left when the write fails (a full disk). ``aliases``: a second key per row (b"": none)."""
         self.path.mkdir(parents=True, exist_ok=True)
         final = self.path / f"chunk-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:12]}.npz"
         tmp = final.with_suffix(".tmp")
         try:
             with open(tmp, "wb") as fh:
-                np.savez(fh, keys=np.array(keys, dtype=KEY_DTYPE), templates=templates, norms=norms, resized=resized)
+                arrays = {"keys": np.array(keys, dtype=KEY_DTYPE), "templates": templates, "norms": norms,
+                          "resized": resized}
+                if aliases and any(aliases):
+                    arrays["aliases"] = np.array(aliases, dtype=KEY_DTYPE)
+                np.savez(fh, **arrays)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
@@ -113,23 +147,27 @@ class RowStore:
 
     def assemble(self, keys: list[bytes], out: Path, dtype: str, also: Sequence[Path] = ()) -> dict:
         """Write the entry of the images ``keys``, in order, to ``out`` from the store (``also``: chunk files known to
-        be there), chunk by chunk; returns its metadata (meta.json written last)."""
+        be there), chunk by chunk; returns its metadata (meta.json written last). The entry records each row's own
+        key (a row found by its alias is recorded by its key), the keys templates.space keeps rows by."""
         by_chunk: dict[Path, list[tuple[int, int]]] = {}
-        found = self.find(also)
+        found = self.find(also, aliases=True)
         for pos, k in enumerate(keys):
             chunk, row = found[k]
             by_chunk.setdefault(chunk, []).append((pos, row))
         writer = None
         resized = 0
+        own = list(keys)
         for chunk, pairs in by_chunk.items():
             with np.load(chunk) as z:
-                templates, norms, flags = z["templates"], z["norms"], z["resized"]
+                templates, norms, flags, stored = z["templates"], z["norms"], z["resized"], z["keys"]
             if writer is None:
                 writer = EntryWriter(out, len(keys), templates.shape[2], dtype)
             pos, row = (np.array(v) for v in zip(*pairs))
             writer.templates[pos], writer.norms[pos] = templates[row], norms[row]
             resized += int(flags[row].sum())
-        return writer.finish(keys, self.name, resized)
+            for p, r in pairs:
+                own[p] = stored[r].item()
+        return writer.finish(own, self.name, resized)
 
     def prune(self, keep: set[bytes]) -> tuple[int, int]:
         """Drop the stored rows whose key is not in ``keep``, and leftover temporary chunks: a chunk with no row
@@ -143,6 +181,7 @@ class RowStore:
         for chunk in self.chunks():
             with np.load(chunk) as z:
                 parts = {name: z[name] for name in ("keys", "templates", "norms", "resized")}
+                aliases = z["aliases"] if "aliases" in z.files else None
             keys = parts["keys"].tolist()
             wanted = np.array([k in keep and k not in seen for k in keys], dtype=bool)
             seen.update(keys)
@@ -150,8 +189,9 @@ class RowStore:
                 continue
             size = chunk.stat().st_size
             if wanted.any():
-                new = self.write_chunk([k for k, w in zip(keys, wanted) if w], *(parts[n][wanted] for n in
-                                                                                  ("templates", "norms", "resized")))
+                new = self.write_chunk([k for k, w in zip(keys, wanted) if w], parts["templates"][wanted],
+                                       parts["norms"][wanted], parts["resized"][wanted],
+                                       None if aliases is None else aliases[wanted].tolist())
                 size -= new.stat().st_size
             chunk.unlink()
             dropped += int((~wanted).sum())
@@ -165,11 +205,14 @@ class RowWriter:
     def __init__(self, store: RowStore, dtype: str):
         self.store, self.dtype = store, dtype
         self.keys: list[bytes] = []
+        self.aliases: list[bytes] = []
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.written: list[Path] = []
 
-    def add(self, keys: list[bytes], normed: np.ndarray, norms: np.ndarray, resized: np.ndarray) -> None:
+    def add(self, keys: list[bytes], normed: np.ndarray, norms: np.ndarray, resized: np.ndarray,
+            aliases: list[bytes] | None = None) -> None:
         self.keys += keys
+        self.aliases += aliases if aliases is not None else [b""] * len(keys)
         self.parts.append((np.ascontiguousarray(normed, dtype=self.dtype), np.ascontiguousarray(norms, np.float32),
                            resized))
         if len(self.keys) >= CHUNK_ROWS:
@@ -177,5 +220,6 @@ class RowWriter:
 
     def flush(self) -> None:
         if self.keys:
-            self.written.append(self.store.write_chunk(self.keys, *(np.concatenate(p) for p in zip(*self.parts))))
-            self.keys, self.parts = [], []
+            templates, norms, resized = (np.concatenate(p) for p in zip(*self.parts))
+            self.written.append(self.store.write_chunk(self.keys, templates, norms, resized, self.aliases))
+            self.keys, self.aliases, self.parts = [], [], []

@@ -110,7 +110,9 @@ def test_attacker_finds_a_plain_signal_and_no_more_than_chance_without_one(name)
     assert 0.3 <= chance <= 0.7, f"{name} finds a signal that is not there: BACC {chance:.3f}"
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES.names())
+# the architectures built from a state dict (network=onnx is built from its own file: tests/test_onnx_backbone.py)
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES.names()
+                                  if not hasattr(ARCHITECTURES[n], "spec_from_config")])
 def test_backbone_builds_maps_faces_to_templates_and_reloads_strictly(name, tmp_path):
     torch.manual_seed(0)
     net = get_backbone(name, num_features=128).train()   # batch statistics: a deep net at random init stays finite
