@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from backbones.spec import BackboneSpec
 from config.config import Config
 from config.loading import load_config
 from privacy import get_method   # importing the registry declares the built-in methods' options (ive.rounds, ...)
@@ -99,7 +100,7 @@ class Experiment:
     @property
     def group(self) -> tuple:
         """Experiments of one group share their backbone and training data (their template cache entries)."""
-        return (self.cfg.pretrained, str(self.cfg.output_ori), str(self.cfg.data_dir))
+        return (self.cfg.pretrained, str(BackboneSpec.from_config(self.cfg).weights), str(self.cfg.data_dir))
 
     @property
     def alpha_beta(self) -> tuple[float, float] | None:
@@ -295,7 +296,8 @@ def bin_path(cfg: Config, target: str) -> Path:
 def inputs(exp: Experiment) -> list[tuple[str, Path, str]]:
     """(what, expected path, README section) of every input an experiment needs."""
     cfg = exp.cfg
-    out = [("backbone weights", Path(cfg.output_ori), "Running on real data / 1. Pretrained backbones")]
+    weights = BackboneSpec.from_config(cfg).weights   # output_ori, or the model file of network=onnx
+    out = [("backbone weights", weights, "Running on real data / 1. Pretrained backbones")]
     if exp.released:
         out += [("released layer", p, "Reproducing the paper (released layers)") for p in exp.released]
     else:

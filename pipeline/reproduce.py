@@ -67,8 +67,10 @@ __all__ = ["StateStore", "run_experiment", "sweep_folder", "adoptable_run", "run
 def reference_path(exp: Experiment, results: Path) -> Path:
     """The bare backbone's results for the experiment's evaluation sets, shared by the experiments of that backbone."""
     cfg = exp.cfg
-    backbone = digest({k: settings(cfg).get(k) for k in ("network", "SE", "output_ori", "embedding_size",
-                                                         "cache_dtype", "gender_folds", "rec", "plugins")})
+    values = settings(cfg)
+    keys = ("network", "SE", "output_ori", "embedding_size", "cache_dtype", "gender_folds", "rec", "plugins")
+    own = sorted(k for k in values if k.startswith(f"{cfg.network}."))   # a network's own options (onnx.model, ...)
+    backbone = digest({k: values.get(k) for k in (*keys, *own)})
     name = f"reference_{'+'.join(cfg.test_targets)}-{backbone[:8]}{protocol_tag(cfg)}.csv"
     return Path(results) / cfg.pretrained / name
 
@@ -262,7 +264,7 @@ def images_to_extract(experiments: list[Experiment], store: StateStore) -> dict[
         if exp.released or name in out or status(exp, store) == "done" or not cfg.cache:
             continue
         dirs = cfg.data_dir if isinstance(cfg.data_dir, list) else [cfg.data_dir]
-        if not Path(cfg.output_ori).is_file() or not all(Path(d).exists() for d in dirs):
+        if not BackboneSpec.from_config(cfg).weights.is_file() or not all(Path(d).exists() for d in dirs):
             continue
         try:
             index = scan_training_data(cfg.data_dir, cfg.rec_genders)

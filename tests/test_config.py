@@ -181,6 +181,7 @@ def test_plugin_that_exits_at_import_is_an_error_not_a_silent_end(tmp_path, code
         load_config(None, [f"plugins=[{str(plugin)!r}]"])
 
 
+@pytest.mark.subprocess
 def test_finetune_with_an_exiting_plugin_exits_2_with_the_message(tmp_path):
     import subprocess
     import sys

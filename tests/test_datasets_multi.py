@@ -60,6 +60,7 @@ def world(tmp_path_factory):
     return root
 
 
+@pytest.mark.subprocess
 def test_a_record_file_trains_to_the_checkpoints_of_its_prepared_folder(world, tmp_path):
     rec = tmp_path / "faces" / "train.rec"
     rec.parent.mkdir()

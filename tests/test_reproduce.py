@@ -145,6 +145,7 @@ def test_tables_figures_and_a_second_run_that_does_nothing(uninterrupted, monkey
     assert changed.experiments[0].key != first.key
 
 
+@pytest.mark.slow
 def test_killed_at_several_points_and_rerun_gives_the_same_tables(uninterrupted, tmp_path, monkeypatch):
     (tmp_path / "tiny.py").write_text(TINY)
     monkeypatch.chdir(tmp_path)
@@ -162,6 +163,8 @@ def test_killed_at_several_points_and_rerun_gives_the_same_tables(uninterrupted,
     assert outputs(tmp_path) == outputs(uninterrupted)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_shards_in_two_processes_give_the_tables_of_one(uninterrupted, tmp_path, monkeypatch):
     (tmp_path / "tiny.py").write_text(TINY)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
