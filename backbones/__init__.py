@@ -22,7 +22,8 @@ __all__ = ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200", "s
            "load_backbone", "load_projection"]
 
 log = get_logger(__name__)
-register_architecture("onnx", OnnxArchitecture())
+register_architecture("onnx", OnnxArchitecture(),
+                      help="a face network shipped as an ONNX file (--set onnx.model=PATH), run by onnxruntime")
 
 
 def embedding_size_for(cfg: Any) -> Any:

@@ -49,7 +49,8 @@ from templates.entry import read_meta
 from templates.rowstore import RowStore
 
 GRACE_HOURS = 24.0
-# the name templates.cache gives a build folder: BUILDING + "<entry>-<pid>-<6 hex digits>" (TemplateCache._start_build)
+# the name templates.cache gives a build folder: BUILDING + "<entry>-<pid>-<6 hex digits>"
+# (TemplateCache._make_build_folder)
 BUILD_NAME = re.compile(re.escape(BUILDING) + r".+-\d+-[0-9a-f]{6}")
 UNREADABLE_CHUNK = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError)
 

@@ -292,7 +292,7 @@ def test_a_build_folder_the_cache_really_leaves_is_recognised(world, monkeypatch
     def close_as_a_killed_process(plan):   # the lock goes with the process; the build folder stays
         plan.lock.close()
     monkeypatch.setattr(cache_module.TemplateCache, "_publish", killed)
-    monkeypatch.setattr(cache_module._Plan, "close", close_as_a_killed_process)
+    monkeypatch.setattr(cache_module._Build, "close", close_as_a_killed_process)
     with pytest.raises(KeyboardInterrupt):
         get("killed", paths[:4])
     left = space.survey(cache)

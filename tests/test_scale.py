@@ -35,7 +35,12 @@ def test_parallel_sweep_writes_the_same_bytes_as_one_job(world, tmp_path):
         assert (folder / "report.md").is_file()
     assert set(files[1]) == {"reference.csv", "Exp/Synth/bare_backbone_attackers.csv",
                              "Exp/Synth/bare_backbone_diagnostics.csv",
-                             *(f"Exp/Synth/20L1_1L2_{k}.csv" for k in ("metrics", "attackers", "diagnostics"))}
+                             "Exp/Synth/bare_backbone_verification.csv", "Exp/Synth/protocol.csv",
+                             *(f"Exp/Synth/20L1_1L2_{k}.csv" for k in ("metrics", "attackers", "diagnostics",
+                                                                         "verification")),
+                             *(f"Exp/Synth/scores/bare_backbone/{s}.csv" for s in ("synth_a", "synth_b")),
+                             *(f"Exp/Synth/scores/20L1_1L2/{s}_step{k}.csv" for s in ("synth_a", "synth_b")
+                               for k in (4, 8))}
     assert files[1] == files[2]
 
 
