@@ -104,7 +104,7 @@ def collect(results: list[tuple[Experiment, SweepResults]]) -> tuple[list[dict],
             for tag, r in picked:
                 row = {**base, "Method": method, "Settings": described, "Checkpoint": tag, "Step": int(r["Step"]),
                        "alpha": ab[0] if ab else None, "beta": ab[1] if ab else None,
-                       **{c: _num(r[c]) for c in METRICS}}
+                       **{c: finite_number(r[c]) for c in METRICS}}
                 if len(ref):
                     row["Backbone EER"] = float(ref.iloc[0]["EER"])
                     row["Backbone BACC-Gender-AVG"] = float(ref.iloc[0]["BACC-Gender-AVG"])
@@ -118,8 +118,8 @@ def collect(results: list[tuple[Experiment, SweepResults]]) -> tuple[list[dict],
 
 def _worst_cells(w: pd.Series) -> dict[str, object]:
     """The worst-case columns of a table row from a worst-case row of an attackers CSV."""
-    return {"Worst-case BACC": _num(w["BACC"]), "Worst CI-Low": _num(w["CI-Low"]), "Worst CI-High": _num(w["CI-High"]),
-            "Worst attacker": w["Reached-By"]}
+    return {"Worst-case BACC": finite_number(w["BACC"]), "Worst CI-Low": finite_number(w["CI-Low"]),
+            "Worst CI-High": finite_number(w["CI-High"]), "Worst attacker": w["Reached-By"]}
 
 
 def _verification_cells(v: pd.Series | None) -> dict[str, object]:
@@ -127,10 +127,11 @@ def _verification_cells(v: pd.Series | None) -> dict[str, object]:
     sweep's verification report; an empty cell where the rule of three leaves the FNMR unmeasured."""
     if v is None:
         return {}
-    return {c: _num(v.get(c)) for c in VERIFICATION_SHOWN}
+    return {c: finite_number(v.get(c)) for c in VERIFICATION_SHOWN}
 
 
-def _num(v: object) -> float | None:
+def finite_number(v: object) -> float | None:
+    """A cell as a finite float; None for text, blanks, NaN and infinities."""
     try:
         f = float(v)
     except (TypeError, ValueError):
