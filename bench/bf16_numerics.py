@@ -19,7 +19,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 
 import numpy as np
 import torch
@@ -32,26 +31,8 @@ from eval.evalset import METRIC_COLUMNS
 from facedata.dataset import scan_dataset
 from pipeline.sweep import evaluate
 from templates.cache import TemplateCache
+from synthetic.backbone import seeded_weights as golden_weights
 from templates.extraction import ExtractionSettings
-
-
-def golden_weights(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """The golden file's weights: drawn key by key in sorted order from one generator (its 'weights' field)."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key in sorted(state):
-        t = state[key]
-        if not t.is_floating_point():
-            out[key] = t.clone()
-        elif key.endswith("running_var"):
-            out[key] = torch.empty(t.shape).uniform_(0.5, 2.0, generator=g)
-        elif t.dim() >= 2:
-            out[key] = torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel())
-        elif key.endswith("weight"):
-            out[key] = torch.empty(t.shape).uniform_(0.5, 1.5, generator=g)
-        else:
-            out[key] = 0.1 * torch.randn(t.shape, generator=g)
-    return out
 
 
 def cosines(spec: BackboneSpec, items: list, work: Path) -> np.ndarray:

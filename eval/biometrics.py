@@ -47,9 +47,10 @@ import pandas as pd
 from scipy.stats import norm
 from torch import nn
 
+from facedata.bin_builder import pair_line_names
 from eval.evalset import EvalTemplates, model_templates, own_comparison
 from eval.gender_leakage import unit_rows
-from eval.leakage_cli import load_templates
+from eval.leakage_cli import load_templates, read_text_csv
 from eval.verification import exact_eer_auc, pair_distances
 from utils.errors import UserError, full_disk_named, listing, run_cli
 from utils.io import atomic_path, atomic_write_text, free_path
@@ -206,12 +207,7 @@ def read_lfw_pairs(path: str | Path, issame: np.ndarray, female: Path | None = N
         if not parts or (line == 1 and all(p.isdigit() for p in parts)):
             continue
         where = f"LFW pairs file '{path}' line {line}"
-        if len(parts) == 3:
-            named = [(parts[0], parts[1]), (parts[0], parts[2])]
-        elif len(parts) == 4:
-            named = [(parts[0], parts[1]), (parts[2], parts[3])]
-        else:
-            raise UserError(f"{where}: expected 'name i j' or 'name1 i name2 j', got '{text.strip()}'.")
+        named = pair_line_names(parts, where)
         if not all(i.isdigit() for _, i in named):
             raise UserError(f"{where}: image numbers must be whole numbers, got '{text.strip()}'.")
         if len(images) >= len(issame):
@@ -771,14 +767,9 @@ def read_pairs_csv(path: Path, n_templates: int, ids: dict[str, int] | None
     """(P, 2) template rows, (P,) genuine flags and what is known of the pairs, from a pairs CSV with the columns
     image_a, image_b (template rows counted from 0, or ids of --ids), genuine (1/0, true/false) and optionally
     subject_a, subject_b, gender_a, gender_b (f, m or empty)."""
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except FileNotFoundError:
-        raise UserError(f"pairs file '{path}' (--pairs) does not exist; pass a CSV with the columns image_a, "
-                        f"image_b, genuine (and optionally subject_a, subject_b, gender_a, gender_b).") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
-        raise UserError(f"pairs file '{path}' (--pairs) could not be read as a CSV ({type(exc).__name__}). It must "
-                        f"be a text CSV with a header row and one row per pair.") from None
+    table = read_text_csv(path, "pairs file (--pairs)", "one row per pair and the columns image_a, image_b, "
+                                                         "genuine (and optionally subject_a, subject_b, gender_a, "
+                                                         "gender_b)")
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in ("image_a", "image_b", "genuine") if c not in table.columns]
     if missing:

@@ -210,21 +210,18 @@ def check_and_record_protocol(cfg: Any, out_dir: Path, reference: Path, targets:
     about to compute under folders, ``<reference>.protocol.csv`` beside it. A folder of results from before this file
     existed counts as bins (the only protocol then); so does an existing reference without a protocol file."""
     want = _marks(cfg.gender_protocol, cfg, targets)
-    where = out_dir / PROTOCOL_FILE
-    have = _read_marks(where)
-    if have is None and any(out_dir.glob("*_metrics.csv")):
-        have = _marks("bins", cfg, targets)
-    bad = _conflicts(have or {}, want)
-    if bad:
+    where, side = out_dir / PROTOCOL_FILE, reference.with_name(reference.name + ".protocol.csv")
+
+    def recorded(marks: Path, has_results: bool) -> dict | None:
+        """The protocol marks recorded beside results (results without marks were made under bins)."""
+        have = _read_marks(marks)
+        return _marks("bins", cfg, targets) if have is None and has_results else have
+    have = recorded(where, any(out_dir.glob("*_metrics.csv")))
+    if bad := _conflicts(have or {}, want):
         raise UserError(f"sweep folder '{out_dir}' holds results of another gender-test protocol for "
                         f"{', '.join(bad)}; its rows would be mixed. Sweep into another --log-root (the plan runner "
                         f"keeps one folder per protocol), or move that folder's results away.")
-    side = reference.with_name(reference.name + ".protocol.csv")
-    ref_have = _read_marks(side)
-    if ref_have is None and reference.is_file():
-        ref_have = _marks("bins", cfg, targets)
-    bad = _conflicts(ref_have or {}, want)
-    if bad:
+    if bad := _conflicts(recorded(side, reference.is_file()) or {}, want):
         raise UserError(f"reference file '{reference}' (--reference-pth) holds the bare backbone's results of "
                         f"another gender-test protocol for {', '.join(bad)}: PIC would compare two protocols. Give "
                         f"another --reference-pth (it is then computed under this protocol), or move it away.")

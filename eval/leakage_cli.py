@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from eval.attackers import ALL, ATTACKERS, PAPER_ATTACKERS, expand_attackers
 from eval.gender_folders import folder_index
@@ -50,18 +51,23 @@ def load_templates(path: Path) -> np.ndarray:
     return x
 
 
+def read_text_csv(path: Path, what: str, expected: str) -> "pd.DataFrame":
+    """A user's CSV (labels, pairs) as text cells, or a UserError naming ``what`` it is and ``expected`` (the columns
+    and rows it should hold)."""
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} '{path}' does not exist; pass a CSV with {expected}.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{what} '{path}' could not be read as a CSV ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}). It must be a text CSV "
+                        f"with a header row and {expected}.") from None
+
+
 def _load_labels(path: Path, identity_column: str, attribute_column: str) -> tuple[np.ndarray, np.ndarray]:
     """The identity and attribute columns of the labels CSV, as text, or a UserError naming the file and column."""
-    import pandas as pd
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except FileNotFoundError:
-        raise UserError(f"labels file '{path}' does not exist; pass a CSV with one row per template and the "
-                        f"columns '{identity_column}' and '{attribute_column}'.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
-        raise UserError(f"labels file '{path}' could not be read as a CSV ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}). It must be a text CSV "
-                        f"with a header row, one row per template.") from None
+    table = read_text_csv(path, "labels file", f"one row per template and the columns '{identity_column}' and "
+                                               f"'{attribute_column}'")
     for column, option in ((identity_column, "--identity-column"), (attribute_column, "--attribute-column")):
         if column not in table.columns:
             close = difflib.get_close_matches(column, list(table.columns), n=1)

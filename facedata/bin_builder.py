@@ -46,6 +46,14 @@ from utils.logs import get_logger
 log = get_logger(__name__)
 
 
+def pair_line_names(parts: list[str], where: str) -> list[tuple[str, str]]:
+    """The two (name, image number) of an LFW-style pairs line: 'name i j' (a genuine pair) or 'name1 i name2 j'."""
+    if len(parts) == 3:
+        return [(parts[0], parts[1]), (parts[0], parts[2])]
+    if len(parts) == 4:
+        return [(parts[0], parts[1]), (parts[2], parts[3])]
+    raise UserError(f"{where}: expected 'name i j' or 'name1 i name2 j', got '{' '.join(parts)}'.")
+
 def draw_pairs(index: TrainIndex, n_pairs: int, rng: np.random.Generator) -> list[tuple[int, int, bool]]:
     """Alternating genuine / impostor pairs of image indices."""
     by_id = [np.flatnonzero(index.labels == k) for k in range(index.num_identities)]
@@ -236,12 +244,7 @@ def read_pairs(path: Path, index: TrainIndex) -> PairsRead:
         if not pairs and not header and all(p.isdigit() for p in parts):
             header = [int(p) for p in parts]
             continue
-        if len(parts) == 3:
-            names = [(parts[0], parts[1]), (parts[0], parts[2])]
-        elif len(parts) == 4:
-            names = [(parts[0], parts[1]), (parts[2], parts[3])]
-        else:
-            raise UserError(f"{where}: expected 'name i j' or 'name1 i name2 j', got '{line}'.")
+        names = pair_line_names(parts, where)
         (a, miss_a), (b, miss_b) = (folders.resolve(name, number, where) for name, number in names)
         pairs.append(Pair(a, b, len(parts) == 3, n, " ".join(parts), [m for m in (miss_a, miss_b) if m]))
     pairs, notes = _lfw_order(pairs, header, path)

@@ -45,7 +45,7 @@ from pipeline.overlap_check import check_overlap
 from pipeline.plans import Experiment, Plan, load_plan
 from pipeline.reproduce import run_plan
 from pipeline.results import ResultReader, StateStore
-from pipeline.tables import sweep_of
+from pipeline.tables import finite_number, sweep_of
 from utils.errors import UserError, run_cli
 from utils.io import atomic_write_text
 
@@ -65,14 +65,6 @@ def cross_dataset_plan(cfg: Config, datasets: dict[str, str], targets: dict[str,
                                   "EXPERIMENT": experiment, "CONFIG": options.recorded(cfg), "results": str(results)})
 
 
-def _number(value: object) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def fold_row(exp: Experiment, state: dict, reader: ResultReader) -> dict[str, object]:
     """A fold's table row: its run's last checkpoint on the fold's set, the bare backbone's numbers, and the training
     images that are near-duplicates of the set's (when the training templates are cached)."""
@@ -90,8 +82,9 @@ def fold_row(exp: Experiment, state: dict, reader: ResultReader) -> dict[str, ob
         _, [(_, overlap)] = check_overlap(exp.cfg)
         near = len(overlap)
     return {"Held out": exp.held_out, "Trained on": exp.trained_on.replace("+", " + "), "Dataset": target,
-            "Run": state["run"], "Step": int(final["Step"]), **{m: _number(final[m]) for m in METRICS},
-            "Backbone EER": _number(bare["EER"]), "Backbone BACC-Gender-AVG": _number(bare["BACC-Gender-AVG"]),
+            "Run": state["run"], "Step": int(final["Step"]), **{m: finite_number(final[m]) for m in METRICS},
+            "Backbone EER": finite_number(bare["EER"]),
+            "Backbone BACC-Gender-AVG": finite_number(bare["BACC-Gender-AVG"]),
             "Near-duplicates": near}
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from eval.biometrics import BARE, BARE_VERIFICATION_COLUMNS, VERIFICATION_COLUMNS
 from eval.evalset import METRIC_COLUMNS
 from eval.gender_leakage import WORST
 from pipeline.plans import digest, safe_name
@@ -70,7 +71,9 @@ BARE_ATTACKER_COLUMNS = ["Dataset", *ATTACKER_COLUMNS[2:]]
 REFERENCE_COLUMNS = ["Dataset", *METRIC_COLUMNS]
 # the columns each kind of file must hold to be read
 NEEDED = {"metrics": CSV_COLUMNS, "attackers": ATTACKER_COLUMNS, "diagnostics": ["Step", "Dataset"],
-          "bare attackers": BARE_ATTACKER_COLUMNS, "reference": REFERENCE_COLUMNS}
+          "bare attackers": BARE_ATTACKER_COLUMNS, "reference": REFERENCE_COLUMNS,
+          "verification": VERIFICATION_COLUMNS, "bare verification": BARE_VERIFICATION_COLUMNS}
+BARE_VERIFICATION_FILE = f"{BARE}_verification.csv"
 
 
 def _frame(data: bytes | None, path: Path | None = None, kind: str | None = None) -> pd.DataFrame:
@@ -131,7 +134,8 @@ class ResultReader:
             return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         return SweepResults(folder, runs, per_run("metrics"), per_run("attackers"), per_run("diagnostics"),
                             self.frame(folder / BARE_ATTACKERS_FILE, "bare attackers"),
-                            self.frame(reference, "reference"))
+                            self.frame(reference, "reference"), per_run("verification"),
+                            self.frame(folder / BARE_VERIFICATION_FILE, "bare verification"))
 
 
 @dataclass
@@ -144,6 +148,18 @@ class SweepResults:
     diagnostics: pd.DataFrame
     bare_attackers: pd.DataFrame     # the bare backbone against every attacker (attackers beyond the paper's)
     reference: pd.DataFrame          # the bare backbone's protocol results (empty when not asked for)
+    verification: pd.DataFrame = field(default_factory=pd.DataFrame)        # eval/biometrics.py's report, per run
+    bare_verification: pd.DataFrame = field(default_factory=pd.DataFrame)   # and of the bare backbone
+
+    def verification_row(self, dataset: str, run: str | None = None, step: int | None = None) -> pd.Series | None:
+        """The verification report's row of a run's checkpoint on ``dataset`` (run None: the bare backbone's)."""
+        table = self.bare_verification if run is None else self.verification
+        if table.empty:
+            return None
+        hit = table[table["Dataset"] == dataset]
+        if run is not None:
+            hit = hit[(hit["Run"] == run) & (pd.to_numeric(hit["Step"]) == step)]
+        return hit.iloc[0] if len(hit) else None
 
     def worst(self) -> pd.DataFrame:
         """The worst-case rows of the attackers frame, indexed by (Run, Step, Dataset)."""

@@ -31,6 +31,8 @@ from privacy import get_method
 from utils.io import atomic_path, atomic_write_text
 
 METRICS = [*METRIC_COLUMNS, "PIC"]
+# the verification report's columns the tables show (the full report: each sweep's <run>_verification.csv)
+VERIFICATION_SHOWN = ["FNMR@FMR=1%", "FNMR@FMR=0.1%", "EER-Pooled", "EER-CI-Low", "EER-CI-High", "FMR-Ratio-Cross/Same"]
 WORST_COLUMNS = ["Worst-case BACC", "Worst CI-Low", "Worst CI-High", "Worst attacker"]
 TABLE_IDS = {"main": ["Trained on", "Method", "Settings", "Checkpoint", "Step"],
              "cross": ["Held out", "Trained on", "Dataset", "Method", "Settings", "Checkpoint", "Step"],
@@ -93,6 +95,8 @@ def collect(results: list[tuple[Experiment, SweepResults]]) -> tuple[list[dict],
             bare_worst = res.bare_worst(ds)
             if key in bare and bare_worst is not None:
                 bare[key].update(_worst_cells(bare_worst))
+            if key in bare:
+                bare[key].update(_verification_cells(res.verification_row(ds)))
             picked = [("last", rr.iloc[-1])]
             finite = rr[rr["PIC"].notna()]
             if not finite.empty:
@@ -100,24 +104,34 @@ def collect(results: list[tuple[Experiment, SweepResults]]) -> tuple[list[dict],
             for tag, r in picked:
                 row = {**base, "Method": method, "Settings": described, "Checkpoint": tag, "Step": int(r["Step"]),
                        "alpha": ab[0] if ab else None, "beta": ab[1] if ab else None,
-                       **{c: _num(r[c]) for c in METRICS}}
+                       **{c: finite_number(r[c]) for c in METRICS}}
                 if len(ref):
                     row["Backbone EER"] = float(ref.iloc[0]["EER"])
                     row["Backbone BACC-Gender-AVG"] = float(ref.iloc[0]["BACC-Gender-AVG"])
                 w = worst[(worst["Dataset"] == ds) & (worst["Step"] == r["Step"])] if not worst.empty else worst
                 if len(w):
                     row.update(_worst_cells(w.iloc[0]))
+                row.update(_verification_cells(res.verification_row(ds, res.runs[0], int(r["Step"]))))
                 rows.append(row)
     return rows, list(bare.values()), have
 
 
 def _worst_cells(w: pd.Series) -> dict[str, object]:
     """The worst-case columns of a table row from a worst-case row of an attackers CSV."""
-    return {"Worst-case BACC": _num(w["BACC"]), "Worst CI-Low": _num(w["CI-Low"]), "Worst CI-High": _num(w["CI-High"]),
-            "Worst attacker": w["Reached-By"]}
+    return {"Worst-case BACC": finite_number(w["BACC"]), "Worst CI-Low": finite_number(w["CI-Low"]),
+            "Worst CI-High": finite_number(w["CI-High"]), "Worst attacker": w["Reached-By"]}
 
 
-def _num(v: object) -> float | None:
+def _verification_cells(v: pd.Series | None) -> dict[str, object]:
+    """The verification columns of a table row (ISO/IEC 19795-1 and -10: eval/biometrics.py) from a row of the
+    sweep's verification report; an empty cell where the rule of three leaves the FNMR unmeasured."""
+    if v is None:
+        return {}
+    return {c: finite_number(v.get(c)) for c in VERIFICATION_SHOWN}
+
+
+def finite_number(v: object) -> float | None:
+    """A cell as a finite float; None for text, blanks, NaN and infinities."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -142,7 +156,7 @@ def build_tables(rows: list[dict], bare: list[dict]) -> dict[str, Table]:
     tables: dict[str, Table] = {}
     if frame.empty:
         return tables
-    worst = [c for c in WORST_COLUMNS if c in frame]
+    worst = [c for c in WORST_COLUMNS if c in frame] + [c for c in VERIFICATION_SHOWN if c in frame]
     main = frame[frame["Setting"] == "OneDataset"]
     for (backbone, ds), part in main.groupby(["Backbone", "Dataset"], sort=False):
         b = [r for r in bare if r["Backbone"] == backbone and r["Dataset"] == ds]
@@ -308,7 +322,13 @@ def write_outputs(plan: Plan, results: Path, paper_values: PaperValues | None = 
     lines = [f"# Plan '{plan.name}': tables", "",
              f"{have} of {len(plan.experiments)} experiments have results ({total} distinct trainings); rows: the last "
              f"checkpoint and the checkpoint with the best PIC of each. Numbers from the sweeps' CSVs under "
-             f"{Path(results)}.", ""]
+             f"{Path(results)}.", "",
+             "Verification as ISO/IEC 19795-1 reports it, beside the protocol's numbers (each sweep's "
+             "`<run>_verification.csv` holds the full report): FNMR at FMR = 1% and 0.1% over all pairs pooled (empty "
+             "where fewer than 3/FMR impostor comparisons leave it unmeasured), the pooled EER with its identity-level "
+             "bootstrap interval, and FMR-Ratio-Cross/Same, the cross-gender impostors' false match rate over the "
+             "same-gender ones' (ISO/IEC 19795-10; above 1, the layer makes people of different genders match more "
+             "often).", ""]
     if matched is not None:
         lines += [f"Paper values from {paper_values.path}: {matched} cell(s) compared ('diff' = ours - paper).", ""]
     folder = out / "tables"

@@ -7,6 +7,8 @@ production decoding, extraction, caching, training and evaluation code; only the
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -57,3 +59,23 @@ class TemplateDecoder(nn.Module):
 
 def demo_decoder(num_features: int = 512, **_: object) -> TemplateDecoder:
     return TemplateDecoder(num_features)
+
+
+def seeded_weights(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic weights for a state dict's keys and shapes, drawn key by key in sorted order from one generator
+    (the golden backbone file's weights: tests and bench rebuild them from keys and a seed)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key in sorted(state):
+        t = state[key]
+        if not t.is_floating_point():
+            out[key] = t.clone()
+        elif key.endswith("running_var"):
+            out[key] = torch.empty(t.shape).uniform_(0.5, 2.0, generator=g)
+        elif t.dim() >= 2:
+            out[key] = torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel())
+        elif key.endswith("weight"):
+            out[key] = torch.empty(t.shape).uniform_(0.5, 1.5, generator=g)
+        else:
+            out[key] = 0.1 * torch.randn(t.shape, generator=g)
+    return out

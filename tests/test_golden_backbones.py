@@ -4,11 +4,12 @@ iresnet, ElasticFace's iresnet (SE blocks) and OpenSphere's three SFNet-20 layou
 how both are rebuilt from the keys, shapes and seed)."""
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
+
+from synthetic.backbone import seeded_weights as golden_weights
 
 from backbones import get_backbone
 
@@ -27,25 +28,6 @@ def network_of(case_name: str) -> tuple[str, bool]:
     """'iresnet100+SE' -> ('iresnet100', True); the other case names are our network names."""
     name, _, se = case_name.partition("+")
     return name, se == "SE"
-
-
-def golden_weights(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """The golden file's deterministic weights, drawn key by key in sorted order from one generator."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for key in sorted(state):
-        t = state[key]
-        if not t.is_floating_point():
-            out[key] = t.clone()
-        elif key.endswith("running_var"):
-            out[key] = torch.empty(t.shape).uniform_(0.5, 2.0, generator=g)
-        elif t.dim() >= 2:
-            out[key] = torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel())
-        elif key.endswith("weight"):
-            out[key] = torch.empty(t.shape).uniform_(0.5, 1.5, generator=g)
-        else:
-            out[key] = 0.1 * torch.randn(t.shape, generator=g)
-    return out
 
 
 def keys_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -387,3 +387,30 @@ SET = {"num_epoch": 2, "batch_size": 16, "n_jobs": 1, "attackers": ["LogReg", "S
     text = Path("work_dirs/results/worst/tables.md").read_text()
     line = next(x for x in text.splitlines() if "| bare backbone |" in x and "| synth_a |" not in x)
     assert f"| {float(worst['BACC']):.4f} |" in line and f"| {worst['Reached-By']} |" in line
+
+
+def test_tables_carry_the_sweeps_verification_report(uninterrupted, monkeypatch):
+    """The tables' verification columns are the sweep's <run>_verification.csv (and bare_backbone_verification.csv)
+    cells of the same checkpoint and set; FNMR at FMR = 1% is empty where 3/FMR exceeds the impostor comparisons."""
+    monkeypatch.chdir(uninterrupted)
+    rows = list(csv.DictReader(Path("work_dirs/results/tiny/tables/Demo_decoder_synth_a.csv").read_text()
+                               .splitlines()))
+    plan = plans.load_plan("tiny.py")
+    store = reproduce.StateStore(Path("work_dirs/results/.experiments"))
+    first = plan.experiments[0]
+    swept = own_sweep(first, store)
+    with open(Path(swept["folder"]) / f"{swept['run']}_verification.csv", newline="") as fh:
+        report = [r for r in csv.DictReader(fh) if r["Dataset"] == "synth_a"]
+    with open(Path(swept["folder"]) / "bare_backbone_verification.csv", newline="") as fh:
+        bare_report = next(r for r in csv.DictReader(fh) if r["Dataset"] == "synth_a")
+    row = next(r for r in rows if r["Method"] == first.method and r["Checkpoint"] == "last"
+               and not r["Settings"].endswith("[gender test: folders]"))
+    ours = next(r for r in report if int(r["Step"]) == int(row["Step"]))
+    for column in ("EER-Pooled", "EER-CI-Low", "EER-CI-High"):
+        assert float(row[column]) == pytest.approx(float(ours[column]), abs=5e-5), column
+    impostors = int(ours["Impostor"])
+    assert 3 / 0.01 > impostors and row["FNMR@FMR=1%"] == "" and ours["FNMR@FMR=1%"] == ""   # the rule of three
+    bare = next(r for r in rows if r["Method"] == "bare backbone" and r["Settings"] == "")
+    assert float(bare["EER-Pooled"]) == pytest.approx(float(bare_report["EER-Pooled"]), abs=5e-5)
+    assert "FMR-Ratio-Cross/Same" in rows[0]
+    assert "ISO/IEC 19795-1" in Path("work_dirs/results/tiny/tables.md").read_text()
