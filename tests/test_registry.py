@@ -118,3 +118,22 @@ def test_a_plugin_entry_is_checked_and_forgotten_like_a_built_in_one(tmp_path):
         assert not ATTACKERS.entry("Extra_test").builtin and ATTACKERS.origin("Extra_test") == str(path)
     with pytest.raises(UserError, match="config option 'attackers' is 'Extra_test'"):
         check_names(cfg)
+
+
+def test_a_function_rebuilt_in_a_worker_process_is_the_same_definition(monkeypatch, tmp_path):
+    """joblib sends a test's or plug-in's function to a worker by value: there its code has no file ('<dynamic-code>')
+    and, registered again, it is the same definition (same module and name), never mistaken for a built-in one."""
+    import types
+    from utils.registry import Registry
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)   # a relative '<dynamic-code>' must not resolve inside
+
+    def toy(x):
+        return x
+    rebuilt = types.FunctionType(toy.__code__.replace(co_filename="<dynamic-code>"), toy.__globals__, toy.__name__)
+    rebuilt.__qualname__, rebuilt.__module__ = toy.__qualname__, toy.__module__
+    reg = Registry("attacker")
+    reg.add("Toy", rebuilt)
+    assert not reg.entry("Toy").builtin
+    reg.add("Toy", toy)      # the same definition from its file: replaces itself, no error
+    reg.add("Toy", rebuilt)  # and back
+    assert reg.get("Toy") is rebuilt

@@ -60,6 +60,8 @@ def origin_of(component: Any) -> str:
             path = inspect.getfile(component)
         except TypeError:
             return "<unknown>"
+    if not Path(path).is_file():   # code made at run time ('<string>', a function sent to a worker process)
+        return str(path)
     return str(Path(path).resolve())
 
 
@@ -68,13 +70,16 @@ def _is_builtin(component: Any, origin: str) -> bool:
     if module is not None and module.__name__.startswith(PLUGIN_PREFIX):
         return False
     path = Path(origin)
-    return path.is_relative_to(CHECKOUT) and not path.is_relative_to(CHECKOUT / "tests")
+    return (path.is_absolute() and path.is_relative_to(CHECKOUT) and not path.is_relative_to(CHECKOUT / "tests")
+            and path.is_file())
 
 
 def _definition(component: Any, origin: str) -> tuple[str, str]:
-    """What makes two registrations the same one: the file and the class or function's qualified name (a module
-    imported twice defines new objects of the same names)."""
-    return origin, getattr(component, "__qualname__", None) or repr(component)
+    """What makes two registrations the same one: the module (or, without one, the file) and the class or function's
+    qualified name (a module imported twice, or a function sent to a worker process and registered there again,
+    defines new objects of the same names)."""
+    module = getattr(component, "__module__", None) or origin
+    return module, getattr(component, "__qualname__", None) or repr(component)
 
 
 def _shown(origin: str, component: Any) -> str:
