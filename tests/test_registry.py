@@ -120,20 +120,24 @@ def test_a_plugin_entry_is_checked_and_forgotten_like_a_built_in_one(tmp_path):
         check_names(cfg)
 
 
-def test_a_function_rebuilt_in_a_worker_process_is_the_same_definition(monkeypatch, tmp_path):
-    """joblib sends a test's or plug-in's function to a worker by value: there its code has no file ('<dynamic-code>')
-    and, registered again, it is the same definition (same module and name), never mistaken for a built-in one."""
+def test_a_function_rebuilt_in_a_worker_process_is_the_same_definition(monkeypatch):
+    """joblib sends a test's or plug-in's function to a worker by value: there its module is not imported and its code
+    has no file ('<dynamic-code>'); registered again there, it is the same definition (same module and name) and
+    never mistaken for a built-in one (a relative '<dynamic-code>' must not resolve inside the checkout)."""
     import types
     from utils.registry import Registry
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)   # a relative '<dynamic-code>' must not resolve inside
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
 
     def toy(x):
         return x
-    rebuilt = types.FunctionType(toy.__code__.replace(co_filename="<dynamic-code>"), toy.__globals__, toy.__name__)
-    rebuilt.__qualname__, rebuilt.__module__ = toy.__qualname__, toy.__module__
+
+    def rebuilt():
+        f = types.FunctionType(toy.__code__.replace(co_filename="<dynamic-code>"), toy.__globals__, toy.__name__)
+        f.__qualname__, f.__module__ = toy.__qualname__, "a_module_this_process_never_imported"
+        return f
     reg = Registry("attacker")
-    reg.add("Toy", rebuilt)
+    first, second = rebuilt(), rebuilt()
+    reg.add("Toy", first)
     assert not reg.entry("Toy").builtin
-    reg.add("Toy", toy)      # the same definition from its file: replaces itself, no error
-    reg.add("Toy", rebuilt)  # and back
-    assert reg.get("Toy") is rebuilt
+    reg.add("Toy", second)   # the same definition sent again: replaces itself, no error
+    assert reg.get("Toy") is second
