@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +162,6 @@ def protocol_tag(cfg: Any) -> str:
     depends on the protocol (sweep folders, reference CSVs), so that the two never share one."""
     if cfg.gender_protocol != "folders":
         return ""
-    import hashlib
     text = json.dumps({t: str(cfg.gender_folders.get(t)) for t in cfg.test_targets}, sort_keys=True)
     return "-folders-" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
