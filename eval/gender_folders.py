@@ -18,8 +18,8 @@ is refused.
 from __future__ import annotations
 
 import csv
-import io
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
