@@ -44,7 +44,9 @@ log = get_logger(__name__)
 
 PROTOCOLS = ("bins", "folders")
 PROTOCOL_FILE = "protocol.csv"   # in a sweep folder: which protocol (and which images) made each dataset's rows
-PROTOCOL_COLUMNS = ["Dataset", "Protocol", "Gender-Test"]
+# Images: under folders, the fingerprint of the folder's images (relative names, sizes, mtimes), so that a folder
+# moved or copied with its results (rsync -a, cp -p) is the same gender test; files without it compare by path
+PROTOCOL_COLUMNS = ["Dataset", "Protocol", "Gender-Test", "Images"]
 FOLDER_SECTION = "Gender-test protocols"   # the README section that explains the folders
 
 
@@ -166,28 +168,35 @@ def protocol_tag(cfg: Any) -> str:
     return "-folders-" + hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _marks(protocol: str, cfg: Any, targets: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """Per target: (protocol, the gender test's images: the .bin or the folder)."""
+Mark = tuple[str, str, str]   # (protocol, the gender test's images: the .bin or the folder, their fingerprint)
+
+
+def _marks(protocol: str, cfg: Any, targets: Iterable[str]) -> dict[str, Mark]:
+    """Per target: (protocol, the .bin or the folder, the folder's image fingerprint ('' under bins))."""
     if protocol == "folders":
-        return {t: ("folders", str(Path(cfg.gender_folders[t]).resolve())) for t in targets}
-    return {t: ("bins", str(Path(cfg.rec) / f"{t}.bin")) for t in targets}
+        out = {}
+        for t in targets:
+            root = Path(cfg.gender_folders[t])
+            out[t] = ("folders", str(root.resolve()), folder_fingerprint(root, list(folder_index(t, root).paths)))
+        return out
+    return {t: ("bins", str(Path(cfg.rec) / f"{t}.bin"), "") for t in targets}
 
 
-def _read_marks(path: Path) -> dict[str, tuple[str, str]] | None:
+def _read_marks(path: Path) -> dict[str, Mark] | None:
     if not path.is_file():
         return None
     try:
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
-            if reader.fieldnames != PROTOCOL_COLUMNS:
+            if reader.fieldnames not in (PROTOCOL_COLUMNS, PROTOCOL_COLUMNS[:3]):   # 3: written before Images
                 raise ValueError(f"columns {reader.fieldnames}, expected {PROTOCOL_COLUMNS}")
-            return {r["Dataset"]: (r["Protocol"], r["Gender-Test"]) for r in reader}
+            return {r["Dataset"]: (r["Protocol"], r["Gender-Test"], r.get("Images") or "") for r in reader}
     except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"protocol file '{path}' cannot be read ({exc}); it records which gender-test protocol made "
                         f"the results beside it. Restore it, or move the folder's results away.") from None
 
 
-def _write_marks(path: Path, marks: dict[str, tuple[str, str]]) -> None:
+def _write_marks(path: Path, marks: dict[str, Mark]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(PROTOCOL_COLUMNS)
@@ -196,12 +205,21 @@ def _write_marks(path: Path, marks: dict[str, tuple[str, str]]) -> None:
         atomic_write_text(path, buf.getvalue())
 
 
-def _conflicts(have: dict[str, tuple[str, str]], want: dict[str, tuple[str, str]]) -> list[str]:
-    """The targets whose protocol differs, or whose gender-test folder differs under folders (under bins the .bin
-    is part of the sweep's settings like any other input)."""
-    return [f"'{t}' (made under {have[t][0]} from {have[t][1]}; now {want[t][0]} from {want[t][1]})"
-            for t in want if t in have and (have[t][0] != want[t][0] or (want[t][0] == "folders" and
-                                                                         have[t] != want[t]))]
+def _same_test(have: Mark, want: Mark) -> bool:
+    """One gender test: the same protocol and, under folders, the same images (by fingerprint where both have one,
+    so that a moved folder is the same test; else by path)."""
+    if have[0] != want[0]:
+        return False
+    if want[0] != "folders":
+        return True   # under bins the .bin is part of the sweep's settings like any other input
+    return have[2] == want[2] if have[2] and want[2] else have[1] == want[1]
+
+
+def _conflicts(have: dict[str, Mark], want: dict[str, Mark]) -> list[str]:
+    """The targets whose protocol differs, or whose gender-test images differ under folders."""
+    return [f"'{t}' (made under {have[t][0]} from {have[t][1]}; now {want[t][0]} from {want[t][1]}"
+            f"{'' if have[t][1] != want[t][1] else ', whose images have changed since'})"
+            for t in want if t in have and not _same_test(have[t], want[t])]
 
 
 def check_and_record_protocol(cfg: Any, out_dir: Path, reference: Path, targets: Sequence[str]) -> None:

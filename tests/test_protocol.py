@@ -1,10 +1,12 @@
 """The two gender-test protocols: ``folders`` against the paper-era computation (commit f6453c5 of the authors'
 repository: cv2.imread, cv2.resize to 112x112, BGR -> RGB, (x/255 - 0.5)/0.5, backbone, normalise, layer, no flip,
 sklearn's normalize, StratifiedGroupKFold(3) and the three classifiers with probability=True) written out here with
-OpenCV and scikit-learn; ``bins`` unchanged byte for byte; bad inputs; the plans."""
+OpenCV and scikit-learn; bad inputs; the plans (``bins`` unchanged byte for byte: test_demo.py)."""
 from __future__ import annotations
 
 import csv
+import hashlib
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -29,7 +31,6 @@ from helpers import TinyNet, template_cache, tiny_backbone_file
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data" / "demo_quick"
 
 
 def _face(rng: np.random.Generator, gender: int, identity: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -212,7 +213,12 @@ def test_a_sweep_folder_keeps_one_protocol(tmp_path):
     fold = load_config(None, ["test_targets=['lfw']", "gender_protocol=folders",
                               f"gender_folders={{'lfw': '{folders}'}}"])
     check_and_record_protocol(fold, out, ref, ["lfw"])
-    assert (out / "protocol.csv").read_text().splitlines() == ["Dataset,Protocol,Gender-Test", f"lfw,folders,{folders}"]
+    header, line = (out / "protocol.csv").read_text().splitlines()
+    # the folder's images by relative name, size and mtime (hashed as the template cache names a folder)
+    digest = hashlib.sha256()
+    for p in sorted(Path(folders).rglob("*.png")):
+        digest.update(f"{p.relative_to(folders).as_posix()}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}\n".encode())
+    assert (header, line) == ("Dataset,Protocol,Gender-Test,Images", f"lfw,folders,{folders},{digest.hexdigest()}")
     assert (tmp_path / "ref.csv.protocol.csv").is_file()
     ref.write_text("Dataset\n")   # the sweep computed it
     with pytest.raises(UserError, match="another gender-test protocol.*'lfw'.*folders.*now bins"):
@@ -220,6 +226,22 @@ def test_a_sweep_folder_keeps_one_protocol(tmp_path):
     with pytest.raises(UserError, match="reference file.*PIC would compare two protocols"):
         check_and_record_protocol(bins, tmp_path / "out2", ref, ["lfw"])
     check_and_record_protocol(fold, out, ref, ["lfw"])   # the same protocol again: fine
+    # the folder moved together with its results (mtimes kept): the same gender test; changed images are not
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path, moved, ignore=lambda d, names: ["moved"] if Path(d) == tmp_path else [])
+    moved_cfg = load_config(None, ["test_targets=['lfw']", "gender_protocol=folders",
+                                   f"gender_folders={{'lfw': '{moved / 'faces'}'}}"])
+    check_and_record_protocol(moved_cfg, moved / "out", moved / "ref.csv", ["lfw"])
+    assert f"lfw,folders,{moved / 'faces'}," in (moved / "out" / "protocol.csv").read_text()
+    image = next((moved / "faces").rglob("*.png"))
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    with pytest.raises(UserError, match="'lfw'.*whose images have changed since"):
+        check_and_record_protocol(moved_cfg, moved / "out", moved / "ref.csv", ["lfw"])
+    # a protocol file written before the Images column compares the folders by path
+    (moved / "out" / "protocol.csv").write_text(f"Dataset,Protocol,Gender-Test\nlfw,folders,{folders}\n")
+    with pytest.raises(UserError, match="another gender-test protocol"):
+        check_and_record_protocol(moved_cfg, moved / "out", moved / "ref2.csv", ["lfw"])
+    check_and_record_protocol(fold, moved / "out", moved / "ref2.csv", ["lfw"])
     # results from before protocol.csv existed are the bins protocol's
     legacy = tmp_path / "legacy"
     legacy.mkdir()
@@ -244,21 +266,6 @@ def test_paper_plan_dry_run_names_the_folders(tmp_path, capsys):
     assert main(["paper_released", "--dry-run", "--results", str(tmp_path / "res")]) == 1
     released = capsys.readouterr().out
     assert "gender-test folder" not in released and "evaluation .bin" in released
-
-
-def test_bins_protocol_numbers_are_unchanged_byte_for_byte(tmp_path):
-    """The quick demo under the default (bins) protocol writes exactly the metrics, diagnostics and reference CSVs
-    of a run of the code before the protocol option existed (tests/data/demo_quick: `python demo.py --quick` at
-    commit 42d73a5, on this project's CPU machine)."""
-    import demo
-    out = tmp_path / "demo"
-    demo.run_demo(out, quick=True)
-    results = out / "results"
-    assert (results / "reference_Demo.csv").read_bytes() == (DATA / "reference_Demo.csv").read_bytes()
-    for name in ("20L1_1L2_metrics.csv", "20L1_1L2_diagnostics.csv", "bare_backbone_diagnostics.csv"):
-        assert (results / "Synthetic" / "SynthFaces" / name).read_bytes() == (DATA / name).read_bytes(), name
-    assert "synth_a,bins," in (results / "Synthetic" / "SynthFaces" / "protocol.csv").read_text()
-    shutil.rmtree(out / "cache")
 
 
 def test_leakage_counts_one_class_per_label_spelling(tmp_path, capsys):

@@ -337,14 +337,20 @@ def test_stale_tables_are_removed_and_a_users_file_kept(uninterrupted, tmp_path,
 
 
 def test_a_finished_run_of_the_same_settings_is_adopted_not_retrained(uninterrupted, tmp_path, monkeypatch, capsys):
-    """Every state deleted: the finished runs (made by finetune.py's code, each with its run.json) are adopted, named
-    in the log, and give the same tables."""
+    """Every state and table deleted (the sweeps' folders kept): the finished runs (made by finetune.py's code, each
+    with its run.json) are adopted, named in the log, their sweeps' rows are found where they were written (nothing
+    is evaluated again), and they give the same tables. (A full sweep after the results are deleted: the test
+    above.)"""
     copy_of(uninterrupted, tmp_path, monkeypatch)
-    shutil.rmtree("work_dirs/results")
+    shutil.rmtree("work_dirs/results/.experiments")
+    shutil.rmtree("work_dirs/results/tiny")
+    reports = {p: p.stat().st_mtime_ns for p in Path("work_dirs/results").rglob("report.md")}
     trainings = interrupt_at(monkeypatch, train, "train", 1)
-    assert reproduce.main(["tiny.py"]) == 0 and trainings["n"] == 0
+    jobs = interrupt_at(monkeypatch, sweep, "job_done", 1)
+    assert reproduce.main(["tiny.py"]) == 0 and trainings["n"] == jobs["n"] == 0
     said = capsys.readouterr().out
     assert said.count("adopted the finished run") == 8 and "work_dirs/checkpoints/Demo/OneDataset/SynthA/leace" in said
+    assert {p: p.stat().st_mtime_ns for p in Path("work_dirs/results").rglob("report.md")} == reports
     assert outputs(Path.cwd()) == outputs(uninterrupted)
 
 
