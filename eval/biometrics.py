@@ -53,7 +53,8 @@ from eval.gender_leakage import unit_rows
 from eval.leakage_cli import load_templates, read_text_csv
 from eval.verification import exact_eer_auc, pair_distances
 from utils.errors import UserError, full_disk_named, listing, run_cli
-from utils.io import atomic_path, atomic_write_text, free_path
+from utils.figures import save_figure, set_margins
+from utils.io import atomic_write_text, free_path
 from utils.logs import get_logger
 
 __all__ = ["FMR_TARGETS", "DIFFERENTIAL_FMR", "PairMeta", "VerificationReport", "verification_report",
@@ -516,12 +517,8 @@ def plot_det(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str, p
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower left")   # DET curves run from upper left to lower right
-    try:
-        with full_disk_named(path.parent, "the results folder"), atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
-    return path
+    set_margins(fig, left=0.85, right=0.2, bottom=0.6, top=0.4)
+    return save_figure(fig, path, "the results folder")
 
 
 # ---- in the sweep --------------------------------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from eval.evalset import COLLAPSE_SHARE, METRIC_COLUMNS, EvalTemplates
 from eval.gender_leakage import WORST
 from eval.verification import FEW_GRID_STEPS, GRID_STEP, ScoreDiagnostics
 from pipeline.results import ResultReader
-from utils.errors import full_disk_named
-from utils.io import atomic_path, atomic_write_text
+from utils.figures import save_figure, set_margins
+from utils.io import atomic_write_text
 
 if TYPE_CHECKING:
     from privacy.runs import SweptRun
@@ -38,13 +38,9 @@ PLOTTED = [("EER", "EER"), ("TAR@FAR=0.1%", "TAR@FAR=0.1%"), ("BACC-Gender-AVG",
 LINEAR_ERASURE = ("leace", "inlp")
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, tight: bool = False) -> None:
     """Write a figure atomically; a full disk or a file-size limit names the results folder and leaves no file."""
-    try:
-        with full_disk_named(path.parent, "the sweep's results folder"), atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, "the sweep's results folder", tight=tight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -65,7 +61,8 @@ def plot_curves(run: str, rows: pd.DataFrame, ref: dict[str, dict[str, float]], 
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{run}: metrics against step (dashed: bare backbone)", y=1.04)
+    fig.suptitle(f"{run}: metrics against step (dashed: bare backbone)", y=1 - 0.1 / 3.6)
+    set_margins(fig, left=0.55, right=0.15, bottom=0.5, top=0.75, wspace=0.55)
     _save(fig, path)
 
 
@@ -108,7 +105,7 @@ def plot_tradeoff(metrics: pd.DataFrame, labels: dict[str, str], ref: dict[str, 
         _chance_axes(ax, "EER (lower: better verification)", "gender BACC, paper's 3 (0.5: no leakage)", ds)
     _legend_below(fig, axes[0])
     fig.suptitle("privacy / utility trade-off: each run's path over its checkpoints (ringed: last)")
-    _save(fig, path)
+    _save(fig, path, tight=True)   # the legend of run names under the panels sets the extent
 
 
 def plot_worst_case(worst: pd.DataFrame, bare: pd.DataFrame, labels: dict[str, str], path: Path) -> None:
@@ -128,7 +125,7 @@ def plot_worst_case(worst: pd.DataFrame, bare: pd.DataFrame, labels: dict[str, s
         _chance_axes(ax, "step", "worst-case gender BACC", ds)
     _legend_below(fig, axes[0])
     fig.suptitle("worst-case leakage over all attackers (band: bootstrap interval)")
-    _save(fig, path)
+    _save(fig, path, tight=True)
 
 
 def centroid_angles(templates: torch.Tensor, genders: np.ndarray) -> np.ndarray:
@@ -155,11 +152,11 @@ def plot_angles(ev: EvalTemplates, transform: torch.nn.Module, title: str, path:
                 # one filled outline per histogram: a bar per bin costs a patch each, and the drawing twice as long
                 ax.hist(ang[g == gg, c], bins=bins, alpha=0.55, color=color, histtype="stepfilled",
                         label=f"templates of gender {gg}")
-            ax.set_title(f"{name}: angle to the gender-{c} centroid")
+            ax.set_title(f"{name}: angle to the gender-{c} centroid", fontsize=11)
             ax.set_xlabel("degrees")
             ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(title, y=1 - 0.1 / 6.5)
+    set_margins(fig, left=0.5, right=0.1, bottom=0.5, top=0.75, wspace=0.45, hspace=0.85)
     _save(fig, path)
 
 

@@ -28,6 +28,7 @@ from pipeline.paper_values import ID_COLUMNS, PaperValues
 from pipeline.plans import Experiment, Plan, digest, safe_name
 from pipeline.results import ResultReader, StateStore, SweepResults
 from privacy import get_method
+from utils.figures import save_figure
 from utils.io import atomic_path, atomic_write_text
 
 METRICS = [*METRIC_COLUMNS, "PIC"]
@@ -192,9 +193,8 @@ def markdown(t: pd.DataFrame) -> list[str]:
 
 
 def _save(fig, path: Path) -> None:
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png", metadata={"Software": None})
-    plt.close(fig)
+    """The plan's figures: their extent set by their text (crop to it), no software tag (the same bytes each run)."""
+    save_figure(fig, path, "the plan's results folder", dpi=100, tight=True, metadata={"Software": None})
 
 
 def tradeoff_figures(results: list[tuple[Experiment, SweepResults]], out: Path) -> list[Path]:
