@@ -43,7 +43,7 @@ from utils.distributed import Processes
 from utils.errors import UserError, full_disk_named
 from utils.io import sha256_file
 from utils.logs import get_logger
-from templates.entry import CACHE_VERSION, Templates, open_entry, publish
+from templates.entry import CACHE_VERSION, Templates, open_entry, open_written, publish
 from templates.extraction import BackboneSource, ExtractionSettings, extract_rows, undecodable
 from templates.rowstore import RowStore, content_key, item_key, row_key
 
@@ -125,7 +125,7 @@ class TemplateCache:
                 self._publish(build, written, final, what)
             finally:
                 build.close()
-        return open_entry(final)
+        return open_written(final)
 
     def _get_shared(self, final: Path, items: Sequence, describe: Callable[[int], str], what: str,
                     on_batch: Callable[[int], object] | None) -> Templates:
@@ -134,11 +134,12 @@ class TemplateCache:
         procs = self.processes
         # 1. process 0: a hit, or the build of a miss (the images missing from the row store)
         build = procs.decide(lambda: self._start(final, items, what), f"planning the extraction of the {what}")
-        if build.work is not None:
+        work = build.work
+        if work is not None:
             try:
                 # 2. every process: its share of the missing images, into the row store
                 def share() -> tuple[list[str], list[str]]:
-                    self._check_visible(build.work)
+                    self._check_visible(work)
                     mine = build.todo[procs.share(len(build.todo), self.settings.batch_size)].tolist()
                     return self._extract(build, mine, items, describe, what, on_batch)
                 shares = procs.each(share, f"extracting its share of the {what}")
@@ -153,7 +154,7 @@ class TemplateCache:
                     build.close()
         # 5. every process: the published entry
         procs.each(lambda: self._check_readable(final), f"opening the cache entry of the {what}")
-        return open_entry(final)
+        return open_written(final)
 
     def _start(self, final: Path, items: Sequence, what: str) -> _Build:
         """Process 0: a hit (no build folder) or the build of a miss (the build folder made, the store locked)."""
@@ -239,6 +240,7 @@ class TemplateCache:
     def _publish(self, build: _Build, written: list[str], final: Path, what: str) -> None:
         """Process 0: assemble the entry in the build folder from the row store (``written``: the chunk files the
         shares wrote, which a network file system may not list yet) and rename it into place."""
+        assert build.keys is not None and build.work is not None, "process 0's build of a miss: _start set both"
         with full_disk_named(self.folder, "cache_dir"):
             meta = self.store().assemble(build.keys, build.work, self.settings.dtype, also=[Path(f) for f in written])
             (build.work / OWNER).unlink()   # an entry's folder holds the entry alone

@@ -29,8 +29,8 @@ KEY_DTYPE = "S32"   # a row store key (templates.rowstore.item_key)
 class Templates:
     """A cache entry: memory-mapped arrays for sequential reads, positioned reads for random batches. While it is
     open it holds a shared lock on its meta.json, which is how ``templates.space`` tells an entry in use."""
-    templates: np.ndarray   # (N, 2, D): [:, 0] unflipped, [:, 1] flipped, L2-normalised (memory-mapped)
-    norms: np.ndarray       # (N, 2): L2 norms of the raw backbone outputs
+    templates: np.memmap    # (N, 2, D): [:, 0] unflipped, [:, 1] flipped, L2-normalised
+    norms: np.memmap        # (N, 2): L2 norms of the raw backbone outputs
     path: Path
 
     def __post_init__(self) -> None:
@@ -106,6 +106,13 @@ def open_entry(folder: Path) -> Templates | None:
     return Templates(t, n, folder)
 
 
+def open_written(folder: Path) -> Templates:
+    """An entry just written (or found complete): one that must open."""
+    entry = open_entry(folder)
+    assert entry is not None, f"the template cache entry {folder} was written but does not open"
+    return entry
+
+
 def read_meta(folder: Path) -> dict | None:
     """An entry's metadata, or None where meta.json is missing or not a JSON object."""
     try:
@@ -164,7 +171,7 @@ def write_entry(folder: Path, templates: np.ndarray, norms: np.ndarray | None = 
     writer = EntryWriter(Path(folder), templates.shape[0], templates.shape[2], dtype)
     writer.templates[:], writer.norms[:] = templates, norms
     writer.finish()
-    return open_entry(Path(folder))
+    return open_written(Path(folder))
 
 
 def publish(work: Path, final: Path) -> None:
@@ -176,7 +183,7 @@ def publish(work: Path, final: Path) -> None:
             raise
 
 
-def _allocate(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def _allocate(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
     """A writable memory map of a new .npy file whose blocks are reserved now (posix_fallocate): writes through a
     memory map into a sparse file on a full disk end the process with SIGBUS instead of raising."""
     arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)

@@ -82,7 +82,8 @@ def extract_rows(backbone: nn.Module, items: Sequence, keys: list[bytes], store:
     cuda = device.type == "cuda"
     backbone = backbone.to(device).eval()
     if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time (torch's _parse_to); its stubs' overloads leave it out
+        backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     amp = autocast_dtype(device, settings.amp)
     loader = DataLoader(ImageDataset(items), batch_size=settings.batch_size, shuffle=False,
                         num_workers=settings.num_workers, pin_memory=cuda,

@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -129,8 +129,9 @@ class RowStore:
         tmp = final.with_suffix(".tmp")
         try:
             with open(tmp, "wb") as fh:
-                arrays = {"keys": np.array(keys, dtype=KEY_DTYPE), "templates": templates, "norms": norms,
-                          "resized": resized}
+                # Any: mypy cannot tell that a dict of arrays passed as np.savez's **kwds holds no allow_pickle
+                arrays: dict[str, Any] = {"keys": np.array(keys, dtype=KEY_DTYPE), "templates": templates,
+                                          "norms": norms, "resized": resized}
                 if aliases and any(aliases):
                     arrays["aliases"] = np.array(aliases, dtype=KEY_DTYPE)
                 np.savez(fh, **arrays)
@@ -162,11 +163,12 @@ class RowStore:
                 templates, norms, flags, stored = z["templates"], z["norms"], z["resized"], z["keys"]
             if writer is None:
                 writer = EntryWriter(out, len(keys), templates.shape[2], dtype)
-            pos, row = (np.array(v) for v in zip(*pairs))
-            writer.templates[pos], writer.norms[pos] = templates[row], norms[row]
-            resized += int(flags[row].sum())
+            positions, rows = (np.array(v) for v in zip(*pairs))
+            writer.templates[positions], writer.norms[positions] = templates[rows], norms[rows]
+            resized += int(flags[rows].sum())
             for p, r in pairs:
                 own[p] = stored[r].item()
+        assert writer is not None, "the callers assemble entries of at least one image"
         return writer.finish(own, self.name, resized)
 
     def prune(self, keep: set[bytes]) -> tuple[int, int]:

@@ -399,7 +399,7 @@ def _size(path: Path) -> int:
     return _file_size(path) if path.is_file() else sum(_file_size(p) for p in _files(path) if not p.is_symlink())
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
