@@ -8,6 +8,8 @@ gender's mean identity weight (losses/privacy.py). Checkpoints are the authors' 
 from __future__ import annotations
 
 import math
+
+import numpy as np
 import torch
 
 from config.config import Config
@@ -19,7 +21,7 @@ from privacy.layer_training import IdentityObjective, LayerMethod, Objective
 class AngularObjective(IdentityObjective):
     """CE(header(z), id) + alpha * P1 + beta * P2; also reports whether the batch held one gender only."""
 
-    def __init__(self, cfg: Config, n_identities: int, identity_gender: torch.Tensor):
+    def __init__(self, cfg: Config, n_identities: int, identity_gender: np.ndarray | torch.Tensor):
         super().__init__(cfg, n_identities)
         self.register_buffer("identity_gender", torch.as_tensor(identity_gender), persistent=False)
         self.alpha, self.beta = float(cfg.alpha), float(cfg.beta)

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator, TypeVar, overload
 
 import numpy as np
 import torch
@@ -45,6 +45,12 @@ class FitContext:
     backbone: Callable[[], nn.Module] | None = None   # the frozen backbone, for the in-the-loop mode
     callbacks: list[TrainingCallback] = field(default_factory=list)  # epoch callbacks (benchmarks, research)
 
+    def cached(self) -> Templates:
+        """The training set's cached templates, for a fit that reads them (a run with cache=True; pipeline/train.py
+        refuses cache=False for the methods that read no backbone in the loop)."""
+        assert self.templates is not None, "cache=True gives the context the training set's templates"
+        return self.templates
+
 
 @dataclass
 class FitResult:
@@ -53,7 +59,7 @@ class FitResult:
     step: int
     checkpoints: list[Path] = field(default_factory=list)
     epoch_losses: list[dict[str, float]] = field(default_factory=list)
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float | str]] = field(default_factory=list)
 
 
 class PrivacyMethod:
@@ -147,8 +153,19 @@ class PrivacyMethod:
 METHODS: Registry[type[PrivacyMethod]] = Registry("privacy method", "method", on_options=register_options)
 
 
-def register_method(name: str | type[PrivacyMethod], options: type | None = None, help: str = ""
-                    ) -> Callable[[type[PrivacyMethod]], type[PrivacyMethod]] | type[PrivacyMethod]:
+M = TypeVar("M", bound=PrivacyMethod)   # a registered class keeps its own type
+
+
+@overload
+def register_method(name: type[M]) -> type[M]: ...
+
+
+@overload
+def register_method(name: str, options: type | None = None, help: str = "") -> Callable[[type[M]], type[M]]: ...
+
+
+def register_method(name: str | type[M], options: type | None = None, help: str = ""
+                    ) -> Callable[[type[M]], type[M]] | type[M]:
     """Class decorator: make the class the privacy method ``name`` (config option method), with its ``options``
     dataclass (``--set NAME.OPTION=``) and a help line; the class then knows its ``name`` and ``Options``.
 
@@ -161,7 +178,7 @@ def register_method(name: str | type[PrivacyMethod], options: type | None = None
         doc = (cls.__doc__ or "").strip().splitlines()
         return register_method(cls.name, cls.Options, doc[0] if doc else "")(cls)
 
-    def add(cls: type[PrivacyMethod]) -> type[PrivacyMethod]:
+    def add(cls: type[M]) -> type[M]:
         METHODS.add(name, cls, options, help)   # refused before the class is touched
         cls.name, cls.Options = name, options
         return cls
@@ -171,7 +188,7 @@ def register_method(name: str | type[PrivacyMethod], options: type | None = None
 def training_templates(ctx: FitContext) -> tuple[np.ndarray, np.ndarray]:
     """The training set's unflipped cached templates (N, D) as float32 and their genders (N,): what the one-pass
     methods are fit on (the view the gender attacker sees)."""
-    return ctx.templates.normalized(slice(None), 0).numpy(), np.asarray(ctx.index.genders, dtype=np.int64)
+    return ctx.cached().normalized(slice(None), 0).numpy(), np.asarray(ctx.index.genders, dtype=np.int64)
 
 
 class PathMethod(PrivacyMethod):

@@ -56,7 +56,7 @@ class CallBackVerification:
                  attackers: Sequence[str] = PAPER_ATTACKERS, seed: int = 0):
         self.frequent, self.sets, self.gender_folds, self.log = frequent, sets, gender_folds, logger
         self.attackers, self.seed = tuple(attackers), seed
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float | str]] = []
         self.bare_angle: dict[str, float] = {}   # the bare backbone's spread per set, computed on first use
 
     def due(self, step: int) -> bool:
@@ -77,6 +77,7 @@ class CallBackVerification:
             if ev.name not in self.bare_angle:
                 self.bare_angle[ev.name] = bare_scores(ev).impostor_angle
             sc = res.scores
+            assert sc is not None, "evaluate_set always computes the score diagnostics"
             self.log.info("[%s][%d] spread: median impostor angle %.1f degrees (bare backbone %.1f); threshold-free "
                           "EER %.4f, AUC %.4f", ev.name, step, sc.impostor_angle, self.bare_angle[ev.name],
                           sc.eer_exact, sc.auc)

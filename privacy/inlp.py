@@ -32,6 +32,7 @@ __all__ = ["INLP", "INLPOptions", "Projection"]
 
 class Projection(nn.Module):
     """x -> x P with P a (D, D) projection matrix (a buffer)."""
+    projection: torch.Tensor
 
     def __init__(self, projection: torch.Tensor):
         super().__init__()

@@ -39,6 +39,7 @@ class IVEOptions:
 
 class KeepDimensions(nn.Module):
     """The template restricted to the kept dimensions (a buffer of indices into the backbone's template)."""
+    kept: torch.Tensor   # the buffer
 
     def __init__(self, kept: torch.Tensor):
         super().__init__()

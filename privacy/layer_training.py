@@ -121,19 +121,20 @@ def cached_source(ctx: FitContext) -> EpochSource:
     """Templates from the cache: the flipped or unflipped row of each sampled image, batch by batch. On a GPU with
     room for it the whole cache is copied there once and gathered with the epoch's device indices (no host round
     trip); otherwise rows are read on the host with positioned reads and copied."""
-    cache, device = ctx.templates, ctx.device
+    cache, device = ctx.cached(), ctx.device
     resident = None
     if device.type == "cuda" and 4 * cache.templates.size * 4 < torch.cuda.mem_get_info(device)[0]:
         resident = cache.to_device(device)  # the same float32 values, gathered on the GPU without host reads
         ctx.log.info("template cache held on %s (%.2f GB)", device, resident.numel() * 4 / 1e9)
 
     def epoch(draws: EpochDraws, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
-        flips = draws.device_flips.long() if resident is not None else None
-        for b in range(steps):
-            sl = slice(b * batch_size, (b + 1) * batch_size)
-            if resident is not None:
+        batches = (slice(b * batch_size, (b + 1) * batch_size) for b in range(steps))
+        if resident is not None:
+            flips = draws.device_flips.long()
+            for sl in batches:
                 yield resident[draws.device_indices[sl], flips[sl]]
-            else:
+        else:
+            for sl in batches:
                 yield to_device(cache.gather(draws.indices[sl], draws.flips[sl]), device)
     return epoch
 
@@ -151,9 +152,11 @@ def in_loop_source(ctx: FitContext) -> EpochSource:
     if problems:
         raise UserError(problem_report(f"the training images of {cfg.data_dir}", problems,
                                        "Replace or remove the files that do not decode, then run again."))
+    assert ctx.backbone is not None, "a training run gives the context its backbone's loader (pipeline/train.py)"
     backbone = FrozenBackbone(ctx.backbone()).to(device)
     if cfg.channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time (torch's _parse_to); its stubs' overloads leave it out
+        backbone = backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def epoch(draws: EpochDraws, steps: int, batch_size: int) -> Iterator[torch.Tensor]:
         indices, flips = draws.indices, draws.flips   # the host's: the workers decode, the host flips

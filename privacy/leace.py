@@ -31,6 +31,9 @@ CHUNK = 1 << 16   # templates per statistics update
 
 class AffineErasure(nn.Module):
     """x -> x - ((x - bias) R^T) L^T: the LEACE eraser stored as its two (D, k) / (k, D) factors and the mean."""
+    proj_left: torch.Tensor   # buffers (in the checkpoint)
+    proj_right: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, proj_left: torch.Tensor, proj_right: torch.Tensor, bias: torch.Tensor):
         super().__init__()
@@ -51,7 +54,7 @@ class LEACEOptions:
                  help="LEACE: closed-form least-squares concept erasure of gender (Belrose et al.)")
 class LEACE(PathMethod):
     def path(self, ctx: FitContext) -> Iterator[tuple[int, nn.Module]]:
-        templates, genders = ctx.templates, torch.as_tensor(ctx.index.genders, dtype=torch.float64)
+        templates, genders = ctx.cached(), torch.as_tensor(ctx.index.genders, dtype=torch.float64)
         fitter = LeaceFitter(templates.templates.shape[2], 1, dtype=torch.float64, shrinkage=self.opts.shrinkage)
         for start in range(0, len(templates), CHUNK):
             sl = slice(start, start + CHUNK)

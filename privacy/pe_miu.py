@@ -66,6 +66,8 @@ def _unit_blocks(t: np.ndarray, block_size: int) -> np.ndarray:
 class BlockPermutation(nn.Module):
     """Each template's blocks in an order of its own; with its own comparison (``pair_distances``, ``similarity``)
     that re-aligns the blocks."""
+    block_size: torch.Tensor   # buffers (in the checkpoint)
+    seed: torch.Tensor
 
     def __init__(self, block_size: int, seed: int, cost: str = "euclidean"):
         super().__init__()
