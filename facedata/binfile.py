@@ -139,8 +139,8 @@ def load_bin(path: str | os.PathLike, option: str = "rec") -> EvalSet:
 def write_bin(path: str | os.PathLike, pair_images: list[bytes], issame: list[bool], gender_images: list[bytes],
               id_labels: list[int], gender_labels: list[int], two_item: bool = False) -> None:
     """Write a .bin atomically: the authors' 5 items, or insightface's 2 (verification only) with ``two_item``."""
-    obj = (list(pair_images), [bool(v) for v in issame], list(gender_images), [int(v) for v in id_labels],
-           [int(v) for v in gender_labels])
+    obj: tuple[list, ...] = (list(pair_images), [bool(v) for v in issame], list(gender_images),
+                             [int(v) for v in id_labels], [int(v) for v in gender_labels])
     if two_item:
         obj = obj[:2]
     with atomic_path(path) as tmp:

@@ -178,7 +178,7 @@ class TrainIndex:
         return "; ".join(s.summary() for s in self.sources)
 
 
-def visible_entries(folder: str | os.PathLike) -> list[os.DirEntry]:
+def visible_entries(folder: str | os.PathLike[str]) -> list[os.DirEntry[str]]:
     """The entries of ``folder`` in name order, hidden ones (a leading dot) left out."""
     with os.scandir(folder) as it:
         return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
@@ -332,7 +332,8 @@ def scan_record_file(rec_path: str | os.PathLike, genders_csv: str | os.PathLike
     identities = record_identities(records, genders)
     width = label_width(identities)
     unlabelled, conflicting, empty, not_image = [], [], [], 0
-    keys, labels, identity_gender, folders = [], [], [], []
+    keys, labels, folders = [], [], []
+    identity_gender: list[int] = []   # the gender of each identity kept, at its new label
     for ident in identities:
         given = genders.pop(ident.label, None)
         if given is None:

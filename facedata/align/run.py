@@ -436,7 +436,7 @@ def align_images(jobs: Iterable[Job], out: str | os.PathLike, spec: DetectorSpec
     that are not conflicts (a caller's own log); ``skipped`` lists (path, reason) of source entries not aligned."""
     from utils.io import check_creatable
     out = Path(out).resolve()
-    jobs = {j.rel: j for j in jobs}
+    by_rel = {j.rel: j for j in jobs}
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1.")
@@ -451,9 +451,9 @@ def align_images(jobs: Iterable[Job], out: str | os.PathLike, spec: DetectorSpec
     detector = build_detector(spec)   # fails here, before any work, on a missing package, model or landmark file
     journal_path = out / LANDMARKS_NAME
     journal = load_journal(journal_path) if out.is_dir() else Journal()
-    stale = _check_out(out, jobs, journal, detector.source, keep) if out.is_dir() else []
+    stale = _check_out(out, by_rel, journal, detector.source, keep) if out.is_dir() else []
     records, own = journal.records, journal.own
-    tasks, from_row = _plan(jobs, records, detector, fallback, detector.source, max_pixels, out)
+    tasks, from_row = _plan(by_rel, records, detector, fallback, detector.source, max_pixels, out)
     # OUT has passed every check: from here on it is changed
     start = time.perf_counter()
     n_workers = min(workers, max(len(tasks), 1), default_workers())
@@ -474,7 +474,7 @@ def align_images(jobs: Iterable[Job], out: str | os.PathLike, spec: DetectorSpec
                 log.info("--workers %d: %d worker process(es), at most one per image to align (%d) and per core "
                          "(%d)", workers, n_workers, len(tasks), default_workers())
             log.info("aligning %d images into %s (%d already done), %d worker(s), landmarks: %s",
-                     len(tasks), out, len(jobs) - len(tasks), n_workers, detector.source)
+                     len(tasks), out, len(by_rel) - len(tasks), n_workers, detector.source)
             new_file = not journal_path.is_file() or journal_path.stat().st_size == 0
             with open(journal_path, "a", newline="", encoding="utf-8") as fh:
                 writer = csv.writer(fh, lineterminator="\n")

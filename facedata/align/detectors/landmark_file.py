@@ -18,7 +18,7 @@ import itertools
 import math
 import re
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -138,6 +138,7 @@ def _parse(path: Path, fh: Iterable[str]) -> Table:
     if first is None:
         raise UserError(f"landmark file '{path}' is empty.")
     header = [c.lower() for c in first[1]]
+    body: Iterator[tuple[int, list[str]]]   # the data rows: after the header, or from the first row on
     if header[:11] == VGG_HEADER:
         kind, name_col, cols, body = "vggface2", 0, list(range(1, 11)), rows
     elif "path" in header and all(c in header for c in COORDS):

@@ -132,6 +132,7 @@ class Scrfd:
                 f"*_kps / *bnkps model.")
 
     def faces(self, image: np.ndarray | None, rel: str) -> list[Face]:
+        assert image is not None, "needs_pixels: the aligner passes the decoded image"
         h, w = image.shape[:2]
         ih, iw = self.input_hw
         scale = min(ih / h, iw / w)
