@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import math
 import os
 import re
 import sys
@@ -85,13 +86,19 @@ Source = Union[Path, int]   # an image file to link to, or a record key of a .re
 @dataclass
 class Identity:
     """What the label sources say about one identity, and its images."""
-    images: list[Source] = field(default_factory=list)
+    images: list[Path] = field(default_factory=list)            # the image files of a folder format
+    keys: list[int] = field(default_factory=list)               # --format rec: its record keys (no files)
     evidence: dict[int, Counter] = field(default_factory=dict)   # gender -> Counter of where it was read
     notes: list[str] = field(default_factory=list)               # shown in the report if it is left out
     conflict: str = ""                                            # a problem that rules the identity out
 
     def add(self, gender: int, where: str) -> None:
         self.evidence.setdefault(gender, Counter())[where] += 1
+
+    @property
+    def count(self) -> int:
+        """How many images it has: files, or record keys of a .rec."""
+        return len(self.images) + len(self.keys)
 
 
 @dataclass
@@ -176,7 +183,8 @@ class _BadLines:
     """Counts the lines of a label file that do not parse, keeping the first few for the error message."""
 
     def __init__(self, path: Path, expected: str):
-        self.path, self.expected, self.first, self.count = path, expected, [], 0
+        self.path, self.expected, self.count = path, expected, 0
+        self.first: list[str] = []
 
     def add(self, problem: str) -> None:
         self.count += 1
@@ -393,19 +401,19 @@ def collect_vggface2(images: Path, labels: list[Path]) -> Collected:
                 continue
             folder, sep, _ = row[f_col].replace("\\", "/").strip("/").partition("/")
             try:
-                value = float(row[m_col])
+                male = float(row[m_col])
             except ValueError:
-                value = None
-            if value not in (-1.0, 0.0, 1.0) or not sep:
+                male = math.nan   # not a number: refused below as any value other than -1, 0 and 1
+            if male not in (-1.0, 0.0, 1.0) or not sep:
                 bad.add(f"line {n}: {row[f_col]!r}, Male {row[m_col]!r} (expected folder/image and -1, 0 or 1)")
                 continue
             ident = identities.get(folder)
             if ident is None:
                 absent += 1
-            elif value == 0.0:
+            elif male == 0.0:
                 undetermined[folder] += 1
             else:
-                ident.add(FEMININE if value == -1.0 else MASCULINE, f"{path.name}: Male {int(value)}")
+                ident.add(FEMININE if male == -1.0 else MASCULINE, f"{path.name}: Male {int(male)}")
         bad.raise_if_any()
         for folder, k in undetermined.items():
             identities[folder].notes.append(f"{k} undetermined row(s) (Male 0) in {path.name}")
@@ -430,8 +438,9 @@ def collect_rec(images: Path, labels: list[Path]) -> Collected:
     found = record_identities(rec)
     # zero-padded to one width, so that the folders' sorted order (the training labels) is the records' label order
     width = label_width(found)
-    identities = {f"{i.label:0{width}d}": Identity(images=list(i.images)) for i in found}
-    mapping, notes, extensions = [], [], {}
+    identities = {f"{i.label:0{width}d}": Identity(keys=list(i.images)) for i in found}
+    mapping, notes = [], []
+    extensions: dict[int, str] = {}
     for path in labels:
         rows = read_gender_csv(path, rec.rec_path, "--labels")
         mapping.append(f"{path.name}: gender female/f/1 -> 1, male/m/0 -> 0")
@@ -445,12 +454,12 @@ def collect_rec(images: Path, labels: list[Path]) -> Collected:
                 ident.add(gender, f"{path.name}: {value}")
         if absent:
             notes.append(f"{absent} labels of {path.name} are not identities of '{rec.rec_path}'")
-    for ident in found:
-        extensions.update(ident.images)
-        if ident.other_labels:
-            identities[f"{ident.label:0{width}d}"].conflict = (
-                f"{sum(ident.other_labels.values())} of its image records carry another label "
-                f"({', '.join(f'{v:g}' for v in sorted(ident.other_labels))}) than identity record {ident.label}")
+    for record in found:
+        extensions.update(record.images)
+        if record.other_labels:
+            identities[f"{record.label:0{width}d}"].conflict = (
+                f"{sum(record.other_labels.values())} of its image records carry another label "
+                f"({', '.join(f'{v:g}' for v in sorted(record.other_labels))}) than identity record {record.label}")
     unknown_type = sum(i.not_images for i in found)
     if unknown_type:
         notes.append(f"skipped {unknown_type} records whose bytes are not a JPEG/PNG/BMP/WebP/TIFF image")
@@ -575,7 +584,7 @@ def decide(collected: Collected, min_images: int, rule: str = "unanimous", min_s
     collected.decided = []
     for name in sorted(collected.identities):
         ident = collected.identities[name]
-        n = len(ident.images)
+        n = ident.count
         sources = "; ".join(f"{g} ({'feminine' if g == FEMININE else 'masculine'}) from "
                             + ", ".join(f"{where} x{k}" if k > 1 else where
                                         for where, k in sorted(ident.evidence[g].items()))
@@ -607,11 +616,13 @@ def plan_output(collected: Collected, kept: dict[str, int]) -> dict[str, dict[st
     folders = _unique_names(sorted(kept), files=False)
     plan = {}
     for name, gender in kept.items():
-        images = collected.identities[name].images
+        ident = collected.identities[name]
+        files: dict[str, Source]
         if collected.rec is not None:   # record keys padded to one width: sorted names = record order
             width = len(str(int(collected.rec.keys.max())))
-            files = {f"{key:0{width}d}{collected.extensions[key]}": key for key in images}
+            files = {f"{key:0{width}d}{collected.extensions[key]}": key for key in ident.keys}
         else:
+            images = ident.images
             names = _unique_names([p.name for p in images], files=True)
             files = {names[p.name]: p for p in images}
         plan[f"{folders[name]}_{gender}"] = files
@@ -627,9 +638,14 @@ class _Writer:
     def __init__(self, link: str, rec: RecordFile | None):
         self.link, self.rec = link, rec
 
+    def _record(self, key: int) -> bytes:
+        """The image bytes of record ``key``."""
+        assert self.rec is not None, "record keys are planned for --format rec only, whose RecordFile the writer has"
+        return self.rec.read(key)[1]
+
     def matches(self, path: Path, source: Source) -> bool:
         if isinstance(source, int):
-            return path.is_file() and not path.is_symlink() and path.read_bytes() == self.rec.read(source)[1]
+            return path.is_file() and not path.is_symlink() and path.read_bytes() == self._record(source)
         if self.link == "symbolic":
             return path.is_symlink() and os.readlink(path) == str(source)
         return not path.is_symlink() and path.is_file() and os.path.samefile(path, source)
@@ -638,7 +654,7 @@ class _Writer:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             if isinstance(source, int):
-                tmp.write_bytes(self.rec.read(source)[1])
+                tmp.write_bytes(self._record(source))
             elif self.link == "symbolic":
                 os.symlink(source, tmp)
             else:
@@ -655,7 +671,8 @@ class _Writer:
 
 def check_existing(out: Path, plan: dict[str, dict[str, Source]], writer: _Writer) -> set[Path]:
     """The entries of ``out`` that already match the plan; anything else in ``out`` is a UserError."""
-    done, conflicts = set(), []
+    done: set[Path] = set()
+    conflicts = []
     if not out.exists():
         return done
     if not out.is_dir():
@@ -841,8 +858,11 @@ def _prepare_aligned(fmt: str, images: Path, label_paths: list[Path], out: Path,
                      bin_args: tuple[int, int, int]) -> Prepared:
     """The planned images as aligned crops (facedata.align) instead of links; the alignment's journal makes reruns
     and interrupted runs behave as the links do."""
-    jobs = [Job(source, source.relative_to(images).as_posix(), f"{folder}/{name}")
-            for folder, files in sorted(plan.items()) for name, source in sorted(files.items())]
+    jobs = []
+    for folder, files in sorted(plan.items()):
+        for name, source in sorted(files.items()):
+            assert isinstance(source, Path), "prepare() refuses --align for --format rec: every source is a file"
+            jobs.append(Job(source, source.relative_to(images).as_posix(), f"{folder}/{name}"))
     result = align_images(jobs, out, spec, workers, fallback, keep=(REPORT_NAME, LOG_NAME), progress=progress,
                           description=f"tools/prepare_dataset.py --format {fmt} --images {images} --align {spec.name}")
     written = Counter(rel.partition("/")[0] for rel, r in result.records.items() if (out / rel).is_file())

@@ -36,9 +36,10 @@ from utils.errors import run_cli
 from utils.logs import ROOT
 
 
-def add_detector_options(parser: argparse.ArgumentParser, flag: str = "--detector", default: str | None = "dlib"
-                         ) -> None:
-    """The options that choose a landmark source (shared with tools/prepare_dataset.py --align)."""
+def add_detector_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str = "--detector",
+                         default: str | None = "dlib") -> None:
+    """The options that choose a landmark source, on a parser or one of its groups (shared with
+    tools/prepare_dataset.py --align)."""
     parser.add_argument(flag, default=default, choices=sorted(DETECTORS),
                         help=f"landmark source (default {default})" if default else "landmark source")
     parser.add_argument("--detector-model", default=None,
