@@ -70,6 +70,7 @@ def fold_row(exp: Experiment, state: dict, reader: ResultReader) -> dict[str, ob
     images that are near-duplicates of the set's (when the training templates are cached)."""
     target = exp.cfg.test_targets[0]
     swept = sweep_of(exp, state)
+    assert swept is not None, "run_plan (one shard: every fold) trained and swept each fold"
     res = reader.sweep(swept["folder"], [swept["run"]], swept["reference"])
     rows = res.metrics[res.metrics["Dataset"] == target] if not res.metrics.empty else res.metrics
     if rows.empty:

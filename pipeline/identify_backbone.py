@@ -113,15 +113,16 @@ def report(path: str | Path, bin_path: str | Path | None = None, max_pairs: int 
     """Print the candidates (and their EERs on ``bin_path``); return them as (network, use_se, dim, EER)."""
     state, found = identify(path)
     rows: list[tuple[str, bool, int, float | None]] = [(n, se, nf, None) for n, se, nf in found]
+    scored: list[tuple[str, bool, int, float]] = []   # the same with their EERs on bin_path, when it is given
     if bin_path is not None:
         dev = select_device(device)
         images, issame = pair_images(bin_path, max_pairs)
-        rows = []
         for name, use_se, nf in found:
             net = get_backbone(name, nf, use_se)
             net.load_state_dict(state, strict=True)
-            eer = evaluate_verification(templates(net.eval().to(dev), images, dev), issame, str(bin_path)).eer
-            rows.append((name, use_se, nf, eer))
+            measured = evaluate_verification(templates(net.eval().to(dev), images, dev), issame, str(bin_path)).eer
+            scored.append((name, use_se, nf, measured))
+        rows = list(scored)
     print(f"backbone weights '{path}': {len(state)} tensors; {len(found)} architecture(s) fit its keys and shapes")
     eer_head = f"  EER on {Path(bin_path).name} ({len(issame)} pairs)" if bin_path is not None else ""
     print(f"  {'network':<24}{'SE':<7}{'template':<10}{eer_head}".rstrip())
@@ -138,7 +139,7 @@ def report(path: str | Path, bin_path: str | Path | None = None, max_pairs: int 
         how = ("give --bin to compare their EERs" if bin_path is None else
                "the one with the lowest EER is the layout the file was trained with")
         print(f"their keys are identical, so only the outputs tell them apart: {how}.")
-    best = min(rows, key=lambda r: r[3]) if bin_path is not None else rows[0]
+    best = min(scored, key=lambda r: r[3]) if bin_path is not None else rows[0]
     print(f"settings: --set {settings_for(*best[:3])}" + (" (first candidate)" if len(rows) > 1 and bin_path is None
                                                           else ""))
     return rows

@@ -13,7 +13,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import pandas as pd
 
@@ -36,6 +36,12 @@ def _norm(text: object) -> tuple[str, object]:
     return ("number", number) if math.isfinite(number) else ("text", s.lower())
 
 
+class AnnotatedTable(Protocol):
+    """What ``PaperValues.annotate`` adds columns to (pipeline.tables.Table): the rows and the columns shown."""
+    frame: pd.DataFrame
+    shown: list[str]
+
+
 @dataclass
 class PaperValues:
     """The checked file: for each set of identifying columns a row gives, the values by (metric, identity)."""
@@ -47,13 +53,13 @@ class PaperValues:
     def rows(self) -> int:
         return sum(len(g) for g in self.groups.values())
 
-    def annotate(self, tables: Mapping[str, object], metrics: Sequence[str]) -> int:
+    def annotate(self, tables: Mapping[str, AnnotatedTable], metrics: Sequence[str]) -> int:
         """Add '<metric> (paper)' and '<metric> diff' (ours minus the paper's) beside each metric the file gives a
         value for, in every table (objects with ``frame``, a DataFrame, and ``shown``, its column order); returns the
         number of cells matched. Linear in the table rows times the few column sets the file uses."""
         matched = 0
         for table in tables.values():
-            frame: pd.DataFrame = table.frame
+            frame = table.frame
             records = frame.reindex(columns=ID_COLUMNS).astype(object).where(
                 frame.reindex(columns=ID_COLUMNS).notna(), "").to_dict("records")
             for metric in metrics:

@@ -149,6 +149,7 @@ def known_plans() -> list[str]:
 def _execute(path: Path) -> dict[str, Any]:
     name = f"_plan_{path.stem}_{digest(str(path.resolve()))}"
     spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, "plan_path gives a .py file, which the source loader reads"
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module   # dataclasses and pickling look their module up while the file runs
     try:

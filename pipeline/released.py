@@ -89,16 +89,20 @@ def released_experiments(plan: Any) -> list[dict]:
     root = Path(plan.released_dir)
     backbones, datasets = list(plan.BACKBONES), list(plan.TARGETS)
     mapping = read_mapping(Path(plan.mapping)) if plan.mapping else {}
-    placed, unplaced = {}, []
+    placed: dict[tuple[str, str, str, str], list[Path]] = {}   # (backbone, setting, dataset, folder) -> layer files
+    unplaced: list[tuple[Path, dict[str, str]]] = []            # (layer inside root, what was read of its place)
     for path in find_layers(root):
         rel = path.relative_to(root)
         where = {**infer(rel, backbones, datasets), **{k: v for k, v in mapping.get(rel.as_posix(), {}).items() if v}}
         bad = (where["backbone"] not in backbones or where["setting"] not in ("OneDataset", "CrossDataset")
                or where["dataset"] not in [*datasets, *(["all"] if where["setting"] == "CrossDataset" else [])])
-        (unplaced if bad else placed.setdefault((where["backbone"], where["setting"], where["dataset"],
-                                                  rel.parent.as_posix()), [])).append((rel, where) if bad else path)
+        if bad:
+            unplaced.append((rel, where))
+        else:
+            placed.setdefault((where["backbone"], where["setting"], where["dataset"], rel.parent.as_posix()),
+                              []).append(path)
     if unplaced:
-        out = _free(Path(plan.results) / "released_mapping.csv")
+        written = _free(Path(plan.results) / "released_mapping.csv")
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(MAPPING_COLUMNS)
@@ -106,13 +110,13 @@ def released_experiments(plan: Any) -> list[dict]:
             rel = path.relative_to(root)
             w = {**infer(rel, backbones, datasets), **mapping.get(rel.as_posix(), {})}
             writer.writerow([rel.as_posix(), w["backbone"], w["setting"], w["dataset"]])
-        atomic_write_text(out, buf.getvalue())
+        atomic_write_text(written, buf.getvalue())
         names = ", ".join(r.as_posix() for r, _ in unplaced[:5]) + (" ..." if len(unplaced) > 5 else "")
         raise UserError(f"{len(unplaced)} released layer(s) under '{root}' cannot be placed from their folder names "
-                        f"({names}). A mapping file listing every layer is written to '{out}': fill in its empty "
+                        f"({names}). A mapping file listing every layer is written to '{written}': fill in its empty "
                         f"cells (backbone: one of {', '.join(backbones)}; setting: OneDataset or CrossDataset; "
                         f"dataset: one of {', '.join(datasets)}, or 'all' for the cross-dataset fold trained on all), "
-                        f"then run again with --mapping {out}.")
+                        f"then run again with --mapping {written}.")
     out = []
     for (backbone, setting, dataset, folder), files in placed.items():
         cross = setting == "CrossDataset"
@@ -132,6 +136,7 @@ def released_experiments(plan: Any) -> list[dict]:
 def stage(exp: Experiment) -> Path:
     """checkpoint_root/<pretrained>/Released/<setting>-<dataset>/<run>/{step}ftn_layers.pth as links to the files."""
     cfg = exp.cfg
+    assert cfg.run_name is not None, "released_experiments names every released layer's run folder"
     folder = Path(cfg.checkpoint_root) / cfg.pretrained / cfg.experiment / cfg.data / cfg.run_name
     folder.mkdir(parents=True, exist_ok=True)
     for k, src in enumerate(exp.released, start=1):

@@ -178,6 +178,7 @@ def run_experiment(exp: Experiment, store: StateStore, results: Path,
                 state = {"label": label, "run": str(folders.checkpoints), "logs": str(folders.logs), "trained": False}
                 store.write(exp.key, label, state)
             result = train_mod.train(run_cfg)
+            assert result is not None, "reproduce.py trains in one process (process 0), to which train returns the run"
             state.update(run=str(result.checkpoint_dir), logs=str(result.log_dir), trained=True, step=result.step)
             store.write(exp.key, label, state)
     if exp.sweep_key not in state.get("sweeps", {}):

@@ -53,7 +53,7 @@ from pipeline.results import (ATTACKER_COLUMNS, BARE_ATTACKER_COLUMNS, BARE_ATTA
                               CSV_COLUMNS, REFERENCE_COLUMNS)
 from privacy.runs import SweptRun, check_names, find_runs
 from templates.cache import TemplateCache
-from templates.entry import open_entry
+from templates.entry import open_written
 from utils.distributed import processes
 from config.loading import OVERRIDE_HELP, load_config
 from utils.device import select_device
@@ -191,7 +191,7 @@ def _plugin_modules(plugins: Sequence[str]) -> list:
     files = {Path(p).resolve() for p in plugins if p.endswith(".py")}
     return [m for m in list(sys.modules.values()) if m is not None and (
         getattr(m, "__name__", None) in plugins
-        or (getattr(m, "__file__", None) and Path(m.__file__).resolve() in files))]
+        or ((where := getattr(m, "__file__", None)) and Path(where).resolve() in files))]
 
 
 def _evaluate_in_worker(factories: dict, name: str, folder: Path, labels: tuple, transform: Transform | None,
@@ -201,7 +201,7 @@ def _evaluate_in_worker(factories: dict, name: str, folder: Path, labels: tuple,
     them there: a plug-in, a notebook, a test), the set's cache entry reopened as a memory map (never copied through
     the pipe), its attackers and folds fitted one after another."""
     ATTACKERS.update(factories)
-    ev = EvalTemplates(name, open_entry(folder), *labels)
+    ev = EvalTemplates(name, open_written(folder), *labels)   # the parent holds it open: it is complete
     return evaluate_set(ev, transform, gender_folds, attackers, seed, bootstrap, 1, source)
 
 
@@ -217,9 +217,9 @@ def evaluate_all(tasks: Sequence[Task | tuple], gender_folds: int, attackers: Se
     folds then run on the workers instead.
     """
     attackers = tuple(attackers)
-    tasks = [Task(*t) for t in tasks]   # (load, set) pairs too
+    pending = [Task(*t) for t in tasks]   # (load, set) pairs too
     if n_jobs == 1 or device.type != "cpu":
-        for t in tasks:
+        for t in pending:
             yield evaluate_set(t.ev, t.load(), gender_folds, attackers, seed, bootstrap, n_jobs, t.source)
         return
     import cloudpickle   # what joblib's process pool pickles with
@@ -228,7 +228,7 @@ def evaluate_all(tasks: Sequence[Task | tuple], gender_folds: int, attackers: Se
     factories = {k: ATTACKERS[k] for k in expand_attackers(attackers)}
     calls = (delayed(_evaluate_in_worker)(factories, t.ev.name, t.ev.templates.path,
                                           (t.ev.issame, t.ev.id_labels, t.ev.gender_labels), t.load(), t.source,
-                                          gender_folds, attackers, seed, bootstrap) for t in tasks)
+                                          gender_folds, attackers, seed, bootstrap) for t in pending)
     yield from parallel(n_jobs, return_as="generator")(calls)
 
 
@@ -258,7 +258,12 @@ def bare_backbone_attacks(file: ResultFile, sets: list[EvalTemplates], attackers
     for ev, res in zip(todo, evaluate_all([Task(lambda: None, ev) for ev in todo], gender_folds, attackers, seed,
                                           bootstrap, n_jobs)):
         _, extra = _rows(0, ev, res, {})
-        file.add(extra, drop=lambda r, name=ev.name: r["Dataset"] == name)   # the set's rows, all made anew
+        file.add(extra, drop=functools.partial(_of_set, ev.name))   # the set's rows, all made anew
+
+
+def _of_set(name: str, row: dict[str, str]) -> bool:
+    """Whether a results row is of the evaluation set ``name``."""
+    return row["Dataset"] == name
 
 
 def _rows(step: int, ev: EvalTemplates, res: SetResult, ref: dict[str, float]) -> tuple[dict, list[dict]]:
@@ -307,8 +312,9 @@ class Sweep:
     bootstrap: int
     force: bool
     files: dict[str, RunFiles] = field(default_factory=dict)   # run name -> its result files
-    bare_attackers: ResultFile | None = None
-    bare_diagnostics: ResultFile | None = None
+    # the bare backbone's result files, opened with the runs' by open_result_files (preflight) before any use
+    bare_attackers: ResultFile = field(init=False)
+    bare_diagnostics: ResultFile = field(init=False)
 
 
 @dataclass
@@ -449,7 +455,9 @@ def job_done(sweep: Sweep, job: Job, res: SetResult, ref: dict[str, float], bare
         files.attackers.add(extra)
     lg.info("%s step %d %s: EER %.4f TAR %.4f BACC-AVG %s PIC %s", job.run.name, job.step, job.ev.name,
             res["EER"], res["TAR@FAR=0.1%"], _short(res["BACC-Gender-AVG"]), _short(pic(res, ref) if ref else None))
-    _write_diagnostics(sweep, job, res.scores, bare, lg, res["EER"])
+    scores = res.scores
+    assert scores is not None, "evaluate_set always computes the score diagnostics"
+    _write_diagnostics(sweep, job, scores, bare, lg, res["EER"])
 
 
 def _write_diagnostics(sweep: Sweep, job: Job, scores: ScoreDiagnostics, bare: dict[str, ScoreDiagnostics],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -117,13 +118,13 @@ def collect(results: list[tuple[Experiment, SweepResults]]) -> tuple[list[dict],
     return rows, list(bare.values()), have
 
 
-def _worst_cells(w: pd.Series) -> dict[str, object]:
+def _worst_cells(w: pd.Series) -> dict[str, float | str | None]:
     """The worst-case columns of a table row from a worst-case row of an attackers CSV."""
     return {"Worst-case BACC": finite_number(w["BACC"]), "Worst CI-Low": finite_number(w["CI-Low"]),
             "Worst CI-High": finite_number(w["CI-High"]), "Worst attacker": w["Reached-By"]}
 
 
-def _verification_cells(v: pd.Series | None) -> dict[str, object]:
+def _verification_cells(v: pd.Series | None) -> dict[str, float | None]:
     """The verification columns of a table row (ISO/IEC 19795-1 and -10: eval/biometrics.py) from a row of the
     sweep's verification report; an empty cell where the rule of three leaves the FNMR unmeasured."""
     if v is None:
@@ -131,8 +132,8 @@ def _verification_cells(v: pd.Series | None) -> dict[str, object]:
     return {c: finite_number(v.get(c)) for c in VERIFICATION_SHOWN}
 
 
-def finite_number(v: object) -> float | None:
-    """A cell as a finite float; None for text, blanks, NaN and infinities."""
+def finite_number(v: Any) -> float | None:
+    """A cell of any type as a finite float; None for what float() refuses (text, blanks), NaN and infinities."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -329,7 +330,7 @@ def write_outputs(plan: Plan, results: Path, paper_values: PaperValues | None = 
              "bootstrap interval, and FMR-Ratio-Cross/Same, the cross-gender impostors' false match rate over the "
              "same-gender ones' (ISO/IEC 19795-10; above 1, the layer makes people of different genders match more "
              "often).", ""]
-    if matched is not None:
+    if paper_values:
         lines += [f"Paper values from {paper_values.path}: {matched} cell(s) compared ('diff' = ours - paper).", ""]
     folder = out / "tables"
     folder.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,11 @@ class CheckedRun:
     folders: RunFolders | None
     procs: Processes = Processes()
 
+    def main_folders(self) -> RunFolders:
+        """The run folders, in process 0: the one that sets the run up and fits it."""
+        assert self.folders is not None, "check_run chooses the run folders in process 0"
+        return self.folders
+
 
 @dataclass
 class TrainResult(FitResult):
@@ -118,7 +123,7 @@ def get_templates(run: CheckedRun) -> tuple[Templates | None, list[EvalTemplates
 @contextlib.contextmanager
 def set_up(run: CheckedRun, callbacks: list[TrainingCallback]) -> Iterator[FitContext]:
     """Open the run's log, describe the run (config.csv, run.json) and get the templates the method is fit on."""
-    cfg, index, folders = run.cfg, run.index, run.folders
+    cfg, index, folders = run.cfg, run.index, run.main_folders()
     with log_to(folders.logs / "training.log", LOGGER_NAME) as log:
         if not folders.resuming and folders.checkpoints != folders.requested:
             log.info("run folder %s is already used: this run writes to %s (earlier runs are never overwritten)",
@@ -160,9 +165,10 @@ def train(cfg: Config, callbacks: list[TrainingCallback] | None = None) -> Train
             return None
         with set_up(run, callbacks or []) as ctx:
             fit = run.method.fit(ctx)
+            folders = run.main_folders()
             ctx.log.info("finished at step %d; %d checkpoint(s) in %s", fit.step, len(fit.checkpoints),
-                         run.folders.checkpoints)
-    return TrainResult(**vars(fit), checkpoint_dir=run.folders.checkpoints, log_dir=run.folders.logs)
+                         folders.checkpoints)
+    return TrainResult(**vars(fit), checkpoint_dir=folders.checkpoints, log_dir=folders.logs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
