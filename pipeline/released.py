@@ -134,10 +134,10 @@ def released_experiments(plan: Any) -> list[dict]:
 
 
 def stage(exp: Experiment) -> Path:
-    """checkpoint_root/<pretrained>/Released/<setting>-<dataset>/<run>/{step}ftn_layers.pth as links to the files."""
+    """checkpoint_root/<pretrained>/Released/<setting>-<dataset>/<run>/{step}ftn_layers.pth as links to the files
+    (<run>: the experiment's run_name; 'released' when a plan's own released experiment names none)."""
     cfg = exp.cfg
-    assert cfg.run_name is not None, "released_experiments names every released layer's run folder"
-    folder = Path(cfg.checkpoint_root) / cfg.pretrained / cfg.experiment / cfg.data / cfg.run_name
+    folder = Path(cfg.checkpoint_root) / cfg.pretrained / cfg.experiment / cfg.data / (cfg.run_name or "released")
     folder.mkdir(parents=True, exist_ok=True)
     for k, src in enumerate(exp.released, start=1):
         m = _STEP.match(src.name)

@@ -422,3 +422,22 @@ def test_tables_carry_the_sweeps_verification_report(uninterrupted, monkeypatch)
     assert float(bare["EER-Pooled"]) == pytest.approx(float(bare_report["EER-Pooled"]), abs=5e-5)
     assert "FMR-Ratio-Cross/Same" in rows[0]
     assert "ISO/IEC 19795-1" in Path("work_dirs/results/tiny/tables.md").read_text()
+
+
+def test_a_plans_own_released_layer_without_a_run_name_is_staged_under_released(tmp_path, monkeypatch):
+    """A released experiment written in a plan by hand (no run_name option) is linked into
+    <checkpoint_root>/<pretrained>/<experiment>/<data>/released, not refused with a traceback."""
+    from config.loading import load_config
+    from pipeline.released import stage
+    monkeypatch.chdir(tmp_path)
+    layer = tmp_path / "theirs" / "6ftn_layers.pth"
+    layer.parent.mkdir()
+    layer.write_bytes(b"layer")
+    cfg = load_config(None, [f"checkpoint_root={tmp_path / 'ckpt'}", "pretrained=ArcFace", "experiment=Released",
+                             "data=OneDataset-LFW"])
+    assert cfg.run_name in (None, "")
+    exp = plans.Experiment(backbone="ArcFace", setting="Released", trained_on="LFW", method="angular", cfg=cfg,
+                           released=(layer,))
+    folder = stage(exp)
+    assert folder == tmp_path / "ckpt" / "ArcFace" / "Released" / "OneDataset-LFW" / "released"
+    assert (folder / "6ftn_layers.pth").resolve() == layer.resolve() and stage(exp) == folder   # again: the same link
