@@ -18,8 +18,10 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import pickle
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,10 +29,31 @@ import numpy as np
 
 from facedata.dataset import RecordImage
 from templates.entry import KEY_DTYPE, EntryWriter
+from utils.errors import UserError
 
 CHUNK_ROWS = 4096   # rows per file of the row store: a killed pass loses at most this many
 
 Row = tuple[Path, int]   # (chunk file, row in it)
+
+
+# what reading a chunk file that is not a whole chunk raises (truncated, emptied, overwritten, a broken link)
+UNREADABLE_CHUNK = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError)
+
+
+@contextlib.contextmanager
+def read_chunk(chunk: Path) -> Iterator[Any]:
+    """A chunk's arrays (np.load's lazy archive) for the block; a damaged chunk is a UserError naming it and the
+    cache tool's repair, never a traceback."""
+    try:
+        with np.load(chunk) as z:
+            yield z
+    except UNREADABLE_CHUNK as exc:
+        cache_dir = chunk.parent.parent.parent   # <cache folder>/.rows/<store>/chunk-*.npz
+        raise UserError(f"row chunk '{chunk}' of the template cache cannot be read ({type(exc).__name__}: "
+                        f"{str(exc)[:80]}): it was damaged after it was written (a full disk, a copy cut short, a "
+                        f"file edited by hand). Run `python tools/cache.py --prune --remove-damaged --cache-dir "
+                        f"{cache_dir}` to remove the damaged chunks (their images are extracted again by the next "
+                        f"run), or move that file away.") from None
 
 
 def item_key(item: Path | RecordImage | bytes) -> bytes:
@@ -90,7 +113,7 @@ class RowStore:
         ``also``: chunk files known to be there (other processes', which a network file system may not list yet)."""
         found: dict[bytes, Row] = {}
         for chunk in sorted(set(self.chunks()) | set(also)):
-            with np.load(chunk) as z:
+            with read_chunk(chunk) as z:
                 if aliases and "aliases" in z.files:
                     found.update((a, (chunk, r)) for r, a in enumerate(z["aliases"].tolist()) if a)
                 found.update((k, (chunk, r)) for r, k in enumerate(z["keys"].tolist()))
@@ -159,7 +182,7 @@ class RowStore:
         resized = 0
         own = list(keys)
         for chunk, pairs in by_chunk.items():
-            with np.load(chunk) as z:
+            with read_chunk(chunk) as z:
                 templates, norms, flags, stored = z["templates"], z["norms"], z["resized"], z["keys"]
             if writer is None:
                 writer = EntryWriter(out, len(keys), templates.shape[2], dtype)
@@ -181,7 +204,7 @@ class RowStore:
             tmp.unlink()
         seen: set[bytes] = set()
         for chunk in self.chunks():
-            with np.load(chunk) as z:
+            with np.load(chunk) as z:   # a damaged chunk raises UNREADABLE_CHUNK: the cache tool reports it
                 parts = {name: z[name] for name in ("keys", "templates", "norms", "resized")}
                 aliases = z["aliases"] if "aliases" in z.files else None
             keys = parts["keys"].tolist()

@@ -32,12 +32,10 @@ import fcntl
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import socket
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,13 +44,12 @@ import numpy as np
 from utils.errors import UserError, run_cli
 from templates.cache import BUILDING, OWNER
 from templates.entry import read_meta
-from templates.rowstore import RowStore
+from templates.rowstore import UNREADABLE_CHUNK, RowStore
 
 GRACE_HOURS = 24.0
 # the name templates.cache gives a build folder: BUILDING + "<entry>-<pid>-<6 hex digits>"
 # (TemplateCache._make_build_folder)
 BUILD_NAME = re.compile(re.escape(BUILDING) + r".+-\d+-[0-9a-f]{6}")
-UNREADABLE_CHUNK = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError)
 
 
 @dataclass

@@ -359,3 +359,23 @@ def test_damaged_chunks_and_broken_links_are_reported_never_a_traceback(world, t
     assert store_keys(store) == set(np.load(kept.path / "keys.npy").tolist())
     np.testing.assert_array_equal(open_entry(kept.path).templates, kept_templates)
     assert space.main(["--status", "--remove-damaged", "--cache-dir", str(cache)]) == 2
+
+
+def test_a_chunk_damaged_after_it_was_written_stops_a_run_by_name_and_the_tool_repairs_it(world, capsys):
+    """A run that meets a damaged row chunk (here cut short, as by a copy) stops with one paragraph naming the chunk
+    and the cache tool's --remove-damaged, never a traceback; after the tool removed it, the run extracts the lost
+    images again and gives the templates of a store that was never damaged."""
+    cache, paths, get = world
+    first = np.array(get("first", paths[:8]).templates)
+    store = the_store(cache)
+    chunk = store.chunks()[0]
+    chunk.write_bytes(chunk.read_bytes()[:300])   # a zip cut short: its directory is lost
+    with pytest.raises(UserError) as exc:
+        get("second", paths[:12])   # a new entry of the same store: every chunk is read
+    msg = str(exc.value)
+    assert f"row chunk '{chunk}'" in msg and "--remove-damaged" in msg and str(cache) in msg and "\n" not in msg
+    assert space.main(["--prune", "--remove-damaged", "--cache-dir", str(cache), "--grace-hours", "0"]) == 0
+    capsys.readouterr()
+    assert not chunk.exists()
+    again = np.array(get("second", paths[:12]).templates)
+    assert np.array_equal(again[:8], first)   # the lost rows extracted again: the same templates
