@@ -23,7 +23,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -171,13 +171,16 @@ def protocol_tag(cfg: Any) -> str:
 Mark = tuple[str, str, str]   # (protocol, the gender test's images: the .bin or the folder, their fingerprint)
 
 
-def _marks(protocol: str, cfg: Any, targets: Iterable[str]) -> dict[str, Mark]:
-    """Per target: (protocol, the .bin or the folder, the folder's image fingerprint ('' under bins))."""
+def _marks(protocol: str, cfg: Any, targets: Iterable[str],
+           indexes: Mapping[str, TrainIndex] | None = None) -> dict[str, Mark]:
+    """Per target: (protocol, the .bin or the folder, the folder's image fingerprint ('' under bins));
+    ``indexes``: the folders already scanned (check_gender_folders), not scanned again."""
     if protocol == "folders":
         out = {}
         for t in targets:
             root = Path(cfg.gender_folders[t])
-            out[t] = ("folders", str(root.resolve()), folder_fingerprint(root, list(folder_index(t, root).paths)))
+            index = indexes[t] if indexes and t in indexes else folder_index(t, root)
+            out[t] = ("folders", str(root.resolve()), folder_fingerprint(root, list(index.paths)))
         return out
     return {t: ("bins", str(Path(cfg.rec) / f"{t}.bin"), "") for t in targets}
 
@@ -222,12 +225,14 @@ def _conflicts(have: dict[str, Mark], want: dict[str, Mark]) -> list[str]:
             for t in want if t in have and not _same_test(have[t], want[t])]
 
 
-def check_and_record_protocol(cfg: Any, out_dir: Path, reference: Path, targets: Sequence[str]) -> None:
+def check_and_record_protocol(cfg: Any, out_dir: Path, reference: Path, targets: Sequence[str],
+                              indexes: Mapping[str, TrainIndex] | None = None) -> None:
     """Refuse a sweep whose protocol (or gender-test images) differs from the one that made the rows already in
     ``out_dir`` or the reference CSV, then record it: ``out_dir/protocol.csv`` and, for a reference the sweep is
     about to compute under folders, ``<reference>.protocol.csv`` beside it. A folder of results from before this file
-    existed counts as bins (the only protocol then); so does an existing reference without a protocol file."""
-    want = _marks(cfg.gender_protocol, cfg, targets)
+    existed counts as bins (the only protocol then); so does an existing reference without a protocol file.
+    ``indexes``: the gender-test folders as check_gender_folders scanned them."""
+    want = _marks(cfg.gender_protocol, cfg, targets, indexes)
     where, side = out_dir / PROTOCOL_FILE, reference.with_name(reference.name + ".protocol.csv")
 
     def recorded(marks: Path, has_results: bool) -> dict | None:

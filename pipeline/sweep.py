@@ -341,7 +341,7 @@ def preflight(cfg: Config, out_dir: str | Path, run_base: str | Path, reference:
         raise UserError("config option test_targets is empty: name at least one rec/<name>.bin to evaluate on.")
     check_bins(cfg.rec, targets, "config options rec, test_targets",
                "choose targets with --set test_targets=\"['lfw']\"")
-    check_gender_folders(cfg, targets)   # gender_protocol=folders: each target's folder, both genders
+    folders = check_gender_folders(cfg, targets)   # gender_protocol=folders: each target's folder, both genders
     backbone = BackboneSpec.from_config(cfg)
     backbone.check()
     check_writable(out_dir, "--log-root")
@@ -357,7 +357,7 @@ def preflight(cfg: Config, out_dir: str | Path, run_base: str | Path, reference:
     sweep = Sweep(cfg, out_dir, reference, runs, targets, backbone, attackers, beyond,
                   cfg.bootstrap if beyond else 0, force)
     open_result_files(sweep)
-    check_and_record_protocol(cfg, out_dir, reference, targets)   # one gender-test protocol per folder
+    check_and_record_protocol(cfg, out_dir, reference, targets, folders)   # one gender-test protocol per folder
     return sweep
 
 
