@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from eval.biometrics import plot_det
 from pipeline import report
@@ -67,9 +68,7 @@ def test_the_sweeps_figures_keep_every_text_inside_the_canvas(monkeypatch, tmp_p
         class templates:
             @staticmethod
             def normalized(rows, flip):
-                import torch
                 return torch.nn.functional.normalize(torch.as_tensor(rng.normal(size=(120, 512))), dim=1)
-    import torch
     report.plot_angles(Ev(), torch.nn.Identity(), "20L1_1L2, step 140000, vggface2_sample: angles to the gender "
                        "centroids", tmp_path / "a.png")
     assert [name for name, *_ in found] == ["c.png", "d.png", "a.png"]
